@@ -1,0 +1,136 @@
+"""The `brandmon` command line.
+
+Each capability registers its own sub-commands from a `cli` module of its package (ingest,
+detector, aggregate), so this file only wires them together and turns `BrandmonError` into
+one clear line on stderr with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline import __version__
+from pipeline.errors import BrandmonError, NotImplementedYet
+
+# module -> the commands it provides (shown as "not implemented yet" until the module lands)
+PLUGINS: dict[str, tuple[str, ...]] = {
+    "pipeline.ingest.cli": ("ingest", "backfill"),
+    "pipeline.detector.cli": ("detect", "train", "evaluate", "model", "review"),
+    "pipeline.aggregate.cli": ("aggregate", "trends", "report"),
+}
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _placeholder(name: str) -> Handler:
+    def run(_args: argparse.Namespace) -> int:
+        raise NotImplementedYet(f"`brandmon {name}` is not implemented yet in this version")
+
+    return run
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from pipeline.context import open_context
+    from pipeline.database import upgrade
+
+    ctx = open_context(check=False)
+    revision = upgrade(ctx.engine, args.revision)
+    ctx.store.check()
+    print(f"database at revision {revision}; lake ready at {ctx.store.url}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import collect_status, format_status
+
+    report = collect_status()
+    print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    return 0 if report.get("ok") else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(workdir=args.workdir, seed=args.seed, days=args.days, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brandmon",
+        description=(
+            "Brand-monitoring pipeline: ingest social posts, detect logos in their images, "
+            "aggregate daily mentions per brand. Settings come from BRANDMON_* environment "
+            "variables and the YAML file named by BRANDMON_CONFIG (see README)."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"brandmon {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    db = sub.add_parser("db", help="database schema management")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = db_sub.add_parser("upgrade", help="create or migrate the schema (safe to re-run); checks the lake too")
+    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on bundled synthetic data (SQLite + local lake, no network)",
+        description=(
+            "Build a deterministic synthetic social dataset in WORKDIR, then ingest, detect and "
+            "aggregate it on SQLite and a local lake, and print the daily trend per brand. "
+            "Re-running it changes nothing."
+        ),
+    )
+    demo.add_argument("--workdir", default="var/demo", help="where the demo's database and lake go (default: var/demo)")
+    demo.add_argument("--seed", type=int, default=7, help="generator seed (default: 7)")
+    demo.add_argument("--days", type=int, default=30, help="days of synthetic history (default: 30)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser("status", help="settings (secrets hidden), schema revision, lake, recent runs")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    for module_name, commands in PLUGINS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module_name.startswith(exc.name)):
+                raise
+            for name in commands:
+                p = sub.add_parser(name, help="(not implemented yet)")
+                p.set_defaults(func=_placeholder(name))
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        for noisy in ("alembic", "botocore", "urllib3", "tensorflow", "absl"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except BrandmonError as exc:
+        print(f"brandmon: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("brandmon: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The object store (the "lake"): raw feed responses, images, model artifacts, reports.
+
+Two backends behind one small interface: a local folder (the default; writes are atomic via a
+temporary file and `os.replace`) and S3 through boto3 (MinIO, moto_server or AWS). Keys are
+relative, '/'-separated and validated, so no key can escape its prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from pipeline.errors import InvalidKeyError, StorageError
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that are absolute, contain `..`/`.` segments, backslashes or control chars."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError("object key must be a non-empty string")
+    if len(key.encode("utf-8", "surrogatepass")) > 1024:
+        raise InvalidKeyError("object key longer than 1024 bytes")
+    if _CONTROL.search(key):
+        raise InvalidKeyError(f"object key contains a control character: {key!r}")
+    if key.startswith("/") or "\\" in key or re.match(r"^[A-Za-z]:", key):
+        raise InvalidKeyError(f"object key must be relative: {key!r}")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidKeyError(f"object key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def check(self) -> None: ...
+
+
+class LocalStore:
+    """A folder. `put` writes a temp file in the target folder then renames it into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root
+        if not base.exists():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                rel = Path(dirpath, name).relative_to(base).as_posix()
+                if rel.startswith(prefix):
+                    yield rel
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the lake folder {self.root}: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"the lake folder {self.root} is not writable")
+
+
+class S3Store:
+    """An S3 bucket (optionally under a prefix), through boto3."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60),
+        )
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, exc: Exception, what: str) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchBucket", "404") and what == "check":
+                return StorageError(
+                    f"S3 bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; create it "
+                    f"(aws s3 mb s3://{self.bucket}) or fix BRANDMON_STORAGE_URL"
+                )
+            return StorageError(f"S3 {what} on s3://{self.bucket} failed: {code}")
+        return StorageError(f"S3 {what} on s3://{self.bucket} failed: {type(exc).__name__}: {exc}")
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+        except Exception as exc:  # boto raises many types; all become one clear StorageError
+            if isinstance(exc, StorageError):
+                raise
+            raise self._fail(exc, "put") from None
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise KeyError(key) from None
+            raise self._fail(exc, "get") from None
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise self._fail(exc, "head") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._fail(exc, "delete") from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        if ".." in prefix.split("/"):
+            raise InvalidKeyError(f"list prefix has a '..' segment: {prefix!r}")
+        base = f"{self.prefix}/" if self.prefix else ""
+        full, strip = base + prefix, len(base)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:]
+        except Exception as exc:
+            raise self._fail(exc, "list") from None
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._fail(exc, "check") from None
+
+
+def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
+    """Open the store named by BRANDMON_STORAGE_URL (file:///abs, a plain path, or s3://...)."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url)
+    if parts.scheme == "file":
+        return LocalStore(Path(unquote(parts.path)))
+    if parts.scheme == "":
+        return LocalStore(Path(url))
+    raise StorageError(f"unknown storage scheme {parts.scheme!r}; use file:///abs/path or s3://bucket/prefix")

@@ -1,0 +1,44 @@
+"""Plain data records that flow between connectors, the loader and the detector."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image attached to a post: where to fetch it and its alt text."""
+
+    url: str
+    alt_text: str | None = None
+
+
+@dataclass(frozen=True)
+class Post:
+    """One normalised post, whatever the platform. `author_hash` is a salted hash, never a name."""
+
+    platform: str
+    external_id: str
+    author_hash: str
+    text: str
+    posted_at: dt.datetime  # timezone-aware UTC
+    lang: str | None = None
+    url: str | None = None
+    repost_of: str | None = None
+    images: tuple[ImageRef, ...] = field(default_factory=tuple)
+
+    def content_hash(self) -> str:
+        """Changes when anything a user could edit changes: drives 'updated' counts."""
+        doc = asdict(self)
+        doc["posted_at"] = self.posted_at.isoformat()
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def hash_author(salt: str, platform: str, author_id: str) -> str:
+    """Salted, keyed hash of an author id: stable per installation, not reversible without the salt."""
+    import hmac
+
+    return hmac.new(salt.encode(), f"{platform}:{author_id}".encode(), hashlib.sha256).hexdigest()

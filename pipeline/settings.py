@@ -1,0 +1,317 @@
+"""One typed settings object, read from environment variables and an optional YAML file.
+
+Why one object: every entry point (CLI, Airflow task, test) builds the same `Settings`, so a
+value has exactly one name and one default. Secrets are only ever read from the environment
+(or injected by Airflow connections, see `pipeline.airflow_conn`) and are wrapped in `Secret`
+so that a stray `print(settings)` or log line cannot show them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
+
+
+class Secret:
+    """A string that never shows itself in repr/str/format; call `.get()` to use it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (database URLs often carry one) for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Product:
+    name: str
+    keywords: tuple[str, ...] = ()
+    hashtags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Brand:
+    """A catalogue entry: what text and images count as a mention of this brand."""
+
+    name: str
+    keywords: tuple[str, ...] = ()
+    hashtags: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    products: tuple[Product, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One feed source. Kind-specific keys (base_url, hashtags, path, ...) live in `options`."""
+
+    name: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    allowed_private_hosts: tuple[str, ...] = ()
+    timeout_s: float = 20.0
+    max_image_bytes: int = 20 * 1024 * 1024
+    user_agent: str = "brandmon/0.1 (brand-monitoring pipeline; +https://github.com/brandmon/brandmon)"
+    image_workers: int = 8
+    per_host_connections: int = 4
+    max_retries: int = 5
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    batch_size: int = 32
+    score_floor: float = 0.05
+    review_margin: float = 0.1
+    mixed_precision: str = "auto"  # auto | bf16 | fp32
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    storage_url: str
+    s3_endpoint_url: str | None = None
+    config_path: Path | None = None
+    home: Path = Path("var")
+    brands: tuple[Brand, ...] = ()
+    sources: tuple[SourceConfig, ...] = ()
+    network: NetworkConfig = NetworkConfig()
+    detector: DetectorConfig = DetectorConfig()
+    author_salt: Secret = Secret("")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def source(self, name: str) -> SourceConfig:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        known = ", ".join(s.name for s in self.sources) or "none configured"
+        raise ConfigError(
+            f"unknown source {name!r} (configured: {known}); add it under `sources:` in "
+            f"{self.config_path or 'the BRANDMON_CONFIG file'}"
+        )
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """What `brandmon status` prints: never a secret."""
+        return {
+            "database_url": redact_url(self.database_url),
+            "storage_url": self.storage_url,
+            "s3_endpoint_url": self.s3_endpoint_url,
+            "config": str(self.config_path) if self.config_path else None,
+            "brands": [b.name for b in self.brands],
+            "sources": [f"{s.name} ({s.kind})" for s in self.sources],
+        }
+
+
+def _strs(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {type(value).__name__}")
+    return tuple(str(v) for v in value)
+
+
+def _parse_brand(raw: Any, i: int) -> Brand:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"].strip():
+        raise ConfigError(f"brands[{i}] needs a `name` (a non-empty string)")
+    name = raw["name"].strip()
+    products = []
+    for j, p in enumerate(raw.get("products") or []):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise ConfigError(f"brands[{i}].products[{j}] needs a `name`")
+        products.append(
+            Product(
+                name=p["name"].strip(),
+                keywords=_strs(p.get("keywords"), f"brands[{i}].products[{j}].keywords"),
+                hashtags=_strs(p.get("hashtags"), f"brands[{i}].products[{j}].hashtags"),
+            )
+        )
+    return Brand(
+        name=name,
+        keywords=_strs(raw.get("keywords"), f"brands[{i}].keywords"),
+        hashtags=_strs(raw.get("hashtags"), f"brands[{i}].hashtags"),
+        aliases=_strs(raw.get("aliases"), f"brands[{i}].aliases"),
+        accounts=_strs(raw.get("accounts"), f"brands[{i}].accounts"),
+        exclude=_strs(raw.get("exclude"), f"brands[{i}].exclude"),
+        products=tuple(products),
+    )
+
+
+def _parse_source(raw: Any, i: int) -> SourceConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sources[{i}] must be a mapping with `name` and `kind`")
+    name, kind = raw.get("name"), raw.get("kind")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"sources[{i}].name must be letters, digits, '-' or '_' (got {name!r})")
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"sources[{i}] ({name}): kind must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
+    options = {k: v for k, v in raw.items() if k not in ("name", "kind")}
+    return SourceConfig(name=name, kind=kind, options=options)
+
+
+def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
+    """Validate the YAML contract (brands, sources, network, detector) into typed parts."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping (brands:, sources:, ...)")
+    brands = tuple(_parse_brand(b, i) for i, b in enumerate(doc.get("brands") or []))
+    names = [b.name.casefold() for b in brands]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: brand names must be unique (case-insensitive)")
+    sources = tuple(_parse_source(s, i) for i, s in enumerate(doc.get("sources") or []))
+    if len({s.name for s in sources}) != len(sources):
+        raise ConfigError(f"{where}: source names must be unique")
+    net_raw = doc.get("network") or {}
+    if not isinstance(net_raw, dict):
+        raise ConfigError(f"{where}: `network` must be a mapping")
+    net_fields = {k: v for k, v in net_raw.items() if k in NetworkConfig.__dataclass_fields__}
+    if "allowed_private_hosts" in net_fields:
+        net_fields["allowed_private_hosts"] = _strs(net_fields["allowed_private_hosts"], "network.allowed_private_hosts")
+    det_raw = doc.get("detector") or {}
+    det_fields = {k: v for k, v in det_raw.items() if k in DetectorConfig.__dataclass_fields__}
+    try:
+        network = NetworkConfig(**net_fields)
+        detector = DetectorConfig(**det_fields)
+    except TypeError as exc:  # pragma: no cover - dataclass arg errors
+        raise ConfigError(f"{where}: {exc}") from None
+    extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector")}
+    return {"brands": brands, "sources": sources, "network": network, "detector": detector, "extra": extra}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"BRANDMON_CONFIG points at {path}, which does not exist; create it or unset the variable")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}; fix the file and retry") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config_document(doc, where=str(path))
+
+
+def check_storage_url(url: str) -> str:
+    """Accept file:///abs, a plain path, or s3://bucket[/prefix]; say how to fix anything else."""
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file"):
+        return url
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"BRANDMON_STORAGE_URL={url!r} has no bucket; use s3://bucket/prefix")
+        return url
+    raise ConfigError(
+        f"BRANDMON_STORAGE_URL has unknown scheme {parts.scheme!r}; use file:///abs/path or s3://bucket/prefix"
+    )
+
+
+def check_database_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL={redact_url(url)!r} is not a SQLAlchemy URL; "
+            "use e.g. sqlite:///var/brandmon.db or postgresql+psycopg2://user:pass@host/db"
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"
+        )
+    return url
+
+
+def _salt(home: Path, env: dict[str, str]) -> Secret:
+    """The author-hash salt: from BRANDMON_AUTHOR_SALT, else a per-installation file (mode 600)."""
+    value = env.get("BRANDMON_AUTHOR_SALT")
+    if value:
+        return Secret(value)
+    path = home / "author_salt"
+    if path.is_file():
+        return Secret(path.read_text().strip())
+    home.mkdir(parents=True, exist_ok=True)
+    value = _secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+    return Secret(value)
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build `Settings` from the environment (default: os.environ) and BRANDMON_CONFIG."""
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("BRANDMON_HOME", "var")).expanduser()
+    config_path = Path(env["BRANDMON_CONFIG"]).expanduser() if env.get("BRANDMON_CONFIG") else None
+    parts: dict[str, Any] = load_config_file(config_path) if config_path else parse_config_document({})
+    extra = parts["extra"]
+    database_url = env.get("BRANDMON_DATABASE_URL") or extra.get("database_url") or f"sqlite:///{(home / 'brandmon.db').resolve()}"
+    storage_url = env.get("BRANDMON_STORAGE_URL") or extra.get("storage_url") or (home / "lake").resolve().as_uri()
+    settings = Settings(
+        database_url=check_database_url(str(database_url)),
+        storage_url=check_storage_url(str(storage_url)),
+        s3_endpoint_url=env.get("BRANDMON_S3_ENDPOINT_URL") or extra.get("s3_endpoint_url") or None,
+        config_path=config_path,
+        home=home,
+        brands=parts["brands"],
+        sources=parts["sources"],
+        network=parts["network"],
+        detector=parts["detector"],
+        author_salt=_salt(home, env),
+        extra=extra,
+    )
+    return settings.with_overrides(**overrides) if overrides else settings

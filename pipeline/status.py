@@ -1,0 +1,76 @@
+"""`brandmon status`: what is configured, whether the stores answer, what ran last."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from pipeline.errors import BrandmonError
+from pipeline.settings import load_settings
+
+
+def collect_status() -> dict[str, Any]:
+    """Gather a status report; each failing part is reported, not raised."""
+    from pipeline import schema
+    from pipeline.context import Context
+    from pipeline.database import check_connection, current_revision, head_revision
+    from pipeline.runlog import recent_runs
+
+    settings = load_settings()
+    report: dict[str, Any] = {"settings": settings.describe(), "ok": True, "problems": []}
+    ctx = Context(settings)
+    try:
+        check_connection(ctx.engine)
+        rev = current_revision(ctx.engine)
+        report["schema"] = {"current": rev, "head": head_revision()}
+        if rev != head_revision():
+            raise BrandmonError("schema is not current; run `brandmon db upgrade`")
+        with ctx.engine.connect() as conn:
+            report["rows"] = {
+                t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in (schema.posts, schema.post_images, schema.images, schema.detections,
+                          schema.text_mentions, schema.mention_daily, schema.quarantine, schema.runs)
+            }
+            active = conn.execute(
+                select(schema.model_versions.c.version).where(schema.model_versions.c.active.is_(True))
+            ).scalar()
+        report["active_model"] = active
+        report["recent_runs"] = [
+            {k: r[k] for k in ("id", "kind", "source", "window_start", "status", "counts", "error")}
+            for r in recent_runs(ctx.engine, 10)
+        ]
+    except BrandmonError as exc:
+        report["ok"] = False
+        report["problems"].append(str(exc))
+    try:
+        ctx.store.check()
+        report["lake"] = "ok"
+    except BrandmonError as exc:
+        report["ok"] = False
+        report["lake"] = "unavailable"
+        report["problems"].append(str(exc))
+    ctx.close()
+    return report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"database : {s['database_url']}",
+        f"lake     : {s['storage_url']}" + (f" (endpoint {s['s3_endpoint_url']})" if s["s3_endpoint_url"] else ""),
+        f"config   : {s['config'] or '(none: BRANDMON_CONFIG unset)'}",
+        f"brands   : {', '.join(s['brands']) or '-'}",
+        f"sources  : {', '.join(s['sources']) or '-'}",
+    ]
+    if "schema" in report:
+        lines.append(f"schema   : {report['schema']['current']} (code needs {report['schema']['head']})")
+    if "rows" in report:
+        lines.append("rows     : " + ", ".join(f"{k}={v}" for k, v in report["rows"].items()))
+        lines.append(f"model    : {report.get('active_model') or '(no active model)'}")
+    for run in report.get("recent_runs", []):
+        window = run["window_start"].date().isoformat() if run["window_start"] else "-"
+        lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} {run['error'] or ''}")
+    for problem in report["problems"]:
+        lines.append(f"PROBLEM  : {problem}")
+    return "\n".join(lines)
