@@ -1,0 +1,78 @@
+"""Schema and migrations on SQLite and Postgres; upserts; UTC timestamps."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import select
+
+from pipeline import schema
+from pipeline.database import (
+    current_revision,
+    head_revision,
+    make_engine,
+    require_schema,
+    upgrade,
+    upsert,
+)
+from pipeline.errors import DatabaseError
+
+
+def test_upgrade_creates_every_table_and_is_repeatable(make_ctx, backend: str) -> None:
+    ctx = make_ctx(backend=backend)
+    assert current_revision(ctx.engine) == head_revision()
+    assert upgrade(ctx.engine) == head_revision()  # second run: no-op
+    from sqlalchemy import inspect
+
+    assert set(schema.metadata.tables) <= set(inspect(ctx.engine).get_table_names())
+
+
+def test_migrated_schema_matches_the_code(make_ctx, backend: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    ctx = make_ctx(backend=backend)
+    with ctx.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert diff == []
+
+
+def test_upsert_and_utc_round_trip(make_ctx, backend: str) -> None:
+    ctx = make_ctx(backend=backend)
+    t = dt.datetime(2026, 10, 1, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2)))
+    row = dict(platform="p", external_id="1", source="s", author_hash="a", text="hi", posted_at=t, content_hash="h1")
+    with ctx.engine.begin() as conn:
+        upsert(conn, schema.posts, [row], keys=["platform", "external_id"])
+        upsert(conn, schema.posts, [{**row, "text": "edited", "content_hash": "h2"}], keys=["platform", "external_id"])
+        upsert(conn, schema.posts, [{**row, "text": "ignored"}], keys=["platform", "external_id"], update=())
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(select(schema.posts.c.text, schema.posts.c.posted_at)).all()
+    assert len(rows) == 1
+    assert rows[0].text == "edited"
+    assert rows[0].posted_at == t and rows[0].posted_at.utcoffset() == dt.timedelta(0)
+    assert rows[0].posted_at.date() == dt.date(2026, 10, 2)  # UTC day, not the local one
+
+
+def test_naive_datetimes_are_refused(make_ctx) -> None:
+    ctx = make_ctx()
+    with pytest.raises(Exception, match="naive datetime"), ctx.engine.begin() as conn:
+        conn.execute(schema.dirty_days.insert().values(day=dt.date(2026, 1, 1), reason="x",
+                                                       marked_at=dt.datetime(2026, 1, 1)))
+
+
+def test_require_schema_says_run_upgrade(tmp_path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(DatabaseError, match="brandmon db upgrade"):
+        require_schema(engine)
+
+
+def test_unreachable_database_is_one_line(tmp_path) -> None:
+    from pipeline.testing import free_port
+
+    engine = make_engine(f"postgresql+psycopg2://u:s3cret@127.0.0.1:{free_port()}/x?connect_timeout=2")
+    with pytest.raises(DatabaseError) as exc:
+        require_schema(engine)
+    msg = str(exc.value)
+    assert "cannot reach the database" in msg and "BRANDMON_DATABASE_URL" in msg
+    assert "s3cret" not in msg and "\n" not in msg
