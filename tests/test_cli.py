@@ -1,0 +1,81 @@
+"""The CLI: help lists every command; bad settings end in one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+
+COMMANDS = ["db", "demo", "ingest", "backfill", "detect", "train", "evaluate", "aggregate", "trends", "status"]
+
+
+def test_help_lists_all_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f"\n    {name} " in out or f"\n    {name}\n" in out, name
+
+
+def _run(monkeypatch, capsys, tmp_path, argv: list[str], **env: str) -> tuple[int, str]:
+    for key in ("BRANDMON_DATABASE_URL", "BRANDMON_STORAGE_URL", "BRANDMON_CONFIG", "BRANDMON_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("BRANDMON_HOME", str(tmp_path / "var"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = main(argv)
+    captured = capsys.readouterr()
+    _run.last_out = captured.out  # type: ignore[attr-defined]
+    return code, captured.err
+
+
+def _one_clear_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("brandmon: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_db_upgrade_and_status_work(monkeypatch, capsys, tmp_path) -> None:
+    code, _ = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"])
+    assert code == 0
+    code, _ = _run(monkeypatch, capsys, tmp_path, ["status"])
+    assert code == 0
+
+
+def test_status_before_upgrade_says_what_to_do(monkeypatch, capsys, tmp_path) -> None:
+    code, _ = _run(monkeypatch, capsys, tmp_path, ["status"])
+    assert code == 1
+    assert "brandmon db upgrade" in _run.last_out  # type: ignore[attr-defined]
+
+
+def test_unknown_url_scheme(monkeypatch, capsys, tmp_path) -> None:
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_STORAGE_URL="gopher://x")
+    assert code == 2
+    assert "unknown scheme 'gopher'" in _one_clear_line(err)
+
+
+def test_unreachable_database(monkeypatch, capsys, tmp_path) -> None:
+    from pipeline.testing import free_port
+
+    url = f"postgresql+psycopg2://bm:topsecret@127.0.0.1:{free_port()}/bm?connect_timeout=2"
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_DATABASE_URL=url)
+    line = _one_clear_line(err)
+    assert code == 2 and "cannot reach the database" in line and "topsecret" not in err
+
+
+def test_malformed_yaml(monkeypatch, capsys, tmp_path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("brands:\n  - name: [unclosed\n")
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_CONFIG=str(cfg))
+    assert code == 2 and "malformed YAML at line" in _one_clear_line(err)
+
+
+@pytest.mark.integration
+def test_missing_bucket(monkeypatch, capsys, tmp_path, s3_endpoint: str) -> None:
+    code, err = _run(
+        monkeypatch, capsys, tmp_path, ["db", "upgrade"],
+        BRANDMON_STORAGE_URL="s3://bucket-that-is-not-there/lake", BRANDMON_S3_ENDPOINT_URL=s3_endpoint,
+    )
+    assert code == 2 and "bucket-that-is-not-there" in _one_clear_line(err)
