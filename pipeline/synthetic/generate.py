@@ -95,6 +95,34 @@ class SyntheticDataset:
         hi = bisect.bisect_left(self._times, _utc(end, "end"))
         return [{**p, "images": [dict(i) for i in p["images"]]} for p in self.posts[lo:hi]]
 
+    def daily_truth(
+        self, include_reblogs: bool = True
+    ) -> dict[tuple[str, dt.date], dict[str, int]]:
+        """Expected per-(brand, UTC day) counts for aggregate tests.
+
+        Keys of each entry: `posts` (text or image), `text`, `image`, `both`; plus one
+        `(product, day)` entry per product named in text, with `posts` == `text`.
+        """
+        out: dict[tuple[str, dt.date], dict[str, int]] = {}
+
+        def bump(name: str, day: dt.date, *keys: str) -> None:
+            row = out.setdefault((name, day), {"posts": 0, "text": 0, "image": 0, "both": 0})
+            for k in keys:
+                row[k] += 1
+
+        for p in self.posts:
+            if p["reblog_of"] and not include_reblogs:
+                continue
+            day = dt.date.fromisoformat(p["created_at"][:10])
+            t = self.truth[p["id"]]
+            for b in t["text"] | t["image"]:
+                in_text, in_image = b in t["text"], b in t["image"]
+                keys = ["posts"] + ["text"] * in_text + ["image"] * in_image
+                bump(b, day, *keys, *(["both"] if in_text and in_image else []))
+            for product in self.truth_products[p["id"]]:
+                bump(product, day, "posts", "text")
+        return out
+
     def image_bytes(self, url: str) -> bytes:
         """JPEG bytes behind a `synthetic://images/...` url; KeyError for unknown urls."""
         if url not in self.image_brand:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 import re
+import subprocess
+import sys
 import unicodedata
 from collections import Counter
 
@@ -189,3 +192,45 @@ def test_short_windows_and_bad_days():
     assert small.posts and all(p["created_at"].startswith("2026-01-0") for p in small.posts)
     with pytest.raises(ValueError):
         build_dataset(days=0)
+
+
+def test_daily_truth(ds):
+    daily = ds.daily_truth()
+    brand, day = ds.spike
+    spike = daily[(brand, day)]
+    assert spike["posts"] >= max(spike["text"], spike["image"]) and spike["both"] <= spike["image"]
+    assert spike["posts"] == spike["text"] + spike["image"] - spike["both"]
+    total = sum(r["posts"] for (name, _), r in daily.items() if name == "Acme")
+    manual = sum(
+        1 for p in ds.posts if "Acme" in ds.truth[p["id"]]["text"] | ds.truth[p["id"]]["image"]
+    )
+    assert total == manual
+    assert sum(r["posts"] for (name, _), r in daily.items() if name == "Acme One") > 20
+    no_rb = ds.daily_truth(include_reblogs=False)
+    assert sum(r["posts"] for r in no_rb.values()) < sum(r["posts"] for r in daily.values())
+
+
+_DIGEST = """
+import hashlib, json
+from pipeline.synthetic import build_dataset
+ds = build_dataset(days=5)
+h = hashlib.sha256(json.dumps(ds.posts).encode())
+for u in ds.image_urls[:10]:
+    h.update(ds.image_bytes(u))
+print(h.hexdigest())
+"""
+
+
+def test_same_bytes_across_processes():
+    """No dependence on PYTHONHASHSEED (set order, str hashing) or on process state."""
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _DIGEST],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1 and len(next(iter(digests))) == 64
