@@ -1,0 +1,85 @@
+"""brandmon_aggregate: recompute the days touched since the last run, then write the report.
+
+Scheduled on the `brandmon://detections` asset, so it runs after each detection run (which
+follows each ingest run). `aggregate_dirty` recomputes `mention_daily` for every day in the
+dirty-day queue (new posts, new scores) and clears it: a re-run finds an empty queue and
+changes nothing. The report is for the last day of the ingest windows that led to this run,
+or the `day` param of a manual run, or yesterday (UTC).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+DETECTIONS = Asset("brandmon://detections")
+
+
+def _on_failure(context: Any) -> None:
+    from pipeline.airflow_support import log_failure
+
+    log_failure(context)
+
+
+DEFAULT_ARGS = {
+    "owner": "brandmon",
+    "retries": max(2, int(os.environ.get("BRANDMON_TASK_RETRIES") or 3)),
+    "retry_delay": dt.timedelta(seconds=float(os.environ.get("BRANDMON_RETRY_DELAY_S") or 120)),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": dt.timedelta(hours=1),
+    "on_failure_callback": _on_failure,
+}
+
+
+@dag(
+    dag_id="brandmon_aggregate",
+    schedule=[DETECTIONS],
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["brandmon", "aggregate"],
+    params={
+        "day": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            description="Report day (YYYY-MM-DD); empty = the last ingested day",
+        ),
+    },
+    doc_md=__doc__,
+)
+def brandmon_aggregate() -> None:
+    @task
+    def aggregate() -> dict[str, int]:
+        """Recompute mention_daily for the dirty days; counts only."""
+        from pipeline.aggregate.jobs import aggregate_dirty
+        from pipeline.airflow_support import counts_only, task_context
+
+        with task_context() as ctx:
+            return counts_only(aggregate_dirty(ctx, progress=False))
+
+    @task
+    def report(
+        params: dict[str, Any] | None = None,
+        triggering_asset_events: Any = None,
+        dag_run: Any = None,
+    ) -> str:
+        """Write the daily report; returns where it went (a key or path, not the report)."""
+        from pipeline.aggregate.jobs import write_report
+        from pipeline.airflow_support import choose_report_day, task_context
+
+        day = choose_report_day(
+            (params or {}).get("day"), triggering_asset_events, getattr(dag_run, "run_after", None)
+        )
+        with task_context() as ctx:
+            return str(write_report(ctx, day))
+
+    aggregate() >> report()
+
+
+brandmon_aggregate()

@@ -1,0 +1,403 @@
+"""What the Airflow DAGs need from the pipeline: settings from Airflow connections, a task
+context, the report days carried by asset events, and one-paragraph failure summaries.
+
+Why a module of its own: DAG files must stay cheap to parse (only `airflow.sdk`, pendulum and
+the standard library at top level), so everything they do at run time is imported lazily from
+here inside the task functions, and can be unit-tested without a scheduler.
+
+Connections (ids configurable by environment variable):
+
+- `BRANDMON_DB_CONN_ID` (default `brandmon_db`), a `postgres_default`-style connection
+  (type postgres: host, port, login, password, schema = database; libpq options such as
+  `sslmode` in extra) or type sqlite (host = the file path), becomes `Settings.database_url`.
+- `BRANDMON_AWS_CONN_ID` (default `brandmon_aws`), an `aws_default`-style connection
+  (login = access key id, password = secret key, extra `endpoint_url`, `region_name`,
+  `aws_session_token`), becomes `Settings.s3_endpoint_url`; the credentials go into the
+  task process environment where boto3 finds them, never into a log line.
+
+A connection that does not exist is not an error: the `BRANDMON_*` environment variables
+(and the YAML file) apply, exactly as on the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings, load_settings, redact_url
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB_CONN_ID = "brandmon_db"
+DEFAULT_AWS_CONN_ID = "brandmon_aws"
+
+# libpq parameters a postgres connection's extra may carry into the SQLAlchemy URL; other
+# extra keys (the provider's own `cursor`, `iam`, ...) mean nothing to psycopg2.
+LIBPQ_OPTIONS = frozenset(
+    {
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "connect_timeout",
+        "application_name",
+        "options",
+        "keepalives",
+        "keepalives_idle",
+        "target_session_attrs",
+    }
+)
+
+
+def get_connection(conn_id: str) -> Any | None:
+    """The Airflow connection `conn_id`, or None when no secrets backend defines it."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None
+
+
+def _extra(conn: Any) -> dict[str, Any]:
+    try:
+        extra = conn.extra_dejson
+    except Exception:  # malformed extra JSON: the fields alone still make a URL
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def database_url_from_connection(conn: Any) -> str:
+    """A SQLAlchemy URL for a postgres (or sqlite) Airflow connection."""
+    from sqlalchemy.engine import URL
+
+    kind = (conn.conn_type or "").lower()
+    if kind in ("postgres", "postgresql"):
+        query = {k: str(v) for k, v in _extra(conn).items() if k in LIBPQ_OPTIONS and v is not None}
+        url = URL.create(
+            "postgresql+psycopg2",
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=int(conn.port) if conn.port else None,
+            database=conn.schema or None,
+            query=query,
+        )
+        return url.render_as_string(hide_password=False)
+    if kind == "sqlite":
+        path = conn.host or conn.schema
+        if not path:
+            raise ConfigError(
+                f"Airflow connection {conn.conn_id!r} (sqlite) needs the database file path as host"
+            )
+        return f"sqlite:///{path}"
+    raise ConfigError(
+        f"Airflow connection {conn.conn_id!r} has type {conn.conn_type!r}; brandmon needs a postgres "
+        "(or sqlite) connection for its database"
+    )
+
+
+def aws_from_connection(conn: Any) -> tuple[str | None, dict[str, str]]:
+    """(endpoint_url, boto3 environment variables) of an aws-style Airflow connection."""
+    extra = _extra(conn)
+    service = extra.get("service_config")
+    s3_conf = service.get("s3") if isinstance(service, dict) else None
+    endpoint = extra.get("endpoint_url") or (
+        s3_conf.get("endpoint_url") if isinstance(s3_conf, dict) else None
+    )
+    key = conn.login or extra.get("aws_access_key_id")
+    secret = conn.password or extra.get("aws_secret_access_key")
+    env: dict[str, str] = {}
+    if key and secret:
+        env["AWS_ACCESS_KEY_ID"] = str(key)
+        env["AWS_SECRET_ACCESS_KEY"] = str(secret)
+        token = extra.get("aws_session_token")
+        if token:
+            env["AWS_SESSION_TOKEN"] = str(token)
+    region = extra.get("region_name")
+    if region:
+        env["AWS_DEFAULT_REGION"] = str(region)
+    return (str(endpoint) if endpoint else None), env
+
+
+def _mask(values: Iterable[str]) -> None:
+    """Register values with Airflow's log masker (a no-op outside Airflow)."""
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - Airflow is a dependency, but be safe
+        return
+    for value in values:
+        if value:
+            mask_secret(value)
+
+
+def settings_from_airflow(
+    env: Mapping[str, str] | None = None, environ: MutableMapping[str, str] | None = None
+) -> Settings:
+    """`load_settings(env)` with the database and S3 endpoint taken from Airflow connections
+    when they exist. AWS credentials of the connection are written into `environ` (default:
+    this process's environment, where boto3 reads them)."""
+    env = dict(os.environ if env is None else env)
+    target = os.environ if environ is None else environ
+    settings = load_settings(env=env)
+    changes: dict[str, Any] = {}
+
+    db_conn = get_connection(env.get("BRANDMON_DB_CONN_ID") or DEFAULT_DB_CONN_ID)
+    if db_conn is not None:
+        _mask([db_conn.password or ""])
+        url = database_url_from_connection(db_conn)
+        from pipeline.settings import check_database_url
+
+        changes["database_url"] = check_database_url(url)
+        log.info("database from Airflow connection %r: %s", db_conn.conn_id, redact_url(url))
+
+    aws_conn = get_connection(env.get("BRANDMON_AWS_CONN_ID") or DEFAULT_AWS_CONN_ID)
+    if aws_conn is not None:
+        endpoint, aws_env = aws_from_connection(aws_conn)
+        _mask([aws_env.get("AWS_SECRET_ACCESS_KEY", ""), aws_env.get("AWS_SESSION_TOKEN", "")])
+        target.update(aws_env)
+        if endpoint:
+            changes["s3_endpoint_url"] = endpoint
+        log.info(
+            "S3 from Airflow connection %r: endpoint %s, credentials %s",
+            aws_conn.conn_id,
+            endpoint or "AWS default",
+            "from the connection" if "AWS_ACCESS_KEY_ID" in aws_env else "from the default chain",
+        )
+    return settings.with_overrides(**changes) if changes else settings
+
+
+@contextlib.contextmanager
+def task_context(check: bool = True) -> Iterator[Any]:
+    """A pipeline `Context` for one task run, built from Airflow connections, always closed."""
+    from pipeline.context import open_context
+
+    ctx = open_context(settings_from_airflow(), check=check)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def as_utc(value: Any) -> dt.datetime:
+    """A tz-aware UTC stdlib datetime from a pendulum/stdlib datetime or an ISO string."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"expected a datetime, got {type(value).__name__}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    value = value.astimezone(dt.UTC)
+    return dt.datetime(
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        tzinfo=dt.UTC,
+    )
+
+
+def interval_days(start: Any, end: Any) -> list[dt.date]:
+    """The UTC days a half-open interval [start, end) touches (a zero-width one: its day)."""
+    s, e = as_utc(start), as_utc(end)
+    last = (e - dt.timedelta(microseconds=1)).date() if e > s else s.date()
+    days, day = [], s.date()
+    while day <= last:
+        days.append(day)
+        day += dt.timedelta(days=1)
+    return days
+
+
+def report_day(windows: Iterable[Mapping[str, Any]], fallback: dt.date) -> dt.date:
+    """The day to report on: the last UTC day covered by the ingest windows that led to this
+    run (carried in asset-event extras as {"start", "end"} ISO strings), else `fallback`."""
+    days = [
+        d
+        for w in windows
+        if w.get("start") and w.get("end")
+        for d in interval_days(w["start"], w["end"])
+    ]
+    return max(days) if days else fallback
+
+
+# --- small pure helpers the DAG tasks use -------------------------------------------------
+
+
+def select_sources(settings: Settings, wanted: Iterable[str] = ()) -> list[str]:
+    """Source names to ingest: all configured ones, or the `wanted` subset (checked)."""
+    names = [s.name for s in settings.sources]
+    if not names:
+        raise ConfigError(
+            f"no sources configured in {settings.config_path or 'BRANDMON_CONFIG (unset)'}; "
+            "add them under `sources:` (see README)"
+        )
+    wanted = list(wanted)
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown source(s) {', '.join(unknown)}; configured: {', '.join(names)}")
+    return [n for n in names if not wanted or n in wanted]
+
+
+def require_interval(start: Any, end: Any) -> tuple[dt.datetime, dt.datetime]:
+    """The run's data interval, refusing an empty one (a trigger-style timetable)."""
+    if start is None or end is None:
+        raise ConfigError(
+            "this task needs a data interval; run it from a scheduled or backfill DAG run"
+        )
+    s, e = as_utc(start), as_utc(end)
+    if e <= s:
+        raise ConfigError(
+            f"empty data interval {s.isoformat()} -> {e.isoformat()}; brandmon_ingest needs a "
+            "data-interval timetable (CronDataIntervalTimetable)"
+        )
+    return s, e
+
+
+def counts_only(result: Mapping[str, Any] | None) -> dict[str, int]:
+    """What goes into XCom from a job's result: integer counts (lists become their length)."""
+    out: dict[str, int] = {}
+    for key, value in (result or {}).items():
+        if isinstance(value, bool | int | float):
+            out[str(key)] = int(value)
+        elif isinstance(value, list | tuple | set | frozenset):
+            out[str(key)] = len(value)
+    return out
+
+
+def sum_counts(results: Iterable[Mapping[str, Any] | None]) -> dict[str, int]:
+    """Totals over the mapped tasks' count dicts."""
+    totals: dict[str, int] = {}
+    for result in results:
+        for key, value in counts_only(result).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def event_windows(triggering_asset_events: Any) -> list[dict[str, Any]]:
+    """The {"start", "end"} extras of the asset events that triggered this run."""
+    windows: list[dict[str, Any]] = []
+    if not triggering_asset_events:
+        return windows
+    for events in triggering_asset_events.values():
+        for event in events:
+            extra = getattr(event, "extra", None) or {}
+            if isinstance(extra, Mapping) and extra.get("start") and extra.get("end"):
+                windows.append({"start": str(extra["start"]), "end": str(extra["end"])})
+    return windows
+
+
+def merge_windows(windows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """One window spanning them all (empty dict when there are none)."""
+    spans = [
+        (as_utc(w["start"]), as_utc(w["end"])) for w in windows if w.get("start") and w.get("end")
+    ]
+    if not spans:
+        return {}
+    return {
+        "start": min(s for s, _ in spans).isoformat(),
+        "end": max(e for _, e in spans).isoformat(),
+    }
+
+
+def choose_report_day(param: Any, triggering_asset_events: Any, run_after: Any) -> dt.date:
+    """The `day` param, else the last day of the triggering windows, else the day before the run."""
+    if param:
+        try:
+            return dt.date.fromisoformat(str(param))
+        except ValueError:
+            raise ConfigError(f"day={param!r} is not a date; use YYYY-MM-DD") from None
+    base = as_utc(run_after) if run_after is not None else dt.datetime.now(dt.UTC)
+    return report_day(event_windows(triggering_asset_events), (base - dt.timedelta(days=1)).date())
+
+
+def train_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The XCom of a training run: version, activated, and the numeric headline metrics."""
+    metrics = result.get("metrics") or {}
+    return {
+        "version": result.get("version"),
+        "activated": bool(result.get("activated")),
+        "metrics": {
+            str(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+    }
+
+
+# --- failure summaries -------------------------------------------------------------------
+
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@"
+)
+_KEY_VALUE_SECRET = re.compile(
+    r"(?i)\b(?P<key>password|passwd|pwd|secret|token|access_token|api_key|apikey|aws_secret_access_key|authorization)"
+    r"(?P<sep>\s*[=:]\s*)(?P<quote>['\"]?)[^\s'\",;&]+"
+)
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRANDMON_AUTHOR_SALT")
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove credentials from free text: URL passwords, key=value secrets, known values."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _KEY_VALUE_SECRET.sub(lambda m: f"{m['key']}{m['sep']}{m['quote']}***", text)
+    for value in secrets:
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "none"
+    try:
+        return as_utc(value).isoformat()
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def failure_summary(context: Mapping[str, Any]) -> str:
+    """One paragraph: which DAG/task/interval failed, with what, and where to look next."""
+    ti = context.get("task_instance") or context.get("ti")
+    dag = context.get("dag")
+    dag_id = getattr(ti, "dag_id", None) or getattr(dag, "dag_id", None) or "?"
+    task_id = getattr(ti, "task_id", None) or "?"
+    map_index = getattr(ti, "map_index", -1)
+    try_number = getattr(ti, "try_number", None)
+    run_id = context.get("run_id") or getattr(context.get("dag_run"), "run_id", None) or "?"
+    exc = context.get("exception")
+    if exc is None:
+        what = "no exception recorded (the task was marked failed or timed out)"
+    else:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        secrets = [os.environ.get(k, "") for k in _SECRET_ENV]
+        what = (
+            f"{type(exc).__name__}: {scrub(message, secrets)[:500]}"
+            if message
+            else type(exc).__name__
+        )
+    where = f"{task_id}[{map_index}]" if isinstance(map_index, int) and map_index >= 0 else task_id
+    attempt = f" (attempt {try_number})" if try_number else ""
+    return (
+        f"brandmon task failed: dag={dag_id} task={where}{attempt} run={run_id} "
+        f"interval={_when(context.get('data_interval_start'))} -> {_when(context.get('data_interval_end'))}: "
+        f"{what}. Every task is idempotent over its interval: fix the cause and clear the task "
+        f"(or re-run the backfill) to retry."
+    )
+
+
+def log_failure(context: Mapping[str, Any]) -> str:
+    """The `on_failure_callback` body: log the summary (and return it, for tests)."""
+    summary = failure_summary(context)
+    log.error("%s", summary)
+    return summary
