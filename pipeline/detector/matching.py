@@ -1,0 +1,524 @@
+"""Logo matching by local features: the pretraining-free second signal beside the CNN.
+
+Why: an Inception v3 trained from scratch on a few hundred photos generalises poorly, while
+a logo is a rigid, planar, textured pattern that local-feature matching with geometric
+verification finds reliably from a handful of reference crops, with a box for free.
+
+How: SIFT keypoints of every reference crop (RootSIFT descriptors) are stacked into one
+FLANN kd-tree with a class label per descriptor. A query image's descriptors are searched
+once (k nearest neighbours); a class-aware ratio test keeps a correspondence only when its
+nearest reference descriptor of class c is clearly closer than the nearest one of any other
+class. Correspondences are grouped per reference crop and verified with a RANSAC homography;
+a class scores ``1 - exp(-(inliers - floor) / scale)`` from its best-verified reference, and
+the reference corners projected through the homography give the box.
+
+``combine`` fuses the CNN's class probabilities with these scores (noisy-OR by default, or a
+three-parameter logistic fitted on a validation split with ``fit_combiner``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+FORMAT_VERSION = 1
+NO_LOGO = "no_logo"
+
+Box = list[int]
+Scores = dict[str, tuple[float, Box | None]]
+
+
+@dataclass(frozen=True)
+class MatcherParams:
+    """Knobs of the matcher; stored with the model so scores are reproducible."""
+
+    ref_max_side: int = 240  # reference crops are resized so their long side is at most this
+    ref_min_side: int = 64  # ...and their short side at least this (upscaling small crops)
+    ref_features: int = 200  # keypoints kept per reference crop
+    query_long_side: int = 640  # query images are resized so their long side is this...
+    query_max_upscale: float = 1.5  # ...but never enlarged more than this
+    query_features: int = 1500  # keypoints kept per query image
+    contrast_threshold: float = 0.02  # SIFT; lower than Lowe's 0.04: logos are often faint
+    knn: int = 8  # neighbours searched per query descriptor
+    ratio: float = 0.85  # class-aware Lowe ratio
+    flann_trees: int = 4
+    flann_checks: int = 64
+    min_matches: int = 6  # correspondences a reference needs before RANSAC is tried
+    ransac_px: float = 6.0  # reprojection threshold, in query pixels at query_long_side
+    min_inliers: int = 6  # fewer verified inliers than this scores 0
+    score_scale: float = 6.0  # inliers above the floor that give score 1 - 1/e
+    max_scale_ratio: float = 12.0  # reject homographies squashing one axis vs the other
+
+    def __post_init__(self) -> None:
+        if self.knn < 2:
+            raise ValueError("knn must be >= 2 for the ratio test")
+        if not 0 < self.ratio <= 1:
+            raise ValueError("ratio must be in (0, 1]")
+        if self.min_matches < 4 or self.min_inliers < 4:
+            raise ValueError("a homography needs at least 4 matches")
+
+
+@dataclass
+class _Index:
+    """Reference descriptors stacked over all references, with their owners."""
+
+    desc: np.ndarray  # (N, 128) uint8 SIFT descriptors (RootSIFT is derived on load)
+    xy: np.ndarray  # (N, 2) float32 keypoint positions in the reference's resized frame
+    ref: np.ndarray  # (N,) int32 reference index of each descriptor
+    ref_class: np.ndarray  # (R,) int32 class index of each reference
+    ref_size: np.ndarray  # (R, 2) float32 (w, h) of each resized reference
+    flann: Any = field(default=None, repr=False)
+    root: np.ndarray | None = field(default=None, repr=False)
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise TypeError("image must be a numpy array")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_RGBA2GRAY)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    raise ValueError(f"image must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+
+
+def _resize(gray: np.ndarray, scale: float) -> np.ndarray:
+    if abs(scale - 1.0) < 1e-6:
+        return gray
+    h, w = gray.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(gray, size, interpolation=interp)
+
+
+def _root_sift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman): L1-normalise then sqrt; Euclidean = Hellinger."""
+    d = desc.astype(np.float32)
+    d /= d.sum(axis=1, keepdims=True) + 1e-7
+    return np.sqrt(d)
+
+
+def _sift(params: MatcherParams, n_features: int) -> Any:
+    return cv2.SIFT_create(nfeatures=n_features, contrastThreshold=params.contrast_threshold)
+
+
+def _ref_scale(params: MatcherParams, w: int, h: int) -> float:
+    scale = min(1.0, params.ref_max_side / max(w, h))
+    if min(w, h) * scale < params.ref_min_side:
+        scale = min(params.ref_min_side / min(w, h), params.ref_max_side / max(w, h), 4.0)
+    return max(scale, 1e-3)
+
+
+def _query_scale(params: MatcherParams, w: int, h: int) -> float:
+    return min(params.query_long_side / max(w, h), params.query_max_upscale)
+
+
+def _homography_ok(hmat: np.ndarray, ref_w: float, ref_h: float, params: MatcherParams) -> bool:
+    """Reject degenerate or mirrored homographies: real logos are seen as convex quads."""
+    if hmat is None or not np.all(np.isfinite(hmat)):
+        return False
+    corners = np.array([[0, 0], [ref_w, 0], [ref_w, ref_h], [0, ref_h]], np.float32)
+    quad = cv2.perspectiveTransform(corners[None], hmat)[0]
+    if not np.all(np.isfinite(quad)):
+        return False
+    # Convex and consistently oriented (no mirroring, no bow-tie).
+    edges = np.roll(quad, -1, axis=0) - quad
+    nxt = np.roll(edges, -1, axis=0)
+    cross = edges[:, 0] * nxt[:, 1] - edges[:, 1] * nxt[:, 0]
+    if not (np.all(cross > 0) or np.all(cross < 0)):
+        return False
+    if np.all(cross < 0):  # image y axis points down: the reference corners go clockwise (>0)
+        return False
+    sides = np.linalg.norm(edges, axis=1)
+    if sides.min() < 4:
+        return False
+    # Opposite sides of similar length, aspect not crushed.
+    if max(sides[0] / sides[2], sides[2] / sides[0], sides[1] / sides[3], sides[3] / sides[1]) > 4:
+        return False
+    sx, sy = (sides[0] + sides[2]) / (2 * ref_w), (sides[1] + sides[3]) / (2 * ref_h)
+    return max(sx / sy, sy / sx) <= params.max_scale_ratio
+
+
+class LogoMatcher:
+    """Reference logo crops → per-class match scores and boxes on any image."""
+
+    def __init__(self, params: MatcherParams | None = None, **overrides: Any) -> None:
+        base = params or MatcherParams()
+        self.params = replace(base, **overrides) if overrides else base
+        self.classes: list[str] = []
+        self._index: _Index | None = None
+
+    # ----------------------------------------------------------------- building
+    def fit(self, refs: Iterable[tuple[str, np.ndarray]]) -> LogoMatcher:
+        """Extract features of every reference crop (class name, uint8 RGB crop)."""
+        p = self.params
+        sift = _sift(p, p.ref_features)
+        classes: dict[str, int] = {}
+        descs, xys, owners, ref_class, ref_size = [], [], [], [], []
+        for name, crop in refs:
+            gray = _to_gray(crop)
+            h, w = gray.shape
+            if min(h, w) < 8:
+                continue
+            scale = _ref_scale(p, w, h)
+            g = _resize(gray, scale)
+            kps, desc = sift.detectAndCompute(g, None)
+            if desc is None or len(kps) < p.min_inliers:
+                continue
+            cls = classes.setdefault(str(name), len(classes))
+            r = len(ref_class)
+            descs.append(np.clip(desc, 0, 255).astype(np.uint8))
+            xys.append(np.array([k.pt for k in kps], np.float32))
+            owners.append(np.full(len(kps), r, np.int32))
+            ref_class.append(cls)
+            ref_size.append((g.shape[1], g.shape[0]))
+        if not ref_class:
+            raise ValueError("no usable reference crop (each needs a few SIFT keypoints)")
+        self.classes = list(classes)
+        self._index = _Index(
+            desc=np.concatenate(descs),
+            xy=np.concatenate(xys),
+            ref=np.concatenate(owners),
+            ref_class=np.array(ref_class, np.int32),
+            ref_size=np.array(ref_size, np.float32),
+        )
+        self._build()
+        return self
+
+    def _build(self) -> None:
+        idx = self._require()
+        idx.root = _root_sift(idx.desc)
+        # FLANN's randomised kd-trees draw from OpenCV's RNG: seed it so a model rebuilt
+        # from bytes searches exactly like the one that was saved.
+        cv2.setRNGSeed(12345)
+        idx.flann = cv2.flann_Index(idx.root, {"algorithm": 1, "trees": self.params.flann_trees})
+
+    def _require(self) -> _Index:
+        if self._index is None:
+            raise RuntimeError("LogoMatcher is not fitted")
+        return self._index
+
+    @property
+    def n_references(self) -> int:
+        return len(self._require().ref_class)
+
+    @property
+    def n_descriptors(self) -> int:
+        return len(self._require().desc)
+
+    def references_per_class(self) -> dict[str, int]:
+        idx = self._require()
+        counts = np.bincount(idx.ref_class, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
+
+    # ----------------------------------------------------------------- scoring
+    def score(self, image: np.ndarray) -> Scores:
+        """Per class: (score in [0, 1], best box [x1, y1, x2, y2] in image pixels or None)."""
+        return self._score(image)[0]
+
+    def inliers(self, image: np.ndarray) -> dict[str, int]:
+        """Raw verified-inlier count per class (diagnostics, calibration)."""
+        return self._score(image)[1]
+
+    def score_many(
+        self, images: Iterable[np.ndarray], workers: int = 1, progress: bool = False
+    ) -> list[Scores]:
+        """Score many images; OpenCV releases the GIL, so threads use several cores."""
+        items = list(images)
+        bar = _progress(len(items), progress)
+        try:
+            if workers <= 1:
+                out = []
+                for im in items:
+                    out.append(self.score(im))
+                    bar.update(1)
+                return out
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                out = []
+                for res in pool.map(self.score, items):
+                    out.append(res)
+                    bar.update(1)
+                return out
+        finally:
+            bar.close()
+
+    def _score(self, image: np.ndarray) -> tuple[Scores, dict[str, int]]:
+        idx = self._require()
+        p = self.params
+        empty: Scores = {c: (0.0, None) for c in self.classes}
+        counts = dict.fromkeys(self.classes, 0)
+        gray = _to_gray(image)
+        H, W = gray.shape
+        if min(H, W) < 16:
+            return empty, counts
+        scale = _query_scale(p, W, H)
+        g = _resize(gray, scale)
+        kps, desc = _sift(p, p.query_features).detectAndCompute(g, None)
+        if desc is None or len(kps) < p.min_inliers:
+            return empty, counts
+        qxy = np.array([k.pt for k in kps], np.float32)
+        nn, dist = idx.flann.knnSearch(_root_sift(desc), p.knn, params={"checks": p.flann_checks})
+        nn = nn.astype(np.int64)
+        dist = np.sqrt(np.maximum(dist, 0))  # FLANN L2 returns squared distances
+        owner_class = idx.ref_class[idx.ref[nn]]  # (Q, k)
+        top = owner_class[:, :1]
+        other = owner_class != top
+        # Distance to the nearest descriptor of another class (the last neighbour if none).
+        first_other = np.where(other.any(axis=1), other.argmax(axis=1), p.knn - 1)
+        d_other = dist[np.arange(len(nn)), first_other]
+        keep = (~other) & (dist < p.ratio * d_other[:, None])
+        qi, kj = np.nonzero(keep)
+        if len(qi) < p.min_matches:
+            return empty, counts
+        ri = nn[qi, kj]  # reference descriptor index
+        refs = idx.ref[ri]
+        dd = dist[qi, kj]
+        # One correspondence per (query keypoint, reference) and per reference keypoint:
+        # the nearest wins, so repeated texture cannot inflate the inlier count.
+        order = np.lexsort((dd, refs))
+        qi, ri, refs, dd = qi[order], ri[order], refs[order], dd[order]
+        _, first = np.unique(np.stack([refs, qi]), axis=1, return_index=True)
+        sel = np.sort(first)
+        qi, ri, refs, dd = qi[sel], ri[sel], refs[sel], dd[sel]
+        order = np.lexsort((dd, ri))
+        qi, ri, refs = qi[order], ri[order], refs[order]
+        _, first = np.unique(ri, return_index=True)
+        qi, ri, refs = qi[first], ri[first], refs[first]
+
+        best: dict[int, tuple[int, Box | None]] = {}
+        order = np.argsort(refs, kind="stable")
+        qi, ri, refs = qi[order], ri[order], refs[order]
+        ref_ids, starts, lens = np.unique(refs, return_index=True, return_counts=True)
+        cand = np.argsort(-lens, kind="stable")
+        for c in cand:
+            n = int(lens[c])
+            if n < p.min_matches:
+                break
+            r = int(ref_ids[c])
+            cls = int(idx.ref_class[r])
+            if cls in best and best[cls][0] >= n:
+                continue  # cannot beat this class's best with fewer matches than its inliers
+            s = slice(int(starts[c]), int(starts[c]) + n)
+            src = idx.xy[ri[s]]
+            dst = qxy[qi[s]]
+            hmat, mask = cv2.findHomography(src, dst, cv2.RANSAC, p.ransac_px, maxIters=500)
+            if hmat is None:
+                continue
+            n_in = int(mask.sum())
+            if n_in < p.min_inliers or (cls in best and best[cls][0] >= n_in):
+                continue
+            rw, rh = idx.ref_size[r]
+            if not _homography_ok(hmat, float(rw), float(rh), p):
+                continue
+            corners = np.array([[0, 0], [rw, 0], [rw, rh], [0, rh]], np.float32)
+            quad = cv2.perspectiveTransform(corners[None], hmat)[0] / scale
+            x1, y1 = np.clip(quad.min(axis=0), 0, [W, H])
+            x2, y2 = np.clip(quad.max(axis=0), 0, [W, H])
+            box = [int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2))]
+            if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+                continue
+            best[cls] = (n_in, box)
+
+        out = dict(empty)
+        for cls, (n_in, box) in best.items():
+            name = self.classes[cls]
+            counts[name] = n_in
+            out[name] = (self.inliers_to_score(n_in), box)
+        return out, counts
+
+    def inliers_to_score(self, n_inliers: float) -> float:
+        p = self.params
+        if n_inliers < p.min_inliers:
+            return 0.0
+        return float(1.0 - math.exp(-(n_inliers - p.min_inliers + 1) / p.score_scale))
+
+    # ----------------------------------------------------------------- storage
+    def to_bytes(self) -> bytes:
+        """A compressed .npz: arrays plus JSON metadata; no pickled objects."""
+        idx = self._require()
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": "brandmon.LogoMatcher",
+            "classes": self.classes,
+            "params": asdict(self.params),
+            "opencv": cv2.__version__,
+        }
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+            desc=idx.desc,
+            xy=idx.xy,
+            ref=idx.ref,
+            ref_class=idx.ref_class,
+            ref_size=idx.ref_size,
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LogoMatcher:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            if meta.get("kind") != "brandmon.LogoMatcher" or meta.get("format") != FORMAT_VERSION:
+                raise ValueError("not a brandmon LogoMatcher artifact (or an unknown version)")
+            known = {f for f in MatcherParams.__dataclass_fields__}
+            params = MatcherParams(**{k: v for k, v in meta["params"].items() if k in known})
+            m = cls(params)
+            m.classes = list(meta["classes"])
+            m._index = _Index(
+                desc=z["desc"].astype(np.uint8),
+                xy=z["xy"].astype(np.float32),
+                ref=z["ref"].astype(np.int32),
+                ref_class=z["ref_class"].astype(np.int32),
+                ref_size=z["ref_size"].astype(np.float32),
+            )
+        m._build()
+        return m
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled or not sys.stderr.isatty(), unit="img")
+
+
+# --------------------------------------------------------------------- fusion
+DEFAULT_COMBINER: dict[str, Any] = {"kind": "noisy_or", "w_cnn": 1.0, "w_match": 1.0}
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), 1e-4, 1 - 1e-4)
+    return np.log(q / (1 - q))
+
+
+def combine(
+    cnn_probs: dict[str, float],
+    match_scores: dict[str, float],
+    params: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Fuse the classifier's class probabilities with matcher scores, per brand class.
+
+    Monotone non-decreasing in both inputs (weights are clipped at 0), so more evidence from
+    either signal never lowers a class. ``no_logo`` (when the CNN gives it) becomes
+    ``1 - max(fused brand score)`` so "logo or not" stays one threshold on the brands.
+    Classes missing from one side count as 0 there.
+    """
+    prm = dict(DEFAULT_COMBINER if params is None else params)
+    names = [c for c in dict.fromkeys([*cnn_probs, *match_scores]) if c != NO_LOGO]
+    cnn = np.array([float(cnn_probs.get(c, 0.0)) for c in names])
+    mat = np.array([float(match_scores.get(c, 0.0)) for c in names])
+    cnn, mat = np.clip(cnn, 0, 1), np.clip(mat, 0, 1)
+    kind = prm.get("kind", "noisy_or")
+    w_cnn, w_match = (
+        max(0.0, float(prm.get("w_cnn", 1.0))),
+        max(0.0, float(prm.get("w_match", 1.0))),
+    )
+    if kind == "noisy_or":
+        fused = 1 - (1 - np.clip(w_cnn, 0, 1) * cnn) * (1 - np.clip(w_match, 0, 1) * mat)
+    elif kind == "logistic":
+        z = float(prm.get("bias", 0.0)) + w_cnn * _logit(cnn) + w_match * mat
+        fused = 1 / (1 + np.exp(-z))
+    else:
+        raise ValueError(f"unknown combiner kind {kind!r}")
+    out = {c: float(v) for c, v in zip(names, fused, strict=True)}
+    if NO_LOGO in cnn_probs:
+        out[NO_LOGO] = float(1 - max(out.values(), default=0.0))
+    return out
+
+
+def fit_combiner(
+    cnn_probs: Sequence[dict[str, float]],
+    match_scores: Sequence[dict[str, float]],
+    labels: Sequence[str | Iterable[str] | None],
+    l2: float = 1e-2,
+    iters: int = 200,
+) -> dict[str, Any]:
+    """Fit the logistic combiner's 3 parameters on a VALIDATION split (never the test split).
+
+    One example per (image, brand class): target 1 when the image shows that brand.
+    ``labels[i]`` is a class name, a set of names, or None/"no_logo" for a logo-free image.
+    Newton's method on the L2-regularised log-loss; weights are kept non-negative.
+    """
+    if not (len(cnn_probs) == len(match_scores) == len(labels)):
+        raise ValueError("cnn_probs, match_scores and labels must have the same length")
+    xs, ys = [], []
+    for cp, ms, lab in zip(cnn_probs, match_scores, labels, strict=True):
+        truth = {lab} if isinstance(lab, str) else set(lab or ())
+        truth.discard(NO_LOGO)
+        for c in dict.fromkeys([*cp, *ms]):
+            if c == NO_LOGO:
+                continue
+            xs.append((1.0, float(_logit(cp.get(c, 0.0))), float(ms.get(c, 0.0))))
+            ys.append(1.0 if c in truth else 0.0)
+    if not ys or min(ys) == max(ys):
+        raise ValueError("fit_combiner needs both positive and negative (image, class) pairs")
+    x, y = np.array(xs), np.array(ys)
+    # Balance classes so the few positives are not drowned by (images x classes) negatives.
+    wts = np.where(y > 0, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    w = np.zeros(3)
+    reg = np.array([0.0, l2, l2])
+    for _ in range(iters):
+        pr = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (wts * (pr - y)) / len(y) + reg * w
+        hess = (x * (wts * pr * (1 - pr))[:, None]).T @ x / len(y) + np.diag(reg + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        w[1:] = np.maximum(w[1:], 0.0)
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"kind": "logistic", "bias": float(w[0]), "w_cnn": float(w[1]), "w_match": float(w[2])}
+
+
+# --------------------------------------------------------------------- evaluation
+def logo_metrics(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, float]:
+    """Logo-vs-no-logo precision/recall/F1 when "logo" means score >= threshold."""
+    s, pos = np.asarray(scores, float), np.asarray(positive, bool)
+    pred = s >= threshold
+    tp, fp, fn = int((pred & pos).sum()), int((pred & ~pos).sum()), int((~pred & pos).sum())
+    prec = tp / (tp + fp) if tp + fp else 1.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {
+        "precision": round(prec, 4),
+        "recall": round(rec, 4),
+        "f1": round(f1, 4),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
+
+
+def choose_threshold(scores: np.ndarray, positive: np.ndarray, target_precision: float) -> float:
+    """Lowest threshold whose precision reaches the target (max recall); on a VALIDATION split.
+
+    Falls back to the threshold with the best precision when the target is never reached.
+    Thresholds are never below a tiny epsilon: a score of 0 means "no verified match".
+    """
+    s, pos = np.asarray(scores, float), np.asarray(positive, bool)
+    cands = np.unique(s[s > 0])
+    if len(cands) == 0:
+        return 1.0
+    best_t, best_p = float(cands[-1]), -1.0
+    for t in cands:  # ascending: the first that reaches the target has the highest recall
+        pred = s >= t
+        prec = (pred & pos).sum() / max(1, pred.sum())
+        if prec >= target_precision:
+            return float(t)
+        if prec > best_p:
+            best_t, best_p = float(t), prec
+    return best_t
