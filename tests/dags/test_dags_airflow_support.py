@@ -1,0 +1,260 @@
+"""pipeline.airflow_support: Airflow connections -> Settings, failure summaries, task helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from pipeline import airflow_support as af
+from pipeline.errors import ConfigError
+
+UTC = dt.UTC
+
+
+@pytest.fixture
+def brandmon_env(tmp_path, monkeypatch):
+    """BRANDMON_* fallbacks in the process env (what load_settings reads), no connections."""
+    for key in list(os.environ):
+        if key.startswith(("BRANDMON_", "AIRFLOW_CONN_")):
+            monkeypatch.delenv(key)
+    env = {
+        "BRANDMON_HOME": str(tmp_path / "var"),
+        "BRANDMON_AUTHOR_SALT": "salt-for-tests",
+        "BRANDMON_DATABASE_URL": f"sqlite:///{tmp_path / 'fallback.db'}",
+        "BRANDMON_STORAGE_URL": "s3://lake/prefix",
+        "BRANDMON_S3_ENDPOINT_URL": "http://fallback:9000",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def test_without_connections_the_brandmon_env_applies(brandmon_env):
+    settings = af.settings_from_airflow()
+    assert settings.database_url == brandmon_env["BRANDMON_DATABASE_URL"]
+    assert settings.s3_endpoint_url == "http://fallback:9000"
+    assert settings.storage_url == "s3://lake/prefix"
+
+
+def test_postgres_and_aws_connections_win_and_credentials_reach_boto3_env(
+    brandmon_env, monkeypatch, caplog
+):
+    db = {
+        "conn_type": "postgres",
+        "host": "db.internal",
+        "port": 5433,
+        "login": "brand mon",
+        "password": "p@ss:w/rd",
+        "schema": "brandmon",
+        "extra": {"sslmode": "require", "cursor": "dictcursor"},
+    }
+    aws = {
+        "conn_type": "aws",
+        "login": "AKIATEST",
+        "password": "s3cr3t-key-value",
+        "extra": {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", json.dumps(db))
+    monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_AWS", json.dumps(aws))
+    environ: dict[str, str] = {}
+    with caplog.at_level(logging.DEBUG):
+        settings = af.settings_from_airflow(environ=environ)
+    url = make_url(settings.database_url)
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "postgresql+psycopg2",
+        "db.internal",
+        5433,
+        "brandmon",
+    )
+    assert (url.username, url.password) == (
+        "brand mon",
+        "p@ss:w/rd",
+    )  # special characters survive quoting
+    assert dict(url.query) == {"sslmode": "require"}  # provider-only extras are dropped
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert environ == {
+        "AWS_ACCESS_KEY_ID": "AKIATEST",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-key-value",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    assert "p@ss:w/rd" not in caplog.text and "s3cr3t-key-value" not in caplog.text
+    assert "db.internal" in caplog.text  # the log says where it connects, without the password
+
+
+def test_connection_ids_are_configurable(brandmon_env, monkeypatch):
+    monkeypatch.setenv("BRANDMON_DB_CONN_ID", "warehouse")
+    monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", "postgres://ignored:x@nowhere/db")
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", "postgres://u:pw@wh.example:5432/analytics")
+    settings = af.settings_from_airflow(environ={})
+    url = make_url(settings.database_url)
+    assert (url.host, url.database, url.username) == ("wh.example", "analytics", "u")
+
+
+def test_uri_style_connection_and_sqlite(brandmon_env, monkeypatch, tmp_path):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BRANDMON_DB",
+        json.dumps({"conn_type": "sqlite", "host": str(tmp_path / "p.db")}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BRANDMON_AWS",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "extra": {"service_config": {"s3": {"endpoint_url": "http://s3.local"}}},
+            }
+        ),
+    )
+    environ: dict[str, str] = {}
+    settings = af.settings_from_airflow(environ=environ)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'p.db'}"
+    assert settings.s3_endpoint_url == "http://s3.local"
+    assert environ == {}  # no keys in the connection: boto3 keeps its default chain
+
+
+def test_wrong_connection_type_is_a_clear_config_error(brandmon_env, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", "mysql://u:topsecret@h/db")
+    with pytest.raises(ConfigError) as err:
+        af.settings_from_airflow(environ={})
+    assert "postgres" in str(err.value) and "topsecret" not in str(err.value)
+
+
+def test_scrub_removes_credentials():
+    text = (
+        "could not connect to postgresql+psycopg2://bm:hunter2@db:5432/x; "
+        "token=abc123def password: 'pw0rd' Authorization=Bearer"
+    )
+    out = af.scrub(text, secrets=["AKIA-SECRET-XYZ"])
+    for secret in ("hunter2", "abc123def", "pw0rd"):
+        assert secret not in out
+    assert "postgresql+psycopg2://bm:***@db:5432/x" in out
+    assert af.scrub("key AKIA-SECRET-XYZ leaked", ["AKIA-SECRET-XYZ"]) == "key *** leaked"
+
+
+def test_failure_summary_is_one_clear_paragraph_without_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-aws-key")
+    ti = SimpleNamespace(dag_id="brandmon_ingest", task_id="ingest", map_index=1, try_number=3)
+    context = {
+        "ti": ti,
+        "run_id": "scheduled__2026-01-02",
+        "data_interval_start": dt.datetime(2026, 1, 1, tzinfo=UTC),
+        "data_interval_end": dt.datetime(2026, 1, 2, tzinfo=UTC),
+        "exception": RuntimeError(
+            "S3 said no to very-secret-aws-key via postgresql://u:hunter2@db/x\nTraceback line two"
+        ),
+    }
+    summary = af.log_failure(context)
+    assert "\n" not in summary
+    for part in (
+        "dag=brandmon_ingest",
+        "task=ingest[1]",
+        "attempt 3",
+        "2026-01-01T00:00:00+00:00 -> 2026-01-02T00:00:00+00:00",
+        "RuntimeError: S3 said no",
+    ):
+        assert part in summary
+    assert (
+        "very-secret-aws-key" not in summary
+        and "hunter2" not in summary
+        and "line two" not in summary
+    )
+
+
+def test_failure_summary_without_exception_or_interval():
+    summary = af.failure_summary(
+        {"ti": SimpleNamespace(dag_id="d", task_id="t", map_index=-1, try_number=1)}
+    )
+    assert "task=t " in summary and "interval=none -> none" in summary and "no exception" in summary
+
+
+def test_interval_helpers():
+    start = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    assert af.require_interval(start, start + dt.timedelta(days=1)) == (
+        start,
+        start + dt.timedelta(days=1),
+    )
+    with pytest.raises(ConfigError, match="empty data interval"):
+        af.require_interval(start, start)
+    assert af.interval_days(start, start + dt.timedelta(days=2)) == [
+        dt.date(2026, 1, 1),
+        dt.date(2026, 1, 2),
+    ]
+    assert af.interval_days("2026-01-01T06:00:00+00:00", "2026-01-01T12:00:00+00:00") == [
+        dt.date(2026, 1, 1)
+    ]
+    # a naive value is UTC; another zone is converted
+    assert af.as_utc(dt.datetime(2026, 1, 1, 1)) == dt.datetime(2026, 1, 1, 1, tzinfo=UTC)
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    assert af.as_utc(dt.datetime(2026, 1, 1, 1, tzinfo=plus2)) == dt.datetime(
+        2025, 12, 31, 23, tzinfo=UTC
+    )
+
+
+def _events(*windows):
+    return {"asset": [SimpleNamespace(extra=w) for w in windows]}
+
+
+def test_report_day_choice():
+    run_after = dt.datetime(2026, 3, 10, 5, tzinfo=UTC)
+    events = _events(
+        {"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-02T00:00:00+00:00"},
+        {"start": "2026-01-02T00:00:00+00:00", "end": "2026-01-03T00:00:00+00:00"},
+        {"unrelated": 1},
+    )
+    assert af.choose_report_day(None, events, run_after) == dt.date(2026, 1, 2)
+    assert af.choose_report_day("2026-02-01", events, run_after) == dt.date(2026, 2, 1)
+    assert af.choose_report_day(None, {}, run_after) == dt.date(2026, 3, 9)
+    with pytest.raises(ConfigError):
+        af.choose_report_day("yesterday", events, run_after)
+    assert af.merge_windows(af.event_windows(events)) == {
+        "start": "2026-01-01T00:00:00+00:00",
+        "end": "2026-01-03T00:00:00+00:00",
+    }
+    assert af.merge_windows([]) == {}
+
+
+def test_counts_for_xcom_are_small_integers():
+    assert af.counts_only(
+        {"new": 3, "ratio": 0.5, "days": ["2026-01-01", "2026-01-02"], "model": "v1", "ok": True}
+    ) == {
+        "new": 3,
+        "ratio": 0,
+        "days": 2,
+        "ok": 1,
+    }
+    assert af.sum_counts([{"new": 1, "updated": 2}, None, {"new": 4}]) == {"new": 5, "updated": 2}
+    summary = af.train_summary(
+        {
+            "version": "v3",
+            "activated": 1,
+            "metrics": {"precision": 0.93, "name": "x"},
+            "model": b"x",
+        }
+    )
+    assert summary == {"version": "v3", "activated": True, "metrics": {"precision": 0.93}}
+
+
+def test_select_sources(tmp_path):
+    from pipeline.settings import load_settings
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources:\n  - {name: a, kind: synthetic}\n  - {name: b, kind: synthetic}\n")
+    settings = load_settings(
+        env={
+            "BRANDMON_HOME": str(tmp_path),
+            "BRANDMON_CONFIG": str(cfg),
+            "BRANDMON_AUTHOR_SALT": "s",
+        }
+    )
+    assert af.select_sources(settings) == ["a", "b"]
+    assert af.select_sources(settings, ["b"]) == ["b"]
+    with pytest.raises(ConfigError, match="unknown source"):
+        af.select_sources(settings, ["c"])
+    empty = load_settings(env={"BRANDMON_HOME": str(tmp_path), "BRANDMON_AUTHOR_SALT": "s"})
+    with pytest.raises(ConfigError, match="no sources configured"):
+        af.select_sources(empty)
