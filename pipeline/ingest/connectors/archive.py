@@ -1,0 +1,318 @@
+"""Archive exports (JSONL or CSV, optionally gzip) from a local folder or `s3://`, for backfills.
+
+Options: `path` (a file, a folder, or `s3://bucket/prefix`; required), `platform` (default
+`archive`; a row's own `platform` column wins), `html` (`auto`|`always`|`never`: convert the
+text from HTML), `fetch_images` (default true). Accepted files: `*.jsonl`, `*.ndjson`,
+`*.json` (JSON lines, or one JSON array), `*.csv`, each optionally `.gz`. The accepted
+columns are documented in `pipeline.ingest.normalize` (README copies them).
+
+Why an index: a backfill asks for one day at a time, and re-reading a million-row export per
+day would be quadratic. The first window of a run reads every file once and writes each row
+to its UTC day's partition in the raw lake, `raw/source=NAME/dt=YYYY-MM-DD/archive.jsonl.gz`
+(one line `{"ref": "file:line", "row": {...}}`), then a manifest with the archive's
+fingerprint (names, sizes, mtimes or ETags). Windows then read only their day partitions.
+A changed archive (new, grown or replaced files) is re-indexed on the next window; use
+`--force` to re-ingest windows already complete. Rows without a usable timestamp cannot be
+placed in a day: they are quarantined while indexing (with `window_start` empty).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import and_, delete
+
+from pipeline.errors import ConfigError, StorageError
+from pipeline.ingest import lake
+from pipeline.ingest.connectors.base import Connector, Page
+from pipeline.ingest.normalize import (
+    TIME_KEYS,
+    Normalizer,
+    Reject,
+    check_time,
+    excerpt,
+    first,
+    parse_time,
+)
+from pipeline.records import Post
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
+INDEX_VERSION = 1
+
+
+def _format_of(name: str) -> str | None:
+    base = name[:-3] if name.endswith(".gz") else name
+    for suffix in SUFFIXES:
+        if base.endswith(suffix):
+            return "csv" if suffix == ".csv" else "json"
+    return None
+
+
+def manifest_key(source: str) -> str:
+    return f"{lake.source_prefix(source)}_index/manifest.json"
+
+
+def partition_key(source: str, day: dt.date) -> str:
+    return f"{lake.day_prefix(source, day)}archive.jsonl.gz"
+
+
+class ArchiveFiles:
+    """The export files under `path`: listing with a fingerprint, and streaming each file."""
+
+    def __init__(self, path: str, endpoint_url: str | None) -> None:
+        self.path = path
+        parts = urlsplit(path)
+        self.s3 = parts.scheme == "s3"
+        if self.s3:
+            import boto3
+
+            self.bucket, self.prefix = parts.netloc, unquote(parts.path).lstrip("/")
+            self._client = boto3.client("s3", endpoint_url=endpoint_url)
+        else:
+            local = unquote(parts.path) if parts.scheme == "file" else path
+            self.root = Path(local).expanduser()
+
+    def list(self) -> list[tuple[str, str]]:
+        """[(name, version)] sorted by name; version changes when a file's content may have."""
+        out: list[tuple[str, str]] = []
+        if self.s3:
+            try:
+                paginator = self._client.get_paginator("list_objects_v2")
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                    for obj in page.get("Contents", []):
+                        if _format_of(obj["Key"]):
+                            out.append((obj["Key"], f"{obj['Size']}:{obj.get('ETag', '')}"))
+            except Exception as exc:
+                raise StorageError(f"cannot list the archive s3://{self.bucket}/{self.prefix}: {type(exc).__name__}") from None
+        else:
+            if not self.root.exists():
+                raise ConfigError(f"archive path {self.root} does not exist")
+            files = [self.root] if self.root.is_file() else sorted(p for p in self.root.rglob("*") if p.is_file())
+            for p in files:
+                if _format_of(p.name):
+                    st = p.stat()
+                    out.append((str(p), f"{st.st_size}:{st.st_mtime_ns}"))
+        return sorted(out)
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[BinaryIO]:
+        """A binary stream of one file, gunzipped if its name ends in .gz (S3: via a temp file)."""
+        with ExitStack() as stack:
+            if self.s3:
+                raw: BinaryIO = stack.enter_context(tempfile.TemporaryFile())  # type: ignore[assignment]
+                try:
+                    self._client.download_fileobj(self.bucket, name, raw)
+                except Exception as exc:
+                    raise StorageError(f"cannot read s3://{self.bucket}/{name}: {type(exc).__name__}") from None
+                raw.seek(0)
+            else:
+                raw = stack.enter_context(open(name, "rb"))
+            if name.endswith(".gz"):
+                raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
+            yield raw
+
+    def short(self, name: str) -> str:
+        if self.s3:
+            return name[len(self.prefix) :].lstrip("/") or name
+        return os.path.relpath(name, self.root if self.root.is_dir() else self.root.parent)
+
+
+def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
+    """(ref, original JSON text or None, row or None, error) for every row of one file."""
+    if fmt == "csv":
+        csv.field_size_limit(64 * 1024 * 1024)
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
+        reader = csv.DictReader(text)
+        try:
+            for row in reader:
+                ref = f"{name}:{reader.line_num}"
+                clean = {k: v for k, v in row.items() if k is not None and v is not None}
+                yield ref, None, clean, None
+        except csv.Error as exc:
+            yield f"{name}:{reader.line_num}", None, None, f"CSV error: {exc}"
+        return
+    head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
+    if head.lstrip().startswith(b"["):
+        try:
+            items = json.loads(fh.read().decode("utf-8", "replace"))
+        except ValueError as exc:
+            yield f"{name}:1", None, None, f"invalid JSON array: {exc}"
+            return
+        for i, item in enumerate(items if isinstance(items, list) else [items], 1):
+            yield f"{name}:#{i}", None, item, None
+        return
+    for lineno, raw in enumerate(fh, 1):
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            yield f"{name}:{lineno}", None, None, "invalid JSON line"
+            continue
+        yield f"{name}:{lineno}", line, row, None
+
+
+class ArchiveConnector(Connector):
+    kind = "archive"
+    platform = "archive"
+    writes_raw = False  # its day partitions are the raw lake
+
+    def __init__(self, source, network, *, endpoint_url: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(source, network, **kwargs)
+        path = source.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"source {source.name!r}: `path` must name the export file, folder or s3:// prefix")
+        self.files = ArchiveFiles(path, endpoint_url)
+        self.platform = str(source.get("platform", "archive"))
+        self.html = str(source.get("html", "auto"))
+        self._manifest: dict[str, Any] | None = None
+        self._store: Any = None
+
+    # --- index ---------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        listing = self.files.list()
+        if not listing:
+            raise ConfigError(f"source {self.source.name!r}: no .jsonl/.csv(.gz) files under {self.files.path}")
+        doc = json.dumps([INDEX_VERSION, [(self.files.short(n), v) for n, v in listing]])
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    def prepare(self, ctx: Any, counts: dict[str, Any]) -> None:
+        """Build (or reuse) the day index; rows that cannot be placed are quarantined."""
+        from pipeline.runlog import window_lock
+
+        self._store = ctx.store
+        fp = self.fingerprint()
+        current = self._read_manifest()
+        if current and current.get("fingerprint") == fp:
+            self._manifest = current
+            return
+        with window_lock(ctx.engine, f"ingest-index:{self.source.name}", wait_s=3600):
+            current = self._read_manifest()
+            if current and current.get("fingerprint") == fp:
+                self._manifest = current
+                return
+            self._manifest = self._build_index(ctx, fp, current, counts)
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self._store.get(manifest_key(self.source.name)))
+        except KeyError:
+            return None
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else None
+
+    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.database import upsert
+        from pipeline.schema import quarantine, utcnow
+
+        now = dt.datetime.now(dt.UTC)
+        days: dict[dt.date, lake.GzipLines] = {}
+        rejects: list[dict[str, Any]] = []
+        rows_total = 0
+        for name, _version in self.files.list():
+            fmt = _format_of(name) or "json"
+            short = self.files.short(name)
+            with self.files.open(name) as fh:
+                for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
+                    rows_total += 1
+                    if error is None and not isinstance(row, dict):
+                        error = f"row is a {type(row).__name__}, expected an object"
+                    if error is None:
+                        try:
+                            when = check_time(parse_time(first(row, TIME_KEYS), "created_at"), now)
+                        except Reject as exc:
+                            error = str(exc)
+                    if error is not None:
+                        rejects.append({
+                            "source": self.source.name, "window_start": None, "kind": "record",
+                            "record_ref": ref_name_line[:512], "reason": error[:1000],
+                            "excerpt": excerpt(row) if row is not None else (line or "")[:300], "created_at": utcnow(),
+                        })
+                        continue
+                    if line is None:
+                        line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+                    day = when.date()
+                    writer = days.get(day)
+                    if writer is None:
+                        writer = days[day] = lake.GzipLines()
+                    writer.add('{"ref":' + json.dumps(ref_name_line, ensure_ascii=False) + ',"row":' + line + "}\n")
+        store = self._store
+        manifest_days: dict[str, dict[str, Any]] = {}
+        for day in sorted(days):
+            key = partition_key(self.source.name, day)
+            writer = days.pop(day)
+            store.put(key, writer.finish(), content_type="application/gzip")
+            manifest_days[day.isoformat()] = {"key": key, "rows": writer.count}
+        for old_day, info in (previous or {}).get("days", {}).items():
+            if old_day not in manifest_days:
+                store.delete(info["key"])
+        with ctx.engine.begin() as conn:
+            conn.execute(delete(quarantine).where(and_(
+                quarantine.c.source == self.source.name, quarantine.c.window_start.is_(None), quarantine.c.kind == "record"
+            )))
+            if rejects:
+                upsert(conn, quarantine, rejects, keys=["source", "window_start", "kind", "record_ref"], update=())
+        manifest = {
+            "version": INDEX_VERSION, "fingerprint": fp, "rows": rows_total, "rejected": len(rejects),
+            "days": manifest_days, "built_at": now.isoformat(),
+        }
+        store.put(manifest_key(self.source.name), json.dumps(manifest, indent=1).encode(), content_type="application/json")
+        counts["indexed_rows"] = counts.get("indexed_rows", 0) + rows_total
+        counts["rejected"] = counts.get("rejected", 0) + len(rejects)
+        log.info("indexed archive %s: %d rows into %d days, %d rejected", self.source.name, rows_total, len(manifest_days), len(rejects))
+        return manifest
+
+    # --- windows -------------------------------------------------------------------------------
+
+    def pages(self, start: dt.datetime, end: dt.datetime, resume: dict[str, Any] | None = None) -> Iterator[Page]:
+        if self._manifest is None:
+            raise RuntimeError("ArchiveConnector.prepare() must run before pages()")
+        day = start.astimezone(dt.UTC).date()
+        last = (end - dt.timedelta(microseconds=1)).astimezone(dt.UTC).date()
+        while day <= last:
+            info = self._manifest["days"].get(day.isoformat())
+            if info:
+                day_start = dt.datetime.combine(day, dt.time(), dt.UTC)
+                whole = start <= day_start and end >= day_start + dt.timedelta(days=1)
+                try:
+                    data = self._store.get(info["key"])
+                except KeyError:
+                    raise StorageError(f"archive partition {info['key']} is missing from the lake; re-run with --force to re-index") from None
+                records = list(lake.decode_lines(data))
+                if not whole:
+                    records = [r for r in records if start <= parse_time(first(r["row"], TIME_KEYS)) < end]
+                yield Page(
+                    request={"archive": self.files.path, "day": day.isoformat()},
+                    body=None, state=None, raw_key=info["key"], records=records,
+                )
+            day += dt.timedelta(days=1)
+
+    def records_of(self, body: Any) -> list[Any]:
+        return []
+
+    def make_normalizer(self, salt: str, now: dt.datetime | None = None) -> Normalizer:
+        return Normalizer(salt, now=now, default_platform=self.platform, html=self.html)
+
+    def normalize(self, normalizer: Normalizer, record: Any) -> Post:
+        return normalizer.archive(record["row"])
+
+    def record_ref(self, record: Any) -> str | None:
+        return str(record.get("ref"))[:200] if isinstance(record, dict) else None

@@ -1,0 +1,196 @@
+"""What every connector provides, and the pagination loop they share.
+
+A connector turns a half-open window [start, end) into raw pages (`Page`: what was asked,
+what came back) and knows how to read records out of a page body and normalise one record.
+Everything else (lake, loader, images, run log) is the job's business, so a connector stays a
+thin, testable adapter over one API.
+
+Pagination strategies differ only in how the next request is derived: `max_id` from a
+`Link` header (Mastodon), an opaque `cursor` (Bluesky), an `after` token (Reddit). The shared
+`walk` loop adds what all of them need: a stop condition, a page cap, and loop detection (a
+cursor seen twice or one that goes backwards fails the window cleanly instead of spinning).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.ingest.http import FeedError, HttpClient
+from pipeline.ingest.normalize import Normalizer
+from pipeline.records import Post
+from pipeline.settings import NetworkConfig, SourceConfig
+
+DEFAULT_MAX_PAGES = 10_000
+
+
+@dataclass
+class Page:
+    """One raw response. `state` resumes the walk right after this page (None: not resumable)."""
+
+    request: dict[str, Any]
+    body: Any
+    state: dict[str, Any] | None = None
+    raw_key: str | None = None  # set when the page already lives in the lake (archive)
+    records: list[Any] | None = None  # pre-extracted records (archive); else records_of(body)
+
+
+@dataclass
+class Step:
+    """What a strategy returns for one fetched page."""
+
+    request: dict[str, Any]
+    body: Any
+    records: list[Any]
+    next_cursor: Any = None  # None = the stream is exhausted
+    stop: bool = False  # the page reached the window start: no need to go further
+
+
+@dataclass
+class Stream:
+    """One paginated listing (a hashtag timeline, a search query, a subreddit)."""
+
+    name: str
+    fetch: Callable[[Any], Step]  # cursor -> Step
+    first_cursor: Any = None
+    is_backwards: Callable[[Any, Any], bool] = field(default=lambda _prev, _next: False)
+
+
+def env_secret(source: SourceConfig, option: str, required: bool = False) -> str | None:
+    """Read a secret from the environment variable NAMED by option `option` (never the value)."""
+    var = source.get(option)
+    if not var:
+        if required:
+            raise ConfigError(f"source {source.name!r}: set `{option}` to the NAME of the environment variable holding it")
+        return None
+    if not isinstance(var, str):
+        raise ConfigError(f"source {source.name!r}: `{option}` must be an environment variable name")
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"source {source.name!r}: environment variable {var} (from `{option}`) is not set")
+    return value
+
+
+def option_list(source: SourceConfig, key: str) -> list[str]:
+    value = source.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise ConfigError(f"source {source.name!r}: `{key}` must be a list of strings")
+    return [str(v) for v in value]
+
+
+def iso_z(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Connector:
+    """Base class; subclasses set `kind`/`platform` and implement `streams` or `pages`."""
+
+    kind = "base"
+    platform = "base"
+    writes_raw = True  # pages go to the lake (the archive connector reads the lake instead)
+
+    def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
+        self.source = source
+        self.network = network
+        self.max_pages = int(source.get("max_pages", DEFAULT_MAX_PAGES))
+        self._sleep = sleep
+        self._client: HttpClient | None = None
+
+    # --- HTTP ----------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> HttpClient:
+        if self._client is None:
+            kwargs: dict[str, Any] = {}
+            if self._sleep is not None:
+                kwargs["sleep"] = self._sleep
+            self._client = HttpClient(
+                self.network,
+                backoff_s=float(self.source.get("backoff_s", 1.0)),
+                max_wait_s=float(self.source.get("max_wait_s", 900.0)),
+                timeout_s=self.source.get("timeout_s"),
+                user_agent=self.source.get("user_agent"),
+                **kwargs,
+            )
+        return self._client
+
+    @property
+    def secrets(self) -> list[str]:
+        return list(self._client.secrets) if self._client else []
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # --- the contract --------------------------------------------------------------------------
+
+    def streams(self, start: dt.datetime, end: dt.datetime) -> list[Stream]:
+        raise NotImplementedError
+
+    def pages(self, start: dt.datetime, end: dt.datetime, resume: dict[str, Any] | None = None) -> Iterator[Page]:
+        """Raw pages of the window, resuming after the page whose `state` is `resume`."""
+        streams = self.streams(start, end)
+        first_stream = int(resume.get("stream", 0)) if resume else 0
+        for index, stream in enumerate(streams):
+            if index < first_stream:
+                continue
+            cursor = resume.get("cursor") if resume and index == first_stream else None
+            if resume and index == first_stream and resume.get("stream_done"):
+                continue
+            yield from self.walk(index, stream, cursor if cursor is not None else stream.first_cursor)
+
+    def walk(self, index: int, stream: Stream, cursor: Any) -> Iterator[Page]:
+        seen: set[str] = set()
+        pages = 0
+        while True:
+            key = json.dumps(cursor, sort_keys=True, default=str)
+            if key in seen:
+                raise FeedError(f"{self.source.name}: {stream.name}: the API returned cursor {key[:80]} twice (a pagination loop); re-run the window")
+            seen.add(key)
+            pages += 1
+            if pages > self.max_pages:
+                raise FeedError(f"{self.source.name}: {stream.name}: more than {self.max_pages} pages in one window; raise `max_pages` or use smaller windows")
+            step = stream.fetch(cursor)
+            nxt = step.next_cursor
+            done = step.stop or nxt is None or not step.records
+            if not done and stream.is_backwards(cursor, nxt):
+                raise FeedError(f"{self.source.name}: {stream.name}: the API's next cursor goes backwards ({str(nxt)[:40]}); re-run the window")
+            state = {"stream": index, "stream_done": True} if done else {"stream": index, "cursor": nxt}
+            yield Page(request=step.request, body=step.body, state=state, records=step.records)
+            if done:
+                return
+            cursor = nxt
+
+    def records_of(self, body: Any) -> list[Any]:
+        """Records in a page body (used when re-reading pages from the lake on resume)."""
+        raise NotImplementedError
+
+    def make_normalizer(self, salt: str, now: dt.datetime | None = None) -> Normalizer:
+        return Normalizer(salt, now=now, default_platform=self.platform)
+
+    def normalize(self, normalizer: Normalizer, record: Any) -> Post:
+        raise NotImplementedError
+
+    def record_ref(self, record: Any) -> str | None:
+        """A stable id for quarantine rows, if the record has one."""
+        if isinstance(record, dict):
+            value = record.get("id") or record.get("uri")
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                return str(value)[:200]
+        return None
+
+    def image_bytes(self, url: str) -> bytes | None:
+        """Bytes of an image this source serves itself (synthetic); None = fetch over HTTP."""
+        return None
+
+    def prepare(self, ctx: Any, counts: dict[str, Any]) -> None:
+        """Work before fetching (the archive builds its day index here)."""

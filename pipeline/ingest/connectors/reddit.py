@@ -1,0 +1,123 @@
+"""Reddit: subreddit `new` listings and searches, paged with the `after` token.
+
+Options: `subreddits` (list, without `r/`), `queries` (searched within each subreddit, or
+site-wide when no subreddits are given), `user_agent` (Reddit asks for a descriptive one:
+`<platform>:<app id>:<version> (by /u/<user>)`; default: `network.user_agent`),
+`client_id_env` + `client_secret_env` (NAMES of env vars; when set, the OAuth client
+credentials grant is used against `auth_url` and requests go to `oauth_base_url`),
+`base_url` (default https://www.reddit.com), `limit` (default 100).
+Listings are newest first; a walk stops at the first post older than the window start.
+Images come from galleries (`media_metadata`), image links (`url`) or `preview`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import quote
+
+from pipeline.errors import ConfigError
+from pipeline.ingest.connectors.base import Connector, Step, Stream, env_secret, option_list
+from pipeline.ingest.http import FeedError, safe_url
+from pipeline.ingest.normalize import Normalizer, Reject, parse_time
+from pipeline.records import Post
+
+
+class RedditConnector(Connector):
+    kind = "reddit"
+    platform = "reddit"
+
+    def __init__(self, source, network, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(source, network, **kwargs)
+        self.subreddits = [s.removeprefix("r/").strip("/") for s in option_list(source, "subreddits")]
+        self.queries = option_list(source, "queries")
+        if not self.subreddits and not self.queries:
+            raise ConfigError(f"source {source.name!r}: give `subreddits` and/or `queries`")
+        self.limit = int(source.get("limit", 100))
+        self._client_id = env_secret(source, "client_id_env")
+        self._client_secret = env_secret(source, "client_secret_env")
+        if bool(self._client_id) != bool(self._client_secret):
+            raise ConfigError(f"source {source.name!r}: OAuth needs both `client_id_env` and `client_secret_env`")
+        if self._client_id:
+            self.base_url = str(source.get("oauth_base_url", "https://oauth.reddit.com")).rstrip("/")
+        else:
+            self.base_url = str(source.get("base_url", "https://www.reddit.com")).rstrip("/")
+        self.auth_url = str(source.get("auth_url", "https://www.reddit.com/api/v1/access_token"))
+        self._token: str | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if not self._client_id:
+            return {}
+        if self._token is None:
+            self.client.add_secret(self._client_secret)
+            body, _ = self.client.request_json(
+                "POST", self.auth_url, data={"grant_type": "client_credentials"}, auth=(self._client_id, self._client_secret or "")
+            )
+            token = body.get("access_token") if isinstance(body, dict) else None
+            if not isinstance(token, str):
+                raise FeedError(f"{self.source.name}: Reddit's token endpoint returned no access_token; check the client credentials")
+            self._token = token
+            self.client.add_secret(token)
+        return {"Authorization": f"bearer {self._token}"}
+
+    def streams(self, start: dt.datetime, end: dt.datetime) -> list[Stream]:
+        out: list[Stream] = []
+        for sub in self.subreddits:
+            if self.queries:
+                for q in self.queries:
+                    out.append(Stream(f"search:r/{sub}:{q}", self._fetcher(f"/r/{quote(sub, safe='')}/search.json", {"q": q, "restrict_sr": 1, "sort": "new"}, start, f"search:r/{sub}:{q}")))
+            else:
+                out.append(Stream(f"new:r/{sub}", self._fetcher(f"/r/{quote(sub, safe='')}/new.json", {}, start, f"new:r/{sub}")))
+        if not self.subreddits:
+            for q in self.queries:
+                out.append(Stream(f"search:{q}", self._fetcher("/search.json", {"q": q, "sort": "new"}, start, f"search:{q}")))
+        return out
+
+    def _fetcher(self, path: str, extra: dict[str, Any], start: dt.datetime, name: str):  # type: ignore[no-untyped-def]
+        def fetch(cursor: Any) -> Step:
+            params: dict[str, Any] = {**extra, "limit": self.limit, "raw_json": 1}
+            if cursor:
+                params["after"] = cursor
+            url = f"{self.base_url}{path}"
+            body, _ = self.client.get_json(url, params=params, headers=self._headers())
+            if not isinstance(body, dict) or body.get("kind") != "Listing" or not isinstance(body.get("data"), dict):
+                raise FeedError(f"{self.source.name}: {safe_url(url)} did not return a Listing")
+            data = body["data"]
+            children = data.get("children")
+            if not isinstance(children, list):
+                raise FeedError(f"{self.source.name}: {safe_url(url)} returned a Listing without children")
+            stop = False
+            for child in children:
+                try:
+                    if parse_time(child["data"]["created_utc"]) < start:
+                        stop = True
+                        break
+                except (Reject, KeyError, TypeError):
+                    continue
+            after = data.get("after")
+            return Step(
+                request={"url": safe_url(url), "params": params, "stream": name},
+                body=body,
+                records=children,
+                next_cursor=after if isinstance(after, str) and after else None,
+                stop=stop,
+            )
+
+        return fetch
+
+    def records_of(self, body: Any) -> list[Any]:
+        try:
+            children = body["data"]["children"]
+        except (KeyError, TypeError):
+            return []
+        return children if isinstance(children, list) else []
+
+    def record_ref(self, record: Any) -> str | None:
+        if isinstance(record, dict) and isinstance(record.get("data"), dict):
+            value = record["data"].get("name") or record["data"].get("id")
+            if isinstance(value, str):
+                return value[:200]
+        return None
+
+    def normalize(self, normalizer: Normalizer, record: Any) -> Post:
+        return normalizer.reddit(record, self.platform)

@@ -1,0 +1,284 @@
+"""Ingestion jobs: the functions the CLI, the Airflow DAGs and the demo call.
+
+One run = one half-open window [start, end) of one source, under a window lock, recorded in
+the run log:
+1. fetch raw pages (the connector) and write them to the raw lake as they come, in parts;
+   after each part the walk's cursor is saved in `sources.cursor`, so an interrupted window
+   resumes from there instead of starting over;
+2. normalise every record (bad ones are quarantined with their reason);
+3. in ONE transaction: upsert posts and image rows, replace the window's quarantine rows,
+   mark the UTC days of new or edited posts dirty, clear the window's cursor;
+4. fetch the window's images (each outcome recorded per image; never fails the run).
+A source that fails (after the HTTP client's retries) fails its run with a `BrandmonError`
+before step 3, so the database never holds half a window; the lake parts are rewritten by
+the re-run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import select, update
+
+from pipeline.dirty import mark_days
+from pipeline.errors import BrandmonError, ConfigError
+from pipeline.ingest import images as image_fetch
+from pipeline.ingest import lake
+from pipeline.ingest.connectors import Connector, make_connector
+from pipeline.ingest.http import scrub
+from pipeline.ingest.loader import load_posts, record_rejects, touch_source
+from pipeline.ingest.normalize import Reject, excerpt
+from pipeline.runlog import recorded_run, window_complete, window_lock
+from pipeline.schema import sources, utcnow
+
+log = logging.getLogger(__name__)
+
+COUNT_KEYS = (
+    "fetched", "new", "updated", "unchanged", "rejected",
+    "images_stored", "images_failed", "images_quarantined",
+)
+
+
+class IngestError(BrandmonError):
+    """An ingest run failed for a reason other than the feed (storage, database, a bug)."""
+
+
+def as_utc(when: dt.datetime | dt.date) -> dt.datetime:
+    if not isinstance(when, dt.datetime):
+        return dt.datetime.combine(when, dt.time(), dt.UTC)
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+
+
+def window_key(start: dt.datetime, end: dt.datetime) -> str:
+    return f"{lake.stamp(start)}_{lake.stamp(end)}"
+
+
+# --- resume cursors (sources.cursor = {"windows": {key: progress}, "last_window": {...}}) --------
+
+
+def _cursor_row(conn: Any, name: str) -> dict[str, Any]:
+    q = select(sources.c.cursor).where(sources.c.name == name)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    cur = conn.execute(q).scalar()
+    return dict(cur) if isinstance(cur, dict) else {}
+
+
+def load_progress(engine: Any, name: str, key: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        return _cursor_row(conn, name).get("windows", {}).get(key)
+
+
+def _set_progress(conn: Any, name: str, key: str, progress: dict[str, Any] | None, last_window: dict[str, Any] | None = None) -> None:
+    cursor = _cursor_row(conn, name)
+    windows = dict(cursor.get("windows") or {})
+    if progress is None:
+        windows.pop(key, None)
+    else:
+        windows[key] = progress
+    cursor["windows"] = windows
+    if last_window is not None:
+        cursor["last_window"] = last_window
+    conn.execute(update(sources).where(sources.c.name == name).values(cursor=cursor, updated_at=utcnow()))
+
+
+def save_progress(engine: Any, name: str, kind: str, key: str, progress: dict[str, Any] | None) -> None:
+    with engine.begin() as conn:
+        touch_source(conn, name, kind)
+        _set_progress(conn, name, key, progress)
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+def _fetch(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
+           counts: dict[str, Any]) -> list[tuple[Any, str | None]]:
+    """All records of the window with the lake key of the page each came from."""
+    collected: list[tuple[Any, str | None]] = []
+    if not connector.writes_raw:
+        for page in connector.pages(start, end):
+            counts["pages"] += 1
+            records = page.records if page.records is not None else connector.records_of(page.body)
+            collected += [(r, page.raw_key) for r in records]
+        return collected
+
+    store = ctx.store
+    key = window_key(start, end)
+    part_pages = max(1, int(connector.source.get("part_pages", 20)))
+    part, seq, resume = 0, 0, None
+    progress = None if force else load_progress(ctx.engine, name, key)
+    if progress:
+        have = lake.window_parts(store, name, start, end)
+        if all(i in have for i in range(int(progress.get("parts", 0)))):
+            for i in range(int(progress["parts"])):
+                for line in lake.read_part(store, have[i]):
+                    collected += [(r, have[i]) for r in connector.records_of(line.get("body"))]
+                    seq += 1
+            part, resume = int(progress["parts"]), progress.get("state")
+            counts["resumed_pages"] = seq
+            log.info("%s %s: resuming after %d stored pages", name, key, seq)
+    buffer: list[dict[str, Any]] = []
+    for page in connector.pages(start, end, resume):
+        counts["pages"] += 1
+        pkey = lake.part_key(name, start, end, part)
+        buffer.append({"seq": seq, "fetched_at": utcnow().isoformat(), "request": page.request, "body": page.body})
+        seq += 1
+        records = page.records if page.records is not None else connector.records_of(page.body)
+        collected += [(r, pkey) for r in records]
+        if len(buffer) >= part_pages:
+            lake.write_part(store, pkey, buffer)
+            part += 1
+            buffer = []
+            if page.state is not None:
+                save_progress(ctx.engine, name, connector.kind, key, {"parts": part, "state": page.state, "pages": seq})
+    if buffer:
+        lake.write_part(store, lake.part_key(name, start, end, part), buffer)
+        part += 1
+    lake.delete_parts_from(store, name, start, end, part)
+    return collected
+
+
+def _normalise(ctx: Any, connector: Connector, records: list[tuple[Any, str | None]], start: dt.datetime, end: dt.datetime,
+               counts: dict[str, Any]) -> tuple[list[tuple[Any, str | None]], list[dict[str, str]]]:
+    normalizer = connector.make_normalizer(ctx.settings.author_salt.get())
+    items: list[tuple[Any, str | None]] = []
+    rejects: dict[str, dict[str, str]] = {}
+    for i, (record, raw_key) in enumerate(records):
+        try:
+            post = connector.normalize(normalizer, record)
+        except Reject as exc:
+            reason = str(exc)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an unexpected record shape
+            reason = f"unexpected record shape ({type(exc).__name__})"
+        else:
+            if start <= post.posted_at < end:
+                items.append((post, raw_key))
+            else:
+                counts["out_of_window"] += 1
+            continue
+        ref = connector.record_ref(record) or f"{raw_key or 'page'}#{i}"
+        rejects[ref] = {"record_ref": ref, "reason": reason, "excerpt": excerpt(record)}
+    return items, list(rejects.values())
+
+
+def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
+                progress: bool, counts: dict[str, Any]) -> None:
+    connector.prepare(ctx, counts)
+    records = _fetch(ctx, connector, name, start, end, force, counts)
+    counts["fetched"] = len(records)
+    items, rejects = _normalise(ctx, connector, records, start, end, counts)
+    unique = {(p.platform, p.external_id) for p, _ in items}
+    counts["duplicates"] = len(items) - len(unique)
+    now = utcnow()
+    with ctx.engine.begin() as conn:
+        touch_source(conn, name, connector.kind)
+        result = load_posts(conn, name, items, now)
+        record_rejects(conn, name, start, rejects)
+        if result.days:
+            mark_days(conn, result.days, "ingest")
+        _set_progress(conn, name, window_key(start, end), None,
+                      last_window={"start": start.isoformat(), "end": end.isoformat(), "finished_at": now.isoformat()})
+    counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
+    counts["rejected"] += len(rejects)
+    counts["dirty_days"] = len(result.days)
+    if connector.source.get("fetch_images", True):
+        with ctx.engine.connect() as conn:
+            rows = image_fetch.pending_rows(conn, sources_in=[name], window=(start, end))
+        got = image_fetch.process(ctx, rows, {name: connector.image_bytes}, progress=progress)
+        for k, v in got.items():
+            counts[k] += v
+
+
+def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
+                  progress: bool = False, connector: Connector | None = None) -> dict[str, int]:
+    """Ingest one half-open window [start, end) of `source`; returns the run's counts.
+
+    A window already ingested successfully is skipped (`{"skipped": 1}`) unless `force`.
+    Raises `WindowBusy` if another run holds the window, a `BrandmonError` if the run fails.
+    """
+    start, end = as_utc(start), as_utc(end)
+    if not start < end:
+        raise ConfigError(f"empty window: start {start.isoformat()} is not before end {end.isoformat()}")
+    src = ctx.settings.source(source)
+    key = window_key(start, end)
+    with window_lock(ctx.engine, f"ingest:{source}:{key}"):
+        if not force and window_complete(ctx.engine, "ingest", source, start, end):
+            return {"skipped": 1, **dict.fromkeys(COUNT_KEYS, 0)}
+        own = connector is None
+        conn_obj = connector or make_connector(ctx.settings, src)
+        try:
+            with recorded_run(ctx.engine, "ingest", source, start, end) as counts:
+                counts.update(dict.fromkeys(COUNT_KEYS, 0), pages=0, duplicates=0, out_of_window=0)
+                try:
+                    _run_window(ctx, conn_obj, source, start, end, force, progress, counts)
+                except BrandmonError as exc:
+                    msg = scrub(str(exc), [*conn_obj.secrets, ctx.settings.author_salt.get()])
+                    if msg != str(exc):
+                        raise type(exc)(msg) from None
+                    raise
+                except Exception as exc:
+                    detail = scrub(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
+                                   [*conn_obj.secrets, ctx.settings.author_salt.get()])
+                    raise IngestError(f"ingest of {source} {start.isoformat()} .. {end.isoformat()} failed: {detail}; "
+                                      "re-run the same window to complete it") from exc
+                return {k: int(v) for k, v in counts.items()}
+        finally:
+            if own:
+                conn_obj.close()
+
+
+def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool = False, progress: bool = True) -> dict[str, int]:
+    """Ingest daily windows from `start` to `end` (both inclusive); windows already complete are skipped."""
+    from tqdm import tqdm
+
+    if isinstance(start, dt.datetime):
+        start = start.date()
+    if isinstance(end, dt.datetime):
+        end = end.date()
+    if end < start:
+        raise ConfigError(f"backfill end {end} is before its start {start}")
+    src = ctx.settings.source(source)
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    totals: Counter[str] = Counter()
+    connector = make_connector(ctx.settings, src)
+    bar = tqdm(days, desc=f"backfill {source}", unit="day", disable=not progress or not sys.stderr.isatty())
+    try:
+        for day in bar:
+            s = dt.datetime.combine(day, dt.time(), dt.UTC)
+            try:
+                counts = ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, connector=connector)
+            except BrandmonError as exc:
+                raise type(exc)(f"backfill of {source} stopped at {day}: {exc}") from None
+            totals.update(counts)
+            totals["windows"] += 1
+            bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+    finally:
+        bar.close()
+        connector.close()
+    return {k: int(v) for k, v in totals.items()}
+
+
+def fetch_images(ctx: Any, *, source: str | None = None, post_ids: list[int] | None = None, progress: bool = False) -> dict[str, int]:
+    """(Re)try pending and failed images, optionally of one source or some posts only."""
+    with ctx.engine.connect() as conn:
+        rows = image_fetch.pending_rows(conn, sources_in=[source] if source else None, post_ids=post_ids)
+    byte_sources = {}
+    connectors = []
+    configured = {s.name: s for s in ctx.settings.sources}
+    for name in sorted({r["source"] for r in rows}):
+        if name in configured and configured[name].kind == "synthetic":
+            c = make_connector(ctx.settings, configured[name])
+            connectors.append(c)
+            byte_sources[name] = c.image_bytes
+    try:
+        with recorded_run(ctx.engine, "images", source) as counts:
+            counts.update(image_fetch.process(ctx, rows, byte_sources, progress=progress))
+            counts["attempted"] = len(rows)
+            return {k: int(v) for k, v in counts.items()}
+    finally:
+        for c in connectors:
+            c.close()

@@ -1,0 +1,279 @@
+"""Bulk upsert of normalised posts and their image rows, counting new/updated/unchanged.
+
+Postgres: COPY the window into temporary staging tables, then one set-based
+`INSERT ... ON CONFLICT (platform, external_id) DO UPDATE ... WHERE content_hash differs`
+whose RETURNING rows (`xmax = 0` tells inserts from updates) drive the image rows and the
+dirty days. SQLite: look up the keys that exist, then executemany inserts and updates.
+Either way an unchanged post is not touched at all (same row, same `updated_at`), so a re-run
+of a window leaves the tables identical. The caller owns the transaction (one per window).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, text, update
+
+from pipeline.database import chunks, copy_rows, upsert
+from pipeline.ingest.normalize import content_hash
+from pipeline.records import Post
+from pipeline.schema import post_images, posts, quarantine, sources, utcnow
+
+POST_COLUMNS = ("platform", "external_id", "author_hash", "text", "lang", "posted_at", "url", "repost_of", "content_hash", "raw_key")
+IMAGE_COLUMNS = ("platform", "external_id", "position", "url", "alt_text")
+
+
+@dataclass
+class LoadResult:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    days: set[dt.date] = field(default_factory=set)
+
+
+def _day(ts: dt.datetime) -> dt.date:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.UTC)
+    return ts.astimezone(dt.UTC).date()
+
+
+def dedupe(items: Iterable[tuple[Post, str | None]]) -> list[tuple[Post, str | None]]:
+    """One entry per (platform, external_id); the last one seen wins (the freshest copy)."""
+    out: dict[tuple[str, str], tuple[Post, str | None]] = {}
+    for post, raw_key in items:
+        key = (post.platform, post.external_id)
+        out.pop(key, None)
+        out[key] = (post, raw_key)
+    return list(out.values())
+
+
+def load_posts(conn: Connection, source: str, items: Sequence[tuple[Post, str | None]], now: dt.datetime | None = None) -> LoadResult:
+    """Upsert posts (+ image rows) of one window inside the caller's transaction."""
+    items = dedupe(items)
+    if not items:
+        return LoadResult()
+    now = now or utcnow()
+    if conn.dialect.name == "postgresql":
+        return _load_postgres(conn, source, items, now)
+    return _load_generic(conn, source, items, now)
+
+
+# --- Postgres: COPY + set-based upsert --------------------------------------------------------
+
+
+def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime) -> LoadResult:
+    conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
+    conn.execute(text(
+        "CREATE TEMP TABLE _stage_posts (platform text, external_id text, author_hash text, text text, lang text, "
+        "posted_at timestamptz, url text, repost_of text, content_hash text, raw_key text) ON COMMIT DROP"
+    ))
+    conn.execute(text(
+        "CREATE TEMP TABLE _stage_images (platform text, external_id text, position int, url text, alt_text text) ON COMMIT DROP"
+    ))
+    conn.execute(text(
+        "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean) ON COMMIT DROP"
+    ))
+    post_rows = []
+    image_rows = []
+    for post, raw_key in items:
+        post_rows.append((
+            post.platform, post.external_id, post.author_hash, post.text, post.lang,
+            post.posted_at, post.url, post.repost_of, content_hash(post), raw_key,
+        ))
+        for i, img in enumerate(post.images):
+            image_rows.append((post.platform, post.external_id, i, img.url, img.alt_text))
+    copy_rows(conn, "_stage_posts", POST_COLUMNS, post_rows)
+    if image_rows:
+        copy_rows(conn, "_stage_images", IMAGE_COLUMNS, image_rows)
+    conn.execute(text("ANALYZE _stage_posts"))
+    old_days = {
+        _day(ts)
+        for (ts,) in conn.execute(text(
+            "SELECT DISTINCT p.posted_at FROM posts p JOIN _stage_posts s "
+            "ON s.platform = p.platform AND s.external_id = p.external_id "
+            "WHERE p.content_hash <> s.content_hash AND p.posted_at <> s.posted_at"
+        ))
+    }
+    conn.execute(
+        text(
+            "WITH up AS ("
+            " INSERT INTO posts AS p (platform, external_id, source, author_hash, text, lang, posted_at, url, repost_of,"
+            "  content_hash, raw_key, ingested_at, updated_at)"
+            " SELECT platform, external_id, :source, author_hash, text, lang, posted_at, url, repost_of,"
+            "  content_hash, raw_key, :now, :now FROM _stage_posts ORDER BY posted_at, platform, external_id"
+            " ON CONFLICT (platform, external_id) DO UPDATE SET author_hash = EXCLUDED.author_hash,"
+            "  text = EXCLUDED.text, lang = EXCLUDED.lang, posted_at = EXCLUDED.posted_at, url = EXCLUDED.url,"
+            "  repost_of = EXCLUDED.repost_of, content_hash = EXCLUDED.content_hash, raw_key = EXCLUDED.raw_key,"
+            "  updated_at = EXCLUDED.updated_at"
+            " WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash"
+            " RETURNING p.id, p.platform, p.external_id, p.posted_at, (p.xmax = 0) AS inserted"
+            ") INSERT INTO _changed SELECT id, platform, external_id, posted_at, inserted FROM up"
+        ),
+        {"source": source, "now": now},
+    )
+    new, updated = conn.execute(text(
+        "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM _changed"
+    )).one()
+    result = LoadResult(new=int(new), updated=int(updated), unchanged=len(items) - int(new) - int(updated))
+    if new or updated:
+        result.days = {d for (d,) in conn.execute(text("SELECT DISTINCT (posted_at AT TIME ZONE 'UTC')::date FROM _changed"))}
+        result.days |= old_days
+        if updated:
+            conn.execute(text(
+                "DELETE FROM post_images pi USING _changed c WHERE pi.post_id = c.id AND NOT c.inserted "
+                "AND NOT EXISTS (SELECT 1 FROM _stage_images si WHERE si.platform = c.platform "
+                "AND si.external_id = c.external_id AND si.position = pi.position AND si.url = pi.url)"
+            ))
+        if image_rows:
+            conn.execute(
+                text(
+                    "INSERT INTO post_images (post_id, position, url, alt_text, status, attempts, updated_at)"
+                    " SELECT c.id, si.position, si.url, si.alt_text, 'pending', 0, :now FROM _changed c"
+                    " JOIN _stage_images si ON si.platform = c.platform AND si.external_id = c.external_id"
+                    " ORDER BY c.id, si.position"
+                    " ON CONFLICT (post_id, position) DO UPDATE SET alt_text = EXCLUDED.alt_text, updated_at = EXCLUDED.updated_at"
+                    " WHERE post_images.alt_text IS DISTINCT FROM EXCLUDED.alt_text"
+                ),
+                {"now": now},
+            )
+    conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
+    return result
+
+
+# --- SQLite (and any other dialect): key lookup + executemany ----------------------------------
+
+
+def _load_generic(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime) -> LoadResult:
+    by_ext: dict[str, list[int]] = {}
+    for i, (post, _) in enumerate(items):
+        by_ext.setdefault(post.external_id, []).append(i)
+    existing: dict[tuple[str, str], tuple[int, str, dt.datetime]] = {}
+    ext_ids = list(by_ext)
+    for batch in chunks(ext_ids, 500):
+        q = select(posts.c.id, posts.c.platform, posts.c.external_id, posts.c.content_hash, posts.c.posted_at).where(
+            posts.c.external_id.in_(batch)
+        )
+        for pid, platform, ext, chash, posted_at in conn.execute(q):
+            existing[(platform, ext)] = (pid, chash, posted_at)
+
+    result = LoadResult()
+    new_rows: list[dict[str, Any]] = []
+    new_posts: list[Post] = []
+    changed: list[tuple[int, Post, dict[str, Any]]] = []
+    for post, raw_key in items:
+        chash = content_hash(post)
+        row = {
+            "platform": post.platform, "external_id": post.external_id, "author_hash": post.author_hash,
+            "text": post.text, "lang": post.lang, "posted_at": post.posted_at, "url": post.url,
+            "repost_of": post.repost_of, "content_hash": chash, "raw_key": raw_key,
+        }
+        found = existing.get((post.platform, post.external_id))
+        if found is None:
+            new_rows.append({**row, "source": source, "ingested_at": now, "updated_at": now})
+            new_posts.append(post)
+        elif found[1] != chash:
+            changed.append((found[0], post, row))
+            result.days.add(_day(found[2]))
+        else:
+            result.unchanged += 1
+
+    image_rows: list[dict[str, Any]] = []
+    if new_rows:
+        ids = [r[0] for r in conn.execute(insert(posts).returning(posts.c.id, sort_by_parameter_order=True), new_rows)]
+        for pid, post in zip(ids, new_posts, strict=True):
+            result.days.add(_day(post.posted_at))
+            for i, img in enumerate(post.images):
+                image_rows.append(_image_row(pid, i, img.url, img.alt_text, now))
+        result.new = len(ids)
+    if changed:
+        stmt = (
+            update(posts)
+            .where(posts.c.id == bindparam("b_id"))
+            .values({c: bindparam(f"b_{c}") for c in POST_COLUMNS if c not in ("platform", "external_id")} | {"updated_at": bindparam("b_updated_at")})
+        )
+        conn.execute(stmt, [
+            {"b_id": pid, "b_updated_at": now, **{f"b_{c}": row[c] for c in POST_COLUMNS if c not in ("platform", "external_id")}}
+            for pid, _post, row in changed
+        ])
+        result.updated = len(changed)
+        image_rows += _diff_images(conn, [(pid, post) for pid, post, _ in changed], now)
+        for _pid, post, _row in changed:
+            result.days.add(_day(post.posted_at))
+    if image_rows:
+        conn.execute(insert(post_images), image_rows)
+    return result
+
+
+def _image_row(post_id: int, position: int, url: str, alt: str | None, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "post_id": post_id, "position": position, "url": url, "alt_text": alt, "sha256": None,
+        "status": "pending", "reason": None, "attempts": 0, "updated_at": now,
+    }
+
+
+def _diff_images(conn: Connection, changed: list[tuple[int, Post]], now: dt.datetime) -> list[dict[str, Any]]:
+    """For edited posts: keep rows whose (position, url) survive, drop the rest, return new rows."""
+    current: dict[int, dict[int, tuple[int, str, str | None]]] = {}
+    for batch in chunks([pid for pid, _ in changed], 500):
+        q = select(post_images.c.id, post_images.c.post_id, post_images.c.position, post_images.c.url, post_images.c.alt_text).where(
+            post_images.c.post_id.in_(batch)
+        )
+        for row_id, pid, pos, url, alt in conn.execute(q):
+            current.setdefault(pid, {})[pos] = (row_id, url, alt)
+    to_delete: list[int] = []
+    alt_updates: list[dict[str, Any]] = []
+    new_rows: list[dict[str, Any]] = []
+    for pid, post in changed:
+        have = current.get(pid, {})
+        wanted = {i: img for i, img in enumerate(post.images)}
+        for pos, (row_id, url, alt) in have.items():
+            img = wanted.get(pos)
+            if img is None or img.url != url:
+                to_delete.append(row_id)
+            elif img.alt_text != alt:
+                alt_updates.append({"b_id": row_id, "b_alt": img.alt_text, "b_now": now})
+        for pos, img in wanted.items():
+            if pos not in have or have[pos][1] != img.url:
+                new_rows.append(_image_row(pid, pos, img.url, img.alt_text, now))
+    for batch in chunks(to_delete, 500):
+        conn.execute(delete(post_images).where(post_images.c.id.in_(batch)))
+    if alt_updates:
+        conn.execute(
+            update(post_images).where(post_images.c.id == bindparam("b_id")).values(alt_text=bindparam("b_alt"), updated_at=bindparam("b_now")),
+            alt_updates,
+        )
+    return new_rows
+
+
+# --- quarantine and source rows ----------------------------------------------------------------
+
+
+def record_rejects(conn: Connection, source: str, window_start: dt.datetime, rejects: list[dict[str, str]], kind: str = "record") -> int:
+    """Make the window's quarantine rows exactly `rejects` ({record_ref, reason, excerpt})."""
+    wanted = {r["record_ref"][:512]: r for r in rejects}
+    have = {
+        ref for (ref,) in conn.execute(select(quarantine.c.record_ref).where(and_(
+            quarantine.c.source == source, quarantine.c.window_start == window_start, quarantine.c.kind == kind
+        )))
+    }
+    stale = sorted(have - set(wanted))
+    for batch in chunks(stale, 500):
+        conn.execute(delete(quarantine).where(and_(
+            quarantine.c.source == source, quarantine.c.window_start == window_start,
+            quarantine.c.kind == kind, quarantine.c.record_ref.in_(batch),
+        )))
+    rows = [
+        {"source": source, "window_start": window_start, "kind": kind, "record_ref": ref,
+         "reason": r["reason"][:1000], "excerpt": r.get("excerpt"), "created_at": utcnow()}
+        for ref, r in wanted.items()
+    ]
+    upsert(conn, quarantine, rows, keys=["source", "window_start", "kind", "record_ref"], update=["reason", "excerpt"])
+    return len(rows)
+
+
+def touch_source(conn: Connection, name: str, kind: str) -> None:
+    """Make sure the `sources` row exists (the cursor column is managed by `jobs`)."""
+    upsert(conn, sources, [{"name": name, "kind": kind, "cursor": None, "updated_at": utcnow()}], keys=["name"], update=())

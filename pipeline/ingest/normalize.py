@@ -1,0 +1,492 @@
+"""Raw platform records -> `pipeline.records.Post`, or a `Reject` with the reason.
+
+Plain functions over plain dicts: every connector's records go through here, so the rules
+(UTC timestamps, salted author hashes, HTML to text, a reblog carries its original's
+content, no control characters, sane sizes) are the same whatever the platform.
+A record that breaks a rule is rejected with a one-line reason; the loader quarantines it and
+the window goes on.
+
+Archive rows (JSONL objects or CSV rows) accept these columns; the first alias present wins:
+
+=============  ==========================================================================
+field          accepted columns (aliases)
+=============  ==========================================================================
+id             ``id``, ``external_id``, ``post_id``, ``status_id``, ``uri``  (required)
+platform       ``platform``, ``network``, ``site`` (default: the source's ``platform``
+               option, else ``archive``)
+author         ``author_id``, ``author``, ``account_id``, ``user_id``, ``username``,
+               ``author_handle``, ``account``, ``user`` (required; only a salted hash is
+               kept; a dict value uses its ``id``/``did``/``acct``/``username``)
+text           ``text``, ``content``, ``body``, ``message``, ``full_text``; else ``title``
+               + ``selftext``. HTML (``<p>``, ``<br>``, ...) is converted to text.
+created_at     ``created_at``, ``posted_at``, ``createdAt``, ``timestamp``, ``created_utc``,
+               ``date``, ``time`` (required): ISO 8601 (``Z`` or an offset; no zone means
+               UTC) or Unix epoch seconds / milliseconds
+lang           ``lang``, ``language``, ``langs`` (first of a list)
+url            ``url``, ``permalink``, ``link``
+images         ``images``, ``media``, ``media_attachments``, ``image_urls``, ``media_urls``:
+               a list of ``{"url", "alt"}`` objects (``alt_text``/``description`` also
+               read; ``remote_url``/``preview_url`` as fallbacks) or of URL strings; in CSV a
+               JSON list, or URLs separated by ``|`` or whitespace; or a single
+               ``image_url``/``image`` column (with ``image_alt``)
+reblog_of      ``reblog_of``, ``repost_of``, ``reblogged_from``, ``retweeted_status_id``,
+               ``crosspost_parent``
+=============  ==========================================================================
+Other columns are ignored (kept in the raw lake only). Empty strings count as missing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import html
+import json
+import re
+from collections.abc import Callable
+from html.parser import HTMLParser
+from typing import Any
+
+from pipeline.records import ImageRef, Post, hash_author
+
+MAX_TEXT_CHARS = 100_000
+MAX_ID_CHARS = 256
+MAX_URL_CHARS = 4096
+MAX_IMAGES = 50
+MIN_TIME = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+FUTURE_SLACK = dt.timedelta(days=2)
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LANG = re.compile(r"^[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*$")
+_HTMLISH = re.compile(r"<(?:p|br|a|span|div|em|strong|b|i)\b[^>]*>|</(?:p|a|span|div)>|&(?:amp|lt|gt|quot|#\d+);", re.I)
+_IMAGE_EXT = re.compile(r"\.(?:jpe?g|png|gif|webp)(?:$|\?)", re.I)
+
+ID_KEYS = ("id", "external_id", "post_id", "status_id", "uri")
+PLATFORM_KEYS = ("platform", "network", "site")
+AUTHOR_KEYS = ("author_id", "author", "account_id", "user_id", "username", "author_handle", "account", "user")
+TEXT_KEYS = ("text", "content", "body", "message", "full_text")
+TIME_KEYS = ("created_at", "posted_at", "createdAt", "timestamp", "created_utc", "date", "time")
+LANG_KEYS = ("lang", "language", "langs")
+URL_KEYS = ("url", "permalink", "link")
+IMAGES_KEYS = ("images", "media", "media_attachments", "image_urls", "media_urls")
+SINGLE_IMAGE_KEYS = ("image_url", "image")
+REBLOG_KEYS = ("reblog_of", "repost_of", "reblogged_from", "retweeted_status_id", "crosspost_parent")
+AUTHOR_FIELDS = frozenset(AUTHOR_KEYS) | {"author_fullname", "account", "handle", "did", "creator"}
+
+
+class Reject(Exception):
+    """A record that cannot become a Post; `str(exc)` is the quarantine reason."""
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def clean_text(value: Any, what: str = "text", limit: int = MAX_TEXT_CHARS) -> str:
+    """A str without NULs/control characters or lone surrogates; Reject if over `limit`."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            raise Reject(f"{what} is a {type(value).__name__}, expected text")
+    if len(value) > limit:
+        raise Reject(f"{what} too long ({len(value)} characters > {limit})")
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    if _CONTROL.search(value):
+        value = _CONTROL.sub("", value)
+    return value.replace("\r\n", "\n")
+
+
+class _TextExtractor(HTMLParser):
+    BLOCK = frozenset({"p", "div", "li", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "pre"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag == "br":
+            self.out.append("\n")
+        elif tag in self.BLOCK and self.out:
+            self.out.append("\n\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style"):
+            self._skip = max(0, self._skip - 1)
+        elif tag in self.BLOCK:
+            self.out.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.out.append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML fragment (Mastodon `content`): tags dropped, entities decoded."""
+    if "<" not in markup and "&" not in markup:
+        return markup
+    parser = _TextExtractor()
+    parser.feed(markup)
+    parser.close()
+    text = "".join(parser.out)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def looks_like_html(value: str) -> bool:
+    return "<" in value and _HTMLISH.search(value) is not None or "&amp;" in value
+
+
+# --- fields ----------------------------------------------------------------------------------
+
+
+def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
+    """ISO 8601 or epoch seconds/ms -> aware UTC datetime; Reject if unparseable."""
+    if value is None or value == "":
+        raise Reject(f"missing {what}")
+    if isinstance(value, bool):
+        raise Reject(f"{what} is a boolean")
+    if isinstance(value, int | float) or (isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise Reject(f"bad {what}: {str(value)[:40]!r}") from None
+        if number != number or abs(number) > 1e14:
+            raise Reject(f"{what} out of range: {str(value)[:40]!r}")
+        if abs(number) > 1e11:  # milliseconds
+            number /= 1000.0
+        try:
+            return dt.datetime.fromtimestamp(number, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise Reject(f"{what} out of range: {str(value)[:40]!r}") from None
+    if not isinstance(value, str):
+        raise Reject(f"{what} is a {type(value).__name__}, expected a timestamp")
+    text = value.strip()
+    if len(text) > 64:
+        raise Reject(f"bad {what}: too long")
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise Reject(f"bad {what}: {text[:40]!r}") from None
+    if when.tzinfo is None:
+        return when.replace(tzinfo=dt.UTC)
+    try:
+        return when.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise Reject(f"{what} out of range: {text[:40]!r}") from None
+
+
+def check_time(when: dt.datetime, now: dt.datetime, what: str = "created_at") -> dt.datetime:
+    if when < MIN_TIME:
+        raise Reject(f"{what} out of range ({when.date().isoformat()} is before {MIN_TIME.year})")
+    if when > now + FUTURE_SLACK:
+        raise Reject(f"{what} out of range ({when.isoformat()} is in the future)")
+    return when
+
+
+def first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = record.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def clean_id(value: Any, what: str = "id") -> str:
+    if value is None or value == "":
+        raise Reject(f"missing {what}")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise Reject(f"{what} is a {type(value).__name__}, expected a string or integer")
+    text = clean_text(str(value), what, MAX_ID_CHARS).strip()
+    if not text:
+        raise Reject(f"empty {what}")
+    return text
+
+
+def clean_lang(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str) or not _LANG.match(value.strip()):
+        return None
+    return value.strip().lower().replace("_", "-")[:16]
+
+
+def clean_url(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    value = clean_text(value.strip(), "url", 100_000)
+    if not value or len(value) > MAX_URL_CHARS:
+        return None
+    return value
+
+
+def content_hash(post: Post) -> str:
+    """Changes when anything a user could edit changes (drives `updated` counts); fast."""
+    parts = [
+        post.platform, post.external_id, post.author_hash, post.text, post.lang or "",
+        post.posted_at.isoformat(), post.url or "", post.repost_of or "",
+    ]
+    for img in post.images:
+        parts.append(img.url)
+        parts.append(img.alt_text or "")
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
+
+
+def excerpt(record: Any, limit: int = 300) -> str:
+    """A short, author-free view of a bad record for the quarantine table."""
+    if isinstance(record, dict):
+        record = {k: v for k, v in record.items() if k not in AUTHOR_FIELDS}
+    try:
+        text = json.dumps(record, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(record)
+    text = clean_text(text[: limit * 2], "excerpt", 10**9)
+    return text[:limit]
+
+
+# --- per platform ----------------------------------------------------------------------------
+
+
+def _images(items: Any, url_keys: tuple[str, ...], alt_keys: tuple[str, ...]) -> tuple[ImageRef, ...]:
+    if not isinstance(items, list):
+        return ()
+    out: list[ImageRef] = []
+    seen: set[str] = set()
+    for item in items:
+        if isinstance(item, str):
+            url, alt = clean_url(item), None
+        elif isinstance(item, dict):
+            url = clean_url(first(item, url_keys))
+            raw_alt = first(item, alt_keys)
+            alt = clean_text(raw_alt, "alt text", MAX_TEXT_CHARS) if isinstance(raw_alt, str) else None
+        else:
+            continue
+        if url and url not in seen:
+            seen.add(url)
+            out.append(ImageRef(url=url, alt_text=alt or None))
+        if len(out) >= MAX_IMAGES:
+            break
+    return tuple(out)
+
+
+class Normalizer:
+    """Per-window normaliser: holds the salt and caches author hashes (authors repeat a lot)."""
+
+    def __init__(self, salt: str, now: dt.datetime | None = None, default_platform: str = "archive", html: str = "auto") -> None:
+        if not salt:
+            raise ValueError("author salt is empty")
+        self._salt = salt
+        self.now = now or dt.datetime.now(dt.UTC)
+        self.default_platform = default_platform
+        self.html = html  # auto | always | never (archive text)
+        self._authors: dict[tuple[str, str], str] = {}
+
+    def __repr__(self) -> str:
+        return f"Normalizer(platform={self.default_platform!r})"
+
+    def author(self, platform: str, author_id: Any) -> str:
+        if isinstance(author_id, dict):
+            author_id = first(author_id, ("id", "did", "acct", "username", "name", "url"))
+        if author_id is None or author_id == "" or isinstance(author_id, bool) or not isinstance(author_id, str | int):
+            raise Reject("missing author id")
+        key = (platform, str(author_id))
+        cached = self._authors.get(key)
+        if cached is None:
+            cached = self._authors[key] = hash_author(self._salt, platform, key[1])
+        return cached
+
+    def _post(self, platform: str, external_id: str, author: str, text: str, posted_at: dt.datetime, **kw: Any) -> Post:
+        check_time(posted_at, self.now)
+        return Post(platform=platform, external_id=external_id, author_hash=author, text=text, posted_at=posted_at, **kw)
+
+    # Mastodon: a Status entity (https://docs.joinmastodon.org/entities/Status/)
+    def mastodon(self, status: Any, platform: str = "mastodon") -> Post:
+        if not isinstance(status, dict):
+            raise Reject(f"status is a {type(status).__name__}, expected an object")
+        external_id = clean_id(status.get("id"), "id")
+        posted_at = parse_time(status.get("created_at"), "created_at")
+        account = status.get("account")
+        if not isinstance(account, dict):
+            raise Reject("missing account")
+        author = self.author(platform, account.get("url") or account.get("acct") or account.get("id"))
+        inner = status.get("reblog")
+        repost_of = None
+        body = status
+        if inner is not None:
+            if not isinstance(inner, dict):
+                raise Reject("reblog is not a status object")
+            repost_of = clean_id(inner.get("id"), "reblog.id")
+            body = inner  # a reblog counts as its original: same text, images and language
+        content = body.get("content")
+        if content is not None and not isinstance(content, str):
+            raise Reject("content is not text")
+        text = html_to_text(clean_text(content or "", "content", MAX_TEXT_CHARS * 4))
+        spoiler = body.get("spoiler_text")
+        if isinstance(spoiler, str) and spoiler.strip():
+            text = f"{clean_text(spoiler, 'spoiler_text')}\n\n{text}".strip()
+        text = clean_text(text)
+        media = [m for m in (body.get("media_attachments") or []) if isinstance(m, dict) and m.get("type") == "image"] \
+            if isinstance(body.get("media_attachments"), list) else []
+        images = _images(media, ("url", "remote_url"), ("description",))
+        url = clean_url(status.get("url")) or clean_url(body.get("url")) or clean_url(body.get("uri"))
+        return self._post(
+            platform, external_id, author, text, posted_at,
+            lang=clean_lang(body.get("language")), url=url, repost_of=repost_of, images=images,
+        )
+
+    # Bluesky: an app.bsky.feed.defs#postView from app.bsky.feed.searchPosts
+    def bluesky(self, view: Any, platform: str = "bluesky") -> Post:
+        if not isinstance(view, dict):
+            raise Reject(f"post is a {type(view).__name__}, expected an object")
+        uri = clean_id(view.get("uri"), "uri")
+        if not uri.startswith("at://"):
+            raise Reject("uri is not an at:// URI")
+        record = view.get("record")
+        if not isinstance(record, dict):
+            raise Reject("missing record")
+        author = view.get("author")
+        if not isinstance(author, dict):
+            raise Reject("missing author")
+        did = author.get("did")
+        author_hash = self.author(platform, did)
+        created = parse_time(record.get("createdAt"), "createdAt")
+        indexed_raw = view.get("indexedAt")
+        if indexed_raw:
+            # searchPosts' since/until filter on sortAt = the earlier of the two: use the same.
+            created = min(created, parse_time(indexed_raw, "indexedAt"))
+        text = clean_text(record.get("text") or "", "text")
+        images: tuple[ImageRef, ...] = ()
+        embed = view.get("embed")
+        if isinstance(embed, dict):
+            kind = embed.get("$type")
+            if kind == "app.bsky.embed.recordWithMedia#view":
+                embed = embed.get("media") if isinstance(embed.get("media"), dict) else {}
+                kind = embed.get("$type")
+            if kind == "app.bsky.embed.images#view":
+                images = _images(embed.get("images"), ("fullsize", "thumb"), ("alt",))
+        rkey = uri.rsplit("/", 1)[-1]
+        url = f"https://bsky.app/profile/{did}/post/{rkey}" if isinstance(did, str) else None
+        return self._post(
+            platform, uri, author_hash, text, created,
+            lang=clean_lang(record.get("langs")), url=url, images=images,
+        )
+
+    # Reddit: a listing child {"kind": "t3", "data": {...}}
+    def reddit(self, child: Any, platform: str = "reddit") -> Post:
+        if not isinstance(child, dict):
+            raise Reject(f"listing child is a {type(child).__name__}, expected an object")
+        if child.get("kind") != "t3":
+            raise Reject(f"listing child of kind {str(child.get('kind'))[:10]!r}, expected t3 (a link post)")
+        data = child.get("data")
+        if not isinstance(data, dict):
+            raise Reject("listing child without data")
+        external_id = clean_id(data.get("id"), "id")
+        posted_at = parse_time(data.get("created_utc"), "created_utc")
+        author_hash = self.author(platform, data.get("author_fullname") or data.get("author"))
+        title = clean_text(data.get("title") or "", "title")
+        body = clean_text(data.get("selftext") or "", "selftext")
+        text = clean_text(f"{title}\n\n{body}".strip() if body else title)
+        permalink = data.get("permalink")
+        url = f"https://www.reddit.com{permalink}" if isinstance(permalink, str) and permalink.startswith("/") else clean_url(data.get("url"))
+        parent = data.get("crosspost_parent")
+        repost_of = clean_id(parent.removeprefix("t3_"), "crosspost_parent") if isinstance(parent, str) and parent else None
+        return self._post(
+            platform, external_id, author_hash, text, posted_at,
+            lang=clean_lang(data.get("lang")), url=url, repost_of=repost_of, images=reddit_images(data),
+        )
+
+    # Archive exports (and the synthetic source): see the module doc for the columns.
+    def archive(self, row: Any) -> Post:
+        if not isinstance(row, dict):
+            raise Reject(f"row is a {type(row).__name__}, expected an object")
+        external_id = clean_id(first(row, ID_KEYS), "id")
+        raw_platform = first(row, PLATFORM_KEYS)
+        platform = clean_text(raw_platform, "platform", 32).strip().lower() if raw_platform is not None else self.default_platform
+        if not platform or not re.fullmatch(r"[a-z0-9_.-]+", platform):
+            raise Reject(f"bad platform {str(raw_platform)[:32]!r}")
+        posted_at = parse_time(first(row, TIME_KEYS), "created_at")
+        author_hash = self.author(platform, first(row, AUTHOR_KEYS))
+        raw_text = first(row, TEXT_KEYS)
+        if raw_text is None and row.get("title") is not None:
+            title = clean_text(row.get("title"), "title")
+            body = clean_text(row.get("selftext") or "", "selftext")
+            raw_text = f"{title}\n\n{body}".strip() if body else title
+        text = clean_text(raw_text, "text", MAX_TEXT_CHARS * 4)
+        if self.html == "always" or (self.html == "auto" and looks_like_html(text)):
+            text = html_to_text(text)
+        text = clean_text(text)
+        reblog = first(row, REBLOG_KEYS)
+        repost_of = clean_id(reblog.removeprefix("t3_") if isinstance(reblog, str) else reblog, "reblog_of") if reblog is not None else None
+        return self._post(
+            platform, external_id, author_hash, text, posted_at,
+            lang=clean_lang(first(row, LANG_KEYS)), url=clean_url(first(row, URL_KEYS)),
+            repost_of=repost_of, images=archive_images(row),
+        )
+
+
+def reddit_images(data: dict[str, Any]) -> tuple[ImageRef, ...]:
+    """Gallery images (`media_metadata` in `gallery_data` order), else the link or its preview."""
+    urls: list[str] = []
+    meta = data.get("media_metadata")
+    if isinstance(meta, dict) and meta:
+        order: list[Any] = []
+        gallery = data.get("gallery_data")
+        if isinstance(gallery, dict) and isinstance(gallery.get("items"), list):
+            order = [it.get("media_id") for it in gallery["items"] if isinstance(it, dict)]
+        order += [k for k in meta if k not in order]
+        for media_id in order:
+            item = meta.get(media_id) if isinstance(media_id, str) else None
+            if not isinstance(item, dict) or item.get("status", "valid") != "valid" or item.get("e") not in ("Image", "AnimatedImage", None):
+                continue
+            source = item.get("s")
+            if isinstance(source, dict):
+                u = source.get("u") or source.get("gif")
+                if isinstance(u, str):
+                    urls.append(html.unescape(u))
+    if not urls:
+        link = data.get("url_overridden_by_dest") or data.get("url")
+        is_image = isinstance(link, str) and (
+            data.get("post_hint") == "image" or _IMAGE_EXT.search(link) or "i.redd.it/" in link
+        )
+        if is_image:
+            urls.append(html.unescape(link))
+        else:
+            preview = data.get("preview")
+            imgs = preview.get("images") if isinstance(preview, dict) else None
+            if isinstance(imgs, list) and imgs and isinstance(imgs[0], dict):
+                source = imgs[0].get("source")
+                if isinstance(source, dict) and isinstance(source.get("url"), str):
+                    urls.append(html.unescape(source["url"]))
+    return _images(urls, (), ())
+
+
+def _split_urls(value: str) -> list[Any]:
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise Reject("images column is not a valid JSON list") from None
+        return parsed if isinstance(parsed, list) else []
+    return [u for u in re.split(r"[|\s]+", value) if u]
+
+
+def archive_images(row: dict[str, Any]) -> tuple[ImageRef, ...]:
+    items = first(row, IMAGES_KEYS)
+    if isinstance(items, str):
+        items = _split_urls(items)
+    if items is None:
+        single = first(row, SINGLE_IMAGE_KEYS)
+        if isinstance(single, str):
+            alt = row.get("image_alt")
+            items = [{"url": single, "alt": alt if isinstance(alt, str) else None}]
+    if items is not None and not isinstance(items, list):
+        raise Reject(f"images is a {type(items).__name__}, expected a list")
+    return _images(items or [], ("url", "remote_url", "fullsize", "preview_url"), ("alt", "alt_text", "description"))
+
+
+NormalizeFn = Callable[[Any], Post]
