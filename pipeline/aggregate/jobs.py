@@ -1,0 +1,180 @@
+"""Aggregation jobs: the entry points the Airflow DAGs, the demo and the CLI call.
+
+Each day is recomputed in ONE transaction that first clears the day's dirty mark, then
+re-matches the day's post texts, then writes the day's counts and signals. Clearing first
+matters on Postgres: an ingestion that marks the day again while we work blocks on our
+deleted row until we commit, then re-inserts the mark, so its posts are never lost; on
+SQLite the write lock serialises the two anyway. A crash rolls the whole day back, mark
+included, so the re-run recomputes it.
+
+After the days themselves, the signals (rolling means, z-scores) of the 28 days following
+any day whose counts changed are refreshed, since their trailing windows include it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from tqdm import tqdm
+
+from pipeline.aggregate.catalogue import catalogue_changed, sync_catalogue
+from pipeline.aggregate.daily import (
+    SIGNAL_WINDOW,
+    compute_day,
+    known_platforms,
+    late_image_days,
+    update_signals,
+)
+from pipeline.aggregate.mentions import ActiveModel, active_model, refresh_text_mentions
+from pipeline.aggregate.textmatch import Matcher, compile_catalogue
+from pipeline.context import Context
+from pipeline.dirty import mark_days
+from pipeline.errors import BrandmonError
+from pipeline.runlog import recorded_run, window_lock
+from pipeline.schema import dirty_days, mention_daily, utcnow
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "aggregate"
+LOCK_WAIT_S = 600.0
+
+
+class AggregateError(BrandmonError):
+    """Bad aggregation input (a reversed date range, an unknown brand)."""
+
+
+@dataclass
+class _Prepared:
+    matcher: Matcher
+    platforms: list[str]
+    model: ActiveModel
+    brands: list[str]
+    catalogue: dict[str, int]
+
+
+def _prepare(ctx: Context) -> _Prepared:
+    """Mirror the catalogue, then read what every day's computation shares."""
+    brands = ctx.settings.brands
+    with ctx.engine.begin() as conn:
+        cat = sync_catalogue(conn, brands)
+    if catalogue_changed(cat):
+        log.info("catalogue changed (%s); days already aggregated keep the old catalogue until "
+                 "`brandmon aggregate --start D --end D` restates them", cat)
+    with ctx.engine.connect() as conn:
+        platforms = known_platforms(conn)
+        model = active_model(conn)
+    return _Prepared(compile_catalogue(brands), platforms, model, [b.name for b in brands], cat)
+
+
+def _bar(total: int, progress: bool, desc: str):
+    # disable=None: tqdm turns itself off when stderr is not a terminal.
+    return tqdm(total=total, desc=desc, unit="day", disable=None if progress else True, leave=False)
+
+
+def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: bool) -> dict[str, Any]:
+    queue = sorted(set(days))
+    heapq.heapify(queue)
+    done: set[dt.date] = set()
+    totals = {"days": 0, "text_mentions": 0, "rows_changed": 0, "signals_changed": 0, "followers": 0,
+              "late_image_days": 0}
+    changed_days: list[dt.date] = []
+    bar = _bar(len(queue), progress, "aggregate")
+    while queue:
+        day = heapq.heappop(queue)
+        if day in done:
+            continue
+        with ctx.engine.begin() as conn:
+            conn.execute(delete(dirty_days).where(dirty_days.c.day == day))
+            totals["text_mentions"] += refresh_text_mentions(conn, prep.matcher, day)
+            res = compute_day(conn, day, prep.platforms, prep.model, prep.brands, utcnow())
+            # Later days whose re-post counts this day's late posts change: mark them in this
+            # transaction (a crash keeps them queued), then recompute them in this run.
+            later = [d for d in late_image_days(conn, day) if d not in done and d not in queue]
+            if later:
+                mark_days(conn, later, "late-image")
+        for d in later:
+            heapq.heappush(queue, d)
+        totals["late_image_days"] += len(later)
+        bar.total = len(done) + 1 + len(queue)
+        bar.update(1)
+        done.add(day)
+        totals["days"] += 1
+        totals["rows_changed"] += res["counts_changed"] + res["stale_deleted"]
+        totals["signals_changed"] += res["signals_changed"]
+        if res["counts_changed"] or res["stale_deleted"]:
+            changed_days.append(day)
+    bar.close()
+    followers = _followers(ctx, changed_days, done)
+    with _bar(len(followers), progress, "signals") as bar:
+        for day in followers:
+            with ctx.engine.begin() as conn:
+                totals["signals_changed"] += update_signals(conn, day, utcnow())
+            bar.update(1)
+    totals["followers"] = len(followers)
+    return totals
+
+
+def _followers(ctx: Context, changed: Sequence[dt.date], done: set[dt.date]) -> list[dt.date]:
+    """Aggregated days within the signal window after a changed day, not recomputed already."""
+    if not changed:
+        return []
+    wanted: set[dt.date] = set()
+    for d in changed:
+        wanted.update(d + dt.timedelta(days=k) for k in range(1, SIGNAL_WINDOW + 1))
+    wanted -= done
+    if not wanted:
+        return []
+    lo, hi = min(wanted), max(wanted)
+    with ctx.engine.connect() as conn:
+        present = {
+            d for (d,) in conn.execute(
+                select(mention_daily.c.day).where(mention_daily.c.day >= lo, mention_daily.c.day <= hi).distinct()
+            )
+        }
+    return sorted(wanted & present)
+
+
+def _result(prep: _Prepared, totals: dict[str, Any]) -> dict[str, Any]:
+    return {**totals, "model_version": prep.model.version, "platforms": len(prep.platforms),
+            "catalogue_changes": sum(prep.catalogue.values())}
+
+
+def aggregate_dirty(ctx: Context, *, progress: bool = False) -> dict:
+    """Recompute exactly the days in `dirty_days` (and the signals that depend on them)."""
+    with window_lock(ctx.engine, LOCK_NAME, wait_s=LOCK_WAIT_S), recorded_run(ctx.engine, "aggregate", "dirty") as counts:
+        prep = _prepare(ctx)
+        with ctx.engine.connect() as conn:
+            days = [d for (d,) in conn.execute(select(dirty_days.c.day).order_by(dirty_days.c.day))]
+        counts.update(_result(prep, _run_days(ctx, prep, days, progress)))
+        if days:
+            counts["first_day"], counts["last_day"] = days[0].isoformat(), days[-1].isoformat()
+        return dict(counts)
+
+
+def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: bool = False) -> dict:
+    """Recompute every day from `start` to `end` inclusive, dirty or not."""
+    if end < start:
+        raise AggregateError(f"--end {end} is before --start {start}")
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    w_start = dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC)
+    w_end = dt.datetime(end.year, end.month, end.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
+    with (
+        window_lock(ctx.engine, LOCK_NAME, wait_s=LOCK_WAIT_S),
+        recorded_run(ctx.engine, "aggregate", "range", w_start, w_end) as counts,
+    ):
+        prep = _prepare(ctx)
+        counts.update(_result(prep, _run_days(ctx, prep, days, progress)))
+        return dict(counts)
+
+
+def write_report(ctx: Context, day: dt.date) -> str:
+    """Render the one-page HTML report of `day` into the lake; returns its key."""
+    from pipeline.aggregate.report import write_report as _write
+
+    return _write(ctx, day)

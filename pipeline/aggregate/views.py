@@ -1,0 +1,97 @@
+"""The stable BI views over `mention_daily` (one per question) and the indexes they need.
+
+BI tools and the read-only role (`sql/readonly_role.sql`) read these views, never the base
+tables, so the table can evolve while the views keep their names and columns. The SQL here
+is the single source: `create_views(engine)` runs it on SQLite or Postgres (the migration
+calls it), and `python -m pipeline.aggregate.views > sql/views.sql` writes the same statements
+for DBAs (a test checks that file is current). Column meanings: `sql/README.md`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sqlalchemy import Connection, Engine, text
+
+VIEWS: dict[str, str] = {
+    # Q: how do mentions of a brand (product, platform, source) evolve day by day?
+    "v_daily_trend": """
+SELECT day, brand, product, platform, source,
+       posts, images, unique_authors, reposts, expected_mentions,
+       rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
+       model_version, computed_at
+FROM mention_daily""",
+    # Q: what share of all brand mentions does each brand get, per day/platform/source?
+    "v_share_of_voice": """
+SELECT day, brand, platform, source, posts,
+       SUM(posts) OVER (PARTITION BY day, platform, source) AS total_posts,
+       share_of_voice,
+       RANK() OVER (PARTITION BY day, platform, source ORDER BY posts DESC) AS brand_rank
+FROM mention_daily
+WHERE product = '*'""",
+    # Q: which days were unusual (z-score >= 3 against the 28 days before, >= 5 posts)?
+    "v_spikes": """
+SELECT day, brand, product, platform, source, posts, rolling_28 AS baseline,
+       posts - rolling_28 AS excess, zscore, expected_mentions, model_version
+FROM mention_daily
+WHERE spike""",
+}
+
+# Indexes the views need beyond the table's own (primary key day.., ix_mention_daily_brand_day):
+# v_spikes reads only the few spike rows.
+INDEXES: dict[str, str] = {
+    "ix_mention_daily_spikes": "CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike",
+}
+
+COMMENTS: dict[str, str] = {
+    "v_daily_trend": "Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)",
+    "v_share_of_voice": "Each brand's share of all catalogue-brand mentions per day, platform and source",
+    "v_spikes": "Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts",
+}
+
+
+def statements(dialect: str) -> list[str]:
+    """DDL for `dialect` ('sqlite' or 'postgresql'). Postgres replaces views in place so the
+    read-only role keeps its grants; SQLite has no CREATE OR REPLACE, so drop + create."""
+    out = []
+    for name, body in VIEWS.items():
+        if dialect == "postgresql":
+            out.append(f"CREATE OR REPLACE VIEW {name} AS{body}")
+            out.append(f"COMMENT ON VIEW {name} IS '{COMMENTS[name]}'")
+        else:
+            out.append(f"DROP VIEW IF EXISTS {name}")
+            out.append(f"CREATE VIEW {name} AS{body}")
+    out += list(INDEXES.values())
+    return out
+
+
+def create_views(engine: Engine | Connection) -> None:
+    """Create or replace the BI views and their indexes (idempotent; safe in a migration)."""
+    if isinstance(engine, Connection):
+        for stmt in statements(engine.dialect.name):
+            engine.execute(text(stmt))
+        return
+    with engine.begin() as conn:
+        for stmt in statements(conn.dialect.name):
+            conn.execute(text(stmt))
+
+
+def drop_views(conn: Connection) -> None:
+    for name in VIEWS:
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+    for name in INDEXES:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+
+
+def views_sql() -> str:
+    """The contents of sql/views.sql (Postgres dialect)."""
+    head = (
+        "-- BI views over mention_daily and the indexes they need.\n"
+        "-- GENERATED from pipeline/aggregate/views.py by `python -m pipeline.aggregate.views`;\n"
+        "-- `brandmon db upgrade` already creates them. Column meanings: sql/README.md.\n"
+    )
+    return head + "".join(f"\n{s};\n" for s in statements("postgresql"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(views_sql())
