@@ -87,24 +87,9 @@ def _grid_ctes(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def _factor_sql(model: ActiveModel, brands: Sequence[str], params: dict[str, Any]) -> str:
-    """SQL for the precision/recall correction of brand `g.brand` (per class when measured)."""
-    default = model.factor()
-    params["f_default"] = default
-    cases = []
-    for i, b in enumerate(brands):
-        f = model.factor(b)
-        if f != default:
-            params[f"f_b{i}"], params[f"f_v{i}"] = b, f
-            cases.append(f"WHEN :f_b{i} THEN CAST(:f_v{i} AS DOUBLE PRECISION)")
-    if not cases:
-        return "CAST(:f_default AS DOUBLE PRECISION)"
-    return f"CASE g.brand {' '.join(cases)} ELSE CAST(:f_default AS DOUBLE PRECISION) END"
-
-
-def _counts_sql(platforms: Sequence[str], model: ActiveModel, brands: Sequence[str]) -> tuple[str, dict[str, Any]]:
+def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
     grid, params = _grid_ctes(platforms)
-    factor = _factor_sql(model, brands, params)
+    factor = "CAST(:factor AS DOUBLE PRECISION)"
     changed = " OR ".join(f"mention_daily.{c} IS DISTINCT FROM excluded.{c}" for c in COUNT_COLUMNS)
     sql = f"""
     WITH
@@ -270,14 +255,14 @@ def _typed(sql: str, names: Sequence[str]):
             binds.append(bindparam(n, type_=UTCDateTime()))
         elif n in _DATE_PARAMS:
             binds.append(bindparam(n, type_=Date()))
-        elif n in ("thr",):
+        elif n in ("thr", "factor"):
             binds.append(bindparam(n, type_=Float()))
         elif n == "mv":
             binds.append(bindparam(n, type_=String()))
     return text(sql).bindparams(*binds)
 
 
-_ALL_NAMES = ("start", "end", "now", "thr", "mv", *_DATE_PARAMS)
+_ALL_NAMES = ("start", "end", "now", "thr", "factor", "mv", *_DATE_PARAMS)
 
 
 def _ensure_sqrt(conn: Connection) -> None:
@@ -303,13 +288,13 @@ def _changes(conn: Connection, result) -> int:
 
 
 def upsert_counts(
-    conn: Connection, day: dt.date, platforms: Sequence[str], model: ActiveModel, brands: Sequence[str],
-    now: dt.datetime | None = None,
+    conn: Connection, day: dt.date, platforms: Sequence[str], model: ActiveModel, now: dt.datetime | None = None,
 ) -> int:
     """Write the day's count columns for the whole grid; returns the number of rows changed."""
-    sql, params = _counts_sql(platforms, model, brands)
+    sql, params = _counts_sql(platforms)
     start, end = day_bounds(day)
-    params.update(start=start, end=end, day=day, mv=model.version, thr=model.threshold, now=now or utcnow())
+    params.update(start=start, end=end, day=day, mv=model.version, thr=model.threshold, factor=model.factor(),
+                  now=now or utcnow())
     return _changes(conn, conn.execute(_typed(sql, _ALL_NAMES), params))
 
 
@@ -366,12 +351,11 @@ def late_image_days(conn: Connection, day: dt.date) -> list[dt.date]:
 
 
 def compute_day(
-    conn: Connection, day: dt.date, platforms: Sequence[str], model: ActiveModel, brands: Sequence[str],
-    now: dt.datetime | None = None,
+    conn: Connection, day: dt.date, platforms: Sequence[str], model: ActiveModel, now: dt.datetime | None = None,
 ) -> dict[str, int]:
     """Counts, stale rows and signals of one day, in the caller's transaction."""
     now = now or utcnow()
-    counts = upsert_counts(conn, day, platforms, model, brands, now)
+    counts = upsert_counts(conn, day, platforms, model, now)
     stale = delete_stale(conn, day, platforms)
     signals = update_signals(conn, day, now)
     return {"counts_changed": counts, "stale_deleted": stale, "signals_changed": signals}

@@ -92,7 +92,7 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
         with ctx.engine.begin() as conn:
             conn.execute(delete(dirty_days).where(dirty_days.c.day == day))
             totals["text_mentions"] += refresh_text_mentions(conn, prep.matcher, day)
-            res = compute_day(conn, day, prep.platforms, prep.model, prep.brands, utcnow())
+            res = compute_day(conn, day, prep.platforms, prep.model, utcnow())
             # Later days whose re-post counts this day's late posts change: mark them in this
             # transaction (a crash keeps them queued), then recompute them in this run.
             later = [d for d in late_image_days(conn, day) if d not in done and d not in queue]

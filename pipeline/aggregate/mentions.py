@@ -58,25 +58,20 @@ def _number(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def precision_recall(metrics: dict[str, Any] | None, brand: str | None = None) -> tuple[float | None, float | None]:
-    """The logo precision and recall a model version measured, wherever its metrics keep them.
+def precision_recall(metrics: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """The logo precision and recall a model version measured on its held-out test split.
 
-    Accepted shapes (first found wins): per class `per_class: {<brand>: {precision, recall}}`
-    (only when `brand` is given), `logo_precision`/`logo_recall`, `logo: {precision, recall}`,
-    and plain `precision`/`recall`.
+    Accepted shapes of `model_versions.metrics` (first complete pair wins):
+    `logo_precision`/`logo_recall`, `logo: {precision, recall}`, and the plain top-level
+    `precision`/`recall` that `pipeline.detector` stores (logo-vs-no-logo figures).
     """
     m = metrics or {}
-    candidates: list[tuple[Any, Any]] = []
-    if brand is not None:
-        per = m.get("per_class") or m.get("classes") or {}
-        if isinstance(per, dict) and isinstance(per.get(brand), dict):
-            candidates.append((per[brand].get("precision"), per[brand].get("recall")))
-    candidates.append((m.get("logo_precision"), m.get("logo_recall")))
-    logo = m.get("logo")
-    if isinstance(logo, dict):
-        candidates.append((logo.get("precision"), logo.get("recall")))
-    candidates.append((m.get("precision"), m.get("recall")))
-    for p, r in candidates:
+    logo = m.get("logo") if isinstance(m.get("logo"), dict) else {}
+    for p, r in (
+        (m.get("logo_precision"), m.get("logo_recall")),
+        (logo.get("precision"), logo.get("recall")),
+        (m.get("precision"), m.get("recall")),
+    ):
         p, r = _number(p), _number(r)
         if p is not None and r is not None:
             return p, r
@@ -102,10 +97,10 @@ class ActiveModel:
     threshold: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)
 
-    def factor(self, brand: str | None = None) -> float | None:
+    def factor(self) -> float | None:
         if self.version is None:
             return 1.0  # no model: there are no image mentions to correct
-        return correction_factor(*precision_recall(self.metrics, brand))
+        return correction_factor(*precision_recall(self.metrics))
 
 
 def active_model(conn: Connection) -> ActiveModel:

@@ -45,7 +45,7 @@ INDEXES: dict[str, str] = {
 
 COMMENTS: dict[str, str] = {
     "v_daily_trend": "Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)",
-    "v_share_of_voice": "Each brand's share of all catalogue-brand mentions per day, platform and source",
+    "v_share_of_voice": "Each brand share of all catalogue-brand mentions per day, platform and source",
     "v_spikes": "Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts",
 }
 
@@ -57,7 +57,8 @@ def statements(dialect: str) -> list[str]:
     for name, body in VIEWS.items():
         if dialect == "postgresql":
             out.append(f"CREATE OR REPLACE VIEW {name} AS{body}")
-            out.append(f"COMMENT ON VIEW {name} IS '{COMMENTS[name]}'")
+            comment = COMMENTS[name].replace("'", "''")
+            out.append(f"COMMENT ON VIEW {name} IS '{comment}'")
         else:
             out.append(f"DROP VIEW IF EXISTS {name}")
             out.append(f"CREATE VIEW {name} AS{body}")

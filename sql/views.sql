@@ -1,0 +1,32 @@
+-- BI views over mention_daily and the indexes they need.
+-- GENERATED from pipeline/aggregate/views.py by `python -m pipeline.aggregate.views`;
+-- `brandmon db upgrade` already creates them. Column meanings: sql/README.md.
+
+CREATE OR REPLACE VIEW v_daily_trend AS
+SELECT day, brand, product, platform, source,
+       posts, images, unique_authors, reposts, expected_mentions,
+       rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
+       model_version, computed_at
+FROM mention_daily;
+
+COMMENT ON VIEW v_daily_trend IS 'Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)';
+
+CREATE OR REPLACE VIEW v_share_of_voice AS
+SELECT day, brand, platform, source, posts,
+       SUM(posts) OVER (PARTITION BY day, platform, source) AS total_posts,
+       share_of_voice,
+       RANK() OVER (PARTITION BY day, platform, source ORDER BY posts DESC) AS brand_rank
+FROM mention_daily
+WHERE product = '*';
+
+COMMENT ON VIEW v_share_of_voice IS 'Each brand share of all catalogue-brand mentions per day, platform and source';
+
+CREATE OR REPLACE VIEW v_spikes AS
+SELECT day, brand, product, platform, source, posts, rolling_28 AS baseline,
+       posts - rolling_28 AS excess, zscore, expected_mentions, model_version
+FROM mention_daily
+WHERE spike;
+
+COMMENT ON VIEW v_spikes IS 'Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts';
+
+CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike;
