@@ -57,7 +57,7 @@ def window_key(start: dt.datetime, end: dt.datetime) -> str:
     return f"{lake.stamp(start)}_{lake.stamp(end)}"
 
 
-# --- resume cursors (sources.cursor = {"windows": {key: progress}, "last_window": {...}}) --------
+# --- resume cursors (sources.cursor = {"windows": {key: progress}, "latest_end": iso}) ------------
 
 
 def _cursor_row(conn: Any, name: str) -> dict[str, Any]:
@@ -73,17 +73,20 @@ def load_progress(engine: Any, name: str, key: str) -> dict[str, Any] | None:
         return _cursor_row(conn, name).get("windows", {}).get(key)
 
 
-def _set_progress(conn: Any, name: str, key: str, progress: dict[str, Any] | None, last_window: dict[str, Any] | None = None) -> None:
-    cursor = _cursor_row(conn, name)
+def _set_progress(conn: Any, name: str, key: str, progress: dict[str, Any] | None, latest_end: dt.datetime | None = None) -> None:
+    """Set (or clear) one window's resume point; `latest_end` records the newest window done."""
+    old = _cursor_row(conn, name)
+    cursor = dict(old)
     windows = dict(cursor.get("windows") or {})
     if progress is None:
         windows.pop(key, None)
     else:
         windows[key] = progress
     cursor["windows"] = windows
-    if last_window is not None:
-        cursor["last_window"] = last_window
-    conn.execute(update(sources).where(sources.c.name == name).values(cursor=cursor, updated_at=utcnow()))
+    if latest_end is not None and latest_end.isoformat() > str(cursor.get("latest_end") or ""):
+        cursor["latest_end"] = latest_end.isoformat()
+    if cursor != old:  # a re-run that changes nothing leaves the row as it was
+        conn.execute(update(sources).where(sources.c.name == name).values(cursor=cursor, updated_at=utcnow()))
 
 
 def save_progress(engine: Any, name: str, kind: str, key: str, progress: dict[str, Any] | None) -> None:
@@ -180,8 +183,7 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
         record_rejects(conn, name, start, rejects)
         if result.days:
             mark_days(conn, result.days, "ingest")
-        _set_progress(conn, name, window_key(start, end), None,
-                      last_window={"start": start.isoformat(), "end": end.isoformat(), "finished_at": now.isoformat()})
+        _set_progress(conn, name, window_key(start, end), None, latest_end=end)
     counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
     counts["rejected"] += len(rejects)
     counts["dirty_days"] = len(result.days)

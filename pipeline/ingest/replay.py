@@ -232,7 +232,7 @@ class FakeServer:
             except Exception as exc:  # a bug in a fake handler: answer 500 rather than hang
                 resp = Response(500, {"error": f"fake handler failed: {type(exc).__name__}: {exc}"})
             if fault is not None and fault.kind == "backwards":
-                resp = self._backwards(resp)
+                resp = self._backwards(resp, req)
             with self._lock:
                 self._last[req.path] = Response(resp.status, resp.body, dict(resp.headers))
         data = resp.payload()
@@ -247,11 +247,12 @@ class FakeServer:
             with contextlib.suppress(OSError):
                 h.wfile.write(data)
 
-    def _backwards(self, resp: Response) -> Response:
-        """Point the next cursor at the start again (Link max_id up, cursor/after to page one)."""
+    def _backwards(self, resp: Response, req: Request) -> Response:
+        """Point the next cursor back before this page (Link max_id above the request's, cursor/after to page one)."""
         headers = dict(resp.headers)
         if "Link" in headers:
-            headers["Link"] = re.sub(r"max_id=(\d+)", lambda m: f"max_id={int(m.group(1)) + (1 << 40)}", headers["Link"])
+            above = int(req.query.get("max_id") or 0) + (1 << 20)
+            headers["Link"] = re.sub(r"max_id=(\d+)", lambda m: f"max_id={max(above, int(m.group(1)) + (1 << 20))}", headers["Link"])
         body = resp.body
         if isinstance(body, dict):
             body = json.loads(json.dumps(body))
@@ -302,8 +303,8 @@ def mastodon_status(
     }
 
 
-def mastodon_media(url: str, description: str | None = None, kind: str = "image", remote_url: str | None = None) -> dict[str, Any]:
-    return {"id": str(zlib.crc32(url.encode())), "type": kind, "url": url, "preview_url": url,
+def mastodon_media(url: str | None, description: str | None = None, kind: str = "image", remote_url: str | None = None) -> dict[str, Any]:
+    return {"id": str(zlib.crc32((url or remote_url or "").encode())), "type": kind, "url": url, "preview_url": url,
             "remote_url": remote_url, "description": description, "meta": {}}
 
 

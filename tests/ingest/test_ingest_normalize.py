@@ -1,0 +1,173 @@
+"""Record normalisation: one Post model from every platform, bad records rejected with reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+
+from pipeline.ingest.normalize import (
+    Normalizer,
+    Reject,
+    content_hash,
+    excerpt,
+    html_to_text,
+    parse_time,
+)
+from pipeline.ingest.replay import bluesky_post, mastodon_media, mastodon_status, reddit_post
+from pipeline.records import hash_author
+
+T = dt.datetime(2026, 10, 3, 12, 30, 15, 250000, tzinfo=dt.UTC)
+SALT = "pepper-salt"
+
+
+@pytest.fixture
+def norm() -> Normalizer:
+    return Normalizer(SALT, now=dt.datetime(2026, 11, 1, tzinfo=dt.UTC))
+
+
+def test_html_to_text():
+    html = '<p>Love my <a href="https://x/tags/acme" class="mention hashtag">#<span>Acme</span></a> &amp; more</p><p>line<br>two &lt;3</p>'
+    assert html_to_text(html) == "Love my #Acme & more\n\nline\ntwo <3"
+    assert html_to_text("<p>a</p><script>alert(1)</script>") == "a"
+    assert html_to_text("plain") == "plain"
+
+
+def test_parse_time_forms():
+    assert parse_time("2026-10-03T12:30:15.250Z") == T
+    assert parse_time("2026-10-03T14:30:15.250+02:00") == T
+    assert parse_time("2026-10-03 12:30:15.250") == T  # no zone: UTC
+    assert parse_time(T.timestamp()) == T
+    assert parse_time(str(int(T.timestamp() * 1000))) == T.replace(microsecond=250000)
+    for bad in ("yesterday", "", None, True, {"a": 1}, "9" * 80):
+        with pytest.raises(Reject):
+            parse_time(bad)
+
+
+def test_mastodon_status(norm):
+    status = mastodon_status(T, "I love #acme", tags=("acme",), account="bob",
+                             media=[mastodon_media("https://files.example/a.jpg", "a red logo"),
+                                    mastodon_media("https://files.example/v.mp4", kind="video"),
+                                    mastodon_media(None, "remote only", remote_url="https://other.example/b.png")])
+    post = norm.mastodon(status)
+    assert post.platform == "mastodon"
+    assert post.external_id == status["id"]
+    assert post.text == "I love #acme"
+    assert post.posted_at == T and post.posted_at.tzinfo is dt.UTC
+    assert post.lang == "en"
+    assert post.url == status["url"]
+    assert [(i.url, i.alt_text) for i in post.images] == [
+        ("https://files.example/a.jpg", "a red logo"),
+        ("https://other.example/b.png", "remote only"),
+    ]
+    assert post.author_hash == hash_author(SALT, "mastodon", "https://social.example/@bob")
+    assert "bob" not in post.author_hash
+
+
+def test_mastodon_reblog_counts_as_its_original(norm):
+    original = mastodon_status(T - dt.timedelta(days=2), "Acme rocks", account="carol",
+                               media=[mastodon_media("https://files.example/o.jpg")], lang="fr")
+    reblog = mastodon_status(T, "", account="dave", reblog=original, seq=1)
+    post = norm.mastodon(reblog)
+    assert post.external_id == reblog["id"]
+    assert post.repost_of == original["id"]
+    assert post.text == "Acme rocks"
+    assert post.lang == "fr"
+    assert [i.url for i in post.images] == ["https://files.example/o.jpg"]
+    assert post.posted_at == T  # when it was shared
+    assert post.author_hash == hash_author(SALT, "mastodon", "https://social.example/@dave")
+
+
+def test_bluesky_post_with_images_and_record_with_media(norm):
+    imgs = [{"fullsize": "https://cdn.example/full.jpg", "thumb": "https://cdn.example/t.jpg", "alt": "logo"}]
+    a = norm.bluesky(bluesky_post(T, "acme news", images=imgs, rkey="3kabc"))
+    assert a.external_id == "at://did:plc:alice/app.bsky.feed.post/3kabc"
+    assert a.url == "https://bsky.app/profile/did:plc:alice/post/3kabc"
+    assert [(i.url, i.alt_text) for i in a.images] == [("https://cdn.example/full.jpg", "logo")]
+    b = norm.bluesky(bluesky_post(T, "quote with media", images=imgs, with_record=True, rkey="3kdef", langs=("de",)))
+    assert [i.url for i in b.images] == ["https://cdn.example/full.jpg"]
+    assert b.lang == "de"
+
+
+def test_bluesky_future_created_at_uses_indexed_at(norm):
+    view = bluesky_post(T, "from the future", created_at="9999-01-01T00:00:00Z")
+    assert norm.bluesky(view).posted_at == T.replace(microsecond=250000)
+
+
+def test_reddit_listing_children(norm):
+    gallery = norm.reddit(reddit_post(T, "Acme haul", pid="g1", gallery=["https://i.redd.it/1.jpg?a=1&amp;b=2", "https://i.redd.it/2.png"]))
+    assert [i.url for i in gallery.images] == ["https://i.redd.it/1.jpg?a=1&b=2", "https://i.redd.it/2.png"]
+    assert gallery.url == "https://www.reddit.com/r/brands/comments/g1/post/"
+    assert gallery.posted_at == T
+    link = norm.reddit(reddit_post(T, "pic", pid="p1", url="https://i.redd.it/x.webp"))
+    assert [i.url for i in link.images] == ["https://i.redd.it/x.webp"]
+    prev = norm.reddit(reddit_post(T, "article", pid="p2", url="https://news.example/story", preview="https://preview.redd.it/y.jpg"))
+    assert [i.url for i in prev.images] == ["https://preview.redd.it/y.jpg"]
+    text = norm.reddit(reddit_post(T, "Title", pid="p3", selftext="Body about acme", crosspost_parent="t3_orig"))
+    assert text.text == "Title\n\nBody about acme"
+    assert text.repost_of == "orig"
+    assert text.images == ()
+    with pytest.raises(Reject, match="kind 't1'"):
+        norm.reddit({"kind": "t1", "data": {}})
+
+
+def test_archive_aliases(norm):
+    row = {"post_id": 42, "network": "Mastodon", "username": "erin", "content": "<p>hello &amp; acme</p>",
+           "timestamp": "1790000000", "language": "EN", "permalink": "https://m.example/42",
+           "image_urls": "https://a.example/1.jpg|https://a.example/2.jpg", "repost_of": ""}
+    post = norm.archive(row)
+    assert (post.platform, post.external_id, post.text, post.lang) == ("mastodon", "42", "hello & acme", "en")
+    assert post.posted_at == dt.datetime.fromtimestamp(1790000000, dt.UTC)
+    assert [i.url for i in post.images] == ["https://a.example/1.jpg", "https://a.example/2.jpg"]
+    assert post.repost_of is None
+    synthetic = {"id": "s1", "platform": "synthetic", "author_id": "u1", "text": "Acme!", "lang": "en",
+                 "created_at": "2026-10-01T08:00:00Z", "url": "https://synthetic.example/s1",
+                 "images": [{"url": "synthetic://images/a.jpg", "alt": "a"}], "reblog_of": "s0"}
+    s = norm.archive(synthetic)
+    assert (s.platform, s.repost_of, s.images[0].url, s.images[0].alt_text) == ("synthetic", "s0", "synthetic://images/a.jpg", "a")
+    csv_json = norm.archive({"id": "c1", "author": "x", "text": "t", "created_at": "2026-10-01T00:00:00Z",
+                             "images": '[{"url": "https://a.example/z.png", "alt_text": "zed"}]'})
+    assert [(i.url, i.alt_text) for i in csv_json.images] == [("https://a.example/z.png", "zed")]
+    reddit_export = norm.archive({"id": "r1", "author": "x", "title": "T", "selftext": "S", "created_utc": 1790000000.5})
+    assert reddit_export.text == "T\n\nS" and reddit_export.platform == "archive"
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"}, "missing id"),
+        ({"id": "1", "text": "t", "created_at": "2026-10-01T00:00:00Z"}, "missing author"),
+        ({"id": "1", "author": "a", "text": "t"}, "missing created_at"),
+        ({"id": "1", "author": "a", "text": "t", "created_at": "not a date"}, "bad created_at"),
+        ({"id": "1", "author": "a", "text": "t", "created_at": "9999-12-31T23:59:59Z"}, "in the future"),
+        ({"id": "1", "author": "a", "text": "t", "created_at": "1970-01-02T00:00:00Z"}, "before 1990"),
+        ({"id": "1", "author": "a", "text": "x" * 100_001, "created_at": "2026-10-01T00:00:00Z"}, "too long"),
+        ({"id": {"a": 1}, "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"}, "id is a dict"),
+        ({"id": "1", "author": "a", "text": ["t"], "created_at": "2026-10-01T00:00:00Z"}, "text is a list"),
+        ({"id": "1", "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z", "images": 5}, "images is a int"),
+        ({"id": "1", "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z", "platform": "x; DROP TABLE"}, "bad platform"),
+        ({"id": "x" * 300, "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"}, "id too long"),
+        ("just a string", "row is a str"),
+    ],
+)
+def test_archive_rejects(norm, row, reason):
+    with pytest.raises(Reject, match=reason):
+        norm.archive(row)
+
+
+def test_control_characters_and_bad_unicode_are_cleaned(norm):
+    post = norm.archive({"id": "1", "author": "a", "text": "a\x00b\x07c\ud800d\ne", "created_at": "2026-10-01T00:00:00Z"})
+    assert post.text == "abc?d\ne"
+
+
+def test_content_hash_changes_with_edits(norm):
+    base = norm.archive({"id": "1", "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"})
+    assert content_hash(base) == content_hash(dataclasses.replace(base))
+    assert content_hash(base) != content_hash(dataclasses.replace(base, text="t2"))
+    assert len(content_hash(base)) == 64
+
+
+def test_excerpt_drops_author_fields():
+    ex = excerpt({"id": 1, "author": "secret-handle", "account": {"acct": "secret-handle"}, "text": "hi"})
+    assert "secret-handle" not in ex and '"text": "hi"' in ex
