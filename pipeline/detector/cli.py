@@ -1,0 +1,221 @@
+"""`brandmon train | evaluate | detect | model | review`: the detector's commands.
+
+No TensorFlow import here: handlers import the heavy modules when they run, so `brandmon
+--help` and other commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _ctx() -> Any:
+    from pipeline.context import open_context
+
+    return open_context()
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=False, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.detector.jobs import train_model
+
+    options: dict[str, Any] = {}
+    if args.input_size:
+        options["input_size"] = args.input_size
+    if args.mode:
+        options["mode"] = args.mode
+    if args.fine_tune:
+        options["mode"] = f"finetune:{args.fine_tune}"
+    if args.augment is not None:
+        options["augment"] = args.augment
+    if args.flip:
+        options["augment_flip"] = True
+    if args.no_upsample:
+        options["upsample"] = 0.0
+    if args.class_weights:
+        options["class_weights"] = True
+    if args.matcher:
+        options["matcher"] = args.matcher
+    if args.time_budget is not None:
+        options["time_budget_s"] = args.time_budget
+    ctx = _ctx()
+    result = train_model(
+        ctx, args.data, fmt=args.format, weights=args.weights, epochs=args.epochs,
+        target_precision=args.target_precision, profile=args.profile, activate=args.activate,
+        progress=not args.quiet, **options,
+    )
+    if args.json:
+        _print_json({k: result[k] for k in ("version", "activated", "metrics", "pr_curve", "eval_dir")})
+    else:
+        m = result["metrics"]
+        print(f"model {result['version']}{' (active)' if result['activated'] else ''}: held-out test split "
+              f"({m['n_test']} images, signal {m['signal']}): logo precision {m['precision']:.3f}, "
+              f"recall {m['recall']:.3f}, brand top-1 {m['brand_accuracy']:.3f}")
+        for name, s in m["per_signal_test"].items():
+            print(f"  {name:8s} P {s['logo']['precision']:.3f}  R {s['logo']['recall']:.3f}  "
+                  f"top-1 {s['brand_accuracy']:.3f}")
+        print(f"PR curve: {result['pr_curve']}")
+        print(f"held-out split as folders: {result['eval_dir']}  (re-score: brandmon evaluate --data {result['eval_dir']} --model {result['version']})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.detector.evaluate import evaluate_folder, format_report
+
+    report = evaluate_folder(_ctx(), args.data, version=args.model, progress=_progress(args))
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from pipeline.detector.infer import detect, parse_batch_key
+    from pipeline.detector.registry import UnknownModel, active_version
+
+    ctx = _ctx()
+    kwargs: dict[str, Any] = {"limit": args.limit, "progress": _progress(args), "precision": args.precision}
+    if args.batch_key:
+        version, lo, hi = parse_batch_key(args.batch_key)
+        kwargs.update(version=version, lo=lo, hi=hi)
+    elif args.model:
+        kwargs["version"] = args.model
+    elif active_version(ctx) is None:
+        raise UnknownModel("no active model; train one (`brandmon train`) or `brandmon model activate V`")
+    counts = detect(ctx, **kwargs)
+    if args.json:
+        _print_json(counts)
+    else:
+        print(", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from pipeline.detector.registry import list_versions
+
+    rows = list_versions(_ctx())
+    if args.json:
+        _print_json([
+            {k: r[k] for k in ("version", "active", "created_at", "classes", "base", "weights", "input_size", "threshold", "artifact_key")}
+            | {"precision": (r["metrics"] or {}).get("precision"), "recall": (r["metrics"] or {}).get("recall")}
+            for r in rows
+        ])
+        return 0
+    if not rows:
+        print("no models yet; train one with `brandmon train --data DIR`")
+        return 0
+    print(f"{'':2}{'version':8} {'created (UTC)':17} {'classes':>7} {'weights':10} {'input':>5} {'thr':>6} {'P':>6} {'R':>6}  signal")
+    for r in rows:
+        m = r["metrics"] or {}
+        weights = r["weights"] if len(r["weights"]) <= 10 else r["weights"][:10]
+        print(f"{'*' if r['active'] else ' ':2}{r['version']:8} {r['created_at']:%Y-%m-%d %H:%M} {len(r['classes']):>7} "
+              f"{weights:10} {r['input_size']:>5} {r['threshold']:>6.3f} {m.get('precision', 0):>6.3f} "
+              f"{m.get('recall', 0):>6.3f}  {m.get('signal', '')}")
+    print("(* = active; P/R = logo precision/recall on the held-out test split)")
+    return 0
+
+
+def cmd_model_activate(args: argparse.Namespace) -> int:
+    from pipeline.detector.registry import activate
+
+    activate(_ctx(), args.version)
+    print(f"model {args.version} is now active; `brandmon detect` scores images it has not scored yet")
+    return 0
+
+
+def cmd_review_export(args: argparse.Namespace) -> int:
+    from pipeline.detector.review import export_queue
+
+    result = export_queue(_ctx(), args.out, limit=args.limit)
+    print(f"{result['queued']} queued images in {result['out']} ({result['written']} new files); "
+          f"label them (manifest.csv `label` column, or move into class folders), then "
+          f"`brandmon review import {result['out']}`")
+    return 0
+
+
+def cmd_review_import(args: argparse.Namespace) -> int:
+    from pipeline.detector.review import import_labels
+
+    result = import_labels(_ctx(), args.dir, into=args.into)
+    print(f"{result['labelled']} labelled ({result['copied']} new files), {result['unlabelled']} still unlabelled; "
+          f"training data in {result['training_dir']} (brandmon train --data {result['training_dir']})")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add the detector's sub-commands to the `brandmon` parser."""
+    t = sub.add_parser(
+        "train", help="train a logo model (Inception v3 + local-feature matcher) and register it",
+        description=(
+            "Train on a folders layout (one sub-folder per class, no_logo/ for images without a brand) or "
+            "box annotations (per-image JSON or FlickrLogos-27 text). The split comes from each image's "
+            "content hash; thresholds are chosen on the validation split; the held-out test split is "
+            "reported, plotted (PR curve PNG) and written as folders to <BRANDMON_HOME>/eval/<version>/."
+        ),
+    )
+    t.add_argument("--data", required=True, help="training data folder")
+    t.add_argument("--format", choices=["folders", "boxes"], default="folders", help="data layout (default: folders)")
+    t.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH to base weights .h5 (default: auto)")
+    t.add_argument("--epochs", type=int, help="image-training epochs (default: per profile/mode)")
+    t.add_argument("--target-precision", type=float, default=0.9, help="logo precision the threshold aims for (default 0.9)")
+    t.add_argument("--profile", choices=["default", "demo"], default="default")
+    t.add_argument("--activate", choices=["if_better", "always", "never"], default="if_better")
+    t.add_argument("--input-size", type=int, help="square input side in px (default: 299 pretrained, 128 from scratch)")
+    t.add_argument("--mode", choices=["auto", "head", "full"], help="train the head on cached features, or the whole network")
+    t.add_argument("--fine-tune", type=int, metavar="N", help="after the head, also train the top N Inception blocks")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="augmentation (crop, scale, brightness)")
+    t.add_argument("--flip", action="store_true", help="add horizontal flips to the augmentation")
+    t.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
+    t.add_argument("--class-weights", action="store_true", help="also weight the loss by inverse class frequency")
+    t.add_argument("--matcher", choices=["auto", "on", "off"], help="local-feature matcher (default auto: with boxes)")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop image training after this long")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a labelled folders layout with a model; P/R/F1 per signal")
+    e.add_argument("--data", required=True, help="folders layout (class names case-insensitive, no_logo/)")
+    e.add_argument("--model", help="model version (default: the active one)")
+    e.add_argument("--json", action="store_true", help="print the full JSON report")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("detect", help="score every stored image the active model has not scored yet")
+    d.add_argument("--limit", type=int, help="score at most N images")
+    d.add_argument("--batch-key", help="only the images of one key from pending_batches (Airflow)")
+    d.add_argument("--model", help="score with this version instead of the active one")
+    d.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="override detector.mixed_precision")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_detect)
+
+    m = sub.add_parser("model", help="the model registry: list versions, activate one")
+    msub = m.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    ml = msub.add_parser("list", help="registered versions (* = active)")
+    ml.add_argument("--json", action="store_true")
+    ml.set_defaults(func=cmd_model_list)
+    ma = msub.add_parser("activate", help="make version V the active one")
+    ma.add_argument("version")
+    ma.set_defaults(func=cmd_model_activate)
+
+    r = sub.add_parser("review", help="near-threshold images: export for labelling, import labels as training data")
+    rsub = r.add_subparsers(dest="review_command", metavar="ACTION", required=True)
+    rx = rsub.add_parser("export", help="write queued images + manifest.csv to a folder")
+    rx.add_argument("--out", required=True)
+    rx.add_argument("--limit", type=int)
+    rx.set_defaults(func=cmd_review_export)
+    ri = rsub.add_parser("import", help="read labels back; copy images into a folders training layout")
+    ri.add_argument("dir")
+    ri.add_argument("--into", help="training folder to add to (default: <BRANDMON_HOME>/training/review)")
+    ri.set_defaults(func=cmd_review_import)

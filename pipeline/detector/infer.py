@@ -1,0 +1,290 @@
+"""`brandmon detect`: score every stored image the active model has not scored yet.
+
+Images stream from the lake through `tf.data` (bounded read-ahead of the bytes on threads,
+parallel decode + resize, fixed-size batches, prefetch) into the classifier, under the
+mixed_bfloat16 policy where the CPU has native bf16. The matcher (if the model has one) sees
+each image shrunk to its working size, decoded once in the same pipeline. Each batch is
+written in one transaction: `image_scores` (ok | corrupt with the reason), `detections` above
+the score floor (upsert on image + version + class), near-threshold images to `review_queue`,
+and the posting days of the scored images marked dirty for re-aggregation.
+
+Idempotent: the work list is "images without an `image_scores` row for this version", so a
+re-run scores nothing new and a crashed run resumes after its last committed batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, select
+
+from pipeline.context import Context
+from pipeline.database import upsert
+from pipeline.detector import NO_LOGO
+from pipeline.dirty import mark_days_of_images
+from pipeline.errors import BrandmonError
+from pipeline.runlog import recorded_run
+from pipeline.schema import detections, image_scores, images, review_queue, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 80_000_000  # refuse to decode larger images (decompression bombs)
+READ_AHEAD = 64  # images fetched from the lake ahead of decoding
+
+
+class BadBatchKey(BrandmonError):
+    """A batch key that `pending_batches` did not produce."""
+
+
+# --- work lists ------------------------------------------------------------------------------
+
+
+def _pending_select(version: str, lo: str | None = None, hi: str | None = None) -> Any:
+    scored = image_scores.alias("s")
+    q = (
+        select(images.c.sha256, images.c.storage_key, images.c.width, images.c.height)
+        .select_from(
+            images.outerjoin(scored, and_(scored.c.image_sha256 == images.c.sha256, scored.c.model_version == version))
+        )
+        .where(scored.c.image_sha256.is_(None))
+        .order_by(images.c.sha256)
+    )
+    if lo is not None:
+        q = q.where(images.c.sha256 >= lo)
+    if hi is not None:
+        q = q.where(images.c.sha256 <= hi)
+    return q
+
+
+def make_batch_key(version: str, lo: str, hi: str) -> str:
+    return f"{version}:{lo}:{hi}"
+
+
+def parse_batch_key(key: str) -> tuple[str, str, str]:
+    parts = key.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise BadBatchKey(f"bad detect batch key {key!r}; expected VERSION:FIRST_SHA:LAST_SHA from pending_batches")
+    return parts[0], parts[1], parts[2]
+
+
+def pending_batches(ctx: Context, version: str, batch_size: int) -> list[str]:
+    """Keys `VERSION:first_sha:last_sha` covering the unscored images, `batch_size` per key."""
+    with ctx.engine.connect() as conn:
+        shas = [r[0] for r in conn.execute(_pending_select(version).with_only_columns(images.c.sha256))]
+    return [make_batch_key(version, shas[i], shas[min(i + batch_size, len(shas)) - 1]) for i in range(0, len(shas), batch_size)]
+
+
+# --- the input pipeline ----------------------------------------------------------------------
+
+
+def _fetch_ahead(ctx: Context, rows: list[Any]) -> Iterator[tuple[int, bytes]]:
+    """Yield (index, bytes) in order with a bounded read-ahead on threads (S3 is latency-bound)."""
+
+    def fetch(row: Any) -> bytes:
+        if row.width and row.height and row.width * row.height > MAX_PIXELS:
+            return b""  # reported as too large below
+        try:
+            return ctx.store.get(row.storage_key)
+        except KeyError:
+            return b""
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        window: collections.deque = collections.deque()
+        it = iter(enumerate(rows))
+        for i, row in it:
+            window.append((i, pool.submit(fetch, row)))
+            if len(window) >= READ_AHEAD:
+                break
+        for i, row in it:
+            j, fut = window.popleft()
+            yield j, fut.result()
+            window.append((i, pool.submit(fetch, row)))
+        while window:
+            j, fut = window.popleft()
+            yield j, fut.result()
+
+
+def image_stream(ctx: Context, rows: list[Any], size: int, batch_size: int, with_view: bool) -> Any:
+    """A tf.data stream of batches; undecodable images are dropped (their index is missing)."""
+    import tensorflow as tf
+
+    from pipeline.detector.model import MATCH_MAX_SIDE, resize_tensor, shrink_tensor
+
+    ds = tf.data.Dataset.from_generator(
+        lambda: _fetch_ahead(ctx, rows),
+        output_signature=(tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.string)),
+    )
+
+    def decode(i: Any, data: Any) -> Any:
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        img.set_shape([None, None, 3])
+        small = resize_tensor(img, size)
+        if with_view:
+            view = shrink_tensor(img, MATCH_MAX_SIDE)
+            return i, small, view, tf.shape(img)[:2], tf.shape(view)[:2]
+        return i, small
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.padded_batch(batch_size) if with_view else ds.batch(batch_size)
+    return ds.prefetch(2)
+
+
+def corrupt_reason(data: bytes, row: Any) -> str:
+    if row.width and row.height and row.width * row.height > MAX_PIXELS:
+        return f"image too large to decode ({row.width}x{row.height} pixels > {MAX_PIXELS})"
+    if not data:
+        return "image bytes missing from the lake or empty"
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # noqa: BLE001 - we only want its message
+        return f"undecodable image: {type(exc).__name__}: {str(exc)[:200]}"
+    return "undecodable image (rejected by the TensorFlow decoder)"
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def rows_for_image(
+    sha: str, version: str, spec: Any, probs: np.ndarray, match: dict[str, tuple[float, Any]] | None,
+    box_scale: tuple[float, float], floor: float, margin: float, now: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None]:
+    """(image_scores row, detection rows, review row or None) for one decoded image."""
+    from pipeline.detector.model import fused_scores
+
+    scores = fused_scores(spec, probs, match)
+    top_class, top_score = max(scores.items(), key=lambda kv: kv[1]) if scores else (NO_LOGO, 0.0)
+    called = top_score >= spec.threshold
+    score_row = {
+        "image_sha256": sha, "model_version": version, "status": "ok",
+        "top_class": top_class if called else NO_LOGO, "top_score": float(top_score), "reason": None, "scored_at": now,
+    }
+    dets = []
+    for cls, s in scores.items():
+        if s < floor:
+            continue
+        box = None
+        if match is not None and match.get(cls, (0, None))[1] is not None:
+            x1, y1, x2, y2 = match[cls][1]
+            sx, sy = box_scale
+            box = [int(round(x1 * sx)), int(round(y1 * sy)), int(round(x2 * sx)), int(round(y2 * sy))]
+        dets.append({"image_sha256": sha, "model_version": version, "class_name": cls, "score": float(s), "box": box, "created_at": now})
+    review = None
+    if abs(top_score - spec.threshold) <= margin:
+        review = {"image_sha256": sha, "model_version": version, "class_name": top_class, "score": float(top_score),
+                  "status": "pending", "label": None, "updated_at": now}
+    return score_row, dets, review
+
+
+def write_batch(ctx: Context, scores: list[dict], dets: list[dict], reviews: list[dict]) -> None:
+    """One transaction per batch: scores, detections, review queue, dirty days."""
+    with ctx.engine.begin() as conn:
+        upsert(conn, image_scores, scores, keys=["image_sha256", "model_version"])
+        upsert(conn, detections, dets, keys=["image_sha256", "model_version", "class_name"])
+        upsert(conn, review_queue, reviews, keys=["image_sha256", "model_version"], update=())
+        mark_days_of_images(conn, [r["image_sha256"] for r in scores], reason="detected")
+
+
+def detect(
+    ctx: Context, *, version: str | None = None, lo: str | None = None, hi: str | None = None,
+    limit: int | None = None, progress: bool = False, batch_size: int | None = None,
+    precision: str | None = None, use_matcher: bool = True,
+) -> dict[str, int]:
+    """Score the unscored images (optionally of one sha range) with a model version."""
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from pipeline.detector.model import choose_precision
+    from pipeline.detector.registry import load_model
+
+    det = ctx.settings.detector
+    batch_size = int(batch_size or det.batch_size)
+    prec = choose_precision(precision or det.mixed_precision)
+    model = load_model(ctx, version, precision=prec, with_matcher=use_matcher)
+    version = model.version
+    spec = model.spec
+    q = _pending_select(version, lo, hi)
+    if limit is not None:
+        q = q.limit(limit)
+    with ctx.engine.connect() as conn:
+        rows = list(conn.execute(q))
+    counts = {"images": len(rows), "scored": 0, "corrupt": 0, "detections": 0, "review": 0, "batches": 0}
+    if not rows:
+        return counts
+    with_view = model.matcher is not None
+    forward = tf.function(lambda x: model.net.classifier(x, training=False), reduce_retracing=True)
+    size = spec.input_size
+    started = time.monotonic()
+    bar = tqdm(total=len(rows), desc=f"detect {version}", unit="img", disable=not progress or not sys.stderr.isatty())
+    with recorded_run(ctx.engine, "detect", source=version) as run_counts:
+        expected = 0  # next index we expect from the stream; gaps are corrupt images
+        for batch in image_stream(ctx, rows, size, batch_size, with_view):
+            idx = batch[0].numpy()
+            x = tf.cast(batch[1], tf.float32)
+            n = int(x.shape[0])
+            if n < batch_size:  # fixed-size batches: one traced graph
+                x = tf.concat([x, tf.zeros((batch_size - n, size, size, 3), tf.float32)], 0)
+            probs = np.asarray(forward(x), np.float32)[:n]
+            matches: list[Any] = [None] * n
+            scales = [(1.0, 1.0)] * n
+            if with_view:
+                views, shapes, vshapes = batch[2].numpy(), batch[3].numpy(), batch[4].numpy()
+                crops = []
+                for k in range(n):
+                    (h, w), (vh, vw) = shapes[k], vshapes[k]
+                    crops.append(np.ascontiguousarray(views[k, :vh, :vw]))
+                    scales[k] = (float(w) / float(vw), float(h) / float(vh))
+                matches = model.matcher.score_many(crops, workers=2)
+            now = utcnow()
+            score_rows: list[dict] = []
+            det_rows: list[dict] = []
+            review_rows: list[dict] = []
+            for k in range(n):
+                i = int(idx[k])
+                score_rows.extend(_corrupt_row(ctx, rows[gap], version, now) for gap in range(expected, i))
+                expected = i + 1
+                s_row, d_rows, r_row = rows_for_image(
+                    rows[i].sha256, version, spec, probs[k], matches[k], scales[k], det.score_floor, det.review_margin, now
+                )
+                score_rows.append(s_row)
+                det_rows.extend(d_rows)
+                if r_row:
+                    review_rows.append(r_row)
+            write_batch(ctx, score_rows, det_rows, review_rows)
+            counts["batches"] += 1
+            counts["scored"] += n
+            counts["corrupt"] += sum(1 for r in score_rows if r["status"] == "corrupt")
+            counts["detections"] += len(det_rows)
+            counts["review"] += len(review_rows)
+            bar.update(len(score_rows))
+        tail = [_corrupt_row(ctx, rows[gap], version, utcnow()) for gap in range(expected, len(rows))]
+        if tail:
+            write_batch(ctx, tail, [], [])
+            counts["corrupt"] += len(tail)
+            bar.update(len(tail))
+        bar.close()
+        elapsed = time.monotonic() - started
+        run_counts.update(counts, seconds=round(elapsed, 2), precision=prec)
+    return counts
+
+
+def _corrupt_row(ctx: Context, row: Any, version: str, now: Any) -> dict[str, Any]:
+    try:
+        data = ctx.store.get(row.storage_key)
+    except KeyError:
+        data = b""
+    reason = corrupt_reason(data, row)
+    log.warning("image %s not scored: %s", row.sha256[:12], reason)
+    return {"image_sha256": row.sha256, "model_version": version, "status": "corrupt", "top_class": None,
+            "top_score": None, "reason": reason, "scored_at": now}

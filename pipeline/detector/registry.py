@@ -1,0 +1,132 @@
+"""The model registry: one `model_versions` row per trained model, one active version.
+
+Artifacts are content-addressed in the object store (`models/artifacts/<sha256>.zip`), so two
+trainings racing for the same version number can never overwrite each other's weights; the
+row insert decides who gets the number and the loser takes the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from pipeline.context import Context
+from pipeline.errors import BrandmonError
+from pipeline.schema import model_versions, utcnow
+
+_VERSION = re.compile(r"^v(\d+)$")
+
+
+class UnknownModel(BrandmonError):
+    """A model version that is not in the registry (or none is active)."""
+
+
+def _next_version(conn: Any) -> str:
+    numbers = [int(m.group(1)) for (v,) in conn.execute(select(model_versions.c.version)) if (m := _VERSION.match(v))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def register(
+    ctx: Context, spec: Any, artifact: bytes, data_fingerprint: str, metrics: dict[str, Any], params: dict[str, Any]
+) -> str:
+    """Store the artifact and insert the version row (inactive); returns the version name."""
+    key = f"models/artifacts/{hashlib.sha256(artifact).hexdigest()}.zip"
+    if not ctx.store.exists(key):
+        ctx.store.put(key, artifact, content_type="application/zip")
+    for _attempt in range(20):
+        try:
+            with ctx.engine.begin() as conn:
+                version = _next_version(conn)
+                conn.execute(
+                    model_versions.insert().values(
+                        version=version,
+                        created_at=utcnow(),
+                        classes=list(spec.classes),
+                        base=spec.base,
+                        weights=spec.weights,
+                        input_size=spec.input_size,
+                        data_fingerprint=data_fingerprint,
+                        metrics=metrics,
+                        threshold=float(spec.threshold),
+                        artifact_key=key,
+                        params=params,
+                        active=False,
+                    )
+                )
+            return version
+        except IntegrityError:
+            continue
+    raise BrandmonError("could not allocate a model version number (20 concurrent registrations?)")
+
+
+def list_versions(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(select(model_versions).order_by(model_versions.c.created_at)).mappings().all()
+    return sorted((dict(r) for r in rows), key=lambda r: (int(m.group(1)) if (m := _VERSION.match(r["version"])) else 0, r["created_at"]))
+
+
+def get_version(ctx: Context, version: str) -> dict[str, Any]:
+    with ctx.engine.connect() as conn:
+        row = conn.execute(select(model_versions).where(model_versions.c.version == version)).mappings().first()
+    if row is None:
+        known = ", ".join(r["version"] for r in list_versions(ctx)) or "none; run `brandmon train`"
+        raise UnknownModel(f"no model version {version!r} (known: {known})")
+    return dict(row)
+
+
+def active_version(ctx: Context) -> dict[str, Any] | None:
+    with ctx.engine.connect() as conn:
+        row = conn.execute(select(model_versions).where(model_versions.c.active.is_(True))).mappings().first()
+    return dict(row) if row else None
+
+
+def activate(ctx: Context, version: str) -> None:
+    """Make `version` the only active version (one transaction)."""
+    get_version(ctx, version)
+    with ctx.engine.begin() as conn:
+        conn.execute(update(model_versions).where(model_versions.c.active.is_(True)).values(active=False))
+        conn.execute(update(model_versions).where(model_versions.c.version == version).values(active=True))
+
+
+def maybe_activate(ctx: Context, version: str, policy: str) -> bool:
+    """`always`, `never`, or `if_better`: no active version yet, or a held-out F1 at least as good."""
+    if policy == "never":
+        return False
+    current = active_version(ctx)
+    if policy == "if_better" and current is not None:
+        new = get_version(ctx, version)["metrics"].get("f1", 0.0)
+        if float(new or 0.0) < float((current["metrics"] or {}).get("f1", 0.0) or 0.0):
+            return False
+    activate(ctx, version)
+    return True
+
+
+_LOADED: dict[tuple[str, str, str], Any] = {}
+
+
+def load_model(ctx: Context, version: str | None = None, precision: str = "fp32", with_matcher: bool = True) -> Any:
+    """The model of `version` (default: the active one), cached per process."""
+    from pipeline.detector.model import load_artifact
+
+    row = get_version(ctx, version) if version else active_version(ctx)
+    if row is None:
+        raise UnknownModel("no active model; train one (`brandmon train`) or `brandmon model activate V`")
+    cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}")
+    if cache not in _LOADED:
+        try:
+            data = ctx.store.get(row["artifact_key"])
+        except KeyError:
+            raise UnknownModel(f"model {row['version']}: artifact {row['artifact_key']} is missing from the lake") from None
+        _LOADED.clear()  # one model in memory at a time is plenty
+        _LOADED[cache] = load_artifact(data, precision=precision, with_matcher=with_matcher)
+    loaded = _LOADED[cache]
+    loaded.version = row["version"]
+    # The registry row is authoritative for the decision threshold (an operator may adjust it).
+    loaded.spec.threshold = float(row["threshold"])
+    if loaded.spec.extra.get("signal") and "thresholds" in loaded.spec.extra:
+        loaded.spec.extra["thresholds"][loaded.spec.extra["signal"]] = float(row["threshold"])
+    return loaded

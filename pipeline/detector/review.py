@@ -1,0 +1,131 @@
+"""The review loop: near-threshold images out for labelling, labels back in as training data.
+
+`export` writes `DIR/images/<sha256>.<ext>` and `DIR/manifest.csv` (sha256, file, model
+version, suggested class, score, label) plus an empty folder per class. A labeller either
+fills the `label` column or moves each image into its class folder (`DIR/<Class>/`,
+`DIR/no_logo/`). `import` reads both (the column wins), copies each labelled image into a
+`folders` training layout (default `<home>/training/review/<Class>/`) ready for
+`brandmon train --data`, and marks the queue rows labelled. Both are idempotent.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from pipeline.context import Context
+from pipeline.detector import NO_LOGO
+from pipeline.detector.data import IMAGE_EXTS, canonical_class
+from pipeline.errors import BrandmonError
+from pipeline.schema import images, model_versions, review_queue, utcnow
+
+MANIFEST = "manifest.csv"
+FIELDS = ["sha256", "file", "model_version", "suggested_class", "score", "label"]
+_EXT = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp", "image/bmp": ".bmp"}
+
+
+class ReviewError(BrandmonError):
+    """A review folder that cannot be read back."""
+
+
+def export_queue(ctx: Context, out: str | Path, limit: int | None = None, include_exported: bool = True) -> dict[str, Any]:
+    """Write the queued images and a manifest to `out`; mark the rows exported."""
+    out = Path(out)
+    statuses = ["pending", "exported"] if include_exported else ["pending"]
+    q = (
+        select(review_queue.c.image_sha256, review_queue.c.model_version, review_queue.c.class_name,
+               review_queue.c.score, images.c.storage_key, images.c.mime)
+        .join(images, images.c.sha256 == review_queue.c.image_sha256)
+        .where(review_queue.c.status.in_(statuses))
+        .order_by(review_queue.c.score.desc(), review_queue.c.image_sha256)
+    )
+    if limit is not None:
+        q = q.limit(limit)
+    with ctx.engine.connect() as conn:
+        rows = list(conn.execute(q))
+        classes: set[str] = {NO_LOGO}
+        for (cls_list,) in conn.execute(select(model_versions.c.classes).where(model_versions.c.active.is_(True))):
+            classes.update(cls_list or [])
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for c in {*classes, *(r.class_name for r in rows)}:
+        (out / c).mkdir(exist_ok=True)
+    existing = _read_manifest(out) if (out / MANIFEST).exists() else {}
+    written = 0
+    for r in rows:
+        name = f"{r.image_sha256}{_EXT.get(r.mime, '.jpg')}"
+        target = out / "images" / name
+        moved = any((out / c / name).exists() for c in classes)  # already sorted by the labeller
+        if not target.exists() and not moved:
+            target.write_bytes(ctx.store.get(r.storage_key))
+            written += 1
+        prev = existing.get(r.image_sha256, {})
+        existing[r.image_sha256] = {
+            "sha256": r.image_sha256, "file": name, "model_version": r.model_version,
+            "suggested_class": r.class_name, "score": f"{r.score:.4f}", "label": prev.get("label", ""),
+        }
+    with (out / MANIFEST).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(existing.values())
+    shas = [r.image_sha256 for r in rows]
+    with ctx.engine.begin() as conn:
+        for i in range(0, len(shas), 500):
+            conn.execute(
+                update(review_queue)
+                .where(review_queue.c.image_sha256.in_(shas[i : i + 500]), review_queue.c.status == "pending")
+                .values(status="exported", updated_at=utcnow())
+            )
+    return {"queued": len(rows), "written": written, "out": str(out)}
+
+
+def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:
+    try:
+        with (folder / MANIFEST).open(newline="", encoding="utf-8") as fh:
+            return {row["sha256"]: row for row in csv.DictReader(fh) if row.get("sha256")}
+    except (OSError, KeyError, csv.Error) as exc:
+        raise ReviewError(f"{folder / MANIFEST}: cannot read the review manifest ({exc})") from None
+
+
+def import_labels(ctx: Context, folder: str | Path, into: str | Path | None = None) -> dict[str, Any]:
+    """Labelled images from a review folder -> `into/<Class>/` training data; queue rows labelled."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        raise ReviewError(f"{folder} has no {MANIFEST}; point at a folder written by `brandmon review export`")
+    manifest = _read_manifest(folder)
+    into = Path(into) if into else Path(ctx.settings.home) / "training" / "review"
+    # where the labeller put each file: DIR/<Class>/<file>
+    placed: dict[str, str] = {}
+    for sub in folder.iterdir():
+        if sub.is_dir() and sub.name != "images":
+            for f in sub.iterdir():
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                    placed[f.name] = sub.name
+    labelled: dict[str, str] = {}
+    copied = 0
+    for sha, row in manifest.items():
+        label = (row.get("label") or "").strip() or placed.get(row["file"], "")
+        if not label:
+            continue
+        label = canonical_class(label)
+        src = folder / "images" / row["file"]
+        if not src.exists():
+            src = folder / placed.get(row["file"], "") / row["file"]
+        if not src.exists():
+            continue
+        dest = into / label / row["file"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            shutil.copyfile(src, dest)
+            copied += 1
+        labelled[sha] = label
+    with ctx.engine.begin() as conn:
+        for sha, label in labelled.items():
+            conn.execute(
+                update(review_queue).where(review_queue.c.image_sha256 == sha)
+                .values(status="labelled", label=label, updated_at=utcnow())
+            )
+    return {"labelled": len(labelled), "copied": copied, "unlabelled": len(manifest) - len(labelled), "training_dir": str(into)}

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from detector_helpers import jpeg_bytes, scene, store_images
+
+from pipeline.cli import main
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, ctx) -> None:
+    s = ctx.settings
+    monkeypatch.setenv("BRANDMON_DATABASE_URL", s.database_url)
+    monkeypatch.setenv("BRANDMON_STORAGE_URL", s.storage_url)
+    monkeypatch.setenv("BRANDMON_HOME", str(s.home))
+    monkeypatch.setenv("BRANDMON_AUTHOR_SALT", "cli-test")
+    monkeypatch.delenv("BRANDMON_CONFIG", raising=False)
+
+
+def test_cli_modules_do_not_import_tensorflow():
+    code = (
+        "import sys, pipeline.cli as c, pipeline.detector.jobs, pipeline.detector.cli; c.build_parser(); "
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"
+
+
+def test_help_lists_the_detector_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--format" in text and "boxes" in text and "--weights" in text
+
+
+def test_model_list_and_detect_without_a_model(make_ctx, monkeypatch, capsys):
+    _env(monkeypatch, make_ctx())
+    assert main(["model", "list"]) == 0
+    assert "no models yet" in capsys.readouterr().out
+    assert main(["detect"]) == 2
+    err = capsys.readouterr().err
+    assert "no active model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["model", "activate", "v9"]) == 2
+    assert "no model version 'v9'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_cli_evaluate_detect_and_model_list(make_ctx, install_model, monkeypatch, capsys, tmp_path: Path):
+    ctx = make_ctx()
+    version = install_model(ctx)
+    _env(monkeypatch, ctx)
+    data = tmp_path / "eval"
+    for cls, kind in (("reddisc", "Reddisc"), ("Bluesquare", "Bluesquare"), ("NO_LOGO", None)):
+        (data / cls).mkdir(parents=True)
+        for i in range(4):
+            (data / cls / f"{i}.jpg").write_bytes(jpeg_bytes(scene(kind, 500 + i)))
+    assert main(["evaluate", "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_images"] == 12 and report["model"] == version
+    assert {"precision", "recall", "f1"} <= set(report["logo"])
+    assert 0 <= report["brand_accuracy"] <= 1 and "Reddisc" in report["per_class"]
+    assert set(report["signals"]) == {"cnn"}
+
+    store_images(ctx, [jpeg_bytes(scene("Reddisc", 900 + i)) for i in range(3)])
+    assert main(["detect", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["scored"] == 3
+    assert main(["model", "list"]) == 0
+    listing = capsys.readouterr().out
+    line = next(li for li in listing.splitlines() if version in li)
+    assert line.startswith("*")

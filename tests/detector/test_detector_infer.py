@@ -1,0 +1,97 @@
+"""`brandmon detect` on stored images: rows, idempotence, corrupt images, review loop."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from detector_helpers import jpeg_bytes, scene, store_images
+from sqlalchemy import select
+
+from pipeline.detector.infer import parse_batch_key
+from pipeline.detector.jobs import detect_pending, pending_batches
+from pipeline.detector.review import export_queue, import_labels
+from pipeline.dirty import pending_days
+from pipeline.schema import detections, image_scores, review_queue
+
+pytestmark = pytest.mark.integration
+
+
+def _blobs(n: int, seed: int = 0) -> list[bytes]:
+    kinds = ["Reddisc", "Bluesquare", None]
+    return [jpeg_bytes(scene(kinds[i % 3], 10_000 + seed * 100 + i, size=120 + 7 * (i % 4))) for i in range(n)]
+
+
+def test_detect_writes_rows_is_idempotent_and_survives_corrupt_images(make_ctx, install_model, backend):
+    ctx = make_ctx(backend=backend)
+    version = install_model(ctx)
+    good = _blobs(9)
+    truncated = good[0][: len(good[0]) // 3]
+    shas = store_images(ctx, [*good[:5], b"definitely not an image", truncated, *good[5:]])
+    bad = {shas[5], shas[6]}
+
+    keys = pending_batches(ctx, batch_size=4)
+    assert len(keys) == 3 and all(parse_batch_key(k)[0] == version for k in keys)
+    assert all(len(k) < 200 for k in keys)  # XCom-sized
+    totals: dict[str, int] = {}
+    for key in keys:
+        for k, v in detect_pending(ctx, batch_key=key).items():
+            totals[k] = totals.get(k, 0) + v
+    assert totals["images"] == 11 and totals["corrupt"] == 2 and totals["scored"] == 9
+
+    with ctx.engine.connect() as conn:
+        scores = {r.image_sha256: r for r in conn.execute(select(image_scores))}
+        dets = list(conn.execute(select(detections)))
+    assert set(scores) == set(shas)
+    for sha in bad:
+        assert scores[sha].status == "corrupt" and scores[sha].reason
+    assert all(scores[s].status == "ok" and scores[s].top_class for s in shas if s not in bad)
+    assert dets and all(d.model_version == version for d in dets)
+    assert all(d.score >= ctx.settings.detector.score_floor for d in dets)
+    # the red discs among the good images are found as Reddisc
+    red = [shas[i] for i in (0, 3)]
+    assert all(scores[s].top_class == "Reddisc" for s in red), [scores[s].top_class for s in red]
+    with ctx.engine.connect() as conn:
+        assert dt.date(2026, 10, 3) in pending_days(conn)  # posting days marked for re-aggregation
+
+    # idempotent: nothing left to score, nothing rewritten
+    assert pending_batches(ctx) == []
+    again = detect_pending(ctx)
+    assert again["images"] == 0
+    with ctx.engine.connect() as conn:
+        assert len(list(conn.execute(select(detections)))) == len(dets)
+
+
+def test_review_queue_export_and_import(make_ctx, install_model, tmp_path: Path):
+    ctx = make_ctx()
+    install_model(ctx, threshold=0.5)
+    # a margin of 1 sends every image to the review queue
+    ctx.settings = ctx.settings.with_overrides(detector=ctx.settings.detector.__class__(review_margin=1.0))
+    shas = store_images(ctx, _blobs(4, seed=1))
+    counts = detect_pending(ctx)
+    assert counts["review"] == 4
+    out = tmp_path / "review"
+    first = export_queue(ctx, out)
+    assert first["queued"] == 4 and first["written"] == 4
+    assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(shas)
+    # the labeller: one image via the manifest's label column, another moved into a class folder
+    with (out / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[0]["label"] = "Reddisc"
+    with (out / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "images" / rows[1]["file"]).rename(out / "no_logo" / rows[1]["file"])
+    result = import_labels(ctx, out, into=tmp_path / "training")
+    assert result["labelled"] == 2 and result["unlabelled"] == 2
+    assert len(list((tmp_path / "training" / "Reddisc").iterdir())) == 1
+    assert len(list((tmp_path / "training" / "no_logo").iterdir())) == 1
+    with ctx.engine.connect() as conn:
+        statuses = sorted(r.status for r in conn.execute(select(review_queue)))
+    assert statuses == ["exported", "exported", "labelled", "labelled"]
+    # re-running both changes nothing
+    assert export_queue(ctx, out)["written"] == 0
+    assert import_labels(ctx, out, into=tmp_path / "training")["copied"] == 0
