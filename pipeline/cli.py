@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"brandmon {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log to stderr: -v info, -vv debug details"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     db = sub.add_parser("db", help="database schema management")
@@ -114,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for a command-line user.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    levels = {0: logging.WARNING, 1: logging.INFO}
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=levels.get(args.verbose, logging.DEBUG),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:
+    if args.verbose < 2:
         for noisy in ("alembic", "botocore", "urllib3", "tensorflow", "absl"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -60,7 +60,6 @@ def _done(t0: float, counts: dict[str, Any], quiet: bool) -> None:
 
 def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, quiet: bool = False) -> int:
     from pipeline.aggregate.jobs import aggregate_dirty
-    from pipeline.aggregate.trends import daily_series
     from pipeline.detector.jobs import active_model, detect_pending, train_model
     from pipeline.ingest.jobs import backfill
     from pipeline.synthetic import make_training_folders
