@@ -93,7 +93,7 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
     changed = " OR ".join(f"mention_daily.{c} IS DISTINCT FROM excluded.{c}" for c in COUNT_COLUMNS)
     sql = f"""
     WITH
-    day_posts AS (
+    day_posts AS MATERIALIZED (
         SELECT id, platform, author_hash, posted_at, repost_of FROM posts
         WHERE posted_at >= :start AND posted_at < :end
     ),
@@ -192,51 +192,57 @@ def _delete_stale_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 
 _SD = "SQRT(CASE WHEN h.var28 > 0 THEN h.var28 ELSE 0 END)"
-_Z = f"(CAST(c.posts AS DOUBLE PRECISION) - h.mean28) / (CASE WHEN {_SD} > 1 THEN {_SD} ELSE 1 END)"
+_Z = f"(CAST(h.x AS DOUBLE PRECISION) - h.mean28) / (CASE WHEN {_SD} > 1 THEN {_SD} ELSE 1 END)"
 
+# One grouped pass over the 29 days [day-28, day] gives today's count (x) and the sums of the
+# trailing windows; MATERIALIZED keeps it a single pass whatever the planner thinks of the
+# table's size (a fresh table has no statistics while a year is being rebuilt).
 SIGNALS_SQL = f"""
+WITH raw AS MATERIALIZED (
+    SELECT brand, product, platform, source,
+           SUM(CASE WHEN day = :day THEN posts ELSE 0 END) AS x,
+           SUM(CASE WHEN day = :day THEN 1 ELSE 0 END) AS today,
+           SUM(CASE WHEN day >= :d6 AND day < :day THEN posts ELSE 0 END) AS s6,
+           SUM(CASE WHEN day >= :d6 AND day < :day THEN 1 ELSE 0 END) AS n6,
+           SUM(CASE WHEN day >= :d27 AND day < :day THEN posts ELSE 0 END) AS s27,
+           SUM(CASE WHEN day >= :d27 AND day < :day THEN 1 ELSE 0 END) AS n27,
+           SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN posts ELSE 0 END) AS sp,
+           SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN 1 ELSE 0 END) AS np,
+           SUM(CASE WHEN day < :day THEN posts ELSE 0 END) AS s28,
+           SUM(CASE WHEN day < :day THEN CAST(posts AS BIGINT) * posts ELSE 0 END) AS q28,
+           SUM(CASE WHEN day < :day THEN 1 ELSE 0 END) AS n28
+    FROM mention_daily
+    WHERE day >= :d28 AND day <= :day
+    GROUP BY brand, product, platform, source
+),
+h AS MATERIALIZED (
+    SELECT brand, product, platform, source, x, s6, n6, s27, n27, sp, np, n28,
+           CASE WHEN n28 > 0 THEN CAST(s28 AS DOUBLE PRECISION) / n28 END AS mean28,
+           CASE WHEN n28 > 0 THEN CAST(q28 AS DOUBLE PRECISION) / n28
+                - (CAST(s28 AS DOUBLE PRECISION) / n28) * (CAST(s28 AS DOUBLE PRECISION) / n28) END AS var28
+    FROM raw WHERE today = 1
+),
+t AS MATERIALIZED (
+    SELECT platform, source, SUM(x) AS total FROM h WHERE product = '*' GROUP BY platform, source
+),
+s AS MATERIALIZED (
+    SELECT h.brand, h.product, h.platform, h.source,
+           CAST(h.x + h.s6 AS DOUBLE PRECISION) / (1 + h.n6) AS rolling_7,
+           CAST(h.x + h.s27 AS DOUBLE PRECISION) / (1 + h.n27) AS rolling_28,
+           CASE WHEN h.np = 0 OR h.sp = 0 THEN NULL
+                ELSE (CAST(h.x + h.s6 AS DOUBLE PRECISION) / (1 + h.n6)) / (CAST(h.sp AS DOUBLE PRECISION) / h.np) - 1
+           END AS wow_change,
+           CASE WHEN h.n28 >= :min_history THEN {_Z} ELSE NULL END AS zscore,
+           CASE WHEN h.n28 >= :min_history AND h.x >= :spike_min AND {_Z} >= :spike_z
+                THEN TRUE ELSE FALSE END AS spike,
+           CASE WHEN h.product = '*' AND t.total > 0
+                THEN CAST(h.x AS DOUBLE PRECISION) / t.total ELSE NULL END AS share_of_voice
+    FROM h LEFT JOIN t ON t.platform = h.platform AND t.source = h.source
+)
 UPDATE mention_daily SET
     rolling_7 = s.rolling_7, rolling_28 = s.rolling_28, wow_change = s.wow_change,
     zscore = s.zscore, spike = s.spike, share_of_voice = s.share_of_voice, computed_at = :now
-FROM (
-    SELECT c.brand, c.product, c.platform, c.source,
-           CAST(c.posts + COALESCE(h.s6, 0) AS DOUBLE PRECISION) / (1 + COALESCE(h.n6, 0)) AS rolling_7,
-           CAST(c.posts + COALESCE(h.s27, 0) AS DOUBLE PRECISION) / (1 + COALESCE(h.n27, 0)) AS rolling_28,
-           CASE WHEN COALESCE(h.np, 0) = 0 OR COALESCE(h.sp, 0) = 0 THEN NULL
-                ELSE (CAST(c.posts + COALESCE(h.s6, 0) AS DOUBLE PRECISION) / (1 + COALESCE(h.n6, 0)))
-                     / (CAST(h.sp AS DOUBLE PRECISION) / h.np) - 1 END AS wow_change,
-           CASE WHEN COALESCE(h.n28, 0) >= :min_history THEN {_Z} ELSE NULL END AS zscore,
-           CASE WHEN COALESCE(h.n28, 0) >= :min_history AND c.posts >= :spike_min
-                     AND {_Z} >= :spike_z THEN TRUE ELSE FALSE END AS spike,
-           CASE WHEN c.product = '*' AND t.total > 0
-                THEN CAST(c.posts AS DOUBLE PRECISION) / t.total ELSE NULL END AS share_of_voice
-    FROM mention_daily c
-    LEFT JOIN (
-        SELECT brand, product, platform, source, s6, n6, s27, n27, sp, np, n28,
-               CAST(s28 AS DOUBLE PRECISION) / n28 AS mean28,
-               CAST(q28 AS DOUBLE PRECISION) / n28
-                   - (CAST(s28 AS DOUBLE PRECISION) / n28) * (CAST(s28 AS DOUBLE PRECISION) / n28) AS var28
-        FROM (
-            SELECT brand, product, platform, source,
-                   SUM(CASE WHEN day >= :d6 THEN posts ELSE 0 END) AS s6,
-                   SUM(CASE WHEN day >= :d6 THEN 1 ELSE 0 END) AS n6,
-                   SUM(CASE WHEN day >= :d27 THEN posts ELSE 0 END) AS s27,
-                   SUM(CASE WHEN day >= :d27 THEN 1 ELSE 0 END) AS n27,
-                   SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN posts ELSE 0 END) AS sp,
-                   SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN 1 ELSE 0 END) AS np,
-                   SUM(posts) AS s28, SUM(CAST(posts AS BIGINT) * posts) AS q28, COUNT(*) AS n28
-            FROM mention_daily
-            WHERE day >= :d28 AND day < :day
-            GROUP BY brand, product, platform, source
-        ) raw
-    ) h ON h.brand = c.brand AND h.product = c.product AND h.platform = c.platform AND h.source = c.source
-    LEFT JOIN (
-        SELECT platform, source, SUM(posts) AS total FROM mention_daily
-        WHERE day = :day AND product = '*'
-        GROUP BY platform, source
-    ) t ON t.platform = c.platform AND t.source = c.source
-    WHERE c.day = :day
-) s
+FROM s
 WHERE mention_daily.day = :day AND mention_daily.brand = s.brand AND mention_daily.product = s.product
   AND mention_daily.platform = s.platform AND mention_daily.source = s.source
   AND ({" OR ".join(f"mention_daily.{c} IS DISTINCT FROM s.{c}" for c in SIGNAL_COLUMNS)})
