@@ -56,7 +56,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     ctx = open_context()
     try:
-        counts = backfill(ctx, args.source, args.start, args.end, force=args.force, progress=not args.quiet)
+        counts = backfill(ctx, args.source, args.start, args.end, force=args.force, progress=not args.quiet, workers=args.workers)
     finally:
         ctx.close()
     print(f"{args.source} {args.start} .. {args.end}: {format_counts(counts)}")
@@ -100,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--start", required=True, type=parse_date_arg, help="first day (YYYY-MM-DD)")
     b.add_argument("--end", required=True, type=parse_date_arg, help="last day, included (YYYY-MM-DD)")
     b.add_argument("--force", action="store_true", help="re-run windows already complete")
+    b.add_argument("--workers", type=int, default=1, help="windows ingested at once, in separate processes (default: 1)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_backfill)
 

@@ -30,7 +30,7 @@ from pipeline.ingest import images as image_fetch
 from pipeline.ingest import lake
 from pipeline.ingest.connectors import Connector, make_connector
 from pipeline.ingest.http import scrub
-from pipeline.ingest.loader import load_posts, record_rejects, touch_source
+from pipeline.ingest.loader import dedupe, load_posts, record_rejects, touch_source
 from pipeline.ingest.normalize import Reject, excerpt
 from pipeline.runlog import recorded_run, window_complete, window_lock
 from pipeline.schema import sources, utcnow
@@ -150,9 +150,10 @@ def _normalise(ctx: Any, connector: Connector, records: list[tuple[Any, str | No
     normalizer = connector.make_normalizer(ctx.settings.author_salt.get())
     items: list[tuple[Any, str | None]] = []
     rejects: dict[str, dict[str, str]] = {}
+    normalize = connector.normalize
     for i, (record, raw_key) in enumerate(records):
         try:
-            post = connector.normalize(normalizer, record)
+            post = normalize(normalizer, record)
         except Reject as exc:
             reason = str(exc)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an unexpected record shape
@@ -174,12 +175,12 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
     records = _fetch(ctx, connector, name, start, end, force, counts)
     counts["fetched"] = len(records)
     items, rejects = _normalise(ctx, connector, records, start, end, counts)
-    unique = {(p.platform, p.external_id) for p, _ in items}
+    unique = dedupe(items)
     counts["duplicates"] = len(items) - len(unique)
     now = utcnow()
     with ctx.engine.begin() as conn:
         touch_source(conn, name, connector.kind)
-        result = load_posts(conn, name, items, now)
+        result = load_posts(conn, name, unique, now, unique=True)
         record_rejects(conn, name, start, rejects)
         if result.days:
             mark_days(conn, result.days, "ingest")
@@ -233,8 +234,14 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
                 conn_obj.close()
 
 
-def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool = False, progress: bool = True) -> dict[str, int]:
-    """Ingest daily windows from `start` to `end` (both inclusive); windows already complete are skipped."""
+def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool = False, progress: bool = True,
+             workers: int = 1) -> dict[str, int]:
+    """Ingest daily windows from `start` to `end` (both inclusive); windows already complete are skipped.
+
+    `workers` > 1 runs that many windows at once in separate processes (windows are
+    independent: each has its own lock and transaction). Worth it for archive backfills on
+    Postgres, where parsing and normalising, not the feed, is the bottleneck.
+    """
     from tqdm import tqdm
 
     if isinstance(start, dt.datetime):
@@ -243,25 +250,69 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
         end = end.date()
     if end < start:
         raise ConfigError(f"backfill end {end} is before its start {start}")
+    if workers < 1:
+        raise ConfigError("backfill workers must be at least 1")
     src = ctx.settings.source(source)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     totals: Counter[str] = Counter()
+    bar = tqdm(total=len(days), desc=f"backfill {source}", unit="day", disable=not progress or not sys.stderr.isatty())
     connector = make_connector(ctx.settings, src)
-    bar = tqdm(days, desc=f"backfill {source}", unit="day", disable=not progress or not sys.stderr.isatty())
     try:
-        for day in bar:
-            s = dt.datetime.combine(day, dt.time(), dt.UTC)
-            try:
-                counts = ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, connector=connector)
-            except BrandmonError as exc:
-                raise type(exc)(f"backfill of {source} stopped at {day}: {exc}") from None
-            totals.update(counts)
-            totals["windows"] += 1
-            bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+        if workers == 1 or len(days) == 1:
+            for day in days:
+                totals.update(_backfill_day(ctx, connector, source, day, force))
+                totals["windows"] += 1
+                bar.update(1)
+                bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+        else:
+            connector.prepare(ctx, totals)  # e.g. the archive index, once, before the workers start
+            _backfill_parallel(ctx, source, days, force, workers, totals, bar)
     finally:
         bar.close()
         connector.close()
     return {k: int(v) for k, v in totals.items()}
+
+
+def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, force: bool) -> dict[str, int]:
+    s = dt.datetime.combine(day, dt.time(), dt.UTC)
+    try:
+        return ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, connector=connector)
+    except BrandmonError as exc:
+        raise type(exc)(f"backfill of {source} stopped at {day}: {exc}") from None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(settings: Any, source: str) -> None:
+    from pipeline.context import Context
+
+    ctx = Context(settings)
+    _WORKER.update(ctx=ctx, connector=make_connector(settings, settings.source(source)))
+
+
+def _worker_day(source: str, day: dt.date, force: bool) -> dict[str, int]:
+    return _backfill_day(_WORKER["ctx"], _WORKER["connector"], source, day, force)
+
+
+def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Any) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx.engine.dispose()  # no pooled connection crosses into the workers
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(ctx.settings, source))
+    try:
+        pending = {pool.submit(_worker_day, source, day, force) for day in days}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                totals.update(fut.result())  # re-raises a worker's error here
+                totals["windows"] += 1
+                bar.update(1)
+            bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def fetch_images(ctx: Any, *, source: str | None = None, post_ids: list[int] | None = None, progress: bool = False) -> dict[str, int]:

@@ -11,13 +11,14 @@ of a window leaves the tables identical. The caller owns the transaction (one pe
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, delete, insert, select, text, update
 
-from pipeline.database import chunks, copy_rows, upsert
+from pipeline.database import chunks, upsert
 from pipeline.ingest.normalize import content_hash
 from pipeline.records import Post
 from pipeline.schema import post_images, posts, quarantine, sources, utcnow
@@ -43,16 +44,19 @@ def _day(ts: dt.datetime) -> dt.date:
 def dedupe(items: Iterable[tuple[Post, str | None]]) -> list[tuple[Post, str | None]]:
     """One entry per (platform, external_id); the last one seen wins (the freshest copy)."""
     out: dict[tuple[str, str], tuple[Post, str | None]] = {}
-    for post, raw_key in items:
-        key = (post.platform, post.external_id)
-        out.pop(key, None)
-        out[key] = (post, raw_key)
+    for item in items:
+        post = item[0]
+        out[(post.platform, post.external_id)] = item
     return list(out.values())
 
 
-def load_posts(conn: Connection, source: str, items: Sequence[tuple[Post, str | None]], now: dt.datetime | None = None) -> LoadResult:
-    """Upsert posts (+ image rows) of one window inside the caller's transaction."""
-    items = dedupe(items)
+def load_posts(conn: Connection, source: str, items: Sequence[tuple[Post, str | None]], now: dt.datetime | None = None,
+               *, unique: bool = False) -> LoadResult:
+    """Upsert posts (+ image rows) of one window inside the caller's transaction.
+
+    `unique=True`: the caller already removed duplicate keys (see `dedupe`).
+    """
+    items = list(items) if unique else dedupe(items)
     if not items:
         return LoadResult()
     now = now or utcnow()
@@ -76,19 +80,19 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
     conn.execute(text(
         "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean) ON COMMIT DROP"
     ))
-    post_rows = []
-    image_rows = []
+    post_lines: list[str] = []
+    image_lines: list[str] = []
     for post, raw_key in items:
-        post_rows.append((
-            post.platform, post.external_id, post.author_hash, post.text, post.lang,
-            post.posted_at, post.url, post.repost_of, content_hash(post), raw_key,
-        ))
+        plat, ext = _esc(post.platform), _esc(post.external_id)
+        post_lines.append(
+            f"{plat}\t{ext}\t{post.author_hash}\t{_esc(post.text)}\t{_esc(post.lang)}\t{post.posted_at.isoformat()}\t"
+            f"{_esc(post.url)}\t{_esc(post.repost_of)}\t{content_hash(post)}\t{_esc(raw_key)}\n"
+        )
         for i, img in enumerate(post.images):
-            image_rows.append((post.platform, post.external_id, i, img.url, img.alt_text))
-    copy_rows(conn, "_stage_posts", POST_COLUMNS, post_rows)
-    if image_rows:
-        copy_rows(conn, "_stage_images", IMAGE_COLUMNS, image_rows)
-    conn.execute(text("ANALYZE _stage_posts"))
+            image_lines.append(f"{plat}\t{ext}\t{i}\t{_esc(img.url)}\t{_esc(img.alt_text)}\n")
+    _copy_text(conn, "_stage_posts", POST_COLUMNS, post_lines)
+    if image_lines:
+        _copy_text(conn, "_stage_images", IMAGE_COLUMNS, image_lines)
     old_days = {
         _day(ts)
         for (ts,) in conn.execute(text(
@@ -103,7 +107,7 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
             " INSERT INTO posts AS p (platform, external_id, source, author_hash, text, lang, posted_at, url, repost_of,"
             "  content_hash, raw_key, ingested_at, updated_at)"
             " SELECT platform, external_id, :source, author_hash, text, lang, posted_at, url, repost_of,"
-            "  content_hash, raw_key, :now, :now FROM _stage_posts ORDER BY posted_at, platform, external_id"
+            "  content_hash, raw_key, :now, :now FROM _stage_posts"
             " ON CONFLICT (platform, external_id) DO UPDATE SET author_hash = EXCLUDED.author_hash,"
             "  text = EXCLUDED.text, lang = EXCLUDED.lang, posted_at = EXCLUDED.posted_at, url = EXCLUDED.url,"
             "  repost_of = EXCLUDED.repost_of, content_hash = EXCLUDED.content_hash, raw_key = EXCLUDED.raw_key,"
@@ -127,7 +131,7 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
                 "AND NOT EXISTS (SELECT 1 FROM _stage_images si WHERE si.platform = c.platform "
                 "AND si.external_id = c.external_id AND si.position = pi.position AND si.url = pi.url)"
             ))
-        if image_rows:
+        if image_lines:
             conn.execute(
                 text(
                     "INSERT INTO post_images (post_id, position, url, alt_text, status, attempts, updated_at)"
@@ -141,6 +145,21 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
             )
     conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
     return result
+
+
+def _esc(value: str | None) -> str:
+    """A value in COPY text format: NULL as \\N; backslash, tab, newline, CR escaped."""
+    if value is None:
+        return "\\N"
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return value
+
+
+def _copy_text(conn: Connection, table: str, columns: Sequence[str], lines: list[str]) -> None:
+    raw = conn.connection.dbapi_connection
+    with raw.cursor() as cur:  # type: ignore[union-attr]
+        cur.copy_expert(f"COPY {table} ({', '.join(columns)}) FROM STDIN", io.StringIO("".join(lines)))
 
 
 # --- SQLite (and any other dialect): key lookup + executemany ----------------------------------

@@ -38,7 +38,9 @@ Other columns are ignored (kept in the raw lake only). Empty strings count as mi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
+import hmac
 import html
 import json
 import re
@@ -46,7 +48,7 @@ from collections.abc import Callable
 from html.parser import HTMLParser
 from typing import Any
 
-from pipeline.records import ImageRef, Post, hash_author
+from pipeline.records import ImageRef, Post
 
 MAX_TEXT_CHARS = 100_000
 MAX_ID_CHARS = 256
@@ -82,6 +84,8 @@ class Reject(Exception):
 
 def clean_text(value: Any, what: str = "text", limit: int = MAX_TEXT_CHARS) -> str:
     """A str without NULs/control characters or lone surrogates; Reject if over `limit`."""
+    if type(value) is str and len(value) <= limit and value.isascii() and value.isprintable():
+        return value  # the common case: nothing to clean
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -144,13 +148,29 @@ def looks_like_html(value: str) -> bool:
 # --- fields ----------------------------------------------------------------------------------
 
 
+_NUMERIC = re.compile(r"\s*-?\d+(\.\d+)?\s*")
+_fromiso = dt.datetime.fromisoformat
+
+
 def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
     """ISO 8601 or epoch seconds/ms -> aware UTC datetime; Reject if unparseable."""
+    if type(value) is str and 10 <= len(value) <= 64 and value[4:5] == "-":
+        try:  # the common case, fast: an ISO string (Python 3.11 reads "Z" itself)
+            when = _fromiso(value)
+        except ValueError:
+            pass
+        else:
+            if when.tzinfo is None:
+                return when.replace(tzinfo=dt.UTC)
+            try:
+                return when.astimezone(dt.UTC)
+            except (OverflowError, ValueError):
+                raise Reject(f"{what} out of range: {value[:40]!r}") from None
     if value is None or value == "":
         raise Reject(f"missing {what}")
     if isinstance(value, bool):
         raise Reject(f"{what} is a boolean")
-    if isinstance(value, int | float) or (isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value)):
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMERIC.fullmatch(value)):
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -169,7 +189,7 @@ def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
     if len(text) > 64:
         raise Reject(f"bad {what}: too long")
     try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        when = _fromiso(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise Reject(f"bad {what}: {text[:40]!r}") from None
     if when.tzinfo is None:
@@ -197,6 +217,8 @@ def first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 def clean_id(value: Any, what: str = "id") -> str:
+    if type(value) is str and 0 < len(value) <= MAX_ID_CHARS and value.isascii() and value.isprintable() and value[0] != " " and value[-1] != " ":
+        return value
     if value is None or value == "":
         raise Reject(f"missing {what}")
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -210,12 +232,21 @@ def clean_id(value: Any, what: str = "id") -> str:
 def clean_lang(value: Any) -> str | None:
     if isinstance(value, list):
         value = value[0] if value else None
-    if not isinstance(value, str) or not _LANG.match(value.strip()):
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    return _lang(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lang(value: str) -> str | None:
+    if not _LANG.match(value.strip()):
         return None
     return value.strip().lower().replace("_", "-")[:16]
 
 
 def clean_url(value: Any) -> str | None:
+    if type(value) is str and 0 < len(value) <= MAX_URL_CHARS and value.isascii() and value.isprintable() and value[0] != " " and value[-1] != " ":
+        return value
     if not isinstance(value, str):
         return None
     value = clean_text(value.strip(), "url", 100_000)
@@ -252,7 +283,7 @@ def excerpt(record: Any, limit: int = 300) -> str:
 
 
 def _images(items: Any, url_keys: tuple[str, ...], alt_keys: tuple[str, ...]) -> tuple[ImageRef, ...]:
-    if not isinstance(items, list):
+    if not isinstance(items, list) or not items:
         return ()
     out: list[ImageRef] = []
     seen: set[str] = set()
@@ -260,8 +291,11 @@ def _images(items: Any, url_keys: tuple[str, ...], alt_keys: tuple[str, ...]) ->
         if isinstance(item, str):
             url, alt = clean_url(item), None
         elif isinstance(item, dict):
-            url = clean_url(first(item, url_keys))
-            raw_alt = first(item, alt_keys)
+            raw_url = item.get(url_keys[0])
+            url = clean_url(raw_url if raw_url else first(item, url_keys[1:]))
+            raw_alt = item.get(alt_keys[0])
+            if not raw_alt:
+                raw_alt = first(item, alt_keys[1:])
             alt = clean_text(raw_alt, "alt text", MAX_TEXT_CHARS) if isinstance(raw_alt, str) else None
         else:
             continue
@@ -279,8 +313,9 @@ class Normalizer:
     def __init__(self, salt: str, now: dt.datetime | None = None, default_platform: str = "archive", html: str = "auto") -> None:
         if not salt:
             raise ValueError("author salt is empty")
-        self._salt = salt
+        self._hmac = hmac.new(salt.encode(), digestmod=hashlib.sha256)  # copied per author: same as hash_author()
         self.now = now or dt.datetime.now(dt.UTC)
+        self._latest = self.now + FUTURE_SLACK
         self.default_platform = default_platform
         self.html = html  # auto | always | never (archive text)
         self._authors: dict[tuple[str, str], str] = {}
@@ -296,11 +331,14 @@ class Normalizer:
         key = (platform, str(author_id))
         cached = self._authors.get(key)
         if cached is None:
-            cached = self._authors[key] = hash_author(self._salt, platform, key[1])
+            h = self._hmac.copy()
+            h.update(f"{platform}:{key[1]}".encode())
+            cached = self._authors[key] = h.hexdigest()
         return cached
 
     def _post(self, platform: str, external_id: str, author: str, text: str, posted_at: dt.datetime, **kw: Any) -> Post:
-        check_time(posted_at, self.now)
+        if not MIN_TIME <= posted_at <= self._latest:
+            check_time(posted_at, self.now)
         return Post(platform=platform, external_id=external_id, author_hash=author, text=text, posted_at=posted_at, **kw)
 
     # Mastodon: a Status entity (https://docs.joinmastodon.org/entities/Status/)
@@ -403,29 +441,63 @@ class Normalizer:
     def archive(self, row: Any) -> Post:
         if not isinstance(row, dict):
             raise Reject(f"row is a {type(row).__name__}, expected an object")
-        external_id = clean_id(first(row, ID_KEYS), "id")
-        raw_platform = first(row, PLATFORM_KEYS)
-        platform = clean_text(raw_platform, "platform", 32).strip().lower() if raw_platform is not None else self.default_platform
-        if not platform or not re.fullmatch(r"[a-z0-9_.-]+", platform):
-            raise Reject(f"bad platform {str(raw_platform)[:32]!r}")
-        posted_at = parse_time(first(row, TIME_KEYS), "created_at")
-        author_hash = self.author(platform, first(row, AUTHOR_KEYS))
-        raw_text = first(row, TEXT_KEYS)
+        plan = _plan(tuple(row))
+        external_id = clean_id(_pick(row, plan["id"]), "id")
+        raw_platform = _pick(row, plan["platform"])
+        if raw_platform is None:
+            platform = self.default_platform
+        else:
+            platform = _platform(raw_platform) if isinstance(raw_platform, str) else ""
+            if not platform:
+                raise Reject(f"bad platform {str(raw_platform)[:32]!r}")
+        posted_at = parse_time(_pick(row, plan["time"]), "created_at")
+        author_hash = self.author(platform, _pick(row, plan["author"]))
+        raw_text = _pick(row, plan["text"])
         if raw_text is None and row.get("title") is not None:
             title = clean_text(row.get("title"), "title")
             body = clean_text(row.get("selftext") or "", "selftext")
             raw_text = f"{title}\n\n{body}".strip() if body else title
         text = clean_text(raw_text, "text", MAX_TEXT_CHARS * 4)
         if self.html == "always" or (self.html == "auto" and looks_like_html(text)):
-            text = html_to_text(text)
-        text = clean_text(text)
-        reblog = first(row, REBLOG_KEYS)
+            text = clean_text(html_to_text(text))
+        elif len(text) > MAX_TEXT_CHARS:
+            raise Reject(f"text too long ({len(text)} characters > {MAX_TEXT_CHARS})")
+        reblog = _pick(row, plan["reblog"])
         repost_of = clean_id(reblog.removeprefix("t3_") if isinstance(reblog, str) else reblog, "reblog_of") if reblog is not None else None
         return self._post(
             platform, external_id, author_hash, text, posted_at,
-            lang=clean_lang(first(row, LANG_KEYS)), url=clean_url(first(row, URL_KEYS)),
-            repost_of=repost_of, images=archive_images(row),
+            lang=clean_lang(_pick(row, plan["lang"])), url=clean_url(_pick(row, plan["url"])),
+            repost_of=repost_of, images=archive_images(row, plan),
         )
+
+
+_FIELDS = {
+    "id": ID_KEYS, "platform": PLATFORM_KEYS, "author": AUTHOR_KEYS, "text": TEXT_KEYS, "time": TIME_KEYS,
+    "lang": LANG_KEYS, "url": URL_KEYS, "images": IMAGES_KEYS, "single": SINGLE_IMAGE_KEYS, "reblog": REBLOG_KEYS,
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(keys: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """For one set of columns: which aliases of each field are present, in priority order."""
+    present = set(keys)
+    return {f: tuple(k for k in aliases if k in present) for f, aliases in _FIELDS.items()}
+
+
+def _pick(row: dict[str, Any], candidates: tuple[str, ...]) -> Any:
+    for key in candidates:
+        value = row[key]
+        if value is not None and value != "":
+            return value
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _platform(value: str) -> str:
+    if len(value) > 32:
+        return ""
+    name = value.strip().lower()
+    return name if re.fullmatch(r"[a-z0-9_.-]+", name) else ""
 
 
 def reddit_images(data: dict[str, Any]) -> tuple[ImageRef, ...]:
@@ -475,12 +547,15 @@ def _split_urls(value: str) -> list[Any]:
     return [u for u in re.split(r"[|\s]+", value) if u]
 
 
-def archive_images(row: dict[str, Any]) -> tuple[ImageRef, ...]:
-    items = first(row, IMAGES_KEYS)
+def archive_images(row: dict[str, Any], plan: dict[str, tuple[str, ...]] | None = None) -> tuple[ImageRef, ...]:
+    plan = plan or _plan(tuple(row))
+    items = _pick(row, plan["images"])
+    if items == []:
+        return ()
     if isinstance(items, str):
         items = _split_urls(items)
     if items is None:
-        single = first(row, SINGLE_IMAGE_KEYS)
+        single = _pick(row, plan["single"])
         if isinstance(single, str):
             alt = row.get("image_alt")
             items = [{"url": single, "alt": alt if isinstance(alt, str) else None}]

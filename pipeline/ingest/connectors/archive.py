@@ -9,7 +9,8 @@ columns are documented in `pipeline.ingest.normalize` (README copies them).
 Why an index: a backfill asks for one day at a time, and re-reading a million-row export per
 day would be quadratic. The first window of a run reads every file once and writes each row
 to its UTC day's partition in the raw lake, `raw/source=NAME/dt=YYYY-MM-DD/archive.jsonl.gz`
-(one line `{"ref": "file:line", "row": {...}}`), then a manifest with the archive's
+(one line `{"ref": "file:line", "ts": UTC time, "row": {...}}`; a line that is not valid JSON is
+kept as it came, and quarantined by its window), then a manifest with the archive's
 fingerprint (names, sizes, mtimes or ETags). Windows then read only their day partitions.
 A changed archive (new, grown or replaced files) is re-indexed on the next window; use
 `--force` to re-ingest windows already complete. Rows without a usable timestamp cannot be
@@ -26,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -39,6 +41,8 @@ from pipeline.errors import ConfigError, StorageError
 from pipeline.ingest import lake
 from pipeline.ingest.connectors.base import Connector, Page
 from pipeline.ingest.normalize import (
+    FUTURE_SLACK,
+    MIN_TIME,
     TIME_KEYS,
     Normalizer,
     Reject,
@@ -132,8 +136,24 @@ class ArchiveFiles:
         return os.path.relpath(name, self.root if self.root.is_dir() else self.root.parent)
 
 
+_UNPARSED = object()  # a JSON line not parsed yet (see ArchiveConnector._build_index)
+_FAST_TS = re.compile(
+    r'"(?:created_at|posted_at|createdAt|timestamp|created_utc|date|time)"\s*:\s*'
+    r'(?:"([^"\\]{1,64})"|(-?\d{1,16}(?:\.\d{1,9})?)(?=\s*[,}]))'
+)
+
+
+def fast_time(line: str) -> str | None:
+    """The value of the line's only timestamp-like key, or None (then the line gets parsed)."""
+    matches = _FAST_TS.finditer(line)
+    m = next(matches, None)
+    if m is None or next(matches, None) is not None:
+        return None
+    return m.group(1) if m.group(1) is not None else m.group(2)
+
+
 def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
-    """(ref, original JSON text or None, row or None, error) for every row of one file."""
+    """(ref, original JSON text or None, row (or _UNPARSED) or None, error) for every row of one file."""
     if fmt == "csv":
         csv.field_size_limit(64 * 1024 * 1024)
         text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
@@ -158,14 +178,36 @@ def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | No
         return
     for lineno, raw in enumerate(fh, 1):
         line = raw.decode("utf-8", "replace").strip()
+        if line:
+            yield f"{name}:{lineno}", line, _UNPARSED, None
+
+
+def decode_partition(data: bytes) -> list[dict[str, Any]]:
+    """Lines `{"ref", "ts", "row"}` of a day partition; a row that is not valid JSON (kept raw in
+    the lake) comes back as `{"ref", "ts", "error"}` so its window can quarantine it."""
+    out: list[dict[str, Any]] = []
+    loads = json.loads
+    for line in gzip.decompress(data).decode("utf-8", "replace").splitlines():
         if not line:
             continue
         try:
-            row = json.loads(line)
+            out.append(loads(line))
         except ValueError:
-            yield f"{name}:{lineno}", None, None, "invalid JSON line"
-            continue
-        yield f"{name}:{lineno}", line, row, None
+            out.append({**_wrapper_head(line), "error": "invalid JSON line"})
+    return out
+
+
+def _wrapper_head(line: str) -> dict[str, Any]:
+    """`ref` and `ts` from the start of a partition line whose row part is broken."""
+    decoder = json.JSONDecoder()
+    head: dict[str, Any] = {"ref": None, "ts": None}
+    try:
+        head["ref"], pos = decoder.raw_decode(line, len('{"ref":'))
+        if line.startswith(',"ts":', pos):
+            head["ts"], _ = decoder.raw_decode(line, pos + len(',"ts":'))
+    except (ValueError, IndexError):
+        pass
+    return head
 
 
 class ArchiveConnector(Connector):
@@ -227,24 +269,43 @@ class ArchiveConnector(Connector):
         days: dict[dt.date, lake.GzipLines] = {}
         rejects: list[dict[str, Any]] = []
         rows_total = 0
+        latest = now + FUTURE_SLACK
         for name, _version in self.files.list():
             fmt = _format_of(name) or "json"
             short = self.files.short(name)
             with self.files.open(name) as fh:
                 for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
                     rows_total += 1
-                    if error is None and not isinstance(row, dict):
-                        error = f"row is a {type(row).__name__}, expected an object"
-                    if error is None:
-                        try:
-                            when = check_time(parse_time(first(row, TIME_KEYS), "created_at"), now)
-                        except Reject as exc:
-                            error = str(exc)
-                    if error is not None:
+                    when = None
+                    if error is None and row is _UNPARSED:
+                        # Fast path: one timestamp-like key in the line, read without parsing the JSON.
+                        # Rows that turn out to be invalid JSON are rejected later, in their window.
+                        raw_ts = fast_time(line)
+                        if raw_ts is not None:
+                            try:
+                                when = parse_time(raw_ts)
+                            except Reject:
+                                when = None
+                            if when is not None and not MIN_TIME <= when <= latest:
+                                when = None
+                        if when is None:
+                            try:
+                                row = json.loads(line)
+                            except ValueError:
+                                error = "invalid JSON line"
+                    if error is None and when is None:
+                        if not isinstance(row, dict):
+                            error = f"row is a {type(row).__name__}, expected an object"
+                        else:
+                            try:
+                                when = check_time(parse_time(first(row, TIME_KEYS), "created_at"), now)
+                            except Reject as exc:
+                                error = str(exc)
+                    if error is not None or when is None:
                         rejects.append({
                             "source": self.source.name, "window_start": None, "kind": "record",
-                            "record_ref": ref_name_line[:512], "reason": error[:1000],
-                            "excerpt": excerpt(row) if row is not None else (line or "")[:300], "created_at": utcnow(),
+                            "record_ref": ref_name_line[:512], "reason": (error or "no timestamp")[:1000],
+                            "excerpt": excerpt(row) if isinstance(row, dict | list) else (line or "")[:300], "created_at": utcnow(),
                         })
                         continue
                     if line is None:
@@ -253,7 +314,7 @@ class ArchiveConnector(Connector):
                     writer = days.get(day)
                     if writer is None:
                         writer = days[day] = lake.GzipLines()
-                    writer.add('{"ref":' + json.dumps(ref_name_line, ensure_ascii=False) + ',"row":' + line + "}\n")
+                    writer.add(f'{{"ref":{json.dumps(ref_name_line, ensure_ascii=False)},"ts":"{when.isoformat()}","row":{line}}}\n')
         store = self._store
         manifest_days: dict[str, dict[str, Any]] = {}
         for day in sorted(days):
@@ -296,9 +357,9 @@ class ArchiveConnector(Connector):
                     data = self._store.get(info["key"])
                 except KeyError:
                     raise StorageError(f"archive partition {info['key']} is missing from the lake; re-run with --force to re-index") from None
-                records = list(lake.decode_lines(data))
+                records = decode_partition(data)
                 if not whole:
-                    records = [r for r in records if start <= parse_time(first(r["row"], TIME_KEYS)) < end]
+                    records = [r for r in records if r.get("ts") and start <= dt.datetime.fromisoformat(r["ts"]) < end]
                 yield Page(
                     request={"archive": self.files.path, "day": day.isoformat()},
                     body=None, state=None, raw_key=info["key"], records=records,
@@ -312,6 +373,8 @@ class ArchiveConnector(Connector):
         return Normalizer(salt, now=now, default_platform=self.platform, html=self.html)
 
     def normalize(self, normalizer: Normalizer, record: Any) -> Post:
+        if "error" in record:
+            raise Reject(record["error"])
         return normalizer.archive(record["row"])
 
     def record_ref(self, record: Any) -> str | None:

@@ -1,0 +1,220 @@
+"""Benchmark: backfill N archive posts into Postgres, against a naive ORM insert in the same run.
+
+    nice -n 10 .venv/bin/python bench/ingest.py [--posts 1000000] [--days 100] [--sample 50000]
+        [--database-url postgresql+psycopg2://...]   (else BRANDMON_DATABASE_URL, else a throwaway cluster)
+
+What is timed:
+- brandmon: `pipeline.ingest.jobs.backfill` over daily windows of an archive source (gzip
+  JSONL export, 20% of posts with an image URL; image download off): indexing the export
+  into day partitions of the raw lake, normalising, COPY + set-based upsert, image rows,
+  dirty days, run log. End to end, from the export file to committed rows.
+- baseline: the same posts (already parsed and normalised, so only the insert is timed)
+  inserted as ORM objects with `session.add_all` + commit, on a sample, into a fresh database.
+- reference: a raw COPY of the same sample rows into an unindexed table (the ceiling).
+A scratch database is created on the server for each part and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import func, select, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.context import Context  # noqa: E402
+from pipeline.database import upgrade  # noqa: E402
+from pipeline.ingest.jobs import backfill  # noqa: E402
+from pipeline.schema import post_images, posts  # noqa: E402
+from pipeline.settings import load_settings  # noqa: E402
+from pipeline.testing import PostgresCluster, create_database, drop_database  # noqa: E402
+
+WORDS = ("acme", "globex", "initech", "love", "new", "today", "shop", "price", "great", "bad", "support", "launch",
+         "store", "phone", "coffee", "shoes", "sale", "review", "unboxing", "why", "does", "my", "the", "a", "is")
+
+
+def generate(path: Path, n: int, days: int, start: dt.date, seed: int = 1) -> None:
+    """An export of n posts spread over `days` days, in the archive dict shape, gzip JSONL."""
+    rnd = random.Random(seed)
+    t0 = dt.datetime.combine(start, dt.time(), dt.UTC).timestamp()
+    span = days * 86400
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as fh:
+        for i in range(n):
+            ts = t0 + (i * span) // n + rnd.random()
+            created = dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            text_ = " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(6, 30)))
+            images = [{"url": f"https://images.example/{i}.jpg", "alt": "photo"}] if i % 5 == 0 else []
+            fh.write(json.dumps({
+                "id": str(10_000_000 + i), "platform": "mastodon", "author_id": f"user{rnd.randint(0, 50_000)}",
+                "text": text_, "lang": "en", "created_at": created, "url": f"https://social.example/@u/{i}",
+                "images": images, "reblog_of": str(10_000_000 + i - 1) if i % 17 == 0 and i else None,
+            }) + "\n")
+
+
+def scratch_db(admin_url: str, tag: str) -> tuple[str, str]:
+    name = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
+    return create_database(admin_url, name), name
+
+
+def make_ctx(workdir: Path, db_url: str, archive: Path) -> Context:
+    cfg = workdir / "brandmon.yaml"
+    cfg.write_text(json.dumps({"sources": [{"name": "bench", "kind": "archive", "path": str(archive), "fetch_images": False}]}))
+    env = {"BRANDMON_HOME": str(workdir / "var"), "BRANDMON_DATABASE_URL": db_url, "BRANDMON_STORAGE_URL": (workdir / "lake").as_uri(),
+           "BRANDMON_CONFIG": str(cfg), "BRANDMON_AUTHOR_SALT": "bench-salt"}
+    ctx = Context(load_settings(env=env))
+    upgrade(ctx.engine)
+    return ctx
+
+
+def sample_posts(archive: Path, n: int) -> list:
+    from pipeline.ingest.normalize import Normalizer
+
+    norm = Normalizer("bench-salt", default_platform="archive")
+    out = []
+    with gzip.open(archive, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            out.append(norm.archive(json.loads(line)))
+            if len(out) >= n:
+                break
+    return out
+
+
+def orm_baseline(db_url: str, sample: list) -> float:
+    """Naive ORM: one mapped object per post (and per image), session.add_all, commit."""
+    from sqlalchemy.orm import Session, registry
+
+    from pipeline.ingest.normalize import content_hash
+
+    class PostRow:
+        pass
+
+    class ImageRow:
+        pass
+
+    reg = registry()
+    reg.map_imperatively(PostRow, posts)
+    reg.map_imperatively(ImageRow, post_images)
+    engine = Context(load_settings(env={"BRANDMON_DATABASE_URL": db_url, "BRANDMON_AUTHOR_SALT": "x", "BRANDMON_HOME": tempfile.gettempdir()})).engine
+    upgrade(engine)
+    now = dt.datetime.now(dt.UTC)
+    t0 = time.perf_counter()
+    with Session(engine) as session:
+        objs = []
+        for p in sample:
+            row = PostRow()
+            row.platform, row.external_id, row.source, row.author_hash = p.platform, p.external_id, "bench", p.author_hash
+            row.text, row.lang, row.posted_at, row.url, row.repost_of = p.text, p.lang, p.posted_at, p.url, p.repost_of
+            row.content_hash, row.raw_key, row.ingested_at, row.updated_at = content_hash(p), None, now, now
+            objs.append(row)
+        session.add_all(objs)
+        session.flush()
+        images = []
+        for row, p in zip(objs, sample, strict=True):
+            for i, img in enumerate(p.images):
+                im = ImageRow()
+                im.post_id, im.position, im.url, im.alt_text, im.status, im.attempts, im.updated_at = row.id, i, img.url, img.alt_text, "pending", 0, now
+                images.append(im)
+        session.add_all(images)
+        session.commit()
+    elapsed = time.perf_counter() - t0
+    engine.dispose()
+    return len(sample) / elapsed
+
+
+def copy_reference(db_url: str, sample: list) -> float:
+    from pipeline.database import copy_rows, make_engine
+
+    engine = make_engine(db_url)
+    rows = [(p.platform, p.external_id, p.author_hash, p.text, p.lang, p.posted_at, p.url) for p in sample]
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE copy_ref (platform text, external_id text, author_hash text, text text, lang text, posted_at timestamptz, url text)"))
+    t0 = time.perf_counter()
+    with engine.begin() as conn:
+        copy_rows(conn, "copy_ref", ["platform", "external_id", "author_hash", "text", "lang", "posted_at", "url"], rows)
+    elapsed = time.perf_counter() - t0
+    engine.dispose()
+    return len(rows) / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--posts", type=int, default=1_000_000)
+    ap.add_argument("--days", type=int, default=100, help="days the posts span (one backfill window per day)")
+    ap.add_argument("--sample", type=int, default=50_000, help="posts in the ORM baseline sample")
+    ap.add_argument("--workers", type=int, default=2, help="backfill worker processes (default 2: one per core here)")
+    ap.add_argument("--database-url", default=os.environ.get("BRANDMON_DATABASE_URL"), help="a Postgres server URL (a scratch database is created on it)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the export and lake go (default: a temp dir, removed after)")
+    args = ap.parse_args(argv)
+
+    cluster = None
+    if args.database_url:
+        admin = args.database_url
+        if not admin.startswith("postgresql"):
+            ap.error("--database-url must be a Postgres URL")
+    else:
+        print("starting a throwaway Postgres cluster ...", flush=True)
+        cluster = PostgresCluster().start()
+        admin = cluster.url
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="brandmon-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    created: list[str] = []
+    try:
+        archive_dir = workdir / "export"
+        archive_dir.mkdir(exist_ok=True)
+        archive = archive_dir / "posts.jsonl.gz"
+        start = dt.date(2026, 1, 1)
+        t = time.perf_counter()
+        generate(archive, args.posts, args.days, start)
+        print(f"generated {args.posts:,} posts over {args.days} days ({archive.stat().st_size / 1e6:.0f} MB gzip) in {time.perf_counter() - t:.0f}s", flush=True)
+
+        db_url, name = scratch_db(admin, "ingest")
+        created.append(name)
+        ctx = make_ctx(workdir, db_url, archive_dir)
+        t0 = time.perf_counter()
+        counts = backfill(ctx, "bench", start, start + dt.timedelta(days=args.days - 1), progress=sys.stderr.isatty(), workers=args.workers)
+        elapsed = time.perf_counter() - t0
+        with ctx.engine.connect() as conn:
+            n_posts = conn.execute(select(func.count()).select_from(posts)).scalar()
+            n_images = conn.execute(select(func.count()).select_from(post_images)).scalar()
+        ctx.close()
+        assert n_posts == args.posts == counts["new"], (n_posts, counts)
+        brandmon_rate = args.posts / elapsed
+        print(f"brandmon backfill ({args.workers} worker{'s' if args.workers > 1 else ''}): {args.posts:,} posts (+{n_images:,} image rows) "
+              f"in {elapsed:.1f}s = {brandmon_rate:,.0f} posts/s end to end", flush=True)
+
+        sample = sample_posts(archive, min(args.sample, args.posts))
+        orm_url, name = scratch_db(admin, "orm")
+        created.append(name)
+        orm_rate = orm_baseline(orm_url, sample)
+        print(f"naive ORM add_all: {len(sample):,} posts = {orm_rate:,.0f} posts/s (insert only, parsing not timed)", flush=True)
+        copy_url, name = scratch_db(admin, "copy")
+        created.append(name)
+        copy_rate = copy_reference(copy_url, sample)
+        print(f"reference raw COPY (unindexed table): {copy_rate:,.0f} rows/s", flush=True)
+        print(f"ratio brandmon / ORM: {brandmon_rate / orm_rate:.1f}x   (target >= 50,000 posts/s: {'met' if brandmon_rate >= 50_000 else 'NOT met'})")
+    finally:
+        for name in created:
+            try:
+                drop_database(admin, name)
+            except Exception as exc:  # keep going: the cluster is removed anyway
+                print(f"could not drop {name}: {exc}", file=sys.stderr)
+        if cluster is not None:
+            cluster.stop()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
