@@ -11,11 +11,12 @@ run more detections in parallel on bigger workers.
 
 Idempotent: an image scored by the active model is not pending any more, so a re-run (or a
 retried batch) finds nothing to do. Without an active model the run logs how to train one
-and succeeds with nothing scored (aggregation still runs on text mentions).
+(the brandmon_train DAG) and succeeds with nothing scored; aggregation still runs on text
+mentions.
 
 Parse-time settings: BRANDMON_TF_POOL (default brandmon_tf), BRANDMON_DETECT_BATCH_IMAGES
-(images per mapped task, default 512), BRANDMON_DETECT_MAX_TASKS (default 256; the rest
-waits for the next run).
+(images per mapped task; default 32 x detector.batch_size), BRANDMON_DETECT_MAX_TASKS
+(default 256 mapped tasks per run; the rest waits for the next run).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ POSTS = Asset("brandmon://posts")
 DETECTIONS = Asset("brandmon://detections")
 
 TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
-BATCH_IMAGES = int(os.environ.get("BRANDMON_DETECT_BATCH_IMAGES") or 512)
+BATCH_IMAGES = (
+    int(os.environ["BRANDMON_DETECT_BATCH_IMAGES"])
+    if os.environ.get("BRANDMON_DETECT_BATCH_IMAGES")
+    else None
+)
 MAX_TASKS = int(os.environ.get("BRANDMON_DETECT_MAX_TASKS") or 256)
 
 
@@ -64,19 +69,11 @@ DEFAULT_ARGS = {
 def brandmon_detect() -> None:
     @task
     def list_batches() -> list[str]:
-        """Keys of the pending image batches (empty without an active model)."""
+        """Keys of the pending image batches (empty without an active model: logged)."""
         from pipeline.airflow_support import task_context
-        from pipeline.detector.jobs import active_model, pending_batches
+        from pipeline.detector.jobs import pending_batches
 
         with task_context() as ctx:
-            if active_model(ctx) is None:
-                import logging
-
-                logging.getLogger(__name__).warning(
-                    "no active logo model: nothing scored; trigger the brandmon_train DAG "
-                    "(or `brandmon detector train`) to register one"
-                )
-                return []
             keys = list(pending_batches(ctx, batch_size=BATCH_IMAGES))
         return keys[:MAX_TASKS]
 
@@ -87,7 +84,8 @@ def brandmon_detect() -> None:
     )
     def detect(batch_key: str) -> dict[str, int]:
         """Score one batch of pending images with the active model; counts only."""
-        get_current_context()["brandmon_batch"] = batch_key  # type: ignore[index]
+        _version, first, last = (batch_key.split(":") + ["", "", ""])[:3]
+        get_current_context()["brandmon_batch"] = f"{first[:10]}..{last[:10]}"  # type: ignore[index]
         from pipeline.airflow_support import counts_only, task_context
         from pipeline.detector.jobs import detect_pending
 

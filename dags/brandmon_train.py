@@ -49,15 +49,18 @@ DEFAULT_ARGS = {
             "",
             type="string",
             minLength=1,
-            description="Labelled images: a local path or s3:// URL (one folder per class for 'folders')",
+            description="Labelled images: a folder readable by the worker (one sub-folder per class for 'folders')",
         ),
         "format": Param(
-            "folders", type="string", enum=["folders", "flickr27"], description="Dataset layout"
+            "folders",
+            type="string",
+            enum=["folders", "boxes"],
+            description="Dataset layout: folders (one per class) or boxes",
         ),
         "weights": Param(
             "auto",
             type="string",
-            description="Base weights: auto (ImageNet if available, else random), imagenet, none, or a path",
+            description="Base weights: auto (ImageNet from the Keras cache if present, else none), imagenet, none, or an .h5 path",
         ),
         "epochs": Param(
             None,
@@ -75,6 +78,11 @@ DEFAULT_ARGS = {
         ),
         "profile": Param(
             "default", type="string", enum=["default", "demo"], description="Training profile"
+        ),
+        "options": Param(
+            {},
+            type="object",
+            description='Advanced settings overriding the profile, e.g. {"input_size": 128, "mode": "head"}',
         ),
     },
     doc_md=__doc__,
@@ -98,6 +106,7 @@ def brandmon_train() -> None:
                 profile=p.get("profile") or "default",
                 activate="if_better",
                 progress=False,
+                **dict(p.get("options") or {}),
             )
         return train_summary(result)
 

@@ -88,7 +88,15 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
     assert dag["timetable"] == "NullTimetable"
     assert set(dag["tasks"]) == {"train"} and dag["tasks"]["train"]["pool"] == "brandmon_tf"
     params = dag["params"]
-    assert set(params) == {"dataset", "format", "weights", "epochs", "target_precision", "profile"}
+    assert set(params) == {
+        "dataset",
+        "format",
+        "weights",
+        "epochs",
+        "target_precision",
+        "profile",
+        "options",
+    }
     assert params["dataset"]["type"] == "string" and params["dataset"]["minLength"] == 1
     assert set(params["epochs"]["type"]) == {"null", "integer"}
     assert params["target_precision"]["type"] == "number"

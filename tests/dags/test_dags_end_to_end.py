@@ -1,0 +1,202 @@
+"""dag.test() of the real DAGs on a SQLite Airflow metadata database: train -> ingest ->
+detect -> aggregate on the synthetic source, rows land, and a second run of the same
+interval changes nothing. Plus the Airflow-connection path on Postgres + S3."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dags_helpers import airflow_base_env, run_airflow
+from sqlalchemy import func, select
+
+from pipeline import schema
+from pipeline.synthetic.catalogue import demo_config
+from pipeline.synthetic.training import make_training_folders
+
+pytestmark = pytest.mark.integration
+
+DAY0 = dt.date(2026, 10, 1)
+UTC = dt.UTC
+# Tables whose content a re-run must leave byte-for-byte alone (runs/locks are bookkeeping).
+# A quick model (seconds, not the demo profile's minute): a small head on a frozen, randomly
+# initialised base at 75 px; the test checks the wiring, not the model's quality.
+QUICK_MODEL = {
+    "input_size": 75,
+    "mode": "head",
+    "head_epochs": 3,
+    "synthetic_negatives": 0,
+    "matcher": "off",
+}
+COMPARED = [t for t in schema.metadata.sorted_tables if t.name not in ("runs", "locks")]
+
+
+def synthetic_config(days: int = 3) -> dict[str, Any]:
+    config = demo_config()
+    config["sources"] = [
+        {"name": "demo", "kind": "synthetic", "seed": 7, "days": days, "start": DAY0.isoformat()}
+    ]
+    return config
+
+
+def brandmon_env(ctx: Any) -> dict[str, str]:
+    s = ctx.settings
+    return {
+        "BRANDMON_DATABASE_URL": s.database_url,
+        "BRANDMON_STORAGE_URL": s.storage_url,
+        "BRANDMON_CONFIG": str(s.config_path),
+        "BRANDMON_HOME": str(s.home),
+        "BRANDMON_AUTHOR_SALT": s.author_salt.get(),
+        **({"BRANDMON_S3_ENDPOINT_URL": s.s3_endpoint_url} if s.s3_endpoint_url else {}),
+    }
+
+
+def run_steps(env: dict[str, str], steps: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    path.write_text(json.dumps(steps))
+    results = run_airflow(env, "run", str(path), timeout=420)
+    for step, result in zip(steps, results, strict=True):
+        assert result["dag_id"] == step["dag_id"]
+        print(f"{result['dag_id']}: {result['seconds']:.1f}s")
+        # a mapped task over an empty list is skipped; anything else must succeed
+        failed = {
+            k: v["state"]
+            for k, v in result["tasks"].items()
+            if v["state"] not in ("success", "skipped")
+        }
+        assert result["state"] == "success" and not failed, (result["dag_id"], failed)
+    return results
+
+
+def snapshot(ctx: Any) -> dict[str, list[tuple]]:
+    out = {}
+    with ctx.engine.connect() as conn:
+        for table in COMPARED:
+            order = list(table.primary_key.columns) or list(table.columns)
+            out[table.name] = [tuple(r) for r in conn.execute(select(table).order_by(*order))]
+    return out
+
+
+def count(ctx: Any, table: Any, *where: Any) -> int:
+    with ctx.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+
+def xcom_sizes(results: list[dict[str, Any]]) -> list[int]:
+    return [len(json.dumps(ti["xcom"])) for r in results for ti in r["tasks"].values()]
+
+
+def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
+    make_ctx, airflow_home, tmp_path
+):
+    ctx = make_ctx(synthetic_config())
+    env = {**airflow_base_env(airflow_home), **brandmon_env(ctx)}
+    # A few synthetic scenes per class (demo brands + no_logo) to train on.
+    train_dir = make_training_folders(tmp_path / "train", n_per_class=8, size=96, seed=1001)
+    interval_end = dt.datetime(
+        2026, 10, 2, tzinfo=UTC
+    )  # dag.test: the interval is [DAY0, DAY0 + 1 day)
+    pipeline_steps = [
+        {"dag_id": "brandmon_ingest", "logical_date": interval_end.isoformat()},
+        {"dag_id": "brandmon_detect"},
+        {"dag_id": "brandmon_aggregate", "conf": {"day": DAY0.isoformat()}},
+    ]
+    train_step = {
+        "dag_id": "brandmon_train",
+        "conf": {
+            "dataset": str(train_dir),
+            "weights": "none",
+            "target_precision": 0.9,
+            "options": QUICK_MODEL,
+        },
+    }
+    first = run_steps(env, [train_step, *pipeline_steps], tmp_path / "steps1.json")
+    train, ingest, detect, aggregate = first
+
+    # train: registered and (no model was active) activated
+    assert train["tasks"]["train"]["xcom"]["activated"] is True
+    assert count(ctx, schema.model_versions, schema.model_versions.c.active.is_(True)) == 1
+
+    # ingest: one mapped task per configured source, over exactly the run's data interval
+    assert ingest["data_interval"][0].startswith("2026-10-01") and ingest["data_interval"][
+        1
+    ].startswith("2026-10-02")
+    assert ingest["tasks"]["ingest[0]"]["rendered_map_index"] == "demo"
+    assert ingest["tasks"]["publish"]["xcom"]["new"] > 0
+    posts = count(ctx, schema.posts)
+    assert posts == ingest["tasks"]["publish"]["xcom"]["new"]
+    with ctx.engine.connect() as conn:
+        lo, hi = conn.execute(
+            select(func.min(schema.posts.c.posted_at), func.max(schema.posts.c.posted_at))
+        ).one()
+    assert (
+        dt.datetime(2026, 10, 1, tzinfo=UTC) <= lo and hi < interval_end
+    )  # days 2 and 3 not touched
+
+    # detect: every stored image scored by the active model
+    images = count(ctx, schema.images)
+    assert images > 0
+    assert count(ctx, schema.image_scores) == images
+    assert (
+        detect["tasks"]["publish"]["xcom"]["scored"]
+        + detect["tasks"]["publish"]["xcom"].get("corrupt", 0)
+        == images
+    )
+    assert any(k.startswith("detect[") for k in detect["tasks"])
+
+    # aggregate: mention_daily for the day, queue drained, report written into the lake
+    assert count(ctx, schema.mention_daily, schema.mention_daily.c.day == DAY0) > 0
+    assert count(ctx, schema.dirty_days) == 0
+    report_key = aggregate["tasks"]["report"]["xcom"]
+    assert DAY0.isoformat() in report_key and ctx.store.exists(report_key)
+
+    # XCom carries keys and counts, never data
+    assert max(xcom_sizes(first)) < 2000
+
+    before = snapshot(ctx)
+    second = run_steps(env, pipeline_steps, tmp_path / "steps2.json")
+    assert second[0]["tasks"]["ingest[0]"]["xcom"]["skipped"] == 1
+    assert second[1]["tasks"]["detect"]["state"] == "skipped"  # nothing pending: zero mapped tasks
+    assert (
+        second[1]["tasks"]["publish"]["state"] == "success"
+    )  # ... and aggregation still triggered
+    assert snapshot(ctx) == before
+
+
+def test_ingest_through_airflow_connections_on_postgres_and_s3(make_ctx, airflow_home, tmp_path):
+    """The database and S3 endpoint/credentials come only from the two Airflow connections."""
+    from sqlalchemy.engine import make_url
+
+    ctx = make_ctx(synthetic_config(days=1), backend="postgres")
+    url = make_url(ctx.settings.database_url)
+    env = {**airflow_base_env(airflow_home), **brandmon_env(ctx)}
+    # Wrong fallbacks: only the connections can make this run work.
+    env["BRANDMON_DATABASE_URL"] = f"sqlite:///{tmp_path / 'nowhere' / 'wrong.db'}"
+    env["BRANDMON_S3_ENDPOINT_URL"] = "http://127.0.0.1:9"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(key, None)
+    env["AIRFLOW_CONN_BRANDMON_DB"] = json.dumps(
+        {
+            "conn_type": "postgres",
+            "host": url.host,
+            "port": url.port,
+            "login": url.username,
+            "password": url.password or "",
+            "schema": url.database,
+        }
+    )
+    env["AIRFLOW_CONN_BRANDMON_AWS"] = json.dumps(
+        {
+            "conn_type": "aws",
+            "login": "conn-key-id",
+            "password": "conn-secret",
+            "extra": {"endpoint_url": ctx.settings.s3_endpoint_url, "region_name": "us-east-1"},
+        }
+    )
+    steps = [{"dag_id": "brandmon_ingest", "logical_date": "2026-10-02T00:00:00+00:00"}]
+    (result,) = run_steps(env, steps, tmp_path / "steps.json")
+    new = result["tasks"]["publish"]["xcom"]["new"]
+    assert new > 0 and count(ctx, schema.posts) == new
+    assert ctx.store.list("")  # raw pages and images landed in the S3 bucket
