@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -267,6 +268,8 @@ mention_daily = Table(
     Column("model_version", String(64), nullable=True),
     Column("computed_at", UTCDateTime, nullable=False, default=utcnow),
     Index("ix_mention_daily_brand_day", "brand", "day"),
+    # The BI view v_spikes reads only the few spike rows (see pipeline/aggregate/views.py).
+    Index("ix_mention_daily_spikes", "day", postgresql_where=text("spike"), sqlite_where=text("spike")),
 )
 
 dirty_days = Table(

@@ -37,8 +37,9 @@ FROM mention_daily
 WHERE spike""",
 }
 
-# Indexes the views need beyond the table's own (primary key day.., ix_mention_daily_brand_day):
-# v_spikes reads only the few spike rows.
+# Indexes the views need beyond the primary key (day, ...) and ix_mention_daily_brand_day:
+# v_spikes reads only the few spike rows. Also declared on the table in `pipeline.schema`
+# (so the migrated schema matches the code); repeated here for DBAs who run sql/views.sql.
 INDEXES: dict[str, str] = {
     "ix_mention_daily_spikes": "CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike",
 }

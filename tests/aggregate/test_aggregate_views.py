@@ -59,6 +59,24 @@ def test_readme_documents_every_column():
             assert f"`{col}`" in readme, (name, col)
 
 
+def test_db_upgrade_creates_the_views_and_their_index(make_ctx, backend):
+    """`brandmon db upgrade` (revision 0002) creates the views: no separate step for BI users."""
+    from pipeline.database import current_revision, head_revision, upgrade
+
+    ctx = make_ctx(CONFIG, backend)
+    assert current_revision(ctx.engine) == head_revision()
+    insp = inspect(ctx.engine)
+    assert set(VIEWS) <= set(insp.get_view_names())
+    assert "ix_mention_daily_spikes" in {ix["name"] for ix in insp.get_indexes("mention_daily")}
+    with ctx.engine.begin() as conn:
+        add_posts(conn, [FakePost(1, "p1", ts(DAY), "acme")])
+    aggregate_dirty(ctx)
+    upgrade(ctx.engine)  # a no-op at head
+    with ctx.engine.connect() as conn:
+        assert conn.execute(text("SELECT posts FROM v_daily_trend WHERE day = :d AND brand = 'Acme' "
+                                 "AND product = '*' AND platform = '*' AND source = 'any'"), {"d": DAY}).scalar() == 1
+
+
 def test_views_answer_their_questions(make_ctx, backend):
     ctx = spiky_ctx(make_ctx, backend)
     assert set(VIEWS) <= set(inspect(ctx.engine).get_view_names())
