@@ -1,7 +1,7 @@
 """A polite, stubborn HTTP client for feed APIs (a `requests.Session` wrapper).
 
 Polite: a descriptive User-Agent, and it waits when the API says so (`Retry-After` on 429/503,
-`X-RateLimit-Remaining: 0` until `X-RateLimit-Reset`). Stubborn: 5xx answers, timeouts,
+`X-RateLimit-Remaining: 0` until `X-RateLimit-Reset`; Bluesky's unprefixed `RateLimit-*` too). Stubborn: 5xx answers, timeouts,
 dropped connections and truncated JSON bodies are retried with exponential backoff and
 jitter, up to `network.max_retries` times. Errors name the method, the URL without its query
 values and the status, never a token: every registered secret is scrubbed from messages.
@@ -153,7 +153,7 @@ class HttpClient:
         return min(MAX_BACKOFF_S, self.backoff_s * (2**attempt)) * (0.5 + self.jitter())
 
     def _note_rate_limit(self, resp: requests.Response) -> None:
-        remaining = resp.headers.get("X-RateLimit-Remaining")
+        remaining = _header(resp, "RateLimit-Remaining")
         if remaining is None:
             return
         try:
@@ -161,7 +161,7 @@ class HttpClient:
         except ValueError:
             return
         if left < 1:
-            reset = parse_rate_reset(resp.headers.get("X-RateLimit-Reset"))
+            reset = parse_rate_reset(_header(resp, "RateLimit-Reset"))
             if reset is not None:
                 self._not_before = time.monotonic() + min(reset, self.max_wait_s)
 
@@ -227,7 +227,7 @@ class HttpClient:
                 if resp.status_code == 429:
                     self.stats.throttled += 1
                     if retry_after is None:
-                        reset = parse_rate_reset(resp.headers.get("X-RateLimit-Reset"))
+                        reset = parse_rate_reset(_header(resp, "RateLimit-Reset"))
                         retry_after = reset if reset is not None else self._backoff(attempt)
                     self._wait(retry_after, f"HTTP 429 from {safe_url(url)}")
                 else:
@@ -248,6 +248,12 @@ class HttpClient:
 
     def get_json(self, url: str, **kwargs: Any) -> tuple[Any, requests.Response]:
         return self.request_json("GET", url, **kwargs)
+
+
+def _header(resp: requests.Response, name: str) -> str | None:
+    """`X-<name>` (Mastodon, Reddit) or `<name>` (Bluesky, the IETF draft); case-insensitive."""
+    value = resp.headers.get("X-" + name)
+    return value if value is not None else resp.headers.get(name)
 
 
 def _api_error(resp: requests.Response) -> str:

@@ -125,6 +125,36 @@ def test_rate_limit_remaining_zero_waits_until_reset(server):
     assert len(sleeps) == 1 and 15 < sleeps[0] <= 20
 
 
+def test_unprefixed_ratelimit_headers_bluesky_style(server):
+    """Bluesky sends `RateLimit-Remaining` / `RateLimit-Reset` (epoch seconds), without `X-`."""
+    reset = str(int(time.time()) + 30)
+    server.route("GET", "/bsky", lambda req: Response(200, [], {"RateLimit-Remaining": "0", "RateLimit-Reset": reset}))
+    sleeps: list[float] = []
+    c = client(sleeps)
+    c.get_json(server.url + "/bsky")
+    c.get_json(server.url + "/bsky")
+    assert len(sleeps) == 1 and 25 < sleeps[0] <= 30
+    assert c.stats.throttled == 1
+
+
+def test_429_without_retry_after_waits_for_the_rate_limit_reset(server):
+    calls = []
+
+    def handler(req):
+        calls.append(1)
+        if len(calls) == 1:
+            return Response(429, {"error": "RateLimitExceeded"}, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "12"})
+        return Response(200, {"ok": True})
+
+    server.route("GET", "/reddit", handler)
+    sleeps: list[float] = []
+    c = client(sleeps)
+    body, _ = c.get_json(server.url + "/reddit")
+    assert body == {"ok": True}
+    assert len(calls) == 2
+    assert sleeps and all(11 < s <= 12 for s in sleeps)  # Reddit style: seconds until reset, never the 0.01s backoff
+
+
 def test_parse_helpers():
     assert parse_retry_after("5") == 5.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=dt.datetime(2015, 10, 21, 7, 27, 50, tzinfo=dt.UTC).timestamp()) == 10.0
