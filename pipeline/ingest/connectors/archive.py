@@ -170,7 +170,7 @@ def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | No
     if head.lstrip().startswith(b"["):
         try:
             items = json.loads(fh.read().decode("utf-8", "replace"))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             yield f"{name}:1", None, None, f"invalid JSON array: {exc}"
             return
         for i, item in enumerate(items if isinstance(items, list) else [items], 1):
@@ -192,7 +192,7 @@ def decode_partition(data: bytes) -> list[dict[str, Any]]:
             continue
         try:
             out.append(loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a row nested too deeply
             out.append({**_wrapper_head(line), "error": "invalid JSON line"})
     return out
 
@@ -291,7 +291,7 @@ class ArchiveConnector(Connector):
                         if when is None:
                             try:
                                 row = json.loads(line)
-                            except ValueError:
+                            except (ValueError, RecursionError):
                                 error = "invalid JSON line"
                     if error is None and when is None:
                         if not isinstance(row, dict):
