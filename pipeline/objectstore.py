@@ -172,6 +172,8 @@ class S3Store:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
+            if isinstance(exc, StorageError):  # e.g. InvalidKeyError: keep its own type
+                raise
             raise self._fail(exc, "delete") from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
