@@ -1,6 +1,7 @@
 """dag.test() of the real DAGs on a SQLite Airflow metadata database: train -> ingest ->
-detect -> aggregate on the synthetic source, rows land, and a second run of the same
-interval changes nothing. Plus the Airflow-connection path on Postgres + S3."""
+detect -> aggregate on the synthetic source, rows land; a retrain that does not beat the
+active model is registered but not activated; a second run of the same interval changes
+nothing. Plus the Airflow-connection path on Postgres + S3."""
 
 from __future__ import annotations
 
@@ -155,14 +156,33 @@ def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
     # XCom carries keys and counts, never data
     assert max(xcom_sizes(first)) < 2000
 
+    # Second round: the active model made unbeatable (held-out F1 2.0), so a retrain registers
+    # a new version but must not activate it; then the same interval again changes nothing.
+    with ctx.engine.begin() as conn:
+        (v1,) = conn.execute(select(schema.model_versions.c.version)).one()
+        metrics = dict(conn.execute(select(schema.model_versions.c.metrics)).scalar_one())
+        conn.execute(schema.model_versions.update().values(metrics={**metrics, "f1": 2.0}))
     before = snapshot(ctx)
-    second = run_steps(env, pipeline_steps, tmp_path / "steps2.json")
+    retrain, *second = run_steps(env, [train_step, *pipeline_steps], tmp_path / "steps2.json")
+    assert retrain["tasks"]["train"]["xcom"]["activated"] is False
+    assert retrain["tasks"]["train"]["xcom"]["version"] != v1
+    after = snapshot(ctx)
+    # the active version's row untouched (still active), one new inactive version beside it
+    old_rows, new_rows = before.pop("model_versions"), after.pop("model_versions")
+    added = [r for r in new_rows if r not in old_rows]
+    assert [r for r in new_rows if r in old_rows] == old_rows and len(added) == 1
+    columns = [c.name for c in schema.model_versions.columns]
+    assert dict(zip(columns, added[0], strict=True))["active"] is False
+    # training may cache features of its own images; nothing cached before goes away
+    cached_after = after.pop("feature_cache")
+    assert all(row in cached_after for row in before.pop("feature_cache"))
+
     assert second[0]["tasks"]["ingest[0]"]["xcom"]["skipped"] == 1
     assert second[1]["tasks"]["detect"]["state"] == "skipped"  # nothing pending: zero mapped tasks
     assert (
         second[1]["tasks"]["publish"]["state"] == "success"
     )  # ... and aggregation still triggered
-    assert snapshot(ctx) == before
+    assert after == before
 
 
 def test_ingest_through_airflow_connections_on_postgres_and_s3(make_ctx, airflow_home, tmp_path):
