@@ -60,6 +60,7 @@ def test_airflow_services_share_the_project_image_dags_and_connections(compose):
         svc = compose["services"][name]
         assert svc["build"] == "." and svc["image"].startswith("${BRANDMON_IMAGE:-brandmon-airflow")
         assert "./dags:/opt/airflow/dags:ro" in svc["volumes"]
+        assert "${BRANDMON_DATA_DIR:-./data}:/opt/brandmon/data:ro" in svc["volumes"]
         env = svc["environment"]
         assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
         for conn in ("AIRFLOW_CONN_BRANDMON_DB", "AIRFLOW_CONN_BRANDMON_AWS"):
@@ -71,6 +72,8 @@ def test_airflow_services_share_the_project_image_dags_and_connections(compose):
             parsed = json.loads(value)
             assert parsed["conn_type"] in ("postgres", "aws")
         assert env["BRANDMON_STORAGE_URL"].startswith("s3://")
+        assert env["BRANDMON_DB_CONN_ID"] == "${BRANDMON_DB_CONN_ID:-brandmon_db}"
+        assert env["BRANDMON_AWS_CONN_ID"] == "${BRANDMON_AWS_CONN_ID:-brandmon_aws}"
 
 
 def test_worker_scales_out(compose):
