@@ -1,0 +1,343 @@
+"""Faults against real Postgres and the S3 API server (moto): feed misbehaviour, object-store
+errors, a database connection killed mid-transaction, two runs of one window at once.
+
+Each scenario compares the tables (row sets, not counts) and the lake with those of an
+uninterrupted run of the same input on a fresh database and bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from rel_helpers import DAY, compare, jpeg, snapshot, spawn
+from sqlalchemy import create_engine, event, func, select, text
+
+from pipeline.aggregate.jobs import aggregate_dirty
+from pipeline.errors import BrandmonError, StorageError
+from pipeline.ingest.jobs import fetch_images, ingest_window
+from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
+from pipeline.schema import (
+    dirty_days,
+    images,
+    locks,
+    mention_daily,
+    post_images,
+    posts,
+    quarantine,
+    runs,
+    text_mentions,
+)
+
+pytestmark = pytest.mark.integration
+
+TAG = "/api/v1/timelines/tag/acme"
+DAYS = 4
+START, STOP = DAY, DAY + dt.timedelta(days=DAYS)
+INGEST_TABLES = [posts, post_images, images, quarantine, dirty_days]
+AGG_TABLES = [mention_daily, text_mentions, dirty_days]
+
+
+def world(srv: FakeMastodon, per_day: int = 12) -> None:
+    """Statuses over DAYS days (a few with images, one bad), under two hashtags."""
+    for i in range(6):
+        srv.add_bytes(f"/img/{i}.jpg", jpeg(i))
+    statuses = []
+    for i in range(DAYS * per_day):
+        when = START + dt.timedelta(minutes=(24 * 60 // per_day) * i + 5)
+        media = [mastodon_media(f"{srv.url}/img/{(i // 3) % 6}.jpg")] if i % 3 == 0 else []
+        tags = ("acme", "acmefan") if i % 5 == 0 else ("acme",)
+        statuses.append(mastodon_status(when, f"acme post {i}", seq=i, tags=tags, account=f"user{i % 7}", media=media))
+    bad = mastodon_status(START + dt.timedelta(hours=30), "acme broken", seq=999, tags=("acme",))
+    bad["account"] = None
+    statuses.append(bad)
+    srv.statuses = statuses
+
+
+def source(srv: FakeMastodon, **extra: Any) -> dict[str, Any]:
+    return {"name": "masto", "kind": "mastodon", "base_url": srv.url, "hashtags": ["acme", "acmefan"], "limit": 6,
+            "backoff_s": 0.01, "part_pages": 1, **extra}
+
+
+def cfg(srv: FakeMastodon, **extra: Any) -> dict[str, Any]:
+    return {"brands": [{"name": "Acme", "keywords": ["acme"], "hashtags": ["acme"]}], "sources": [source(srv, **extra)],
+            "network": {"max_retries": 3, "timeout_s": 5, "image_workers": 2, "per_host_connections": 2,
+                        "allowed_private_hosts": ["127.0.0.1"]}}
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeMastodon]:
+    with FakeMastodon(max_limit=6) as s:
+        world(s)
+        yield s
+
+
+@pytest.fixture
+def reference(make_ctx, srv):
+    """An uninterrupted ingest (+ aggregate) of the same feed, on its own database and bucket."""
+    ctx = make_ctx(cfg(srv), "postgres")
+    ingest_window(ctx, "masto", START, STOP)
+    ingest_snap = snapshot(ctx, INGEST_TABLES)
+    aggregate_dirty(ctx)
+    srv.requests.clear()
+    return {"ctx": ctx, "ingest": ingest_snap, "aggregate": snapshot(ctx, AGG_TABLES, lake=False)}
+
+
+def assert_same(tally, want: dict[str, set[Any]], got_ctx: Any, tables: list[Any], lake: bool = True) -> None:
+    problems = compare(tally, want, snapshot(got_ctx, tables, lake=lake))
+    assert not problems, "\n".join(problems)
+
+
+def run_status(ctx: Any) -> list[str]:
+    with ctx.engine.connect() as conn:
+        return [s for (s,) in conn.execute(select(runs.c.status).where(runs.c.kind == "ingest").order_by(runs.c.id))]
+
+
+def count(ctx: Any, table: Any) -> int:
+    with ctx.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
+
+
+# --- feed API faults -------------------------------------------------------------------------------
+
+RECOVERABLE = {
+    "429 + Retry-After": {"kind": "status", "status": 429, "retry_after": "1", "times": 2, "skip": 1},
+    "500 burst": {"kind": "status", "status": 500, "times": 3, "skip": 2},
+    "503 burst": {"kind": "status", "status": 503, "retry_after": "0", "times": 3, "skip": 4},
+    "timeout": {"kind": "slow", "delay_s": 1.2, "times": 2, "skip": 1},
+    "truncated JSON": {"kind": "truncate", "times": 2, "skip": 3},
+    "dropped connection": {"kind": "drop", "times": 2, "skip": 2},
+}
+
+
+@pytest.mark.parametrize("name", list(RECOVERABLE))
+def test_feed_fault_is_retried_and_window_completes(make_ctx, srv, reference, tally, name):
+    ctx = make_ctx(cfg(srv, timeout_s=0.5), "postgres")
+    fault = srv.fault(TAG, **RECOVERABLE[name])
+    started = time.monotonic()
+    counts = ingest_window(ctx, "masto", START, STOP)
+    assert fault.hits >= fault.skip + fault.times, "the fault was never served"
+    tally.fault(f"feed {name}", fault.times)
+    if name.startswith("429"):
+        assert time.monotonic() - started >= 2.0, "Retry-After was not honoured"
+    assert counts["new"] == count(reference["ctx"], posts)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+    assert run_status(ctx) == ["succeeded"]
+
+
+FATAL = {
+    "500 storm": ({"kind": "status", "status": 500, "times": 1000, "skip": 3}, "HTTP 500 after 4 attempts"),
+    "repeating page": ({"kind": "repeat", "times": 1, "skip": 2}, "twice|backwards"),
+    "backwards cursor": ({"kind": "backwards", "times": 1, "skip": 2}, "backwards"),
+}
+
+
+@pytest.mark.parametrize("name", list(FATAL))
+def test_feed_fault_fails_cleanly_then_rerun_completes(make_ctx, srv, reference, tally, name):
+    ctx = make_ctx(cfg(srv), "postgres")
+    spec, message = FATAL[name]
+    srv.fault(TAG, **spec)
+    with pytest.raises(BrandmonError, match=message) as info:
+        ingest_window(ctx, "masto", START, STOP)
+    tally.fault(f"feed {name}")
+    assert "\n" not in str(info.value)
+    assert count(ctx, posts) == count(ctx, post_images) == count(ctx, quarantine) == 0  # no partial window
+    srv.clear_faults()
+    ingest_window(ctx, "masto", START, STOP)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+    assert run_status(ctx) == ["failed", "succeeded"]
+
+
+# --- object store faults ---------------------------------------------------------------------------
+
+
+class FailingStore:
+    """Wraps the real store; the `after`+1-th matching call fails (`times` times) or runs `action`."""
+
+    def __init__(self, inner: Any, op: str, prefix: str, after: int, times: int = 1, error: str = "SlowDown",
+                 action: Any = None) -> None:
+        self.inner, self.op, self.prefix, self.after, self.times, self.error, self.action = inner, op, prefix, after, times, error, action
+        self.url = inner.url
+        self.seen = 0
+        self.fired = 0
+
+    def _maybe(self, op: str, key: str) -> None:
+        if op != self.op or not key.startswith(self.prefix):
+            return
+        self.seen += 1
+        if self.seen > self.after and self.fired < self.times:
+            self.fired += 1
+            if self.action is not None:
+                self.action()
+                return
+            raise StorageError(f"S3 {op} on {self.url} failed: {self.error}")
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        self._maybe("put", key)
+        self.inner.put(key, data, content_type)
+
+    def get(self, key: str) -> bytes:
+        self._maybe("get", key)
+        return self.inner.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def store_fault(ctx: Any, **kw: Any) -> Iterator[FailingStore]:
+    real = ctx.store
+    wrapper = FailingStore(real, **kw)
+    ctx.__dict__["store"] = wrapper
+    try:
+        yield wrapper
+    finally:
+        ctx.__dict__["store"] = real
+
+
+@pytest.mark.parametrize("error", ["SlowDown", "InternalError"])
+def test_lake_write_error_mid_window_commits_nothing(make_ctx, srv, reference, tally, error):
+    ctx = make_ctx(cfg(srv), "postgres")
+    with store_fault(ctx, op="put", prefix="raw/", after=2, error=error) as fs, pytest.raises(BrandmonError, match=error):
+        ingest_window(ctx, "masto", START, STOP)
+    assert fs.fired == 1
+    tally.fault(f"object store {error}")
+    assert count(ctx, posts) == count(ctx, post_images) == 0
+    ingest_window(ctx, "masto", START, STOP)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+
+
+def test_image_store_errors_leave_images_retryable(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    with store_fault(ctx, op="put", prefix="images/", after=1, times=3, error="InternalError") as fs:
+        counts = ingest_window(ctx, "masto", START, STOP)
+    tally.fault("object store InternalError (images)", fs.fired)
+    assert fs.fired == 3 and counts["images_failed"] >= 3
+    with ctx.engine.connect() as conn:
+        reasons = {r for (r,) in conn.execute(select(post_images.c.reason).where(post_images.c.status == "failed"))}
+    assert all(r.startswith("storage error") for r in reasons)
+    assert compare(tally, {"posts": reference["ingest"]["posts"]}, snapshot(ctx, [posts], lake=False)) == []
+    fetch_images(ctx, source="masto")
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+
+
+def test_bucket_disappears_mid_window(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    bucket = ctx.settings.storage_url.split("/")[2]
+    s3 = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url)
+
+    def drop_bucket() -> None:
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
+
+    with store_fault(ctx, op="put", prefix="raw/", after=3, action=drop_bucket), pytest.raises(StorageError, match="NoSuchBucket"):
+        ingest_window(ctx, "masto", START, STOP)
+    tally.fault("object store missing bucket")
+    assert count(ctx, posts) == 0
+    s3.create_bucket(Bucket=bucket)
+    ingest_window(ctx, "masto", START, STOP)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+
+
+# --- a database connection dropped mid-transaction -------------------------------------------------
+
+
+@contextlib.contextmanager
+def drop_connection_on(ctx: Any, needle: str, nth: int = 1) -> Iterator[list[int]]:
+    """pg_terminate_backend() this engine's connection, from another one, when it is about to
+    run its `nth` statement containing `needle` (inside the job's open transaction)."""
+    admin = create_engine(ctx.settings.database_url, isolation_level="AUTOCOMMIT")
+    seen, fired = [0], []
+
+    def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if needle in statement and not fired:
+            seen[0] += 1
+            if seen[0] >= nth:
+                pid = conn.connection.dbapi_connection.get_backend_pid()
+                with admin.connect() as a:
+                    a.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                fired.append(pid)
+                time.sleep(0.2)
+
+    event.listen(ctx.engine, "before_cursor_execute", before)
+    try:
+        yield fired
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", before)
+        admin.dispose()
+
+
+def test_db_connection_dropped_mid_ingest_transaction(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    with drop_connection_on(ctx, "INSERT INTO post_images") as fired, pytest.raises(BrandmonError) as info:
+        ingest_window(ctx, "masto", START, STOP)
+    assert fired, "the statement never ran"
+    tally.fault("db connection terminated (ingest)")
+    assert "re-run the same window" in str(info.value)
+    assert count(ctx, posts) == count(ctx, post_images) == count(ctx, quarantine) == count(ctx, dirty_days) == 0
+    ingest_window(ctx, "masto", START, STOP)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+    assert run_status(ctx) == ["failed", "succeeded"]
+
+
+def test_db_connection_dropped_mid_aggregate_day(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    ingest_window(ctx, "masto", START, STOP)
+    with drop_connection_on(ctx, "mention_daily", nth=5) as fired, pytest.raises(Exception):  # noqa: B017 - any error
+        aggregate_dirty(ctx)
+    assert fired
+    tally.fault("db connection terminated (aggregate)")
+    with ctx.engine.connect() as conn:
+        left = conn.execute(select(func.count()).select_from(dirty_days)).scalar()
+    assert 0 < left <= DAYS  # the interrupted day is still queued
+    aggregate_dirty(ctx)
+    assert_same(tally, reference["aggregate"], ctx, AGG_TABLES, lake=False)
+
+
+# --- two runs of the same window at once -----------------------------------------------------------
+
+CLI = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_two_ingest_runs_of_one_window(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    srv.fault(TAG, "slow", delay_s=0.4, times=1000)  # keep the first run inside its lock for a while
+    args = ["ingest", "masto", "--start", START.isoformat(), "--end", STOP.isoformat(), "--quiet"]
+    first = spawn(ctx, CLI, *args)
+    try:
+        deadline = time.monotonic() + 60
+        while count(ctx, locks) == 0:
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-800:]
+            time.sleep(0.05)
+        second = spawn(ctx, CLI, *args)
+        out2, err2 = second.communicate(timeout=60)
+        out1, err1 = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    tally.fault("concurrent run (ingest)")
+    assert second.returncode == 75, err2.decode()
+    assert err2.decode().strip().count("\n") == 0 and "another run is already processing" in err2.decode()
+    assert first.returncode == 0, err1.decode()[-800:]
+    assert run_status(ctx) == ["succeeded"]
+    srv.clear_faults()
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+
+
+def test_two_aggregate_runs_at_once(make_ctx, srv, reference, tally):
+    ctx = make_ctx(cfg(srv), "postgres")
+    ingest_window(ctx, "masto", START, STOP)
+    procs = [spawn(ctx, CLI, "aggregate", "--quiet") for _ in range(2)]
+    results = [p.communicate(timeout=180) for p in procs]
+    tally.fault("concurrent run (aggregate)")
+    assert [p.returncode for p in procs] == [0, 0], [r[1].decode()[-500:] for r in results]
+    with ctx.engine.connect() as conn:
+        statuses = [s for (s,) in conn.execute(select(runs.c.status).where(runs.c.kind == "aggregate"))]
+    assert statuses == ["succeeded", "succeeded"]  # the second waited for the lock, then found nothing to do
+    assert_same(tally, reference["aggregate"], ctx, AGG_TABLES, lake=False)
