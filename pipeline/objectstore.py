@@ -135,8 +135,19 @@ class S3Store:
                     f"S3 bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; create it "
                     f"(aws s3 mb s3://{self.bucket}) or fix BRANDMON_STORAGE_URL"
                 )
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(
+                    f"S3 {what} on s3://{self.bucket} was refused ({code}); check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (or the aws_default connection) and the bucket policy"
+                )
             return StorageError(f"S3 {what} on s3://{self.bucket} failed: {code}")
-        return StorageError(f"S3 {what} on s3://{self.bucket} failed: {type(exc).__name__}: {exc}")
+        hint = ""
+        name = type(exc).__name__
+        if name == "NoCredentialsError":
+            hint = "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+        elif name in ("EndpointConnectionError", "ConnectTimeoutError"):
+            hint = "; start the S3 server or fix BRANDMON_S3_ENDPOINT_URL"
+        return StorageError(f"S3 {what} on s3://{self.bucket} failed: {name}: {exc}{hint}")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
