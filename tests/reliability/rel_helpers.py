@@ -58,8 +58,15 @@ class Tally:
         self.current["rows_compared"] += compared
         self.current["rows_lost"] += lost
 
+    def secret_scan(self, values: int, scanned_bytes: int, found: int) -> None:
+        self.current["secret_values"] += values
+        self.current["secret_bytes"] += scanned_bytes
+        self.current["secrets_found"] += found
+
     def end_test(self, passed: bool) -> None:
         cur = self.current
+        for k in ("secret_values", "secret_bytes", "secrets_found"):
+            self.totals[k] += cur[k]
         self.totals["faults"] += cur["faults"]
         self.totals["bad_inputs"] += cur["bad_inputs"]
         self.totals["rows_compared"] += cur["rows_compared"]
@@ -81,6 +88,7 @@ class Tally:
             f"  (corpus: {len(load_cases())} cases in tests/data/bad/cases.json, each run per backend)",
             f"  outcomes: {outcomes or 'none'}",
             f"rows compared against uninterrupted runs: {t['rows_compared']}  rows lost: {t['rows_lost']}",
+            f"secrets grepped for: {t['secret_values']} values in {t['secret_bytes']:,} bytes written  found: {t['secrets_found']}",
             f"reliability tests: {t['tests_passed']} passed, {t['tests_failed']} failed",
         ]
 

@@ -1,0 +1,128 @@
+"""Secrets never leave the environment: runs that succeed and fail (through the CLI, with debug
+logging), then a grep of everything they wrote for the secret values (and their base64 forms):
+stdout/stderr, captured logs, every row of every table (run log, quarantine, cursors, ...),
+every lake object (gzip opened), and the files under BRANDMON_HOME."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import gzip
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from rel_helpers import DAY, END, ctx_env
+from sqlalchemy import select
+
+from pipeline.ingest.jobs import ingest_window
+from pipeline.ingest.replay import (
+    FakeBluesky,
+    FakeMastodon,
+    FakeReddit,
+    bluesky_post,
+    mastodon_status,
+    reddit_post,
+)
+from pipeline.schema import metadata
+
+pytestmark = pytest.mark.integration
+
+BSKY_PASSWORD = "bsky-APP-PASS-7c1d-reliability"
+REDDIT_SECRET = "reddit-SECRET-9f2e-reliability"
+MASTO_TOKEN = "masto-TOKEN-3a5b-reliability"
+SALT = "salt-AUTHOR-4b8a-reliability"
+SECRET_ENV = {"REL_BSKY_PASSWORD": BSKY_PASSWORD, "REL_REDDIT_ID": "rel-client", "REL_REDDIT_SECRET": REDDIT_SECRET,
+              "REL_MASTO_TOKEN": MASTO_TOKEN}
+CLI = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def forms(secret: str) -> list[bytes]:
+    """The secret as text and in the encodings a leak would likely use (Basic auth, base64)."""
+    raw = secret.encode()
+    return [raw, base64.b64encode(raw), base64.b64encode(f"rel-client:{secret}".encode()), base64.b32encode(raw)]
+
+
+def cli(ctx: Any, *args: str) -> tuple[int, bytes]:
+    proc = subprocess.run([sys.executable, "-c", CLI, "-vv", *args], env=ctx_env(ctx, **SECRET_ENV),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+    return proc.returncode, proc.stdout
+
+
+def window(day: dt.datetime) -> list[str]:
+    return ["--start", day.isoformat(), "--end", (day + dt.timedelta(days=1)).isoformat()]
+
+
+def test_secrets_never_written(make_ctx, monkeypatch, caplog, tally):
+    for k, v in SECRET_ENV.items():
+        monkeypatch.setenv(k, v)
+    caplog.set_level("DEBUG")
+    with (
+        FakeBluesky(password=BSKY_PASSWORD) as sky,
+        FakeReddit(client_id="rel-client", client_secret=REDDIT_SECRET) as rd,
+        FakeMastodon() as masto,
+    ):
+        sky.posts = [bluesky_post(DAY + dt.timedelta(hours=h), f"acme sky {h}", did=f"did:plc:a{h}") for h in range(3)]
+        rd.posts = [reddit_post(DAY + dt.timedelta(hours=h), f"acme reddit {h}", pid=f"r{h}", author=f"bob{h}") for h in range(3)]
+        masto.statuses = [mastodon_status(DAY + dt.timedelta(hours=h), f"acme masto {h}", seq=h, tags=("acme",)) for h in range(3)]
+        bad = mastodon_status(DAY + dt.timedelta(hours=5), "acme", seq=9, tags=("acme",))
+        bad["account"] = None
+        masto.statuses.append(bad)
+        sources = [
+            {"name": "sky", "kind": "bluesky", "base_url": sky.url, "queries": ["acme"], "identifier": "brandmon.bsky.social",
+             "password_env": "REL_BSKY_PASSWORD", "backoff_s": 0.01},
+            {"name": "rd", "kind": "reddit", "oauth_base_url": rd.url, "auth_url": rd.url + "/api/v1/access_token",
+             "subreddits": ["brands"], "client_id_env": "REL_REDDIT_ID", "client_secret_env": "REL_REDDIT_SECRET", "backoff_s": 0.01},
+            {"name": "masto", "kind": "mastodon", "base_url": masto.url, "hashtags": ["acme"], "token_env": "REL_MASTO_TOKEN",
+             "backoff_s": 0.01},
+        ]
+        config = {"brands": [{"name": "Acme", "keywords": ["acme"]}], "sources": sources,
+                  "network": {"max_retries": 1, "allowed_private_hosts": ["127.0.0.1"]}}
+        ctx = make_ctx(config, "postgres", env={"BRANDMON_AUTHOR_SALT": SALT})
+        outputs: list[bytes] = []
+        codes = []
+        for name in ("sky", "rd", "masto"):  # succeed
+            code, out = cli(ctx, "ingest", name, *window(DAY), "--quiet")
+            codes.append(code)
+            outputs.append(out)
+        rd.fault("/r/brands/new.json", "status", status=500, times=100)  # fail: the API keeps failing
+        code, out = cli(ctx, "ingest", "rd", *window(END), "--quiet")
+        codes.append(code)
+        outputs.append(out)
+        sky.password = "rotated-elsewhere"  # fail: the app password was revoked -> 401 on createSession
+        code, out = cli(ctx, "ingest", "sky", *window(END), "--quiet")
+        codes.append(code)
+        outputs.append(out)
+        for cmd in (["aggregate", "--quiet"], ["status"]):
+            code, out = cli(ctx, *cmd)
+            codes.append(code)
+            outputs.append(out)
+        # The same failures in-process, for the captured log records and exception texts.
+        errors = []
+        for name in ("rd", "sky"):
+            with pytest.raises(Exception) as info:  # noqa: B017 - any error; its text is checked below
+                ingest_window(ctx, name, END + dt.timedelta(days=1), END + dt.timedelta(days=2))
+            errors.append(f"{info.value!r} {info.value}".encode())
+        tokens = [t.encode() for t in (*sky.tokens, *rd.tokens)]
+    assert codes[:3] == [0, 0, 0] and codes[3] != 0 and codes[4] != 0 and codes[5:] == [0, 0], outputs
+    assert b"HTTP 500" in outputs[3] and b"401" in outputs[4]
+    tally.fault("runs failing with secrets set", 4)
+
+    blobs: list[bytes] = [*outputs, *errors, caplog.text.encode()]
+    with ctx.engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            blobs += [repr(tuple(r)).encode() for r in conn.execute(select(table))]
+        assert conn.execute(select(metadata.tables["runs"].c.status)).all()  # the run log is not empty
+    lake = list(ctx.store.list(""))
+    assert any(k.startswith("raw/source=sky/") for k in lake) and any(k.startswith("raw/source=rd/") for k in lake)
+    for key in lake:
+        data = ctx.store.get(key)
+        blobs.append(gzip.decompress(data) if key.endswith(".gz") else data)
+    blobs += [p.read_bytes() for p in ctx.settings.home.rglob("*") if p.is_file()]
+    everything = b"\n".join(blobs)
+    assert b"acme sky 1" in everything and b"HTTP 500" in everything  # the grep sees real content
+    leaks = [s[:6] + b"..." for secret in (BSKY_PASSWORD, REDDIT_SECRET, MASTO_TOKEN, SALT) for s in forms(secret) if s in everything]
+    leaks += [t[:8] + b"..." for t in tokens if t in everything]
+    tally.secret_scan(4 * len(forms(SALT)) + len(tokens), len(everything), len(leaks))
+    assert not leaks, f"secrets found in what the runs wrote: {leaks}"
