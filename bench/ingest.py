@@ -1,7 +1,7 @@
 """Benchmark: backfill N archive posts into Postgres, against a naive ORM insert in the same run.
 
     nice -n 10 .venv/bin/python bench/ingest.py [--posts 1000000] [--days 100] [--sample 50000]
-        [--database-url postgresql+psycopg2://...]   (else BRANDMON_DATABASE_URL, else a throwaway cluster)
+        [--database-url postgresql+psycopg2://...]   (else BRANDMON_TEST_PG_URL, else a throwaway cluster)
 
 What is timed:
 - brandmon: `pipeline.ingest.jobs.backfill` over daily windows of an archive source (gzip
@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--days", type=int, default=100, help="days the posts span (one backfill window per day)")
     ap.add_argument("--sample", type=int, default=50_000, help="posts in the ORM baseline sample")
     ap.add_argument("--workers", type=int, default=2, help="backfill worker processes (default 2: one per core here)")
-    ap.add_argument("--database-url", default=os.environ.get("BRANDMON_DATABASE_URL"), help="a Postgres server URL (a scratch database is created on it)")
+    ap.add_argument("--database-url", default=os.environ.get("BRANDMON_TEST_PG_URL"), help="a Postgres server URL (a scratch database is created on it)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the export and lake go (default: a temp dir, removed after)")
     args = ap.parse_args(argv)
 
+    load0 = os.getloadavg()
     cluster = None
     if args.database_url:
         admin = args.database_url
@@ -202,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         created.append(name)
         copy_rate = copy_reference(copy_url, sample)
         print(f"reference raw COPY (unindexed table): {copy_rate:,.0f} rows/s", flush=True)
-        print(f"ratio brandmon / ORM: {brandmon_rate / orm_rate:.1f}x   (target >= 50,000 posts/s: {'met' if brandmon_rate >= 50_000 else 'NOT met'})")
+        print(f"ratio brandmon / ORM: {brandmon_rate / orm_rate:.1f}x   brandmon / raw COPY: {brandmon_rate / copy_rate:.2f}   "
+              f"(target >= 50,000 posts/s: {'met' if brandmon_rate >= 50_000 else 'NOT met'})")
+        print(f"load average (1, 5, 15 min) at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, at end "
+              "{:.2f} {:.2f} {:.2f}; {} cores; run with nice".format(*os.getloadavg(), os.cpu_count()))
     finally:
         for name in created:
             try:

@@ -17,9 +17,12 @@ the re-run.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select, update
@@ -169,22 +172,41 @@ def _normalise(ctx: Any, connector: Connector, records: list[tuple[Any, str | No
     return items, list(rejects.values())
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block that builds many small objects.
+
+    Why: a window's records are hundreds of thousands of fresh dicts and Posts, and each
+    collection re-walks all of them: measured at about a third of the CPU of parsing and
+    normalising an archive day. They hold no reference cycles; refcounting frees them.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
                 progress: bool, counts: dict[str, Any]) -> None:
     connector.prepare(ctx, counts)
-    records = _fetch(ctx, connector, name, start, end, force, counts)
-    counts["fetched"] = len(records)
-    items, rejects = _normalise(ctx, connector, records, start, end, counts)
-    unique = dedupe(items)
-    counts["duplicates"] = len(items) - len(unique)
-    now = utcnow()
-    with ctx.engine.begin() as conn:
-        touch_source(conn, name, connector.kind)
-        result = load_posts(conn, name, unique, now, unique=True)
-        record_rejects(conn, name, start, rejects)
-        if result.days:
-            mark_days(conn, result.days, "ingest")
-        _set_progress(conn, name, window_key(start, end), None, latest_end=end)
+    with gc_paused():
+        records = _fetch(ctx, connector, name, start, end, force, counts)
+        counts["fetched"] = len(records)
+        items, rejects = _normalise(ctx, connector, records, start, end, counts)
+        unique = dedupe(items)
+        counts["duplicates"] = len(items) - len(unique)
+        now = utcnow()
+        with ctx.engine.begin() as conn:
+            touch_source(conn, name, connector.kind)
+            result = load_posts(conn, name, unique, now, unique=True)
+            record_rejects(conn, name, start, rejects)
+            if result.days:
+                mark_days(conn, result.days, "ingest")
+            _set_progress(conn, name, window_key(start, end), None, latest_end=end)
+        del records, items, unique
     counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
     counts["rejected"] += len(rejects)
     counts["dirty_days"] = len(result.days)

@@ -83,10 +83,10 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
     post_lines: list[str] = []
     image_lines: list[str] = []
     for post, raw_key in items:
-        plat, ext = _esc(post.platform), _esc(post.external_id)
+        plat, ext, iso = _esc(post.platform), _esc(post.external_id), post.posted_at.isoformat()
         post_lines.append(
-            f"{plat}\t{ext}\t{post.author_hash}\t{_esc(post.text)}\t{_esc(post.lang)}\t{post.posted_at.isoformat()}\t"
-            f"{_esc(post.url)}\t{_esc(post.repost_of)}\t{content_hash(post)}\t{_esc(raw_key)}\n"
+            f"{plat}\t{ext}\t{post.author_hash}\t{_esc(post.text)}\t{_esc(post.lang)}\t{iso}\t"
+            f"{_esc(post.url)}\t{_esc(post.repost_of)}\t{content_hash(post, iso)}\t{_esc(raw_key)}\n"
         )
         for i, img in enumerate(post.images):
             image_lines.append(f"{plat}\t{ext}\t{i}\t{_esc(img.url)}\t{_esc(img.alt_text)}\n")

@@ -255,11 +255,12 @@ def clean_url(value: Any) -> str | None:
     return value
 
 
-def content_hash(post: Post) -> str:
-    """Changes when anything a user could edit changes (drives `updated` counts); fast."""
+def content_hash(post: Post, posted_iso: str | None = None) -> str:
+    """Changes when anything a user could edit changes (drives `updated` counts); fast.
+    `posted_iso`: `post.posted_at.isoformat()` if the caller has it already."""
     parts = [
         post.platform, post.external_id, post.author_hash, post.text, post.lang or "",
-        post.posted_at.isoformat(), post.url or "", post.repost_of or "",
+        posted_iso or post.posted_at.isoformat(), post.url or "", post.repost_of or "",
     ]
     for img in post.images:
         parts.append(img.url)

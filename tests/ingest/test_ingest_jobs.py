@@ -516,7 +516,8 @@ def test_parallel_archive_backfill_equals_serial(make_ctx, tmp_path):
     assert again["skipped"] == 3 and again["windows"] == 3
 
 
-def test_archive_fast_timestamp_and_partition_lines():
+def test_archive_fast_timestamp_and_partition_lines(monkeypatch):
+    import pipeline.ingest.connectors.archive as archive_mod
     from pipeline.ingest.connectors.archive import decode_partition, fast_time
 
     assert fast_time('{"id": "1", "created_at": "2026-10-02T05:00:00Z", "text": "x"}') == "2026-10-02T05:00:00Z"
@@ -526,6 +527,11 @@ def test_archive_fast_timestamp_and_partition_lines():
     assert fast_time('{"created_at": "with \\"escape\\""}') is None
     lines = ('{"ref":"a.jsonl:1","ts":"2026-10-02T05:00:00+00:00","row":{"id":"1"}}\n'
              '{"ref":"a.jsonl:2","ts":"2026-10-02T06:00:00+00:00","row":{"id": "2", "text": "cut\n')
+    good = ('{"ref":"a.jsonl:1","ts":"2026-10-02T05:00:00+00:00","row":{"id":"1","n":12345678901234567890123,"f":0.1}}\n'
+            '{"ref":"a.jsonl:2","ts":"2026-10-02T05:00:00+00:00","row":{"t":"caf\\u00e9 \\ud83d\\ude00","x":null,"k":[1,{}]}}\n')
+    fast = decode_partition(gzip.compress(good.encode()))
+    monkeypatch.setattr(archive_mod, "_DECODE", None)
+    assert fast == decode_partition(gzip.compress(good.encode())) == [json.loads(x) for x in good.splitlines()]
     out = decode_partition(gzip.compress(lines.encode()))
     assert out[0] == {"ref": "a.jsonl:1", "ts": "2026-10-02T05:00:00+00:00", "row": {"id": "1"}}
     assert out[1] == {"ref": "a.jsonl:2", "ts": "2026-10-02T06:00:00+00:00", "error": "invalid JSON line"}

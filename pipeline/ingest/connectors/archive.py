@@ -136,6 +136,13 @@ class ArchiveFiles:
         return os.path.relpath(name, self.root if self.root.is_dir() else self.root.parent)
 
 
+try:
+    import msgspec
+
+    _DECODE: Any = msgspec.json.Decoder().decode
+except ImportError:  # pragma: no cover - msgspec comes with Airflow; json is the fallback
+    _DECODE = None
+
 _UNPARSED = object()  # a JSON line not parsed yet (see ArchiveConnector._build_index)
 _FAST_TS = re.compile(
     r'"(?:created_at|posted_at|createdAt|timestamp|created_utc|date|time)"\s*:\s*'
@@ -184,7 +191,20 @@ def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | No
 
 def decode_partition(data: bytes) -> list[dict[str, Any]]:
     """Lines `{"ref", "ts", "row"}` of a day partition; a row that is not valid JSON (kept raw in
-    the lake) comes back as `{"ref", "ts", "error"}` so its window can quarantine it."""
+    the lake) comes back as `{"ref", "ts", "error"}` so its window can quarantine it.
+
+    Fast path: the whole partition decoded as one JSON array by msgspec (an Airflow dependency,
+    about twice as fast as `json`); any doubt (a broken line, odd escapes) takes the line-by-line
+    path with the standard library, whose results the fast path reproduces."""
+    if _DECODE is not None:
+        lines = [line for line in gzip.decompress(data).split(b"\n") if line.strip()]
+        try:
+            rows = _DECODE(b"[" + b",".join(lines) + b"]")
+        except Exception:  # noqa: BLE001 - any decode problem: the careful path below decides
+            pass
+        else:
+            if all(type(r) is dict for r in rows):
+                return rows
     out: list[dict[str, Any]] = []
     loads = json.loads
     for line in gzip.decompress(data).decode("utf-8", "replace").splitlines():
