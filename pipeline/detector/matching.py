@@ -47,8 +47,11 @@ class MatcherParams:
     query_max_upscale: float = 1.5  # ...but never enlarged more than this
     query_features: int = 1500  # keypoints kept per query image
     contrast_threshold: float = 0.02  # SIFT; lower than Lowe's 0.04: logos are often faint
+    mode: str = "shortlist"  # "shortlist" (vote, then per-reference ratio) | "class_ratio"
+    shortlist: int = 40  # references verified per query (shortlist mode)
+    vote_norm: bool = False  # divide votes by sqrt(reference keypoints)
     knn: int = 8  # neighbours searched per query descriptor
-    ratio: float = 0.85  # class-aware Lowe ratio
+    ratio: float = 0.85  # Lowe ratio (per reference, or class-aware)
     flann_trees: int = 4
     flann_checks: int = 64
     min_matches: int = 6  # correspondences a reference needs before RANSAC is tried
@@ -76,6 +79,8 @@ class _Index:
     ref_class: np.ndarray  # (R,) int32 class index of each reference
     ref_size: np.ndarray  # (R, 2) float32 (w, h) of each resized reference
     flann: Any = field(default=None, repr=False)
+    ref_start: np.ndarray | None = field(default=None, repr=False)
+    ref_count: np.ndarray | None = field(default=None, repr=False)
     root: np.ndarray | None = field(default=None, repr=False)
 
 
@@ -201,6 +206,11 @@ class LogoMatcher:
     def _build(self) -> None:
         idx = self._require()
         idx.root = _root_sift(idx.desc)
+        n_ref = len(idx.ref_class)
+        idx.ref_count = np.bincount(idx.ref, minlength=n_ref)
+        idx.ref_start = np.concatenate([[0], np.cumsum(idx.ref_count)[:-1]]).astype(np.int64)
+        if not np.all(np.diff(idx.ref) >= 0):
+            raise ValueError("reference descriptors must be stored grouped by reference")
         # FLANN's randomised kd-trees draw from OpenCV's RNG: seed it so a model rebuilt
         # from bytes searches exactly like the one that was saved.
         cv2.setRNGSeed(12345)
@@ -270,34 +280,17 @@ class LogoMatcher:
         if desc is None or len(kps) < p.min_inliers:
             return empty, counts
         qxy = np.array([k.pt for k in kps], np.float32)
-        nn, dist = idx.flann.knnSearch(_root_sift(desc), p.knn, params={"checks": p.flann_checks})
+        qroot = _root_sift(desc)
+        nn, dist = idx.flann.knnSearch(qroot, p.knn, params={"checks": p.flann_checks})
         nn = nn.astype(np.int64)
         dist = np.sqrt(np.maximum(dist, 0))  # FLANN L2 returns squared distances
-        owner_class = idx.ref_class[idx.ref[nn]]  # (Q, k)
-        top = owner_class[:, :1]
-        other = owner_class != top
-        # Distance to the nearest descriptor of another class (the last neighbour if none).
-        first_other = np.where(other.any(axis=1), other.argmax(axis=1), p.knn - 1)
-        d_other = dist[np.arange(len(nn)), first_other]
-        keep = (~other) & (dist < p.ratio * d_other[:, None])
-        qi, kj = np.nonzero(keep)
+        if p.mode == "shortlist":
+            qi, ri = self._shortlist_matches(qroot, nn)
+        else:
+            qi, ri = self._class_ratio_matches(nn, dist)
         if len(qi) < p.min_matches:
             return empty, counts
-        ri = nn[qi, kj]  # reference descriptor index
         refs = idx.ref[ri]
-        dd = dist[qi, kj]
-        # One correspondence per (query keypoint, reference) and per reference keypoint:
-        # the nearest wins, so repeated texture cannot inflate the inlier count.
-        order = np.lexsort((dd, refs))
-        qi, ri, refs, dd = qi[order], ri[order], refs[order], dd[order]
-        _, first = np.unique(np.stack([refs, qi]), axis=1, return_index=True)
-        sel = np.sort(first)
-        qi, ri, refs, dd = qi[sel], ri[sel], refs[sel], dd[sel]
-        order = np.lexsort((dd, ri))
-        qi, ri, refs = qi[order], ri[order], refs[order]
-        _, first = np.unique(ri, return_index=True)
-        qi, ri, refs = qi[first], ri[first], refs[first]
-
         best: dict[int, tuple[int, Box | None]] = {}
         order = np.argsort(refs, kind="stable")
         qi, ri, refs = qi[order], ri[order], refs[order]
@@ -338,6 +331,80 @@ class LogoMatcher:
             counts[name] = n_in
             out[name] = (self.inliers_to_score(n_in), box)
         return out, counts
+
+    def _class_ratio_matches(self, nn: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Correspondences whose class-c neighbour beats every other class by the ratio."""
+        idx, p = self._require(), self.params
+        owner_class = idx.ref_class[idx.ref[nn]]  # (Q, k)
+        other = owner_class != owner_class[:, :1]
+        # Distance to the nearest descriptor of another class (the last neighbour if none).
+        first_other = np.where(other.any(axis=1), other.argmax(axis=1), p.knn - 1)
+        d_other = dist[np.arange(len(nn)), first_other]
+        keep = (~other) & (dist < p.ratio * d_other[:, None])
+        qi, kj = np.nonzero(keep)
+        ri = nn[qi, kj]
+        refs, dd = idx.ref[ri], dist[qi, kj]
+        # One correspondence per (query keypoint, reference) and per reference keypoint:
+        # the nearest wins, so repeated texture cannot inflate the inlier count.
+        order = np.lexsort((dd, refs))
+        qi, ri, refs, dd = qi[order], ri[order], refs[order], dd[order]
+        _, first = np.unique(np.stack([refs, qi]), axis=1, return_index=True)
+        sel = np.sort(first)
+        qi, ri, dd = qi[sel], ri[sel], dd[sel]
+        order = np.lexsort((dd, ri))
+        qi, ri = qi[order], ri[order]
+        _, first = np.unique(ri, return_index=True)
+        return qi[first], ri[first]
+
+    def _shortlist_matches(self, qroot: np.ndarray, nn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vote for references with the kNN, then Lowe-match exactly against the shortlist.
+
+        Why: a ratio test across the whole library rejects most correspondences of plain
+        logos (their corners look like every other logo's); within one reference it is the
+        classic, far more permissive test, and RANSAC does the rest.
+        """
+        idx, p = self._require(), self.params
+        n_ref = len(idx.ref_class)
+        owners = idx.ref[nn]  # (Q, k)
+        pair = np.unique(np.arange(len(nn))[:, None] * n_ref + owners)
+        votes = np.bincount(pair % n_ref, minlength=n_ref).astype(np.float64)
+        if p.vote_norm:
+            votes /= np.sqrt(idx.ref_count)
+        order = np.argsort(-votes, kind="stable")
+        short = [r for r in order[: p.shortlist] if votes[r] > 0]
+        if not short:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        cols = np.concatenate([np.arange(idx.ref_start[r], idx.ref_start[r] + idx.ref_count[r]) for r in short])
+        sims = qroot @ idx.root[cols].T  # unit vectors: d^2 = 2 - 2 cos
+        qis, ris = [], []
+        off = 0
+        r2 = p.ratio * p.ratio
+        for r in short:
+            n = int(idx.ref_count[r])
+            block = sims[:, off : off + n]
+            off += n
+            if n < 2:
+                continue
+            top2 = np.argpartition(-block, 1, axis=1)[:, :2]
+            s2 = np.take_along_axis(block, top2, axis=1)
+            first = s2.argmax(axis=1)
+            s1 = s2[np.arange(len(s2)), first]
+            sb = s2[np.arange(len(s2)), 1 - first]
+            d1, d2 = np.maximum(0, 2 - 2 * s1), np.maximum(0, 2 - 2 * sb)
+            ok = d1 < r2 * d2
+            q = np.nonzero(ok)[0]
+            if len(q) < p.min_matches:
+                continue
+            j = top2[q, first[q]]
+            # One query keypoint per reference keypoint: the closest.
+            o = np.lexsort((d1[q], j))
+            q, j = q[o], j[o]
+            _, keep = np.unique(j, return_index=True)
+            qis.append(q[keep])
+            ris.append(idx.ref_start[r] + j[keep])
+        if not qis:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(qis), np.concatenate(ris)
 
     def inliers_to_score(self, n_inliers: float) -> float:
         p = self.params

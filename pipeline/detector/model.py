@@ -189,13 +189,28 @@ def build_network(
     features = keras.Model(inputs, x, name="features")
 
     feat_in = keras.Input((x.shape[-1],), name="feature")
-    y = keras.layers.Dropout(dropout, name="dropout")(feat_in)
+    # Standardises the features (identity until `adapt_feature_norm`); float32 so bf16 inference
+    # keeps the small spreads a frozen base can produce.
+    y = keras.layers.Normalization(axis=-1, dtype="float32", name="feature_norm")(feat_in)
+    y = keras.layers.Dropout(dropout, name="dropout")(y)
     out = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="classes")(y)
     head = keras.Model(feat_in, out, name="head")
 
     img = keras.Input((input_size, input_size, 3), name="image")
     classifier = keras.Model(img, head(features(img)), name="logo_classifier")
     return Network(classifier=classifier, features=features, head=head, base=base)
+
+
+def adapt_feature_norm(net: Network, features: np.ndarray) -> None:
+    """Standardise the head's input with the training features' mean and variance.
+
+    Why: a frozen base's pooled features can vary across images by 1e-5 around a large mean
+    (a randomly initialised base with inference-mode BatchNorm, measured on the test marks),
+    far below what a softmax head at a normal learning rate can use; standardised, the same
+    features are linearly separable. Only for a frozen base: cached features stay valid.
+    """
+    if len(features):
+        net.head.get_layer("feature_norm").adapt(np.asarray(features, np.float32))
 
 
 def set_trainable(net: Network, mode: str) -> None:

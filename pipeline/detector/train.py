@@ -448,6 +448,7 @@ def train(
     from pipeline.detector import registry
     from pipeline.detector.model import (
         ModelSpec,
+        adapt_feature_norm,
         build_network,
         recalibrate_batchnorm,
         resolve_weights,
@@ -522,6 +523,7 @@ def train(
                 feats[split], c = compute_features(ctx, net, key, ss, prep.pixels[split], progress)
                 cache_counts = {k: cache_counts[k] + c[k] for k in cache_counts}
             _say(progress, f"feature cache {key}: {cache_counts['hits']} hits, {cache_counts['misses']} computed")
+            adapt_feature_norm(net, feats["train"])
             history["head"] = train_head(net, feats["train"], y_train, order, cfg, classes, tb_root, progress, cw)
             if cfg.mode.startswith("finetune:"):
                 _say(progress, f"fine-tuning the top {cfg.mode.split(':')[1]} Inception blocks: "

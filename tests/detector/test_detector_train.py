@@ -48,9 +48,9 @@ def test_training_beats_chance_and_registers_an_active_model(make_ctx, tmp_path:
 
 def test_upsampling_raises_minority_recall_and_retraining_hits_the_cache(make_ctx, tmp_path: Path):
     ctx = make_ctx()
-    data = make_folders(tmp_path / "train", {"Reddisc": 60, "Bluesquare": 5, "no_logo": 60}, seed=2)
+    data = make_folders(tmp_path / "train", {"Reddisc": 60, "Bluesquare": 3, "no_logo": 60}, seed=2)
     unseen = make_folders(tmp_path / "unseen", {"Reddisc": 20, "Bluesquare": 20, "no_logo": 20}, seed=98)
-    opts = {**FAST, "head_epochs": 8, "learning_rate": 3e-4}
+    opts = {**FAST, "head_epochs": 6, "learning_rate": 2e-4}
     plain = train_model(ctx, data, weights="none", activate="always", progress=False, **{**opts, "upsample": 0.0})
     cache = plain["params"]["feature_cache"]
     assert cache["hits"] == 0 and cache["misses"] > 0
@@ -63,9 +63,9 @@ def test_upsampling_raises_minority_recall_and_retraining_hits_the_cache(make_ct
     # same base weights, input size and images: every feature comes from the cache
     assert balanced["params"]["feature_cache"] == {"hits": cache["misses"], "misses": 0}
     counts = balanced["params"]["class_counts"]
-    assert counts["before"]["Bluesquare"] <= 5 and counts["after"]["Bluesquare"] == counts["after"]["Reddisc"]
+    assert counts["before"]["Bluesquare"] <= 3 and counts["after"]["Bluesquare"] == counts["after"]["Reddisc"]
     recall_balanced = argmax_recall(ctx, unseen, "Bluesquare", balanced["version"])
-    assert recall_balanced > recall_plain + 0.2, (recall_plain, recall_balanced)
+    assert recall_balanced > recall_plain + 0.15, (recall_plain, recall_balanced)
 
 
 def test_registry_activation(make_ctx, tmp_path: Path):
