@@ -313,3 +313,19 @@ def test_range_validation_and_series(make_ctx):
     assert [r["posts"] for r in series] == [0, 1, 0]
     assert [r["computed"] for r in series] == [False, True, False]
     assert series[1]["rolling_7"] == 1.0 and series[1]["spike"] is False
+
+
+@pytest.mark.integration
+def test_day_statements_run_without_jit_on_postgres(make_ctx):
+    """JIT compiling the day's plan cost seconds at 10M posts: it is off, for that transaction only."""
+    from pipeline.aggregate.daily import compute_day
+    from pipeline.aggregate.mentions import ActiveModel
+
+    ctx = make_ctx(CONFIG, "postgres")
+    with ctx.engine.connect() as conn:
+        default = conn.exec_driver_sql("SHOW jit").scalar()
+    with ctx.engine.begin() as conn:
+        compute_day(conn, START, ["mastodon"], ActiveModel())
+        assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+    with ctx.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW jit").scalar() == default
