@@ -147,11 +147,13 @@ def run(steps_path: str) -> list[dict[str, Any]]:
     from airflow.settings import Session
 
     steps = json.loads(Path(steps_path).read_text())
-    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"], safe_mode=False)
-    if bag.import_errors:
-        raise SystemExit(f"import errors: {bag.import_errors}")
     results = []
     for step in steps:
+        # A fresh parse per step: an in-process dag.test() leaves the run's conf in the DAG
+        # object's params, which would leak into the next run of the same DAG.
+        bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"], safe_mode=False)
+        if bag.import_errors:
+            raise SystemExit(f"import errors: {bag.import_errors}")
         dag = bag.dags[step["dag_id"]]
         logical = pendulum.parse(step["logical_date"]) if step.get("logical_date") else None
         t0 = time.perf_counter()

@@ -43,8 +43,11 @@ def airflow_base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def run_airflow(env: dict[str, str], *args: str, timeout: float = 300) -> Any:
-    """Run tests/dags/airflow_runner.py with `args`; return its JSON result (last line)."""
+def run_airflow(
+    env: dict[str, str], *args: str, timeout: float = 300, with_output: bool = False
+) -> Any:
+    """Run tests/dags/airflow_runner.py with `args`; return its JSON result (last line), or
+    (result, everything the process wrote) with `with_output`, for assertions on task logs."""
     proc = subprocess.run(
         [sys.executable, str(RUNNER), *args],
         env=env,
@@ -59,4 +62,5 @@ def run_airflow(env: dict[str, str], *args: str, timeout: float = 300) -> Any:
         raise AssertionError(
             f"airflow_runner {' '.join(args)} failed (rc={proc.returncode}):\n{tail}"
         )
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    return (result, proc.stdout + proc.stderr) if with_output else result

@@ -186,7 +186,9 @@ def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
 
 
 def test_ingest_through_airflow_connections_on_postgres_and_s3(make_ctx, airflow_home, tmp_path):
-    """The database and S3 endpoint/credentials come only from the two Airflow connections."""
+    """The database and S3 endpoint/credentials come only from the two Airflow connections.
+    Before it, in the same process, a run that fails: retried, then the failure callback's
+    summary is logged once, and no credential reaches the output."""
     from sqlalchemy.engine import make_url
 
     ctx = make_ctx(synthetic_config(days=1), backend="postgres")
@@ -215,8 +217,32 @@ def test_ingest_through_airflow_connections_on_postgres_and_s3(make_ctx, airflow
             "extra": {"endpoint_url": ctx.settings.s3_endpoint_url, "region_name": "us-east-1"},
         }
     )
-    steps = [{"dag_id": "brandmon_ingest", "logical_date": "2026-10-02T00:00:00+00:00"}]
-    (result,) = run_steps(env, steps, tmp_path / "steps.json")
+    # parse-time settings: the minimum of 2 retries, quick ones
+    env.update({"BRANDMON_TASK_RETRIES": "2", "BRANDMON_RETRY_DELAY_S": "0.2"})
+    failing = {
+        "dag_id": "brandmon_ingest",
+        "logical_date": "2026-10-05T00:00:00+00:00",
+        "conf": {"sources": ["nope"]},  # list_sources raises ConfigError on every attempt
+    }
+    ok = {"dag_id": "brandmon_ingest", "logical_date": "2026-10-02T00:00:00+00:00"}
+    steps_path = tmp_path / "steps.json"
+    steps_path.write_text(json.dumps([failing, ok]))
+    (failed, result), output = run_airflow(
+        env, "run", str(steps_path), timeout=420, with_output=True
+    )
+
+    assert failed["state"] == "failed" and failed["tasks"]["list_sources"]["state"] == "failed"
+    assert failed["tasks"]["publish"]["state"] == "upstream_failed"
+    summaries = [ln for ln in output.splitlines() if "brandmon task failed:" in ln]
+    assert len(summaries) == 1, summaries  # the callback runs once, after the last retry
+    summary = summaries[0]
+    assert "dag=brandmon_ingest task=list_sources (attempt 3)" in summary  # 1 try + 2 retries
+    assert "interval=2026-10-04T00:00:00+00:00 -> 2026-10-05T00:00:00+00:00" in summary
+    assert "ConfigError: unknown source(s) nope; configured: demo" in summary
+    secrets = ["conn-secret", ctx.settings.author_salt.get(), url.password or "conn-secret"]
+    assert not [s for s in secrets if s in output]
+
+    assert result["state"] == "success", result
     new = result["tasks"]["publish"]["xcom"]["new"]
     assert new > 0 and count(ctx, schema.posts) == new
     assert ctx.store.list("")  # raw pages and images landed in the S3 bucket
