@@ -59,6 +59,7 @@ class MatcherParams:
     min_inliers: int = 6  # fewer verified inliers than this scores 0
     score_scale: float = 6.0  # inliers above the floor that give score 1 - 1/e
     max_scale_ratio: float = 12.0  # reject homographies squashing one axis vs the other
+    min_inside: float = 0.5  # share of the projected reference's bounding box inside the image
 
     def __post_init__(self) -> None:
         if self.knn < 2:
@@ -131,8 +132,15 @@ def _query_scale(params: MatcherParams, w: int, h: int) -> float:
     return min(params.query_long_side / max(w, h), params.query_max_upscale)
 
 
-def _homography_ok(hmat: np.ndarray, ref_w: float, ref_h: float, params: MatcherParams) -> bool:
-    """Reject degenerate or mirrored homographies: real logos are seen as convex quads."""
+def _homography_ok(
+    hmat: np.ndarray, ref_w: float, ref_h: float, params: MatcherParams, image_wh: tuple[int, int] | None = None
+) -> bool:
+    """Reject degenerate or mirrored homographies: real logos are seen as convex quads.
+
+    Also reject a reference projected mostly outside the image (`min_inside`): a handful of
+    chance inliers in one corner often "verify" a homography that blows the logo up past the
+    frame, while a logo in a photo is mostly in the photo.
+    """
     if hmat is None or not np.all(np.isfinite(hmat)):
         return False
     corners = np.array([[0, 0], [ref_w, 0], [ref_w, ref_h], [0, ref_h]], np.float32)
@@ -154,7 +162,15 @@ def _homography_ok(hmat: np.ndarray, ref_w: float, ref_h: float, params: Matcher
     if max(sides[0] / sides[2], sides[2] / sides[0], sides[1] / sides[3], sides[3] / sides[1]) > 4:
         return False
     sx, sy = (sides[0] + sides[2]) / (2 * ref_w), (sides[1] + sides[3]) / (2 * ref_h)
-    return max(sx / sy, sy / sx) <= params.max_scale_ratio
+    if max(sx / sy, sy / sx) > params.max_scale_ratio:
+        return False
+    if image_wh is not None and params.min_inside > 0:
+        (x1, y1), (x2, y2) = quad.min(axis=0), quad.max(axis=0)
+        iw = max(0.0, min(x2, image_wh[0]) - max(x1, 0.0))
+        ih = max(0.0, min(y2, image_wh[1]) - max(y1, 0.0))
+        if iw * ih < params.min_inside * (x2 - x1) * (y2 - y1):
+            return False
+    return True
 
 
 class LogoMatcher:
@@ -314,7 +330,7 @@ class LogoMatcher:
             if n_in < p.min_inliers or (cls in best and best[cls][0] >= n_in):
                 continue
             rw, rh = idx.ref_size[r]
-            if not _homography_ok(hmat, float(rw), float(rh), p):
+            if not _homography_ok(hmat, float(rw), float(rh), p, (g.shape[1], g.shape[0])):
                 continue
             corners = np.array([[0, 0], [rw, 0], [rw, rh], [0, rh]], np.float32)
             quad = cv2.perspectiveTransform(corners[None], hmat)[0] / scale

@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -477,7 +478,7 @@ def train(
         _say(True, f"note: {note}")
     cfg = resolve_config(profile, tag != "none", epochs, overrides)
     run_stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    tb_root = Path(ctx.settings.home) / "tensorboard" / run_stamp
+    tb_root = Path(ctx.settings.home) / "tensorboard" / f"{run_stamp}-{uuid.uuid4().hex[:6]}"
 
     with recorded_run(ctx.engine, "train", source=str(data)[:128]) as counts:
         sources = load_sources(data, fmt)

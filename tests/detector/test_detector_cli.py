@@ -71,3 +71,16 @@ def test_cli_evaluate_detect_and_model_list(make_ctx, install_model, monkeypatch
     listing = capsys.readouterr().out
     line = next(li for li in listing.splitlines() if version in li)
     assert line.startswith("*")
+    assert main(["model", "activate", version]) == 0
+    assert f"model {version} is now active" in capsys.readouterr().out
+    assert main(["model", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in listed if r["active"]] == [version]
+    assert main(["evaluate", "--data", str(data)]) == 0  # the human summary, one line per signal
+    assert "cnn" in capsys.readouterr().out
+
+    out = tmp_path / "review"
+    assert main(["review", "export", "--out", str(out)]) == 0
+    assert "queued images" in capsys.readouterr().out and (out / "manifest.csv").exists()
+    assert main(["review", "import", str(out), "--into", str(tmp_path / "training")]) == 0
+    assert "labelled" in capsys.readouterr().out

@@ -32,6 +32,9 @@ def test_training_beats_chance_and_registers_an_active_model(make_ctx, tmp_path:
     assert {p.name for p in eval_dir.iterdir()} <= {"Reddisc", "Bluesquare", "no_logo"}
     assert Path(result["pr_curve"]).read_bytes()[:4] == b"\x89PNG"
     assert ctx.store.exists(f"models/{result['version']}/pr_curve.png")
+    # TensorBoard event files of the run, with the per-epoch loss
+    events = list(Path(result["params"]["tensorboard"]).rglob("events.out.tfevents.*"))
+    assert events and any(b"epoch_loss" in e.read_bytes() for e in events)
 
     # unseen images (other seeds): far better than the 1/3 of chance
     unseen = make_folders(tmp_path / "unseen", {"REDDISC": 15, "bluesquare": 15, "No_Logo": 15}, seed=99)
