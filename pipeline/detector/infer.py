@@ -29,7 +29,7 @@ from pipeline.context import Context
 from pipeline.database import upsert
 from pipeline.detector import NO_LOGO
 from pipeline.dirty import mark_days_of_images
-from pipeline.errors import BrandmonError
+from pipeline.errors import BrandmonError, StorageError
 from pipeline.runlog import recorded_run
 from pipeline.schema import detections, image_scores, images, review_queue, utcnow
 
@@ -84,41 +84,51 @@ def pending_batches(ctx: Context, version: str, batch_size: int) -> list[str]:
 # --- the input pipeline ----------------------------------------------------------------------
 
 
-def _fetch_ahead(ctx: Context, rows: list[Any]) -> Iterator[tuple[int, bytes]]:
-    """Yield (index, bytes) in order with a bounded read-ahead on threads (S3 is latency-bound)."""
+def _fetch_ahead(ctx: Context, rows: list[Any], failed: dict[int, str] | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (index, bytes) in order with a bounded read-ahead on threads (S3 is latency-bound).
 
-    def fetch(row: Any) -> bytes:
+    A read that fails (throttling, a 500) is noted in `failed` (index -> reason) and yields no
+    bytes: tf.data would swallow the exception, and the image must not be written off as corrupt.
+    """
+
+    def fetch(i: int, row: Any) -> bytes:
         if row.width and row.height and row.width * row.height > MAX_PIXELS:
             return b""  # reported as too large below
         try:
             return ctx.store.get(row.storage_key)
         except KeyError:
             return b""
+        except Exception as exc:
+            if failed is None:
+                raise
+            failed[i] = f"{type(exc).__name__}: {exc}"[:300]
+            return b""
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         window: collections.deque = collections.deque()
         it = iter(enumerate(rows))
         for i, row in it:
-            window.append((i, pool.submit(fetch, row)))
+            window.append((i, pool.submit(fetch, i, row)))
             if len(window) >= READ_AHEAD:
                 break
         for i, row in it:
             j, fut = window.popleft()
             yield j, fut.result()
-            window.append((i, pool.submit(fetch, row)))
+            window.append((i, pool.submit(fetch, i, row)))
         while window:
             j, fut = window.popleft()
             yield j, fut.result()
 
 
-def image_stream(ctx: Context, rows: list[Any], size: int, batch_size: int, with_view: bool) -> Any:
+def image_stream(ctx: Context, rows: list[Any], size: int, batch_size: int, with_view: bool,
+                 failed: dict[int, str] | None = None) -> Any:
     """A tf.data stream of batches; undecodable images are dropped (their index is missing)."""
     import tensorflow as tf
 
     from pipeline.detector.model import MATCH_MAX_SIDE, resize_tensor, shrink_tensor
 
     ds = tf.data.Dataset.from_generator(
-        lambda: _fetch_ahead(ctx, rows),
+        lambda: _fetch_ahead(ctx, rows, failed),
         output_signature=(tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.string)),
     )
 
@@ -229,7 +239,8 @@ def detect(
     bar = tqdm(total=len(rows), desc=f"detect {version}", unit="img", disable=not progress or not sys.stderr.isatty())
     with recorded_run(ctx.engine, "detect", source=version) as run_counts:
         expected = 0  # next index we expect from the stream; gaps are corrupt images
-        for batch in image_stream(ctx, rows, size, batch_size, with_view):
+        failed: dict[int, str] = {}  # images the lake could not serve: left unscored for a re-run
+        for batch in image_stream(ctx, rows, size, batch_size, with_view, failed):
             idx = batch[0].numpy()
             x = tf.cast(batch[1], tf.float32)
             n = int(x.shape[0])
@@ -252,7 +263,7 @@ def detect(
             review_rows: list[dict] = []
             for k in range(n):
                 i = int(idx[k])
-                score_rows.extend(_corrupt_row(ctx, rows[gap], version, now) for gap in range(expected, i))
+                score_rows.extend(_corrupt_row(ctx, rows[gap], version, now) for gap in range(expected, i) if gap not in failed)
                 expected = i + 1
                 s_row, d_rows, r_row = rows_for_image(
                     rows[i].sha256, version, spec, probs[k], matches[k], scales[k], det.score_floor, det.review_margin, now
@@ -268,7 +279,7 @@ def detect(
             counts["detections"] += len(det_rows)
             counts["review"] += len(review_rows)
             bar.update(len(score_rows))
-        tail = [_corrupt_row(ctx, rows[gap], version, utcnow()) for gap in range(expected, len(rows))]
+        tail = [_corrupt_row(ctx, rows[gap], version, utcnow()) for gap in range(expected, len(rows)) if gap not in failed]
         if tail:
             write_batch(ctx, tail, [], [])
             counts["corrupt"] += len(tail)
@@ -276,6 +287,10 @@ def detect(
         bar.close()
         elapsed = time.monotonic() - started
         run_counts.update(counts, seconds=round(elapsed, 2), precision=prec)
+        if failed:
+            run_counts["unreadable"] = len(failed)
+            raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "
+                               "they stay unscored: re-run detect")
     return counts
 
 
