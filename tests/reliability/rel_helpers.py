@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import create_engine, event, text
+
+from pipeline.errors import StorageError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bad"
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
@@ -335,3 +338,105 @@ def kill_when(proc: subprocess.Popen, ready: Any, timeout: float = 120, settle: 
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+# --- a Postgres + S3 context that outlives one test -----------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_pg_ctx(config: dict[str, Any], pg_admin_url: str, s3_endpoint: str, root: Path) -> Iterator[Any]:
+    """Like the `make_ctx(config, "postgres")` fixture, for module-scoped references."""
+    import uuid
+
+    import yaml
+
+    from pipeline.context import Context
+    from pipeline.database import upgrade
+    from pipeline.settings import load_settings
+    from pipeline.testing import create_bucket, create_database, drop_database
+
+    db_name, bucket = f"t_{uuid.uuid4().hex[:12]}", f"lake-{uuid.uuid4().hex[:12]}"
+    (root / "brandmon.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    create_bucket(s3_endpoint, bucket)
+    env = {"BRANDMON_HOME": str(root / "var"), "BRANDMON_AUTHOR_SALT": "test-salt-5f1c0ffee",
+           "BRANDMON_CONFIG": str(root / "brandmon.yaml"), "BRANDMON_DATABASE_URL": create_database(pg_admin_url, db_name),
+           "BRANDMON_STORAGE_URL": f"s3://{bucket}/lake", "BRANDMON_S3_ENDPOINT_URL": s3_endpoint}
+    ctx = Context(load_settings(env=env))
+    upgrade(ctx.engine)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+        drop_database(pg_admin_url, db_name)
+
+
+# --- fault injectors -------------------------------------------------------------------------------
+
+
+class FailingStore:
+    """Wraps the real store; the `after`+1-th matching call fails (`times` times) or runs `action`."""
+
+    def __init__(self, inner: Any, op: str, prefix: str, after: int, times: int = 1, error: str = "SlowDown",
+                 action: Any = None) -> None:
+        self.inner, self.op, self.prefix, self.after, self.times, self.error, self.action = inner, op, prefix, after, times, error, action
+        self.url = inner.url
+        self.seen = 0
+        self.fired = 0
+
+    def _maybe(self, op: str, key: str) -> None:
+        if op != self.op or not key.startswith(self.prefix):
+            return
+        self.seen += 1
+        if self.seen > self.after and self.fired < self.times:
+            self.fired += 1
+            if self.action is not None:
+                self.action()
+                return
+            raise StorageError(f"S3 {op} on {self.url} failed: {self.error}")
+
+    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        self._maybe("put", key)
+        self.inner.put(key, data, content_type)
+
+    def get(self, key: str) -> bytes:
+        self._maybe("get", key)
+        return self.inner.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def store_fault(ctx: Any, **kw: Any) -> Iterator[FailingStore]:
+    real = ctx.store
+    wrapper = FailingStore(real, **kw)
+    ctx.__dict__["store"] = wrapper
+    try:
+        yield wrapper
+    finally:
+        ctx.__dict__["store"] = real
+
+
+@contextlib.contextmanager
+def drop_connection_on(ctx: Any, needle: str, nth: int = 1) -> Iterator[list[int]]:
+    """pg_terminate_backend() this engine's connection, from another one, when it is about to
+    run its `nth` statement containing `needle` (inside the job's open transaction)."""
+    admin = create_engine(ctx.settings.database_url, isolation_level="AUTOCOMMIT")
+    seen, fired = [0], []
+
+    def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if needle in statement and not fired:
+            seen[0] += 1
+            if seen[0] >= nth:
+                pid = conn.connection.dbapi_connection.get_backend_pid()
+                with admin.connect() as a:
+                    a.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                fired.append(pid)
+                time.sleep(0.2)
+
+    event.listen(ctx.engine, "before_cursor_execute", before)
+    try:
+        yield fired
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", before)
+        admin.dispose()

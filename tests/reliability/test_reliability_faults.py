@@ -7,7 +7,6 @@ uninterrupted run of the same input on a fresh database and bucket.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import time
 from collections.abc import Iterator
@@ -15,8 +14,17 @@ from typing import Any
 
 import boto3
 import pytest
-from rel_helpers import DAY, compare, jpeg, snapshot, spawn
-from sqlalchemy import create_engine, event, func, select, text
+from rel_helpers import (
+    DAY,
+    compare,
+    drop_connection_on,
+    jpeg,
+    shared_pg_ctx,
+    snapshot,
+    spawn,
+    store_fault,
+)
+from sqlalchemy import func, select
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.errors import BrandmonError, StorageError
@@ -70,22 +78,29 @@ def cfg(srv: FakeMastodon, **extra: Any) -> dict[str, Any]:
                         "allowed_private_hosts": ["127.0.0.1"]}}
 
 
-@pytest.fixture
-def srv() -> Iterator[FakeMastodon]:
+@pytest.fixture(scope="module")
+def feed() -> Iterator[FakeMastodon]:
     with FakeMastodon(max_limit=6) as s:
         world(s)
         yield s
 
 
 @pytest.fixture
-def reference(make_ctx, srv):
+def srv(feed: FakeMastodon) -> FakeMastodon:
+    """The module's feed server, without the faults and request log of earlier tests."""
+    feed.clear_faults()
+    feed.requests.clear()
+    return feed
+
+
+@pytest.fixture(scope="module")
+def reference(feed, pg_admin_url, s3_endpoint, tmp_path_factory):
     """An uninterrupted ingest (+ aggregate) of the same feed, on its own database and bucket."""
-    ctx = make_ctx(cfg(srv), "postgres")
-    ingest_window(ctx, "masto", START, STOP)
-    ingest_snap = snapshot(ctx, INGEST_TABLES)
-    aggregate_dirty(ctx)
-    srv.requests.clear()
-    return {"ctx": ctx, "ingest": ingest_snap, "aggregate": snapshot(ctx, AGG_TABLES, lake=False)}
+    with shared_pg_ctx(cfg(feed), pg_admin_url, s3_endpoint, tmp_path_factory.mktemp("reference")) as ctx:
+        ingest_window(ctx, "masto", START, STOP)
+        ingest_snap = snapshot(ctx, INGEST_TABLES)
+        aggregate_dirty(ctx)
+        yield {"ctx": ctx, "ingest": ingest_snap, "aggregate": snapshot(ctx, AGG_TABLES, lake=False)}
 
 
 def assert_same(tally, want: dict[str, set[Any]], got_ctx: Any, tables: list[Any], lake: bool = True) -> None:
@@ -156,50 +171,6 @@ def test_feed_fault_fails_cleanly_then_rerun_completes(make_ctx, srv, reference,
 # --- object store faults ---------------------------------------------------------------------------
 
 
-class FailingStore:
-    """Wraps the real store; the `after`+1-th matching call fails (`times` times) or runs `action`."""
-
-    def __init__(self, inner: Any, op: str, prefix: str, after: int, times: int = 1, error: str = "SlowDown",
-                 action: Any = None) -> None:
-        self.inner, self.op, self.prefix, self.after, self.times, self.error, self.action = inner, op, prefix, after, times, error, action
-        self.url = inner.url
-        self.seen = 0
-        self.fired = 0
-
-    def _maybe(self, op: str, key: str) -> None:
-        if op != self.op or not key.startswith(self.prefix):
-            return
-        self.seen += 1
-        if self.seen > self.after and self.fired < self.times:
-            self.fired += 1
-            if self.action is not None:
-                self.action()
-                return
-            raise StorageError(f"S3 {op} on {self.url} failed: {self.error}")
-
-    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        self._maybe("put", key)
-        self.inner.put(key, data, content_type)
-
-    def get(self, key: str) -> bytes:
-        self._maybe("get", key)
-        return self.inner.get(key)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def store_fault(ctx: Any, **kw: Any) -> Iterator[FailingStore]:
-    real = ctx.store
-    wrapper = FailingStore(real, **kw)
-    ctx.__dict__["store"] = wrapper
-    try:
-        yield wrapper
-    finally:
-        ctx.__dict__["store"] = real
-
-
 @pytest.mark.parametrize("error", ["SlowDown", "InternalError"])
 def test_lake_write_error_mid_window_commits_nothing(make_ctx, srv, reference, tally, error):
     ctx = make_ctx(cfg(srv), "postgres")
@@ -246,31 +217,6 @@ def test_bucket_disappears_mid_window(make_ctx, srv, reference, tally):
 
 
 # --- a database connection dropped mid-transaction -------------------------------------------------
-
-
-@contextlib.contextmanager
-def drop_connection_on(ctx: Any, needle: str, nth: int = 1) -> Iterator[list[int]]:
-    """pg_terminate_backend() this engine's connection, from another one, when it is about to
-    run its `nth` statement containing `needle` (inside the job's open transaction)."""
-    admin = create_engine(ctx.settings.database_url, isolation_level="AUTOCOMMIT")
-    seen, fired = [0], []
-
-    def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if needle in statement and not fired:
-            seen[0] += 1
-            if seen[0] >= nth:
-                pid = conn.connection.dbapi_connection.get_backend_pid()
-                with admin.connect() as a:
-                    a.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-                fired.append(pid)
-                time.sleep(0.2)
-
-    event.listen(ctx.engine, "before_cursor_execute", before)
-    try:
-        yield fired
-    finally:
-        event.remove(ctx.engine, "before_cursor_execute", before)
-        admin.dispose()
 
 
 def test_db_connection_dropped_mid_ingest_transaction(make_ctx, srv, reference, tally):

@@ -15,11 +15,21 @@ import random
 from typing import Any
 
 import pytest
-from rel_helpers import DAY, compare, jpeg, kill_when, snapshot, spawn
+from rel_helpers import (
+    DAY,
+    compare,
+    drop_connection_on,
+    jpeg,
+    kill_when,
+    snapshot,
+    spawn,
+    store_fault,
+)
 from sqlalchemy import func, select
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.detector.jobs import detect_pending
+from pipeline.errors import BrandmonError
 from pipeline.ingest.jobs import ingest_window
 from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
 from pipeline.schema import (
@@ -66,6 +76,7 @@ elif stage == "detect":
     import pipeline.detector.infer as infer
     infer.mark_days_of_images = slow(infer.mark_days_of_images)
     from pipeline.detector.jobs import detect_pending
+from pipeline.errors import BrandmonError
     detect_pending(ctx)
 else:
     import pipeline.aggregate.jobs as agg
@@ -177,3 +188,37 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(make_ctx, tiny
 
     tally.fault("SIGKILL", len(kills))
     assert len(kills) >= 3, f"seed {SEED}: only {kills} landed before the children finished"
+
+
+def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, tiny_model, tally):
+    with FakeMastodon(max_limit=5) as srv:
+        world(srv)
+        ref = make_ctx(cfg(srv), "postgres")
+        install(ref, tiny_model)
+        ingest_window(ref, "masto", START, STOP)
+        detect_pending(ref)
+        want = snapshot(ref, STAGES["detect"], lake=False)
+        ctx = make_ctx(cfg(srv), "postgres")
+        install(ctx, tiny_model)
+        ingest_window(ctx, "masto", START, STOP)
+    n_images = count(ctx, images)
+
+    # The connection is terminated inside a batch's transaction: that batch rolls back.
+    with drop_connection_on(ctx, "INSERT INTO detections", nth=2) as fired, pytest.raises(Exception):  # noqa: B017
+        detect_pending(ctx)
+    assert fired
+    tally.fault("db connection terminated (detect)")
+    assert 0 < count(ctx, image_scores) < n_images  # the first batch committed, the second rolled back
+
+    # A lake read fails (throttled) mid-run: the run fails; no image is written off as corrupt.
+    with store_fault(ctx, op="get", prefix="images/", after=4, error="SlowDown") as fs, pytest.raises(BrandmonError, match="SlowDown"):
+        detect_pending(ctx)
+    assert fs.fired == 1
+    tally.fault("object store SlowDown (detect)")
+    with ctx.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(image_scores).where(image_scores.c.status == "corrupt")).scalar() == 0
+    assert count(ctx, image_scores) < n_images
+
+    detect_pending(ctx)
+    problems = compare(tally, want, snapshot(ctx, STAGES["detect"], lake=False))
+    assert not problems, "\n".join(problems)
