@@ -22,6 +22,7 @@ import gzip
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -42,6 +43,59 @@ from pipeline.testing import PostgresCluster, create_database, drop_database  # 
 
 WORDS = ("acme", "globex", "initech", "love", "new", "today", "shop", "price", "great", "bad", "support", "launch",
          "store", "phone", "coffee", "shoes", "sale", "review", "unboxing", "why", "does", "my", "the", "a", "is")
+
+
+class Meter:
+    """Wall time and CPU seconds of a timed section: this process + its reaped children
+    (backfill workers), and the Postgres server's processes when the cluster is ours.
+
+    Why CPU too: the machine's 2 cores are shared, so wall-clock rates swing with other
+    people's load; CPU seconds per post (client + server) is what our code costs."""
+
+    def __init__(self, pg_data: Path | None) -> None:
+        self.pg_data = pg_data
+
+    def _server(self) -> float | None:
+        if self.pg_data is None:
+            return None
+        try:
+            pid = int((self.pg_data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[0] is field 3 (state): ppid = fields[1], utime..cstime = fields[11:15]
+            if stat.parent.name == str(pid):
+                total += sum(int(f) for f in fields[11:15]) / tick  # + exited backends (cutime, cstime)
+            elif fields[1] == str(pid):
+                total += sum(int(f) for f in fields[11:13]) / tick
+        return total
+
+    def _client(self) -> float:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + kids.ru_utime + kids.ru_stime
+
+    def __enter__(self) -> Meter:
+        self.wall, self.client, self.server = time.perf_counter(), self._client(), self._server()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.client = self._client() - self.client
+        after = self._server()
+        self.server = after - self.server if after is not None and self.server is not None else None
+
+    def cpu_text(self, n: int) -> str:
+        if self.server is None:
+            return f"CPU {self.client:.1f}s client (server not measured) = {self.client / n * 1e6:.0f} us/post client"
+        cpu = self.client + self.server
+        return (f"CPU {self.client:.1f}s client + {self.server:.1f}s Postgres = {cpu / n * 1e6:.0f} us/row "
+                f"= {n / cpu:,.0f} rows per CPU-second")
 
 
 def generate(path: Path, n: int, days: int, start: dt.date, seed: int = 1) -> None:
@@ -90,7 +144,7 @@ def sample_posts(archive: Path, n: int) -> list:
     return out
 
 
-def orm_baseline(db_url: str, sample: list) -> float:
+def orm_baseline(db_url: str, sample: list, meter: Meter) -> Meter:
     """Naive ORM: one mapped object per post (and per image), session.add_all, commit."""
     from sqlalchemy.orm import Session, registry
 
@@ -108,8 +162,7 @@ def orm_baseline(db_url: str, sample: list) -> float:
     engine = Context(load_settings(env={"BRANDMON_DATABASE_URL": db_url, "BRANDMON_AUTHOR_SALT": "x", "BRANDMON_HOME": tempfile.gettempdir()})).engine
     upgrade(engine)
     now = dt.datetime.now(dt.UTC)
-    t0 = time.perf_counter()
-    with Session(engine) as session:
+    with meter, Session(engine) as session:
         objs = []
         for p in sample:
             row = PostRow()
@@ -127,24 +180,21 @@ def orm_baseline(db_url: str, sample: list) -> float:
                 images.append(im)
         session.add_all(images)
         session.commit()
-    elapsed = time.perf_counter() - t0
     engine.dispose()
-    return len(sample) / elapsed
+    return meter
 
 
-def copy_reference(db_url: str, sample: list) -> float:
+def copy_reference(db_url: str, sample: list, meter: Meter) -> Meter:
     from pipeline.database import copy_rows, make_engine
 
     engine = make_engine(db_url)
     rows = [(p.platform, p.external_id, p.author_hash, p.text, p.lang, p.posted_at, p.url) for p in sample]
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE copy_ref (platform text, external_id text, author_hash text, text text, lang text, posted_at timestamptz, url text)"))
-    t0 = time.perf_counter()
-    with engine.begin() as conn:
+    with meter, engine.begin() as conn:
         copy_rows(conn, "copy_ref", ["platform", "external_id", "author_hash", "text", "lang", "posted_at", "url"], rows)
-    elapsed = time.perf_counter() - t0
     engine.dispose()
-    return len(rows) / elapsed
+    return meter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,29 +232,38 @@ def main(argv: list[str] | None = None) -> int:
         db_url, name = scratch_db(admin, "ingest")
         created.append(name)
         ctx = make_ctx(workdir, db_url, archive_dir)
-        t0 = time.perf_counter()
-        counts = backfill(ctx, "bench", start, start + dt.timedelta(days=args.days - 1), progress=sys.stderr.isatty(), workers=args.workers)
-        elapsed = time.perf_counter() - t0
+        pg_data = cluster.data if cluster is not None else None
+        with Meter(pg_data) as bm:
+            counts = backfill(ctx, "bench", start, start + dt.timedelta(days=args.days - 1), progress=sys.stderr.isatty(), workers=args.workers)
         with ctx.engine.connect() as conn:
             n_posts = conn.execute(select(func.count()).select_from(posts)).scalar()
             n_images = conn.execute(select(func.count()).select_from(post_images)).scalar()
         ctx.close()
         assert n_posts == args.posts == counts["new"], (n_posts, counts)
-        brandmon_rate = args.posts / elapsed
+        brandmon_rate = args.posts / bm.wall
         print(f"brandmon backfill ({args.workers} worker{'s' if args.workers > 1 else ''}): {args.posts:,} posts (+{n_images:,} image rows) "
-              f"in {elapsed:.1f}s = {brandmon_rate:,.0f} posts/s end to end", flush=True)
+              f"in {bm.wall:.1f}s = {brandmon_rate:,.0f} posts/s end to end; {bm.cpu_text(args.posts)}", flush=True)
 
         sample = sample_posts(archive, min(args.sample, args.posts))
         orm_url, name = scratch_db(admin, "orm")
         created.append(name)
-        orm_rate = orm_baseline(orm_url, sample)
-        print(f"naive ORM add_all: {len(sample):,} posts = {orm_rate:,.0f} posts/s (insert only, parsing not timed)", flush=True)
+        om = orm_baseline(orm_url, sample, Meter(pg_data))
+        orm_rate = len(sample) / om.wall
+        print(f"naive ORM add_all: {len(sample):,} posts in {om.wall:.1f}s = {orm_rate:,.0f} posts/s (insert only, parsing not timed); "
+              f"{om.cpu_text(len(sample))}", flush=True)
         copy_url, name = scratch_db(admin, "copy")
         created.append(name)
-        copy_rate = copy_reference(copy_url, sample)
-        print(f"reference raw COPY (unindexed table): {copy_rate:,.0f} rows/s", flush=True)
+        cm = copy_reference(copy_url, sample, Meter(pg_data))
+        copy_rate = len(sample) / cm.wall
+        print(f"reference raw COPY (unindexed table): {len(sample):,} rows in {cm.wall:.1f}s = {copy_rate:,.0f} rows/s; "
+              f"{cm.cpu_text(len(sample))}", flush=True)
         print(f"ratio brandmon / ORM: {brandmon_rate / orm_rate:.1f}x   brandmon / raw COPY: {brandmon_rate / copy_rate:.2f}   "
               f"(target >= 50,000 posts/s: {'met' if brandmon_rate >= 50_000 else 'NOT met'})")
+        if bm.server is not None and om.server is not None:
+            per_cpu = args.posts / (bm.client + bm.server)
+            orm_cpu = len(sample) / (om.client + om.server)
+            print(f"per CPU-second (client + server): brandmon {per_cpu:,.0f} posts, ORM {orm_cpu:,.0f} posts = {per_cpu / orm_cpu:.1f}x; "
+                  f"on {os.cpu_count()} otherwise idle cores that is up to ~{per_cpu * (os.cpu_count() or 1):,.0f} posts/s")
         print(f"load average (1, 5, 15 min) at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, at end "
               "{:.2f} {:.2f} {:.2f}; {} cores; run with nice".format(*os.getloadavg(), os.cpu_count()))
     finally:

@@ -78,7 +78,8 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
         "CREATE TEMP TABLE _stage_images (platform text, external_id text, position int, url text, alt_text text) ON COMMIT DROP"
     ))
     conn.execute(text(
-        "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean) ON COMMIT DROP"
+        "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean,"
+        " old_posted_at timestamptz) ON COMMIT DROP"
     ))
     post_lines: list[str] = []
     image_lines: list[str] = []
@@ -93,14 +94,6 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
     _copy_text(conn, "_stage_posts", POST_COLUMNS, post_lines)
     if image_lines:
         _copy_text(conn, "_stage_images", IMAGE_COLUMNS, image_lines)
-    old_days = {
-        _day(ts)
-        for (ts,) in conn.execute(text(
-            "SELECT DISTINCT p.posted_at FROM posts p JOIN _stage_posts s "
-            "ON s.platform = p.platform AND s.external_id = p.external_id "
-            "WHERE p.content_hash <> s.content_hash AND p.posted_at <> s.posted_at"
-        ))
-    }
     conn.execute(
         text(
             "WITH up AS ("
@@ -113,8 +106,11 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
             "  repost_of = EXCLUDED.repost_of, content_hash = EXCLUDED.content_hash, raw_key = EXCLUDED.raw_key,"
             "  updated_at = EXCLUDED.updated_at"
             " WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash"
-            " RETURNING p.id, p.platform, p.external_id, p.posted_at, (p.xmax = 0) AS inserted"
-            ") INSERT INTO _changed SELECT id, platform, external_id, posted_at, inserted FROM up"
+            " RETURNING p.id, p.platform, p.external_id, p.posted_at, (p.xmax = 0) AS inserted,"
+            # An updated row's previous posted_at: the sub-select runs under the statement's
+            # snapshot, so it still sees the old version (an index probe, updated rows only).
+            "  CASE WHEN p.xmax = 0 THEN NULL ELSE (SELECT o.posted_at FROM posts o WHERE o.id = p.id) END"
+            ") INSERT INTO _changed SELECT * FROM up"
         ),
         {"source": source, "now": now},
     )
@@ -123,8 +119,10 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
     )).one()
     result = LoadResult(new=int(new), updated=int(updated), unchanged=len(items) - int(new) - int(updated))
     if new or updated:
-        result.days = {d for (d,) in conn.execute(text("SELECT DISTINCT (posted_at AT TIME ZONE 'UTC')::date FROM _changed"))}
-        result.days |= old_days
+        result.days = {d for (d,) in conn.execute(text(
+            "SELECT DISTINCT (posted_at AT TIME ZONE 'UTC')::date FROM _changed UNION "
+            "SELECT DISTINCT (old_posted_at AT TIME ZONE 'UTC')::date FROM _changed WHERE old_posted_at IS NOT NULL"
+        ))}
         if updated:
             conn.execute(text(
                 "DELETE FROM post_images pi USING _changed c WHERE pi.post_id = c.id AND NOT c.inserted "
