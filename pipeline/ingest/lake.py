@@ -17,6 +17,7 @@ import json
 import re
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from pipeline.objectstore import ObjectStore
@@ -88,14 +89,18 @@ def delete_parts_from(store: ObjectStore, source: str, start: dt.datetime, end: 
 class GzipLines:
     """An incremental gzip JSONL writer kept in memory (one per archive day partition).
 
-    Lines are compressed in batches (one zlib call per ~1000 lines, not per line)."""
+    Lines are compressed in batches (one zlib call per ~1000 lines, not per line). With an
+    `executor` (one thread), compression runs there: zlib releases the GIL, so it overlaps
+    with the caller's parsing on another core. One thread keeps each stream's batches in order.
+    """
 
-    __slots__ = ("_z", "_chunks", "_pending", "count")
+    __slots__ = ("_z", "_chunks", "_pending", "_executor", "count")
 
-    def __init__(self, level: int = 1) -> None:
+    def __init__(self, level: int = 1, executor: Executor | None = None) -> None:
         self._z = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31 = gzip container, mtime 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | Future[bytes]] = []
         self._pending: list[str] = []
+        self._executor = executor
         self.count = 0
 
     def add(self, line: str) -> None:
@@ -106,12 +111,16 @@ class GzipLines:
 
     def _flush(self) -> None:
         if self._pending:
-            self._chunks.append(self._z.compress("".join(self._pending).encode("utf-8", "surrogatepass")))
+            data = "".join(self._pending).encode("utf-8", "surrogatepass")
             self._pending = []
+            if self._executor is None:
+                self._chunks.append(self._z.compress(data))
+            else:
+                self._chunks.append(self._executor.submit(self._z.compress, data))
 
     def finish(self) -> bytes:
         self._flush()
-        self._chunks.append(self._z.flush())
-        data = b"".join(self._chunks)
+        parts = [c.result() if isinstance(c, Future) else c for c in self._chunks]
+        parts.append(self._z.flush())
         self._chunks = []
-        return data
+        return b"".join(parts)

@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -281,18 +282,17 @@ class ArchiveConnector(Connector):
             return None
         return doc if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else None
 
-    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.database import upsert
-        from pipeline.schema import quarantine, utcnow
+    def _index_files(self, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]], now: dt.datetime,
+                     compressor: Executor) -> int:
+        """Read every export row once into its UTC day's writer; unplaceable rows go to `rejects`."""
+        from pipeline.schema import utcnow
 
-        now = dt.datetime.now(dt.UTC)
-        days: dict[dt.date, lake.GzipLines] = {}
-        rejects: list[dict[str, Any]] = []
         rows_total = 0
         latest = now + FUTURE_SLACK
         for name, _version in self.files.list():
             fmt = _format_of(name) or "json"
             short = self.files.short(name)
+            ref_head = json.dumps(short, ensure_ascii=False)[:-1]  # '"name' (closing quote added per row)
             with self.files.open(name) as fh:
                 for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
                     rows_total += 1
@@ -333,15 +333,33 @@ class ArchiveConnector(Connector):
                     day = when.date()
                     writer = days.get(day)
                     if writer is None:
-                        writer = days[day] = lake.GzipLines()
-                    writer.add(f'{{"ref":{json.dumps(ref_name_line, ensure_ascii=False)},"ts":"{when.isoformat()}","row":{line}}}\n')
-        store = self._store
-        manifest_days: dict[str, dict[str, Any]] = {}
-        for day in sorted(days):
-            key = partition_key(self.source.name, day)
-            writer = days.pop(day)
-            store.put(key, writer.finish(), content_type="application/gzip")
-            manifest_days[day.isoformat()] = {"key": key, "rows": writer.count}
+                        writer = days[day] = lake.GzipLines(executor=compressor)
+                    if ref_name_line.startswith(short):  # "name:line": only the name may need JSON escaping
+                        ref_json = ref_head + ref_name_line[len(short):] + '"'
+                    else:
+                        ref_json = json.dumps(ref_name_line, ensure_ascii=False)
+                    writer.add(f'{{"ref":{ref_json},"ts":"{when.isoformat()}","row":{line}}}\n')
+        return rows_total
+
+    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.database import upsert
+        from pipeline.schema import quarantine
+
+        now = dt.datetime.now(dt.UTC)
+        days: dict[dt.date, lake.GzipLines] = {}
+        rejects: list[dict[str, Any]] = []
+        compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-gzip")
+        try:
+            rows_total = self._index_files(days, rejects, now, compressor)
+            store = self._store
+            manifest_days: dict[str, dict[str, Any]] = {}
+            for day in sorted(days):
+                key = partition_key(self.source.name, day)
+                writer = days.pop(day)
+                store.put(key, writer.finish(), content_type="application/gzip")
+                manifest_days[day.isoformat()] = {"key": key, "rows": writer.count}
+        finally:
+            compressor.shutdown(wait=True, cancel_futures=True)
         for old_day, info in (previous or {}).get("days", {}).items():
             if old_day not in manifest_days:
                 store.delete(info["key"])
