@@ -114,7 +114,7 @@ def summarize(scores: list[dict], labels: list[set[str]]) -> tuple[np.ndarray, l
     return top_score, top_class
 
 
-def run(root: Path, workers: int, target_precision: float, params: MatcherParams) -> dict:
+def run(root: Path, workers: int, target_precision: float, params: MatcherParams, splits: tuple[str, ...] = ("val", "test")) -> dict:
     t0 = time.perf_counter()
     data = load_fl27(root)
     t_load = time.perf_counter() - t0
@@ -135,7 +135,7 @@ def run(root: Path, workers: int, target_precision: float, params: MatcherParams
         "from_bytes_s": round(t_from, 2),
     }
     results = {}
-    for split in ("val", "test"):
+    for split in splits:
         es = data.sets[split]
         t = time.perf_counter()
         scores = matcher.score_many(es.images, workers=workers, progress=True)
@@ -146,7 +146,7 @@ def run(root: Path, workers: int, target_precision: float, params: MatcherParams
     val_pos = np.array([bool(lab) for lab in es.labels])
     thr = choose_threshold(val_top, val_pos, target_precision)
     out["threshold"] = thr
-    for split in ("val", "test"):
+    for split in splits:
         es, scores, top, top_class, elapsed = results[split]
         pos = np.array([bool(lab) for lab in es.labels])
         m = logo_metrics(top, pos, thr)
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-precision", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1 = one core)")
     ap.add_argument("--param", action="append", default=[], help="matcher param override k=v")
+    ap.add_argument("--val-only", action="store_true", help="score the validation split only (for choosing params)")
     args = ap.parse_args(argv)
     if not args.data or not Path(args.data, "annotations.txt").exists():
         print("FlickrLogos-27 not found: set BRANDMON_FL27_DIR or pass --data", file=sys.stderr)
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         k, v = kv.split("=", 1)
         typ = type(getattr(MatcherParams(), k))
         overrides[k] = typ(v)
-    res = run(Path(args.data), args.workers, args.target_precision, MatcherParams(**overrides))
+    splits = ("val",) if args.val_only else ("val", "test")
+    res = run(Path(args.data), args.workers, args.target_precision, MatcherParams(**overrides), splits)
     res["params"] = overrides
     print(json.dumps(res, indent=2))
     return 0
