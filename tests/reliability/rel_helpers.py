@@ -323,6 +323,8 @@ def kill_when(proc: subprocess.Popen, ready: Any, timeout: float = 120, settle: 
     try:
         while not ready():
             if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                assert proc.returncode == 0, f"the child failed (exit {proc.returncode}): {err[-1500:]}"
                 return False
             if time.monotonic() > deadline:
                 raise AssertionError("the child never reached the kill point")

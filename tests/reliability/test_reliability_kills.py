@@ -21,6 +21,7 @@ from rel_helpers import (
     drop_connection_on,
     jpeg,
     kill_when,
+    shared_pg_ctx,
     snapshot,
     spawn,
     store_fault,
@@ -76,7 +77,6 @@ elif stage == "detect":
     import pipeline.detector.infer as infer
     infer.mark_days_of_images = slow(infer.mark_days_of_images)
     from pipeline.detector.jobs import detect_pending
-from pipeline.errors import BrandmonError
     detect_pending(ctx)
 else:
     import pipeline.aggregate.jobs as agg
@@ -118,6 +118,32 @@ def tiny_model() -> tuple[Any, bytes]:
     return spec, save_artifact(spec, build_network(2, 75))
 
 
+@pytest.fixture(scope="module")
+def feed() -> Any:
+    with FakeMastodon(max_limit=5) as srv:
+        world(srv)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def reference(feed, tiny_model, pg_admin_url, s3_endpoint, tmp_path_factory) -> Any:
+    """The uninterrupted run: ingest, detect, aggregate, with a snapshot after each stage."""
+    with shared_pg_ctx(cfg(feed), pg_admin_url, s3_endpoint, tmp_path_factory.mktemp("reference")) as ref:
+        install(ref, tiny_model)
+        want: dict[str, Any] = {}
+        feed.requests.clear()
+        ingest_window(ref, "masto", START, STOP)
+        want["ingest"] = snapshot(ref, STAGES["ingest"])
+        want["requests"] = len(feed.requests)
+        detect_pending(ref)
+        want["detect"] = snapshot(ref, STAGES["detect"], lake=False)
+        aggregate_dirty(ref)
+        want["aggregate"] = snapshot(ref, STAGES["aggregate"], lake=False)
+        want["images"] = count(ref, images)
+        assert want["images"] >= 30 and count(ref, detections) > 0 and count(ref, mention_daily) > 0
+        yield want
+
+
 def install(ctx: Any, model: tuple[Any, bytes]) -> None:
     from pipeline.detector import registry
 
@@ -131,76 +157,59 @@ def count(ctx: Any, table: Any, distinct: Any = None) -> int:
         return int(conn.execute(q).scalar() or 0)
 
 
-def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(make_ctx, tiny_model, tally):
+def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(make_ctx, feed, reference, tiny_model, tally):
     rng = random.Random(SEED)
-    with FakeMastodon(max_limit=5) as srv:
-        world(srv)
-        ref = make_ctx(cfg(srv), "postgres")
-        install(ref, tiny_model)
-        want: dict[str, dict[str, set[Any]]] = {}
-        ingest_window(ref, "masto", START, STOP)
-        want["ingest"] = snapshot(ref, STAGES["ingest"])
-        total_requests = len(srv.requests)
-        detect_pending(ref)
-        want["detect"] = snapshot(ref, STAGES["detect"], lake=False)
-        aggregate_dirty(ref)
-        want["aggregate"] = snapshot(ref, STAGES["aggregate"], lake=False)
-        n_images = count(ref, images)
-        assert n_images >= 30 and count(ref, detections) > 0 and count(ref, mention_daily) > 0
+    want, total_requests, n_images = reference, reference["requests"], reference["images"]
+    srv = feed
+    srv.clear_faults()
+    ctx = make_ctx(cfg(srv), "postgres")
+    install(ctx, tiny_model)
+    kills: list[str] = []
 
-        ctx = make_ctx(cfg(srv), "postgres")
-        install(ctx, tiny_model)
-        kills: list[str] = []
+    # Ingest: two kills at random request counts (feed pages or images), then a clean re-run.
+    srv.fault("/", "slow", delay_s=0.05, times=10**6)
+    for _ in range(2):
+        k = rng.randint(1, total_requests - 1)
+        srv.requests.clear()
+        proc = spawn(ctx, CHILD, "ingest", "0.8", START.isoformat(), STOP.isoformat())
+        if kill_when(proc, lambda k=k: len(srv.requests) >= k, settle=rng.uniform(0, 0.6)):
+            kills.append(f"ingest after {k} requests")
+    srv.clear_faults()
+    ingest_window(ctx, "masto", START, STOP)
+    problems = compare(tally, want["ingest"], snapshot(ctx, STAGES["ingest"]))
+    assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
 
-        # Ingest: two kills at random request counts (feed pages or images), then a clean re-run.
-        srv.fault("/", "slow", delay_s=0.05, times=10**6)
-        for _ in range(2):
-            k = rng.randint(1, total_requests - 1)
-            srv.requests.clear()
-            proc = spawn(ctx, CHILD, "ingest", "0.8", START.isoformat(), STOP.isoformat())
-            if kill_when(proc, lambda k=k: len(srv.requests) >= k, settle=rng.uniform(0, 0.6)):
-                kills.append(f"ingest after {k} requests")
-        srv.clear_faults()
-        ingest_window(ctx, "masto", START, STOP)
-        problems = compare(tally, want["ingest"], snapshot(ctx, STAGES["ingest"]))
-        assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
+    # Detect: a kill once k images are scored (k random), then a clean re-run.
+    k = rng.randint(1, n_images - 8)
+    proc = spawn(ctx, CHILD, "detect", "0.3")
+    if kill_when(proc, lambda: count(ctx, image_scores) >= k, timeout=300, settle=rng.uniform(0, 0.4)):
+        kills.append(f"detect after {k} scores")
+        assert count(ctx, image_scores) < n_images, "the detect child finished before the kill"
+    detect_pending(ctx)
+    problems = compare(tally, want["detect"], snapshot(ctx, STAGES["detect"], lake=False))
+    assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
 
-        # Detect: a kill once k images are scored (k random), then a clean re-run.
-        k = rng.randint(1, n_images - 8)
-        proc = spawn(ctx, CHILD, "detect", "0.3")
-        if kill_when(proc, lambda: count(ctx, image_scores) >= k, timeout=300, settle=rng.uniform(0, 0.4)):
-            kills.append(f"detect after {k} scores")
-            assert count(ctx, image_scores) < n_images, "the detect child finished before the kill"
-        detect_pending(ctx)
-        problems = compare(tally, want["detect"], snapshot(ctx, STAGES["detect"], lake=False))
-        assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
-
-        # Aggregate: a kill once k days are written (k random), then a clean re-run.
-        k = rng.randint(1, DAYS - 2)
-        proc = spawn(ctx, CHILD, "aggregate", "0.25")
-        if kill_when(proc, lambda: count(ctx, mention_daily, mention_daily.c.day) >= k, timeout=120,
-                     settle=rng.uniform(0, 0.3)):
-            kills.append(f"aggregate after {k} days")
-            assert count(ctx, dirty_days) > 0, "the aggregate child finished before the kill"
-        aggregate_dirty(ctx)
-        problems = compare(tally, want["aggregate"], snapshot(ctx, STAGES["aggregate"], lake=False))
-        assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
+    # Aggregate: a kill once k days are written (k random), then a clean re-run.
+    k = rng.randint(1, DAYS - 2)
+    proc = spawn(ctx, CHILD, "aggregate", "0.25")
+    if kill_when(proc, lambda: count(ctx, mention_daily, mention_daily.c.day) >= k, timeout=120,
+                 settle=rng.uniform(0, 0.3)):
+        kills.append(f"aggregate after {k} days")
+        assert count(ctx, dirty_days) > 0, "the aggregate child finished before the kill"
+    aggregate_dirty(ctx)
+    problems = compare(tally, want["aggregate"], snapshot(ctx, STAGES["aggregate"], lake=False))
+    assert not problems, f"seed {SEED}, kills {kills}: " + "\n".join(problems)
 
     tally.fault("SIGKILL", len(kills))
     assert len(kills) >= 3, f"seed {SEED}: only {kills} landed before the children finished"
 
 
-def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, tiny_model, tally):
-    with FakeMastodon(max_limit=5) as srv:
-        world(srv)
-        ref = make_ctx(cfg(srv), "postgres")
-        install(ref, tiny_model)
-        ingest_window(ref, "masto", START, STOP)
-        detect_pending(ref)
-        want = snapshot(ref, STAGES["detect"], lake=False)
-        ctx = make_ctx(cfg(srv), "postgres")
-        install(ctx, tiny_model)
-        ingest_window(ctx, "masto", START, STOP)
+def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, reference, tiny_model, tally):
+    feed.clear_faults()
+    want = reference["detect"]
+    ctx = make_ctx(cfg(feed), "postgres")
+    install(ctx, tiny_model)
+    ingest_window(ctx, "masto", START, STOP)
     n_images = count(ctx, images)
 
     # The connection is terminated inside a batch's transaction: that batch rolls back.
