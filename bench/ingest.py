@@ -1,6 +1,6 @@
 """Benchmark: backfill N archive posts into Postgres, against a naive ORM insert in the same run.
 
-    nice -n 10 .venv/bin/python bench/ingest.py [--posts 1000000] [--days 100] [--sample 50000]
+    nice -n 5 .venv/bin/python bench/ingest.py [--posts 1000000] [--days 100] [--sample 50000] [--workers 2]
         [--database-url postgresql+psycopg2://...]   (else BRANDMON_TEST_PG_URL, else a throwaway cluster)
 
 What is timed:
@@ -11,7 +11,11 @@ What is timed:
 - baseline: the same posts (already parsed and normalised, so only the insert is timed)
   inserted as ORM objects with `session.add_all` + commit, on a sample, into a fresh database.
 - reference: a raw COPY of the same sample rows into an unindexed table (the ceiling).
-A scratch database is created on the server for each part and dropped afterwards.
+Each part prints wall-clock rows/s and, because the 2 cores are shared with other work, the
+CPU seconds it used (this process + workers, and the Postgres server when the cluster is the
+throwaway one): rows per CPU-second compare code, not the neighbours' load. The load average
+at start and end is printed too. A scratch database is created for each part and dropped after.
+Results of a run: bench/results/ingest.txt.
 """
 
 from __future__ import annotations
