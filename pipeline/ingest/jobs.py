@@ -320,6 +320,7 @@ def _worker_day(source: str, day: dt.date, force: bool) -> dict[str, int]:
 def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Any) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx.engine.dispose()  # no pooled connection crosses into the workers
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -329,7 +330,12 @@ def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, 
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for fut in done:
-                totals.update(fut.result())  # re-raises a worker's error here
+                try:
+                    counts = fut.result()  # re-raises a worker's error here
+                except BrokenProcessPool:
+                    raise IngestError(f"a backfill worker of {source} died (killed or out of memory); windows not "
+                                      "finished were rolled back: re-run the backfill to resume") from None
+                totals.update(counts)
                 totals["windows"] += 1
                 bar.update(1)
             bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
