@@ -379,6 +379,15 @@ def predict_pixels(net: Any, pixels: np.ndarray, batch_size: int = 32, progress:
     return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)
 
 
+def base_features(net: Any, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Pooled base features computed directly (no cache), for when the cache is bypassed."""
+    import tensorflow as tf
+
+    out = [np.asarray(net.features(tf.convert_to_tensor(pixels[i : i + batch_size], tf.float32), training=False), np.float32)
+           for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
+
+
 def compute_features(
     ctx: Context, net: Any, key: str, samples: list[Sample], pixels: np.ndarray, progress: bool, batch_size: int = 32
 ) -> tuple[np.ndarray, dict[str, int]]:
@@ -513,7 +522,15 @@ def train(
         net = build_network(len(classes), cfg.input_size, wpath, cfg.dropout, base_training=cfg.mode == "full", seed=cfg.seed)
         history: dict[str, Any] = {}
         cache_counts: dict[str, int] | None = None
-        if cfg.mode in ("head",) or cfg.mode.startswith("finetune:"):
+        use_cache = cfg.mode.startswith("finetune:") or (cfg.mode == "head" and not cfg.augment)
+        if cfg.mode == "head" and cfg.augment:
+            set_trainable(net, "head")
+            _say(progress, "augmentation is on: the feature cache is bypassed "
+                 "(the frozen base sees new crops of every image each epoch)")
+            adapt_feature_norm(net, base_features(net, prep.pixels["train"], cfg.batch_size))
+            history["head"] = train_images(net, prep.pixels["train"], y_train, order, replace(cfg, epochs=cfg.head_epochs),
+                                           cfg.learning_rate, tb_root, progress, cw, "train head")
+        elif use_cache:
             from pipeline.detector.features import cache_key
 
             set_trainable(net, "head")
@@ -543,7 +560,7 @@ def train(
             history["full"]["batchnorm_recalibration_batches"] = recalibrate_batchnorm(net, prep.pixels["train"], cfg.batch_size)
 
         lap("train")
-        if cfg.mode == "head":
+        if cfg.mode == "head" and use_cache:
             probs = {s: np.asarray(net.head(feats[s], training=False), np.float32) for s in ("val", "test")}
         else:
             probs = {s: predict_pixels(net, prep.pixels[s], progress=progress, desc=f"score {s}") for s in ("val", "test")}

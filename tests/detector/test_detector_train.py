@@ -98,3 +98,14 @@ def test_boxes_training_with_matcher_reports_each_signal(make_ctx, tmp_path: Pat
     assert result["params"]["matcher"]["references"] > 0
     counts = result["params"]["class_counts"]["before"]
     assert counts["no_logo"] > 0 and counts["Reddisc"] > 0  # regions away from boxes became negatives
+
+
+def test_augmentation_bypasses_the_feature_cache_and_says_so(make_ctx, tmp_path: Path, capsys):
+    ctx = make_ctx()
+    data = make_folders(tmp_path / "train", {"Reddisc": 10, "no_logo": 10}, seed=4)
+    result = train_model(ctx, data, weights="none", progress=True, **{**FAST, "head_epochs": 2, "augment": True})
+    assert "augmentation is on: the feature cache is bypassed" in capsys.readouterr().err
+    assert result["params"]["feature_cache"] is None
+    assert result["params"]["history"]["head"]["epochs"] == 2
+    with ctx.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(feature_cache)).scalar_one() == 0
