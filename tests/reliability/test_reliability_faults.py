@@ -287,3 +287,38 @@ def test_two_aggregate_runs_at_once(make_ctx, srv, reference, tally):
         statuses = [s for (s,) in conn.execute(select(runs.c.status).where(runs.c.kind == "aggregate"))]
     assert statuses == ["succeeded", "succeeded"]  # the second waited for the lock, then found nothing to do
     assert_same(tally, reference["aggregate"], ctx, AGG_TABLES, lake=False)
+
+
+# --- cursor faults of the other APIs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api,kind", [("bluesky", "repeat"), ("bluesky", "backwards"), ("reddit", "repeat")])
+def test_cursor_faults_of_other_apis(make_ctx, monkeypatch, tally, api, kind):
+    from pipeline.ingest.replay import FakeBluesky, FakeReddit, bluesky_post, reddit_post
+
+    monkeypatch.setenv("REL_PW", "app-pass-1234")
+    monkeypatch.setenv("REL_ID", "cid")
+    monkeypatch.setenv("REL_SECRET", "csecret-1234")
+    end = DAY + dt.timedelta(days=1)
+    if api == "bluesky":
+        fake, path = FakeBluesky(max_limit=4), "/xrpc/app.bsky.feed.searchPosts"
+        fake.posts = [bluesky_post(DAY + dt.timedelta(minutes=50 * i), f"acme {i}", did=f"did:plc:u{i % 3}", rkey=f"3k{i:03d}") for i in range(20)]
+        src = {"name": "s", "kind": "bluesky", "base_url": "{url}", "queries": ["acme"], "identifier": "brandmon.bsky.social",
+               "password_env": "REL_PW", "limit": 4, "backoff_s": 0.01}
+    else:
+        fake, path = FakeReddit(client_id="cid", client_secret="csecret-1234", max_limit=4), "/r/brands/new.json"
+        fake.posts = [reddit_post(DAY + dt.timedelta(minutes=50 * i), f"Acme {i}", pid=f"r{i:02d}") for i in range(20)]
+        src = {"name": "s", "kind": "reddit", "oauth_base_url": "{url}", "auth_url": "{url}/api/v1/access_token",
+               "subreddits": ["brands"], "client_id_env": "REL_ID", "client_secret_env": "REL_SECRET", "limit": 4, "backoff_s": 0.01}
+    with fake:
+        src = {k: v.format(url=fake.url) if isinstance(v, str) else v for k, v in src.items()}
+        ctx = make_ctx({"brands": [{"name": "Acme", "keywords": ["acme"]}], "sources": [src],
+                        "network": {"max_retries": 2, "allowed_private_hosts": ["127.0.0.1"]}}, "postgres")
+        fake.fault(path, kind, times=1, skip=2)
+        with pytest.raises(BrandmonError, match="twice|backwards") as info:
+            ingest_window(ctx, "s", DAY, end)
+        tally.fault(f"feed {kind} ({api})")
+        assert "\n" not in str(info.value) and count(ctx, posts) == 0
+        fake.clear_faults()
+        counts = ingest_window(ctx, "s", DAY, end)
+    assert counts["new"] == count(ctx, posts) == 20 and counts["updated"] == 0
