@@ -20,7 +20,16 @@ from sqlalchemy import func, select
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.errors import BrandmonError, ConfigError, InvalidKeyError
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import FakeMastodon, Response, mastodon_media, mastodon_status
+from pipeline.ingest.replay import (
+    FakeBluesky,
+    FakeMastodon,
+    FakeReddit,
+    Response,
+    bluesky_post,
+    mastodon_media,
+    mastodon_status,
+    reddit_post,
+)
 from pipeline.schema import brands, mention_daily, post_images, posts, quarantine, runs
 from pipeline.settings import parse_config_document
 
@@ -169,6 +178,64 @@ def test_bad_mastodon_statuses(make_ctx, backend, tally):
             assert image_counts(ctx).get(sid, 0) == exp["images"]
             tally.bad_input("kept (sanitised)")
     assert {s["id"] for s in good_statuses()} <= set(found)
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`; the nested `record` (Bluesky) / `data` (Reddit) merge one level down."""
+    for key, value in override.items():
+        if key in ("record", "data") and isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key].update(value)
+        else:
+            base[key] = value
+    return base
+
+
+@pytest.mark.parametrize("api", ["bluesky", "reddit"])
+def test_bad_bluesky_and_reddit_records(make_ctx, backend, monkeypatch, tally, api):
+    monkeypatch.setenv("REL_PW", "app-pass-1234")
+    monkeypatch.setenv("REL_ID", "cid")
+    monkeypatch.setenv("REL_SECRET", "csecret-1234")
+    cases = load_cases(f"{api}_post" if api == "bluesky" else f"{api}_child")
+    if api == "bluesky":
+        fake = FakeBluesky(max_limit=10)
+        good = [bluesky_post(DAY + dt.timedelta(minutes=60 * i), f"acme good {i}", did=f"did:plc:g{i % 3}", rkey=f"3kg{i:03d}") for i in range(GOOD)]
+        bad = [merged(bluesky_post(DAY + dt.timedelta(minutes=47 * k + 13), "acme bad", did="did:plc:bad", rkey=f"3kb{k:03d}"),
+                      json.loads(payload(c))) for k, c in enumerate(cases)]
+        fake.posts = good + bad
+        src = {"name": "s", "kind": "bluesky", "base_url": "{url}", "queries": ["acme"], "identifier": "brandmon.bsky.social",
+               "password_env": "REL_PW", "limit": 10, "backoff_s": 0.01}
+        ids = [p["uri"] for p in bad]
+        good_ids = [p["uri"] for p in good]
+    else:
+        fake = FakeReddit(client_id="cid", client_secret="csecret-1234", max_limit=10)
+        good = [reddit_post(DAY + dt.timedelta(minutes=60 * i), f"Acme good {i}", pid=f"g{i:02d}") for i in range(GOOD)]
+        bad = [merged(reddit_post(DAY + dt.timedelta(minutes=47 * k + 13), "Acme bad", pid=f"b{k:02d}"), json.loads(payload(c)))
+               for k, c in enumerate(cases)]
+        fake.posts = good + bad
+        src = {"name": "s", "kind": "reddit", "oauth_base_url": "{url}", "auth_url": "{url}/api/v1/access_token",
+               "subreddits": ["brands"], "client_id_env": "REL_ID", "client_secret_env": "REL_SECRET", "limit": 10, "backoff_s": 0.01}
+        ids = [f"b{k:02d}" for k in range(len(cases))]
+        good_ids = [f"g{i:02d}" for i in range(GOOD)]
+    with fake:
+        src = {k: v.format(url=fake.url) if isinstance(v, str) else v for k, v in src.items()}
+        ctx = make_ctx(cfg([src]), backend)
+        ingest_window(ctx, "s", DAY, END)
+    found, q = posts_by_id(ctx), quarantine_rows(ctx)
+    problems = []
+    for case, ext_id in zip(cases, ids, strict=True):
+        exp = case["expect"]
+        ref = f"t3_{ext_id}" if api == "reddit" else ext_id
+        if "quarantine" in exp:
+            if ext_id in found or exp["quarantine"] not in q.get(ref, ""):
+                problems.append(f"{case['id']}: quarantine {q.get(ref)!r}, kept {ext_id in found}")
+            else:
+                tally.bad_input("quarantined")
+        elif ext_id not in found or ref in q or ("images" in exp and image_counts(ctx).get(ext_id, 0) != exp["images"]):
+            problems.append(f"{case['id']}: expected kept, quarantine {q.get(ref)!r}")
+        else:
+            tally.bad_input("kept (sanitised)")
+    assert not problems, "\n".join(problems)
+    assert set(good_ids) <= set(found)
 
 
 class BadPageMastodon(FakeMastodon):
@@ -339,3 +406,16 @@ def test_object_keys_cannot_escape_the_lake(make_ctx, backend, tmp_path, tally):
         bucket = ctx.settings.storage_url.split("/")[2]
         objs = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url).list_objects_v2(Bucket=bucket).get("Contents", [])
         assert objs == []
+
+
+def test_corpus_is_complete_and_every_case_is_used(tally):
+    cases = load_cases()
+    handled = {"archive_row", "mastodon_status", "bluesky_post", "reddit_child", "feed_page", "image", "url", "redirect",
+               "brand", "hashtag", "object_key", "object_key_list", "source_name"}
+    assert len(cases) >= 50
+    assert {c["kind"] for c in cases} <= handled
+    assert len({c["id"] for c in cases}) == len(cases)
+    for c in cases:
+        assert c["note"] and c["expect"], c["id"]
+        if "payload" in c:
+            assert payload(c) is not None
