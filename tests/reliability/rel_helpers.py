@@ -334,7 +334,7 @@ def kill_when(proc: subprocess.Popen, ready: Any, timeout: float = 120, settle: 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        return True
+        return proc.returncode == -signal.SIGKILL  # False: it had already finished
     finally:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -124,7 +124,7 @@ RECOVERABLE = {
     "429 + Retry-After": {"kind": "status", "status": 429, "retry_after": "1", "times": 2, "skip": 1},
     "500 burst": {"kind": "status", "status": 500, "times": 3, "skip": 2},
     "503 burst": {"kind": "status", "status": 503, "retry_after": "0", "times": 3, "skip": 4},
-    "timeout": {"kind": "slow", "delay_s": 1.2, "times": 2, "skip": 1},
+    "timeout": {"kind": "slow", "delay_s": 2.5, "times": 2, "skip": 1},
     "truncated JSON": {"kind": "truncate", "times": 2, "skip": 3},
     "dropped connection": {"kind": "drop", "times": 2, "skip": 2},
 }
@@ -132,7 +132,7 @@ RECOVERABLE = {
 
 @pytest.mark.parametrize("name", list(RECOVERABLE))
 def test_feed_fault_is_retried_and_window_completes(make_ctx, srv, reference, tally, name):
-    ctx = make_ctx(cfg(srv, timeout_s=0.5), "postgres")
+    ctx = make_ctx(cfg(srv, **({"timeout_s": 1.0} if name == "timeout" else {})), "postgres")
     fault = srv.fault(TAG, **RECOVERABLE[name])
     started = time.monotonic()
     counts = ingest_window(ctx, "masto", START, STOP)
