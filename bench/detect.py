@@ -1,0 +1,182 @@
+"""Detector throughput and feature-cache benchmark (figures as ratios to baselines of the same run).
+
+1. Inference at 299x299, end to end from stored JPEG bytes (lake) to `image_scores` +
+   `detections` rows: `brandmon detect`'s tf.data pipeline in fp32 and in mixed bf16, against
+   a per-image loop (read bytes, decode, resize, `model.predict` on one image, write its rows).
+2. Head retraining with a warm feature cache against a cold one (same data, same base).
+
+The classifier has random weights (`weights=none`): throughput does not depend on what the
+weights are. Images are synthetic scenes (400x400 JPEG) so the run needs no dataset.
+
+    nice -n 10 .venv/bin/python bench/detect.py [--images 256] [--loop-images 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_ctx(root: Path):
+    from pipeline.context import Context
+    from pipeline.database import upgrade
+    from pipeline.settings import load_settings
+
+    env = {
+        "BRANDMON_HOME": str(root / "var"),
+        "BRANDMON_DATABASE_URL": f"sqlite:///{root / 'bench.db'}",
+        "BRANDMON_STORAGE_URL": (root / "lake").as_uri(),
+        "BRANDMON_AUTHOR_SALT": "bench",
+    }
+    ctx = Context(load_settings(env=env))
+    upgrade(ctx.engine)
+    return ctx
+
+
+def store_scenes(ctx, n: int, size: int = 400) -> list[str]:
+    from sqlalchemy import insert
+
+    from pipeline.schema import images
+    from pipeline.synthetic import scene_jpeg
+
+    brands = ["Acme", "Globex", "Initech", None]
+    shas = []
+    with ctx.engine.begin() as conn:
+        for i in range(n):
+            data = scene_jpeg(2 * i + 1, brands[i % 4], size=size)
+            sha = hashlib.sha256(data).hexdigest()
+            key = f"images/sha256/{sha[:2]}/{sha[2:4]}/{sha}"
+            ctx.store.put(key, data, content_type="image/jpeg")
+            conn.execute(insert(images).values(sha256=sha, storage_key=key, mime="image/jpeg", size_bytes=len(data)))
+            shas.append(sha)
+    return shas
+
+
+def register_random_model(ctx, size: int = 299) -> str:
+    from pipeline.detector import registry
+    from pipeline.detector.model import ModelSpec, build_network, save_artifact
+
+    classes = ["no_logo", "Acme", "Globex", "Initech"]
+    net = build_network(len(classes), size)
+    spec = ModelSpec(classes=classes, input_size=size, weights="none", threshold=0.5)
+    version = registry.register(ctx, spec, save_artifact(spec, net), "bench", {"precision": 1.0, "recall": 1.0}, {})
+    registry.activate(ctx, version)
+    return version
+
+
+def clear_scores(ctx) -> None:
+    from sqlalchemy import delete
+
+    from pipeline.schema import detections, image_scores, review_queue
+
+    with ctx.engine.begin() as conn:
+        for t in (detections, review_queue, image_scores):
+            conn.execute(delete(t))
+
+
+def per_image_loop(ctx, version: str, limit: int) -> tuple[int, float]:
+    """The naive baseline: one image at a time through `model.predict`, rows written per image."""
+    from pipeline.detector.data import decode_rgb
+    from pipeline.detector.infer import _pending_select, rows_for_image, write_batch
+    from pipeline.detector.model import resize_batch
+    from pipeline.detector.registry import load_model
+    from pipeline.schema import utcnow
+
+    model = load_model(ctx, version, precision="fp32", with_matcher=False)
+    with ctx.engine.connect() as conn:
+        rows = list(conn.execute(_pending_select(version).limit(limit)))
+    det = ctx.settings.detector
+    model.net.classifier.predict(resize_batch([decode_rgb(ctx.store.get(rows[0].storage_key))], model.spec.input_size), verbose=0)
+    started = time.perf_counter()
+    for row in rows:
+        x = resize_batch([decode_rgb(ctx.store.get(row.storage_key))], model.spec.input_size)
+        probs = model.net.classifier.predict(x.astype("float32"), verbose=0)[0]
+        s, d, r = rows_for_image(row.sha256, version, model.spec, probs, None, (1.0, 1.0), det.score_floor, det.review_margin, utcnow())
+        write_batch(ctx, [s], d, [r] if r else [])
+    return len(rows), time.perf_counter() - started
+
+
+def batched(ctx, precision: str) -> tuple[int, float]:
+    from pipeline.detector.infer import detect
+
+    # warm-up: load the model and trace the graph on a few images, then score the rest
+    detect(ctx, limit=ctx.settings.detector.batch_size, precision=precision)
+    started = time.perf_counter()
+    counts = detect(ctx, precision=precision)
+    return counts["scored"] + counts["corrupt"], time.perf_counter() - started
+
+
+def cache_bench(root: Path, n_per_class: int, size: int) -> dict:
+    from pipeline.detector.jobs import train_model
+    from pipeline.synthetic import make_training_folders
+
+    ctx = make_ctx(root / "cache")
+    data = make_training_folders(root / "folders", ["Acme", "Globex", "Initech"], n_per_class=n_per_class, size=160, seed=3)
+    opts = {"input_size": size, "mode": "head", "head_epochs": 20, "synthetic_negatives": 0, "matcher": "off"}
+    t0 = time.perf_counter()
+    cold = train_model(ctx, data, weights="none", activate="never", progress=False, **opts)
+    t_cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = train_model(ctx, data, weights="none", activate="never", progress=False, **opts)
+    t_warm = time.perf_counter() - t0
+    return {
+        "samples": sum(cold["params"]["splits"].values()),
+        "input_size": size,
+        "cold_s": round(t_cold, 1),
+        "warm_s": round(t_warm, 1),
+        "cold_features": cold["params"]["feature_cache"],
+        "warm_features": warm["params"]["feature_cache"],
+        "cold_stage_s": cold["params"]["stage_seconds"],
+        "warm_stage_s": warm["params"]["stage_seconds"],
+        "speedup": round(t_cold / t_warm, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--loop-images", type=int, default=48)
+    ap.add_argument("--cache-per-class", type=int, default=40)
+    ap.add_argument("--cache-size", type=int, default=299)
+    ap.add_argument("--skip-cache", action="store_true")
+    args = ap.parse_args()
+
+    from pipeline.detector.model import choose_precision, cpu_supports_bf16
+
+    out: dict = {"cpu_bf16": cpu_supports_bf16(), "auto_precision": choose_precision("auto"), "cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="brandmon-bench-") as tmp:
+        root = Path(tmp)
+        ctx = make_ctx(root / "infer")
+        store_scenes(ctx, args.images)
+        version = register_random_model(ctx)
+        n, t = per_image_loop(ctx, version, args.loop_images)
+        out["loop_img_s"] = round(n / t, 2)
+        print(f"per-image model.predict loop: {n} images in {t:.1f}s = {n / t:.2f} img/s", flush=True)
+        clear_scores(ctx)
+        for prec in ("fp32", "bf16"):
+            n, t = batched(ctx, prec)
+            out[f"batched_{prec}_img_s"] = round(n / t, 2)
+            out[f"batched_{prec}_vs_loop"] = round((n / t) / out["loop_img_s"], 2)
+            print(f"detect pipeline {prec}: {n} images in {t:.1f}s = {n / t:.2f} img/s "
+                  f"({out[f'batched_{prec}_vs_loop']:.2f}x the loop)", flush=True)
+            clear_scores(ctx)
+        ctx.close()
+        if not args.skip_cache:
+            out["head_retrain"] = cache_bench(root, args.cache_per_class, args.cache_size)
+            c = out["head_retrain"]
+            print(f"head retraining ({c['samples']} samples, {c['input_size']}px): cold cache {c['cold_s']}s, "
+                  f"warm cache {c['warm_s']}s ({c['speedup']}x)", flush=True)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
