@@ -316,16 +316,17 @@ def test_range_validation_and_series(make_ctx):
 
 
 @pytest.mark.integration
-def test_day_statements_run_without_jit_on_postgres(make_ctx):
-    """JIT compiling the day's plan cost seconds at 10M posts: it is off, for that transaction only."""
+def test_day_planner_settings_are_local_on_postgres(make_ctx):
+    """Planner settings for the day (JIT off, SSD page costs): set for that transaction only."""
     from pipeline.aggregate.daily import compute_day
     from pipeline.aggregate.mentions import ActiveModel
 
     ctx = make_ctx(CONFIG, "postgres")
     with ctx.engine.connect() as conn:
-        default = conn.exec_driver_sql("SHOW jit").scalar()
+        default = [conn.exec_driver_sql(f"SHOW {k}").scalar() for k in ("jit", "random_page_cost")]
     with ctx.engine.begin() as conn:
         compute_day(conn, START, ["mastodon"], ActiveModel())
         assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+        assert conn.exec_driver_sql("SHOW random_page_cost").scalar() == "1.1"
     with ctx.engine.connect() as conn:
-        assert conn.exec_driver_sql("SHOW jit").scalar() == default
+        assert [conn.exec_driver_sql(f"SHOW {k}").scalar() for k in ("jit", "random_page_cost")] == default
