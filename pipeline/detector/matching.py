@@ -43,11 +43,13 @@ class MatcherParams:
     ref_max_side: int = 240  # reference crops are resized so their long side is at most this
     ref_min_side: int = 64  # ...and their short side at least this (upscaling small crops)
     ref_features: int = 200  # keypoints kept per reference crop
-    query_long_side: int = 640  # query images are resized so their long side is this...
+    query_long_side: int = 960  # query images are resized so their long side is this...
     query_max_upscale: float = 1.5  # ...but never enlarged more than this
-    query_features: int = 1500  # keypoints kept per query image
+    query_features: int = 3000  # keypoints kept per query image
     contrast_threshold: float = 0.02  # SIFT; lower than Lowe's 0.04: logos are often faint
-    mode: str = "shortlist"  # "shortlist" (vote, then per-reference ratio) | "class_ratio"
+    # "class_ratio": class-aware ratio test over the whole library (default: on the FL27
+    # validation split as precise and 4x faster than "shortlist": vote, then per-reference ratio)
+    mode: str = "class_ratio"
     shortlist: int = 40  # references verified per query (shortlist mode)
     vote_norm: bool = False  # divide votes by sqrt(reference keypoints)
     knn: int = 8  # neighbours searched per query descriptor
@@ -62,6 +64,8 @@ class MatcherParams:
     min_inside: float = 0.5  # share of the projected reference's bounding box inside the image
 
     def __post_init__(self) -> None:
+        if self.mode not in ("class_ratio", "shortlist"):
+            raise ValueError("mode must be class_ratio or shortlist")
         if self.knn < 2:
             raise ValueError("knn must be >= 2 for the ratio test")
         if not 0 < self.ratio <= 1:

@@ -304,7 +304,8 @@ def resize_tensor(img: Any, size: int) -> Any:
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
 
-MATCH_MAX_SIDE = 640  # images handed to the matcher are shrunk to at most this long side
+MATCH_MAX_SIDE = 960  # images handed to the matcher are shrunk to at most this long side
+# (the matcher's query_long_side: larger would be shrunk again, smaller upscaled)
 
 
 def shrink_tensor(img: Any, max_side: int = MATCH_MAX_SIDE) -> Any:

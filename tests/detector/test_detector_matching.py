@@ -76,9 +76,12 @@ def test_finds_a_warped_logo_with_its_box(matcher: LogoMatcher):
 def test_the_other_class_and_clutter(matcher: LogoMatcher):
     beta = matcher.score(_paste(_background(8), _logo(2), QUAD + 20))
     assert beta["Beta"][0] > 0.5 and beta["Alpha"][0] == 0.0
-    for seed in range(3, 9):  # marks it never saw (seed 3 once "verified" a frame-sized Alpha)
+    # Marks it never saw (seed 3 once "verified" a frame-sized Alpha): no match, or at most
+    # one at the inlier floor, far below the real matches above.
+    floor_score = matcher.inliers_to_score(matcher.params.min_inliers + 1)
+    for seed in range(3, 9):
         clutter = matcher.score(_paste(_background(9), _logo(seed), QUAD))
-        assert all(s == 0.0 for s, _ in clutter.values()), seed
+        assert all(s <= floor_score for s, _ in clutter.values()), (seed, clutter)
     tiny = matcher.score(np.zeros((8, 8, 3), np.uint8))
     assert all(s == 0.0 and b is None for s, b in tiny.values())
 
@@ -89,8 +92,10 @@ def test_round_trip_and_both_modes(matcher: LogoMatcher):
     assert again.classes == matcher.classes and again.n_descriptors == matcher.n_descriptors
     assert again.score(image) == matcher.score(image)
     assert again.references_per_class() == {"Alpha": 1, "Beta": 2}
-    classic = LogoMatcher(mode="class_ratio").fit([("Alpha", _logo(1)), ("Beta", _logo(2))])
-    assert classic.score(image)["Alpha"][0] > 0.5
+    other = LogoMatcher(mode="shortlist").fit([("Alpha", _logo(1)), ("Beta", _logo(2))])
+    assert other.score(image)["Alpha"][0] > 0.5
+    with pytest.raises(ValueError):
+        MatcherParams(mode="nearest")
     with pytest.raises(ValueError):
         LogoMatcher.from_bytes(b"not an npz")
     with pytest.raises(ValueError):
