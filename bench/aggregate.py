@@ -24,7 +24,7 @@ it at the end. With --database-url of an earlier run (its posts already loaded) 
 data: truncates `mention_daily` and times the rebuild again (loading 10M posts takes minutes).
 
 Results: bench/results/aggregate.txt. Two fixes came out of this benchmark (see
-`daily._plan_settings`): JIT compilation took 6 of 8 s per day, and with the default
+`mentions.day_plan_settings`): JIT compilation took 6 of 8 s per day, and with the default
 random_page_cost the plan of a day flipped to hash joins over all of `post_images` (5 s).
 """
 

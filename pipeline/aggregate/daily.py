@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Date, Float, String, bindparam, text
 
-from pipeline.aggregate.mentions import ActiveModel, day_bounds
+from pipeline.aggregate.mentions import ActiveModel, day_bounds, day_plan_settings
 from pipeline.schema import UTCDateTime, utcnow
 
 SOURCES = ("text", "image", "both", "any")
@@ -284,22 +284,6 @@ def _ensure_sqrt(conn: Connection) -> None:
         dbapi.create_function("sqrt", 1, lambda x: None if x is None else math.sqrt(x), deterministic=True)  # type: ignore[union-attr]
 
 
-def _plan_settings(conn: Connection) -> None:
-    """Postgres planner settings for the day's statements, for this transaction only.
-
-    A day touches a few thousand rows through index probes on hot pages, but with the default
-    costs (random_page_cost 4, made for spinning disks) the planner sometimes prices 30,000
-    probes of `post_images` above a hash join over the whole table, and the plan flips
-    between days: at 10M posts a day took 0.7 s or 5 s depending on the plan. 1.1 is the
-    usual setting for SSDs and cached data. The first-seen-image subquery's estimates also
-    push the cost over `jit_above_cost`, and compiling the plan took 6 s of an 8 s day:
-    JIT off. SET LOCAL ends with the transaction.
-    """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL jit = off")
-        conn.exec_driver_sql("SET LOCAL random_page_cost = 1.1")
-
-
 def _changes(conn: Connection, result) -> int:
     """Rows written by the last statement (pysqlite reports -1 for statements starting WITH)."""
     if result.rowcount is not None and result.rowcount >= 0:
@@ -313,7 +297,7 @@ def upsert_counts(
     conn: Connection, day: dt.date, platforms: Sequence[str], model: ActiveModel, now: dt.datetime | None = None,
 ) -> int:
     """Write the day's count columns for the whole grid; returns the number of rows changed."""
-    _plan_settings(conn)
+    day_plan_settings(conn)
     sql, params = _counts_sql(platforms)
     start, end = day_bounds(day)
     params.update(start=start, end=end, day=day, mv=model.version, thr=model.threshold, factor=model.factor(),
@@ -330,7 +314,7 @@ def delete_stale(conn: Connection, day: dt.date, platforms: Sequence[str]) -> in
 def update_signals(conn: Connection, day: dt.date, now: dt.datetime | None = None) -> int:
     """Recompute the signal columns of the day's rows from stored counts; rows changed."""
     _ensure_sqrt(conn)
-    _plan_settings(conn)
+    day_plan_settings(conn)
     params = {
         "day": day,
         "d6": day - dt.timedelta(days=6),
@@ -370,7 +354,7 @@ def late_image_days(conn: Connection, day: dt.date) -> list[dt.date]:
     carry, becomes that image's first appearance: those later posts turn into re-posts, so
     their days must be recomputed too. In-order ingestion never triggers this.
     """
-    _plan_settings(conn)
+    day_plan_settings(conn)
     start, end = day_bounds(day)
     return sorted({ts.astimezone(dt.UTC).date() for (ts,) in conn.execute(LATE_IMAGE_DAYS_SQL, {"start": start, "end": end})})
 

@@ -29,6 +29,22 @@ def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=1)
 
 
+def day_plan_settings(conn: Connection) -> None:
+    """Postgres planner settings for the statements of one day, for this transaction only.
+
+    A day touches a few thousand rows through index probes on hot pages, but with the default
+    costs (random_page_cost 4, made for spinning disks) the planner sometimes prices 30,000
+    probes of `post_images` above a hash join over the whole table, and the plan flips
+    between days: at 10M posts a day took 0.7 s or 5 s depending on the plan. 1.1 is the
+    usual setting for SSDs and cached data. The first-seen-image subquery's estimates also
+    push the cost over `jit_above_cost`, and compiling the plan took 6 s of an 8 s day:
+    JIT off. SET LOCAL ends with the transaction.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL jit = off")
+        conn.exec_driver_sql("SET LOCAL random_page_cost = 1.1")
+
+
 def text_mention_rows(post_id: int, hits) -> list[dict[str, Any]]:
     """text_mentions rows for one post: product '' is the brand itself."""
     return [
@@ -37,17 +53,43 @@ def text_mention_rows(post_id: int, hits) -> list[dict[str, Any]]:
     ]
 
 
+def diff_text_mentions(
+    old: dict[int, list[dict[str, Any]]], new: dict[int, list[dict[str, Any]]]
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Posts whose mention rows changed (their old rows go) and the rows to insert for them."""
+    def key(rows: list[dict[str, Any]]) -> list[tuple]:
+        return sorted((r["brand"], r["product"], tuple(r["terms"] or ())) for r in rows)
+
+    changed = sorted(pid for pid in set(old) | set(new) if key(old.get(pid, [])) != key(new.get(pid, [])))
+    return changed, [r for pid in changed for r in new.get(pid, [])]
+
+
 def refresh_text_mentions(conn: Connection, matcher: Matcher, day: dt.date) -> int:
-    """Re-match the texts of the posts of `day` and replace their text_mentions rows."""
+    """Re-match the texts of the posts of `day` and bring their text_mentions rows up to date.
+
+    Only the posts whose matches changed are rewritten, so a re-run writes nothing (at 10M
+    posts, deleting and re-inserting a day's 20,000 rows took 4 s; matching takes 0.4 s).
+    Returns the number of the day's mention rows.
+    """
+    day_plan_settings(conn)
     start, end = day_bounds(day)
     in_day = (posts.c.posted_at >= start) & (posts.c.posted_at < end)
-    conn.execute(delete(text_mentions).where(text_mentions.c.post_id.in_(select(posts.c.id).where(in_day))))
-    rows: list[dict[str, Any]] = []
+    new: dict[int, list[dict[str, Any]]] = {}
     for post_id, body in conn.execute(select(posts.c.id, posts.c.text).where(in_day)):
-        rows += text_mention_rows(post_id, matcher.match(body))
+        rows = text_mention_rows(post_id, matcher.match(body))
+        if rows:
+            new[post_id] = rows
+    old: dict[int, list[dict[str, Any]]] = {}
+    existing = select(text_mentions.c.post_id, text_mentions.c.brand, text_mentions.c.product,
+                      text_mentions.c.terms).join(posts, posts.c.id == text_mentions.c.post_id).where(in_day)
+    for r in conn.execute(existing):
+        old.setdefault(r.post_id, []).append({"brand": r.brand, "product": r.product, "terms": r.terms})
+    changed, rows = diff_text_mentions(old, new)
+    for i in range(0, len(changed), 5000):
+        conn.execute(delete(text_mentions).where(text_mentions.c.post_id.in_(changed[i : i + 5000])))
     for i in range(0, len(rows), 5000):
         conn.execute(insert(text_mentions), rows[i : i + 5000])
-    return len(rows)
+    return sum(len(v) for v in new.values())
 
 
 def _number(value: Any) -> float | None:

@@ -330,3 +330,34 @@ def test_day_planner_settings_are_local_on_postgres(make_ctx):
         assert conn.exec_driver_sql("SHOW random_page_cost").scalar() == "1.1"
     with ctx.engine.connect() as conn:
         assert [conn.exec_driver_sql(f"SHOW {k}").scalar() for k in ("jit", "random_page_cost")] == default
+
+
+def test_text_mentions_diff_rewrites_only_changed_posts():
+    from pipeline.aggregate.mentions import diff_text_mentions
+
+    def row(pid, brand, product="", terms=("acme",)):
+        return {"post_id": pid, "brand": brand, "product": product, "terms": list(terms)}
+
+    old = {1: [row(1, "Acme")], 2: [row(2, "Acme"), row(2, "Globex", terms=["globex"])], 3: [row(3, "Acme")]}
+    new = {1: [row(1, "Acme")], 2: [row(2, "Globex", terms=["globex"]), row(2, "Acme")],  # same, reordered
+           3: [row(3, "Acme", terms=["#acme"])], 4: [row(4, "Initech")]}
+    new_rows = {5: [row(5, "Acme")]}
+    assert diff_text_mentions(old, new) == ([3, 4], [new[3][0], new[4][0]])
+    assert diff_text_mentions(old, {}) == ([1, 2, 3], [])
+    assert diff_text_mentions({}, new_rows) == ([5], new_rows[5])
+
+
+def test_edited_post_text_updates_its_mentions(make_ctx):
+    ctx = make_ctx(CONFIG)
+    with ctx.engine.begin() as conn:
+        add_posts(conn, [FakePost(1, "p1", ts(START), "acme and globex"), FakePost(2, "p2", ts(START), "acme")])
+    aggregate_dirty(ctx)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE posts SET text = 'initech only' WHERE id = 1"))
+        mark_days(conn, [START], "edit")
+    aggregate_dirty(ctx)
+    rows = all_rows(ctx)
+    assert [rows[(START, b, "*", "*", "any")]["posts"] for b in ("Acme", "Globex", "Initech")] == [1, 0, 1]
+    with ctx.engine.connect() as conn:
+        got = sorted(conn.execute(text("SELECT post_id, brand FROM text_mentions")).all())
+    assert got == [(1, "Initech"), (2, "Acme")]
