@@ -99,11 +99,15 @@ class GzipLines:
     def __init__(self, level: int = 1, executor: Executor | None = None) -> None:
         self._z = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31 = gzip container, mtime 0
         self._chunks: list[bytes | Future[bytes]] = []
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._executor = executor
         self.count = 0
 
     def add(self, line: str) -> None:
+        self.add_bytes(line.encode("utf-8", "surrogatepass"))
+
+    def add_bytes(self, line: bytes) -> None:
+        """A line already encoded (e.g. an export row kept as the bytes it came as)."""
         self._pending.append(line)
         self.count += 1
         if len(self._pending) >= 1000:
@@ -111,7 +115,7 @@ class GzipLines:
 
     def _flush(self) -> None:
         if self._pending:
-            data = "".join(self._pending).encode("utf-8", "surrogatepass")
+            data = b"".join(self._pending)
             self._pending = []
             if self._executor is None:
                 self._chunks.append(self._z.compress(data))

@@ -81,16 +81,7 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
         "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean,"
         " old_posted_at timestamptz) ON COMMIT DROP"
     ))
-    post_lines: list[str] = []
-    image_lines: list[str] = []
-    for post, raw_key in items:
-        plat, ext, iso = _esc(post.platform), _esc(post.external_id), post.posted_at.isoformat()
-        post_lines.append(
-            f"{plat}\t{ext}\t{post.author_hash}\t{_esc(post.text)}\t{_esc(post.lang)}\t{iso}\t"
-            f"{_esc(post.url)}\t{_esc(post.repost_of)}\t{content_hash(post, iso)}\t{_esc(raw_key)}\n"
-        )
-        for i, img in enumerate(post.images):
-            image_lines.append(f"{plat}\t{ext}\t{i}\t{_esc(img.url)}\t{_esc(img.alt_text)}\n")
+    post_lines, image_lines = copy_lines(items)
     _copy_text(conn, "_stage_posts", POST_COLUMNS, post_lines)
     if image_lines:
         _copy_text(conn, "_stage_images", IMAGE_COLUMNS, image_lines)
@@ -143,6 +134,21 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
             )
     conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
     return result
+
+
+def copy_lines(items: Sequence[tuple[Post, str | None]]) -> tuple[list[str], list[str]]:
+    """COPY text lines for `_stage_posts` and `_stage_images` (the per-post CPU of the loader)."""
+    post_lines: list[str] = []
+    image_lines: list[str] = []
+    for post, raw_key in items:
+        plat, ext, iso = _esc(post.platform), _esc(post.external_id), post.posted_at.isoformat()
+        post_lines.append(
+            f"{plat}\t{ext}\t{post.author_hash}\t{_esc(post.text)}\t{_esc(post.lang)}\t{iso}\t"
+            f"{_esc(post.url)}\t{_esc(post.repost_of)}\t{content_hash(post, iso)}\t{_esc(raw_key)}\n"
+        )
+        for i, img in enumerate(post.images):
+            image_lines.append(f"{plat}\t{ext}\t{i}\t{_esc(img.url)}\t{_esc(img.alt_text)}\n")
+    return post_lines, image_lines
 
 
 def _esc(value: str | None) -> str:
