@@ -121,14 +121,18 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
                 "AND si.external_id = c.external_id AND si.position = pi.position AND si.url = pi.url)"
             ))
         if image_lines:
+            # Only edited posts can have image rows already: when every changed post is new
+            # (a backfill), a plain INSERT spares Postgres the speculative-insertion work per row.
+            on_conflict = (
+                " ON CONFLICT (post_id, position) DO UPDATE SET alt_text = EXCLUDED.alt_text, updated_at = EXCLUDED.updated_at"
+                " WHERE post_images.alt_text IS DISTINCT FROM EXCLUDED.alt_text"
+            ) if updated else ""
             conn.execute(
                 text(
                     "INSERT INTO post_images (post_id, position, url, alt_text, status, attempts, updated_at)"
                     " SELECT c.id, si.position, si.url, si.alt_text, 'pending', 0, :now FROM _changed c"
                     " JOIN _stage_images si ON si.platform = c.platform AND si.external_id = c.external_id"
-                    " ORDER BY c.id, si.position"
-                    " ON CONFLICT (post_id, position) DO UPDATE SET alt_text = EXCLUDED.alt_text, updated_at = EXCLUDED.updated_at"
-                    " WHERE post_images.alt_text IS DISTINCT FROM EXCLUDED.alt_text"
+                    " ORDER BY c.id, si.position" + on_conflict
                 ),
                 {"now": now},
             )

@@ -343,6 +343,10 @@ class Normalizer:
         return f"Normalizer(platform={self.default_platform!r})"
 
     def author(self, platform: str, author_id: Any) -> str:
+        if type(author_id) is str and author_id:  # the common case: a cached id string
+            cached = self._authors.get((platform, author_id))
+            if cached is not None:
+                return cached
         if isinstance(author_id, dict):
             author_id = first(author_id, ("id", "did", "acct", "username", "name", "url"))
         if author_id is None or author_id == "" or isinstance(author_id, bool) or not isinstance(author_id, str | int):
