@@ -535,3 +535,19 @@ def test_archive_fast_timestamp_and_partition_lines(monkeypatch):
     out = decode_partition(gzip.compress(lines.encode()))
     assert out[0] == {"ref": "a.jsonl:1", "ts": "2026-10-02T05:00:00+00:00", "row": {"id": "1"}}
     assert out[1] == {"ref": "a.jsonl:2", "ts": "2026-10-02T06:00:00+00:00", "error": "invalid JSON line"}
+
+
+def test_archive_partial_window_reads_row_timestamps(make_ctx, tmp_path):
+    """A "Z" timestamp is kept as the partition's `ts` (no isoformat per row) and still
+    selects the right rows for a window shorter than a day."""
+    from pipeline.ingest.connectors.archive import decode_partition, partition_key
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    write_archive(lambda name, data: (folder / name).write_bytes(data), "")
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]))
+    start = DAY - dt.timedelta(days=1)
+    got = ingest_window(ctx, "arch", start, start + dt.timedelta(hours=12))
+    assert got["new"] == 10  # rows every 1.2 h from the day's start: 0 .. 10.8 h
+    rows = decode_partition(ctx.store.get(partition_key("arch", start.date())))
+    assert rows[0]["ts"].endswith("Z") and dt.datetime.fromisoformat(rows[0]["ts"]) == start
