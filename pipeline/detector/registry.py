@@ -93,13 +93,17 @@ def activate(ctx: Context, version: str) -> None:
 
 
 def maybe_activate(ctx: Context, version: str, policy: str) -> bool:
-    """`always`, `never`, or `if_better`: no active version yet, or a held-out F1 at least as good."""
+    """`always`, `never`, or `if_better`: no active version yet, or a held-out F1 that beats it.
+
+    A tie keeps the active version: switching models restates image counts, which is only
+    worth it for a measurably better model.
+    """
     if policy == "never":
         return False
     current = active_version(ctx)
     if policy == "if_better" and current is not None:
         new = get_version(ctx, version)["metrics"].get("f1", 0.0)
-        if float(new or 0.0) < float((current["metrics"] or {}).get("f1", 0.0) or 0.0):
+        if float(new or 0.0) <= float((current["metrics"] or {}).get("f1", 0.0) or 0.0):
             return False
     activate(ctx, version)
     return True
