@@ -123,7 +123,6 @@ posts = Table(
     Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
     UniqueConstraint("platform", "external_id"),
     Index("ix_posts_posted_at", "posted_at"),
-    Index("ix_posts_source_posted_at", "source", "posted_at"),
 )
 
 images = Table(
