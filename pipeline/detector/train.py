@@ -355,7 +355,7 @@ def train_images(
     if tb_dir is not None:
         callbacks.append(tensorboard_callback(tb_dir / desc.replace(" ", "_")))
     started = time.monotonic()
-    hist = net.classifier.fit(ds, epochs=epochs, verbose=0, callbacks=callbacks, class_weight=class_weight)
+    hist = net.classifier.fit(ds, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, class_weight=class_weight)
     return {
         "epochs": cb.epochs_done,
         "epochs_planned": epochs,
