@@ -53,15 +53,46 @@ def test_mastodon_pages_the_window_with_link_headers():
     with FakeMastodon(statuses, max_limit=10) as srv:
         c = connector("mastodon", base_url=srv.url, hashtags=["acme"], limit=10)
         pages, recs = records(c)
-        got = {r["id"] for r in recs}
-        assert in_window <= got
-        # It starts at the window end (snowflake max_id) and stops at the first older status.
-        assert all(r["created_at"] >= (DAY - dt.timedelta(hours=8)).isoformat()[:13] for r in recs)
-        assert len(pages) == srv.hits("/api/v1/timelines/tag/acme") == 4
-        first = srv.requests[0].query
-        assert int(first["max_id"]) >> 16 == int(END.timestamp() * 1000)
-        for p in pages[1:]:
-            assert "max_id" in p.request["params"]
+        # The window is an id range: max_id = id(end) first, since_id = id(start) - 1 on every
+        # request (the Link URLs carry only max_id), so nothing outside the window comes back.
+        assert [r["id"] for r in recs] == sorted(in_window, key=int, reverse=True)
+        since = int(DAY.timestamp() * 1000) << 16
+        assert all(int(q.query["since_id"]) == since - 1 for q in srv.requests)
+        assert int(srv.requests[0].query["max_id"]) >> 16 == int(END.timestamp() * 1000)
+        # 32 statuses in 10s, then the empty page after the last Link ends the walk.
+        assert len(pages) == srv.hits("/api/v1/timelines/tag/acme") == 5 and pages[-1].records == []
+        for p, req in zip(pages[1:], srv.requests[1:], strict=True):
+            assert p.request["params"]["max_id"] == req.query["max_id"]
+
+
+def test_fake_mastodon_honours_since_id_and_min_id_as_documented():
+    """max_id: older than; since_id: newer than (newest page); min_id: immediately newer
+    than (the page just above it, still newest first); Link next carries max_id only."""
+    statuses = mastodon_statuses()[:30]
+    ids = sorted((int(s["id"]) for s in statuses), reverse=True)
+    import requests
+
+    with FakeMastodon(statuses, max_limit=40) as srv:
+        url = srv.url + "/api/v1/timelines/tag/acme"
+        got = requests.get(url, params={"since_id": ids[10], "limit": 5}, timeout=5)
+        assert [int(s["id"]) for s in got.json()] == ids[:5]
+        got = requests.get(url, params={"min_id": ids[10], "limit": 5}, timeout=5)
+        assert [int(s["id"]) for s in got.json()] == ids[5:10]
+        got = requests.get(url, params={"max_id": ids[3], "since_id": ids[7], "limit": 40}, timeout=5)
+        assert [int(s["id"]) for s in got.json()] == ids[4:7]
+        assert "since_id" not in got.headers["Link"] and f"max_id={ids[6]}" in got.headers["Link"]
+        assert requests.get(url, params={"since_id": ids[0]}, timeout=5).json() == []
+
+
+def test_mastodon_without_snowflake_ids_stops_at_the_first_older_status():
+    statuses = mastodon_statuses()
+    with FakeMastodon(statuses, max_limit=10) as srv:
+        c = connector("mastodon", base_url=srv.url, hashtags=["acme"], limit=10, snowflake_ids=False)
+        pages, recs = records(c)
+        assert all("since_id" not in q.query for q in srv.requests) and "max_id" not in srv.requests[0].query
+        assert min(r["created_at"] for r in recs) < DAY.isoformat()[:10]  # the page that crossed the start
+        assert {s["id"] for s in statuses if DAY.isoformat()[:10] in s["created_at"]} <= {r["id"] for r in recs}
+        assert len(pages) == srv.hits("/api/v1/timelines/tag/acme")
 
 
 def test_mastodon_account_statuses_via_lookup():

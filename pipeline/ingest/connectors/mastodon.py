@@ -3,12 +3,23 @@
 Options: `base_url` (the instance, required), `hashtags` (list, without '#'), `accounts`
 (list of account ids or `user@instance` names, looked up via `/api/v1/accounts/lookup`),
 `token_env` (NAME of the env var with an access token; public timelines need none),
-`limit` (page size, default 40), `snowflake_ids` (default true: start at the window's end
-using Mastodon's time-based ids instead of paging down from now).
+`limit` (page size, default 40), `snowflake_ids` (default true: bound the window with
+Mastodon's time-based ids, see below).
 
-Paging: newest first with `max_id`, next `max_id` taken from the `Link: <...>; rel="next"`
-header; a walk stops at the first status older than the window start. The next `max_id`
-must be lower than the current one, else the walk fails (a cursor going backwards).
+Paging (https://docs.joinmastodon.org/api/guidelines/#pagination): newest first with
+`max_id` ("older than"), the next `max_id` taken from the `Link: <...>; rel="next"` header.
+Mastodon ids are snowflakes (`ms timestamp << 16 | sequence`), so with `snowflake_ids` the
+window becomes an id range: the first request asks for `max_id = id(end)` (nothing newer than
+the window) and EVERY request carries `since_id = id(start) - 1` ("newer than"), so the server
+never returns a status older than the window start and the walk ends on the first empty page.
+`since_id` is re-added by us because Mastodon's `Link` URLs carry only `max_id` (and `limit`).
+Why `since_id` and not `min_id`: `min_id` ("immediately newer than") selects the page just
+above it, oldest end first, i.e. it pages forward from the start; we page backwards from the
+end, which keeps `max_id` the only cursor (stored for resume, checked to go down).
+Without `snowflake_ids` (servers with other ids) the walk starts at the newest status and
+stops at the first status older than the window start; that check also stays as a guard for
+servers that ignore `since_id`. The next `max_id` must be lower than the current one, else the
+walk fails (a cursor going backwards).
 """
 
 from __future__ import annotations
@@ -39,6 +50,11 @@ def parse_link_header(value: str | None) -> dict[str, str]:
 def snowflake_for(when: dt.datetime) -> str:
     """The smallest Mastodon id a status created at `when` can have (ms timestamp << 16)."""
     return str(int(when.timestamp() * 1000) << 16)
+
+
+def since_id_for(when: dt.datetime) -> str:
+    """`since_id` is exclusive: one below the smallest id a status created at `when` can have."""
+    return str((int(when.timestamp() * 1000) << 16) - 1)
 
 
 def _id_lt(a: str, b: str) -> bool:
@@ -87,9 +103,10 @@ class MastodonConnector(Connector):
         paths = [(f"tag:{t}", f"/api/v1/timelines/tag/{quote(t, safe='')}") for t in self.hashtags]
         paths += [(f"account:{a}", None) for a in self.accounts]
         first = {"max_id": snowflake_for(end)} if self.snowflake else {}
+        since = since_id_for(start) if self.snowflake else None
         out = []
         for name, path in paths:
-            out.append(Stream(name=name, fetch=self._fetcher(name, path, start), first_cursor=first, is_backwards=self._backwards))
+            out.append(Stream(name=name, fetch=self._fetcher(name, path, start, since), first_cursor=first, is_backwards=self._backwards))
         return out
 
     @staticmethod
@@ -98,7 +115,7 @@ class MastodonConnector(Connector):
         b = (nxt or {}).get("max_id")
         return bool(a and b) and not _id_lt(str(b), str(a))
 
-    def _fetcher(self, name: str, path: str | None, start: dt.datetime):  # type: ignore[no-untyped-def]
+    def _fetcher(self, name: str, path: str | None, start: dt.datetime, since: str | None):  # type: ignore[no-untyped-def]
         def fetch(cursor: Any) -> Step:
             nonlocal path
             if path is None:
@@ -106,6 +123,8 @@ class MastodonConnector(Connector):
             params: dict[str, Any] = {"limit": self.limit}
             if cursor and cursor.get("max_id"):
                 params["max_id"] = cursor["max_id"]
+            if since is not None:
+                params["since_id"] = since
             url = f"{self.base_url}{path}"
             body, resp = self.client.get_json(url, params=params, headers=self._headers())
             if not isinstance(body, list):
