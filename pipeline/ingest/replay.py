@@ -14,7 +14,10 @@ it over real HTTP exactly as they talk to the real services (point `base_url` at
 - `FakeBluesky`: `com.atproto.server.createSession` (app password -> JWTs, expiry) and
   `app.bsky.feed.searchPosts` (`q`, `since`, `until`, `cursor`, bearer auth).
 - `FakeReddit`: `/r/<sub>/new.json`, `/r/<sub>/search.json`, `/search.json` listings with
-  `after`, and the client-credentials token endpoint.
+  `after`, and the client-credentials token endpoint (`expires_in`, tokens that expire).
+Both take `overlap=N`: every page after the first starts with the last N items of the page
+before, as a live listing does when new posts arrive between two requests (duplicates
+across pages).
 """
 
 from __future__ import annotations
@@ -392,11 +395,12 @@ def _ts(value: str) -> dt.datetime:
 
 class FakeBluesky(FakeServer):
     def __init__(self, posts: list[dict[str, Any]] | None = None, identifier: str = "brandmon.bsky.social",
-                 password: str = "app-pass-1234", max_limit: int = 100) -> None:
+                 password: str = "app-pass-1234", max_limit: int = 100, overlap: int = 0) -> None:
         super().__init__()
         self.posts = list(posts or [])
         self.identifier, self.password = identifier, password
         self.max_limit = max_limit
+        self.overlap = overlap
         self.tokens: set[str] = set()
         self.sessions = 0
         self.route("POST", r"/xrpc/com\.atproto\.server\.createSession", self._session)
@@ -437,6 +441,8 @@ class FakeBluesky(FakeServer):
         items.sort(key=lambda p: (sort_at(p), p["uri"]), reverse=True)
         offset = int(req.query.get("cursor") or 0)
         limit = min(int(req.query.get("limit") or 25), self.max_limit)
+        if offset and self.overlap:  # new posts pushed the list down: the page repeats the last ones
+            offset = max(0, offset - min(self.overlap, limit - 1))
         page = items[offset : offset + limit]
         body: dict[str, Any] = {"posts": page, "hitsTotal": len(items)}
         if offset + limit < len(items):
@@ -481,12 +487,17 @@ def reddit_post(
 
 class FakeReddit(FakeServer):
     def __init__(self, posts: list[dict[str, Any]] | None = None, client_id: str | None = None, client_secret: str | None = None,
-                 max_limit: int = 100) -> None:
+                 max_limit: int = 100, overlap: int = 0, token_ttl: int = 86400) -> None:
         super().__init__()
         self.posts = list(posts or [])
         self.client_id, self.client_secret = client_id, client_secret
         self.max_limit = max_limit
+        self.overlap = overlap
+        self.token_ttl = token_ttl  # seconds, sent as `expires_in` and enforced
         self.tokens: set[str] = set()
+        self._expiry: dict[str, float] = {}
+        self.issued = 0
+        self.refused = 0  # listing requests answered 401
         self.user_agents: list[str] = []
         self.route("GET", r"/r/(?P<sub>[^/]+)/new\.json", self._new)
         self.route("GET", r"/r/(?P<sub>[^/]+)/search\.json", self._search)
@@ -497,27 +508,38 @@ class FakeReddit(FakeServer):
         expected = "Basic " + base64.b64encode(f"{self.client_id}:{self.client_secret}".encode()).decode()
         if req.headers.get("authorization") != expected or b"grant_type=client_credentials" not in req.body:
             return Response(401, {"message": "Unauthorized", "error": 401})
-        token = f"reddit-token-{len(self.tokens) + 1}"
         with self._lock:
+            self.issued += 1
+            token = f"reddit-token-{self.issued}"
             self.tokens.add(token)
-        return Response(200, {"access_token": token, "token_type": "bearer", "expires_in": 86400, "scope": "*"})
+            self._expiry[token] = time.monotonic() + self.token_ttl
+        return Response(200, {"access_token": token, "token_type": "bearer", "expires_in": self.token_ttl, "scope": "*"})
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far stops working (as after `expires_in`)."""
+        with self._lock:
+            self._expiry = dict.fromkeys(self._expiry, 0.0)
 
     def _authorised(self, req: Request) -> bool:
         self.user_agents.append(req.headers.get("user-agent", ""))
         if self.client_id is None:
             return True
         auth = req.headers.get("authorization", "")
-        return auth.lower().startswith("bearer ") and auth[7:] in self.tokens
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        with self._lock:
+            ok = token in self.tokens and self._expiry.get(token, 0.0) > time.monotonic()
+            self.refused += not ok
+        return ok
 
     def _listing(self, req: Request, items: list[dict[str, Any]]) -> Response:
         if not self._authorised(req):
-            return Response(401, {"message": "Unauthorized", "error": 401})
+            return Response(401, {"message": "Unauthorized", "error": 401}, {"www-authenticate": 'Bearer realm="reddit", error="invalid_token"'})
         items = sorted(items, key=lambda c: (c["data"]["created_utc"], c["data"]["id"]), reverse=True)
         after = req.query.get("after")
+        limit = min(int(req.query.get("limit") or 25), self.max_limit)
         if after:
             names = [c["data"]["name"] for c in items]
-            items = items[names.index(after) + 1 :] if after in names else []
-        limit = min(int(req.query.get("limit") or 25), self.max_limit)
+            items = items[max(0, names.index(after) + 1 - min(self.overlap, limit - 1)) :] if after in names else []
         page = items[:limit]
         nxt = page[-1]["data"]["name"] if len(items) > limit and page else None
         return Response(200, {"kind": "Listing", "data": {"after": nxt, "dist": len(page), "before": None, "children": page}})

@@ -241,3 +241,45 @@ def test_reddit_not_a_listing_fails():
         c = connector("reddit", base_url=srv.url, subreddits=["brands"])
         with pytest.raises(FeedError, match="Listing"):
             records(c)
+
+
+def oauth_reddit(monkeypatch, srv, **options):
+    monkeypatch.setenv("R_ID", "client-id-1")
+    monkeypatch.setenv("R_SECRET", "client-secret-xyz")
+    return connector("reddit", oauth_base_url=srv.url, auth_url=srv.url + "/api/v1/access_token", subreddits=["brands"],
+                     client_id_env="R_ID", client_secret_env="R_SECRET", **options)
+
+
+def test_reddit_token_renewed_before_it_expires(monkeypatch):
+    import time
+
+    with FakeReddit(reddit_posts(), client_id="client-id-1", client_secret="client-secret-xyz", max_limit=6, token_ttl=1) as srv:
+        c = oauth_reddit(monkeypatch, srv, limit=6)
+        it = c.pages(DAY, END)
+        first = next(it)
+        time.sleep(1.05)  # the token's `expires_in` has passed
+        rest = list(it)
+        assert first.records and rest
+        assert srv.issued == 2 and srv.refused == 0  # renewed before use, never sent expired
+
+
+def test_reddit_401_gets_one_new_token_and_the_walk_goes_on(monkeypatch):
+    with FakeReddit(reddit_posts(), client_id="client-id-1", client_secret="client-secret-xyz", max_limit=6) as srv:
+        ref = [r["data"]["id"] for r in records(oauth_reddit(monkeypatch, srv, limit=6))[1]]
+        srv.issued = srv.refused = 0
+        c = oauth_reddit(monkeypatch, srv, limit=6)
+        it = c.pages(DAY, END)
+        got = list(next(it).records)
+        srv.expire_tokens()  # revoked under the walk (expires_in says a day)
+        got += [r for p in it for r in p.records]
+        assert [r["data"]["id"] for r in got] == ref
+        assert srv.issued == 2 and srv.refused == 1
+
+
+def test_reddit_401_twice_is_a_clear_error(monkeypatch):
+    with FakeReddit(reddit_posts(), client_id="client-id-1", client_secret="client-secret-xyz", token_ttl=0) as srv:
+        c = oauth_reddit(monkeypatch, srv)
+        with pytest.raises(FeedError, match="HTTP 401 twice") as err:
+            records(c)
+        assert srv.issued == 2 and srv.refused == 2
+        assert "client-secret-xyz" not in str(err.value) and "reddit-token" not in str(err.value)

@@ -8,11 +8,16 @@ credentials grant is used against `auth_url` and requests go to `oauth_base_url`
 `base_url` (default https://www.reddit.com), `limit` (default 100).
 Listings are newest first; a walk stops at the first post older than the window start.
 Images come from galleries (`media_metadata`), image links (`url`) or `preview`.
+OAuth tokens live `expires_in` seconds (a day at Reddit): a new one is fetched before that
+(a tenth of the lifetime early, at most a minute), and a 401 on a listing (revoked, or the
+clock was off) gets one new token and one repeat of the request; a second 401 fails the
+window with a hint about the credentials.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -44,21 +49,45 @@ class RedditConnector(Connector):
             self.base_url = str(source.get("base_url", "https://www.reddit.com")).rstrip("/")
         self.auth_url = str(source.get("auth_url", "https://www.reddit.com/api/v1/access_token"))
         self._token: str | None = None
+        self._renew_at = 0.0  # monotonic time after which the token is renewed before use
+
+    def _login(self) -> None:
+        self.client.add_secret(self._client_secret)
+        asked = time.monotonic()
+        body, _ = self.client.request_json(
+            "POST", self.auth_url, data={"grant_type": "client_credentials"}, auth=(self._client_id, self._client_secret or "")
+        )
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            raise FeedError(f"{self.source.name}: Reddit's token endpoint returned no access_token; check the client credentials")
+        self.client.add_secret(token)
+        ttl = body.get("expires_in")
+        ttl = float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0 else 3600.0
+        self._token = token
+        self._renew_at = asked + ttl - min(60.0, ttl / 10)  # counted from the request: never late
 
     def _headers(self) -> dict[str, str]:
         if not self._client_id:
             return {}
-        if self._token is None:
-            self.client.add_secret(self._client_secret)
-            body, _ = self.client.request_json(
-                "POST", self.auth_url, data={"grant_type": "client_credentials"}, auth=(self._client_id, self._client_secret or "")
-            )
-            token = body.get("access_token") if isinstance(body, dict) else None
-            if not isinstance(token, str):
-                raise FeedError(f"{self.source.name}: Reddit's token endpoint returned no access_token; check the client credentials")
-            self._token = token
-            self.client.add_secret(token)
+        if self._token is None or time.monotonic() >= self._renew_at:
+            self._login()
         return {"Authorization": f"bearer {self._token}"}
+
+    def _get_listing(self, url: str, params: dict[str, Any]) -> Any:
+        for attempt in range(2):
+            try:
+                body, _ = self.client.get_json(url, params=params, headers=self._headers())
+                return body
+            except FeedError as exc:
+                resp = getattr(exc, "response", None)
+                if resp is None or resp.status_code != 401 or not self._client_id:
+                    raise
+                if attempt == 0:
+                    self._token = None  # revoked or expired early: one new token, one repeat
+                    continue
+                raise FeedError(f"{self.source.name}: Reddit refused a fresh OAuth token (HTTP 401 twice); check the client "
+                                "credentials and that the app may read the listing") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def streams(self, start: dt.datetime, end: dt.datetime) -> list[Stream]:
         out: list[Stream] = []
@@ -79,7 +108,7 @@ class RedditConnector(Connector):
             if cursor:
                 params["after"] = cursor
             url = f"{self.base_url}{path}"
-            body, _ = self.client.get_json(url, params=params, headers=self._headers())
+            body = self._get_listing(url, params)
             if not isinstance(body, dict) or body.get("kind") != "Listing" or not isinstance(body.get("data"), dict):
                 raise FeedError(f"{self.source.name}: {safe_url(url)} did not return a Listing")
             data = body["data"]
