@@ -204,8 +204,8 @@ def ctx_env(ctx) -> dict[str, str]:
     return env
 
 
-def run_and_kill(ctx, srv, path: str, hits: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, "masto", DAY.isoformat(), END.isoformat()],
+def run_and_kill(ctx, srv, path: str, hits: int, source: str = "masto") -> None:
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, source, DAY.isoformat(), END.isoformat()],
                             env=ctx_env(ctx), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -305,8 +305,10 @@ def test_bluesky_window(make_ctx, backend, monkeypatch):
         assert counts["new"] == 29 and counts["rejected"] == 1  # 29 posts at 50-minute steps fit in the day
         assert counts["images_stored"] == 10 and counts["images_quarantined"] == 10
         assert count(ctx, images) == 1
+        before = snapshot(ctx, volatile=True)
         again = ingest_window(ctx, "sky", DAY, END, force=True)
         assert again["unchanged"] == 29 and again["new"] == 0
+        assert snapshot(ctx, volatile=True) == before  # every row, ids and timestamps included
 
 
 @pytest.mark.integration
@@ -332,6 +334,117 @@ def test_reddit_window(make_ctx, backend, monkeypatch):
         assert count(ctx, images) == 2
         assert count(ctx, post_images) == counts["images_stored"]
         assert set(srv.user_agents) == {"test:brandmon:0.1 (by /u/brandmon)"}
+        before = snapshot(ctx, volatile=True)
+        again = ingest_window(ctx, "rd", DAY, END, force=True)
+        assert again["unchanged"] == in_day and again["new"] == again["updated"] == 0
+        assert snapshot(ctx, volatile=True) == before  # every row, ids and timestamps included
+
+
+# --- Bluesky and Reddit: resume, kills, duplicates across pages ------------------------------------
+
+SEARCH = "/xrpc/app.bsky.feed.searchPosts"
+LISTING = "/r/brands/new.json"
+
+
+def bluesky_world(srv: FakeBluesky) -> None:
+    srv.add_bytes("/cdn/a.jpg", jpeg())
+    srv.posts = [bluesky_post(DAY + dt.timedelta(minutes=41 * i), f"acme #{i}", did=f"did:plc:u{i % 4}", rkey=f"3k{i:03d}",
+                              images=[{"fullsize": srv.url + "/cdn/a.jpg", "alt": "a"}] if i % 4 == 0 else None) for i in range(34)]
+    srv.posts.append({"uri": "at://did:plc:x/app.bsky.feed.post/bad", "record": {"text": "acme", "createdAt": "garbage"},
+                      "author": {"did": "did:plc:x"}, "indexedAt": (DAY + dt.timedelta(hours=2)).isoformat()})
+
+
+def reddit_world(srv: FakeReddit) -> None:
+    srv.add_bytes("/i/1.jpg", jpeg())
+    srv.posts = [reddit_post(DAY - dt.timedelta(hours=3) + dt.timedelta(minutes=43 * i), f"Acme {i}", pid=f"r{i:02d}", author=f"user{i % 5}",
+                             **({"url": srv.url + "/i/1.jpg"} if i % 3 == 0 else {})) for i in range(40)]
+    srv.posts.append({"kind": "t3", "data": {"id": "bad1", "name": "t3_bad1", "subreddit": "brands", "title": "acme " * 30_000,
+                                             "selftext": "", "author": "mallory", "created_utc": (DAY + dt.timedelta(hours=5)).timestamp()}})
+
+
+FEEDS = {
+    "bluesky": (FakeBluesky, bluesky_world, SEARCH,
+                lambda srv: {"name": "feed", "kind": "bluesky", "base_url": srv.url, "queries": ["acme"],
+                             "identifier": "brandmon.bsky.social", "password_env": "BSKY_TEST_PASSWORD"}),
+    "reddit": (FakeReddit, reddit_world, LISTING,
+               lambda srv: {"name": "feed", "kind": "reddit", "base_url": srv.url, "subreddits": ["brands"]}),
+}
+
+
+@pytest.fixture(params=sorted(FEEDS))
+def feed(request, monkeypatch):
+    """(platform, server, listing path, source options) for Bluesky and for Reddit, 4 items a page."""
+    monkeypatch.setenv("BSKY_TEST_PASSWORD", "app-pass-1234")
+    cls, world, path, source = FEEDS[request.param]
+    with cls(max_limit=4) as srv:
+        world(srv)
+        yield request.param, srv, path, {**source(srv), "limit": 4, "backoff_s": 0.01}
+
+
+@pytest.mark.integration
+def test_feed_fails_midway_then_rerun_resumes_from_the_stored_cursor(make_ctx, backend, feed):
+    _platform, srv, path, source = feed
+    cfg = config([{**source, "part_pages": 1}])
+    ref = make_ctx(cfg, backend)
+    ingest_window(ref, "feed", DAY, END)
+    full = srv.hits(path)
+    assert full > 6
+
+    ctx = make_ctx(cfg, backend)
+    srv.requests.clear()
+    srv.fault(path, "status", status=500, times=50, skip=3)
+    with pytest.raises(FeedError, match="HTTP 500 after 4 attempts"):
+        ingest_window(ctx, "feed", DAY, END)
+    assert count(ctx, posts) == count(ctx, post_images) == count(ctx, quarantine) == 0  # no half window
+    srv.clear_faults()
+    srv.requests.clear()
+    counts = ingest_window(ctx, "feed", DAY, END)
+    assert counts["resumed_pages"] == 3
+    assert srv.hits(path) == full - 3  # the three stored pages were not fetched again
+    assert snapshot(ctx) == snapshot(ref)
+
+
+@pytest.mark.integration
+def test_feed_killed_midway_then_rerun_equals_uninterrupted(make_ctx, backend, feed):
+    _platform, srv, path, source = feed
+    cfg = config([{**source, "part_pages": 1}])
+    ref = make_ctx(cfg, backend)
+    ingest_window(ref, "feed", DAY, END)
+    full = srv.hits(path)
+
+    ctx = make_ctx(cfg, backend)
+    srv.requests.clear()
+    srv.fault(path, "slow", delay_s=60, skip=4)
+    run_and_kill(ctx, srv, path, 5, source="feed")
+    assert count(ctx, posts) == 0
+    srv.clear_faults()
+    srv.requests.clear()
+    counts = ingest_window(ctx, "feed", DAY, END)
+    assert counts["resumed_pages"] == 4 and srv.hits(path) == full - 4
+    assert snapshot(ctx) == snapshot(ref)
+
+
+@pytest.mark.integration
+def test_feed_duplicates_across_pages_land_once(make_ctx, backend, feed):
+    """The server repeats the last item of each page at the top of the next one (new posts
+    arrived between the requests): each post is stored once, as without the repeats."""
+    _platform, srv, path, source = feed
+    ref = make_ctx(config([source]), backend)
+    plain = ingest_window(ref, "feed", DAY, END)
+    plain_pages = srv.hits(path)
+
+    srv.overlap = 1
+    srv.requests.clear()
+    ctx = make_ctx(config([source]), backend)
+    counts = ingest_window(ctx, "feed", DAY, END)
+    pages = srv.hits(path)
+    assert pages > plain_pages  # 3 new items a page instead of 4
+    assert counts["duplicates"] >= pages - 2 > 0  # a repeat on every page but the first (and the one crossing the start)
+    assert counts["new"] == plain["new"] == count(ctx, posts)
+    with ctx.engine.connect() as conn:
+        ids = [r for (r,) in conn.execute(select(posts.c.external_id))]
+    assert len(ids) == len(set(ids))
+    assert snapshot(ctx) == snapshot(ref)
 
 
 @pytest.mark.integration
