@@ -8,8 +8,11 @@ so that a stray `print(settings)` or log line cannot show them.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import secrets as _secrets
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,7 @@ class DetectorConfig:
     score_floor: float = 0.05
     review_margin: float = 0.1
     mixed_precision: str = "auto"  # auto | bf16 | fp32
+    threads: int = 0  # TensorFlow intra-op threads (0: all cores); env BRANDMON_TF_THREADS wins
 
 
 @dataclass(frozen=True)
@@ -195,8 +199,86 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
         raise ConfigError(f"sources[{i}].name must be letters, digits, '-' or '_' (got {name!r})")
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"sources[{i}] ({name}): kind must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
-    options = {k: v for k, v in raw.items() if k not in ("name", "kind")}
+    options = {k: _check_option(name, k, v) for k, v in raw.items() if k not in ("name", "kind")}
     return SourceConfig(name=name, kind=kind, options=options)
+
+
+# Source options the connectors read, by the type they need. Checked here so that a wrong type
+# (`max_pages: lots`) is one clear line at start-up, not a traceback from inside a connector.
+_INT_OPTIONS = {"max_pages": 1, "limit": 1, "part_pages": 1, "days": 1, "seed": None}
+_FLOAT_OPTIONS = ("backoff_s", "max_wait_s", "timeout_s")
+_BOOL_OPTIONS = ("fetch_images", "snowflake_ids")
+_STR_OPTIONS = ("base_url", "oauth_base_url", "auth_url", "path", "platform", "user_agent", "identifier", "start")
+_LIST_OPTIONS = ("hashtags", "accounts", "queries", "subreddits")
+_CHOICE_OPTIONS = {"html": ("auto", "always", "never")}
+
+
+def _check_option(source: str, key: str, value: Any) -> Any:
+    """Return a known option's value in the type its connector needs, or raise ConfigError."""
+    where = f"sources ({source}): `{key}`"
+    if key in _INT_OPTIONS:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}; e.g. {key}: 10")
+        low = _INT_OPTIONS[key]
+        if low is not None and value < low:
+            raise ConfigError(f"{where} must be at least {low}, got {value}")
+        return value
+    if key in _FLOAT_OPTIONS:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+            raise ConfigError(f"{where} must be a number of seconds (0 or more), got {value!r}; e.g. {key}: 1.5")
+        return value
+    if key == "start" and isinstance(value, dt.date):  # YAML reads an unquoted 2026-10-01 as a date
+        value = value.isoformat()
+    if key in _BOOL_OPTIONS and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if (key in _STR_OPTIONS or key.endswith("_env")) and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+    if key == "start":
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a date like 2026-10-01, got {value!r}") from None
+    if key in _LIST_OPTIONS:
+        return list(_strs(value, f"sources ({source}).{key}"))
+    if key in _CHOICE_OPTIONS and value not in _CHOICE_OPTIONS[key]:
+        raise ConfigError(f"{where} must be one of {', '.join(_CHOICE_OPTIONS[key])}, got {value!r}")
+    return value
+
+
+def _typed_section(raw: Any, cls: type, where: str) -> dict[str, Any]:
+    """The known keys of a `network:`/`detector:` mapping, each checked against its default's type."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping (key: value lines), got {type(raw).__name__} {raw!r}")
+    out: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in raw.items():
+        if key not in cls.__dataclass_fields__:
+            continue
+        default = getattr(defaults, key)
+        if isinstance(default, tuple):
+            value = _strs(value, f"{where}.{key}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            low = 0 if key in ("max_retries", "threads") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{where}.{key} must be a whole number of at least {low}, got {value!r}")
+        elif isinstance(default, float):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"{where}.{key} must be a number (0 or more), got {value!r}")
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        out[key] = value
+    return out
 
 
 def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
@@ -212,19 +294,10 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
     sources = tuple(_parse_source(s, i) for i, s in enumerate(doc.get("sources") or []))
     if len({s.name for s in sources}) != len(sources):
         raise ConfigError(f"{where}: source names must be unique")
-    net_raw = doc.get("network") or {}
-    if not isinstance(net_raw, dict):
-        raise ConfigError(f"{where}: `network` must be a mapping")
-    net_fields = {k: v for k, v in net_raw.items() if k in NetworkConfig.__dataclass_fields__}
-    if "allowed_private_hosts" in net_fields:
-        net_fields["allowed_private_hosts"] = _strs(net_fields["allowed_private_hosts"], "network.allowed_private_hosts")
-    det_raw = doc.get("detector") or {}
-    det_fields = {k: v for k, v in det_raw.items() if k in DetectorConfig.__dataclass_fields__}
-    try:
-        network = NetworkConfig(**net_fields)
-        detector = DetectorConfig(**det_fields)
-    except TypeError as exc:  # pragma: no cover - dataclass arg errors
-        raise ConfigError(f"{where}: {exc}") from None
+    network = NetworkConfig(**_typed_section(doc.get("network"), NetworkConfig, f"{where}: `network`"))
+    detector = DetectorConfig(**_typed_section(doc.get("detector"), DetectorConfig, f"{where}: `detector`"))
+    if detector.mixed_precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"{where}: `detector`.mixed_precision must be auto, bf16 or fp32, got {detector.mixed_precision!r}")
     extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector")}
     return {"brands": brands, "sources": sources, "network": network, "detector": detector, "extra": extra}
 
@@ -247,6 +320,12 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def check_storage_url(url: str) -> str:
     """Accept file:///abs, a plain path, or s3://bucket[/prefix]; say how to fix anything else."""
     parts = urlsplit(url)
+    if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise ConfigError(
+            f"BRANDMON_STORAGE_URL={url!r} names host {parts.netloc!r}, so it would point at {parts.path or '/'}; "
+            "a file URL needs an absolute path after three slashes (file:///abs/path), or give a plain path "
+            f"such as ./{parts.netloc}{parts.path}"
+        )
     if parts.scheme in ("", "file"):
         return url
     if parts.scheme == "s3":
@@ -260,7 +339,7 @@ def check_storage_url(url: str) -> str:
 
 def check_database_url(url: str) -> str:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         parsed = make_url(url)
@@ -273,23 +352,74 @@ def check_database_url(url: str) -> str:
         raise ConfigError(
             f"BRANDMON_DATABASE_URL uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"
         )
+    default_driver = "postgresql+psycopg2" if parsed.get_backend_name() == "postgresql" else "sqlite"
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL names an unknown database driver {parsed.drivername!r}; "
+            f"use {default_driver}://..."
+        ) from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL uses the driver {parsed.get_driver_name()!r}, whose module "
+            f"{getattr(exc, 'name', None) or parsed.get_driver_name()!r} is not installed; use {default_driver}://... "
+            f"(installed) or pip install it"
+        ) from None
     return url
 
 
 def _salt(home: Path, env: dict[str, str]) -> Secret:
-    """The author-hash salt: from BRANDMON_AUTHOR_SALT, else a per-installation file (mode 600)."""
+    """The author-hash salt: from BRANDMON_AUTHOR_SALT, else a per-installation file (mode 600).
+
+    Two processes may start at once on a fresh BRANDMON_HOME: each writes its candidate to a
+    private temp file and hard-links it into place, which either creates the complete file or
+    fails because the other won; the loser then reads the winner's salt. A reader therefore
+    never sees a half-written file, and everyone ends with the same salt.
+    """
     value = env.get("BRANDMON_AUTHOR_SALT")
     if value:
         return Secret(value)
     path = home / "author_salt"
-    if path.is_file():
-        return Secret(path.read_text().strip())
-    home.mkdir(parents=True, exist_ok=True)
-    value = _secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
+    if not path.is_file():
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=home, prefix=".author_salt-")  # mode 600
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the author salt in {home}: {exc.strerror}; make BRANDMON_HOME writable "
+                "or set BRANDMON_AUTHOR_SALT"
+            ) from None
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(_secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process won: use its salt
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    value = path.read_text().strip()
+    if not value:
+        raise ConfigError(
+            f"the author salt file {path} is empty; restore it from a backup (author hashes depend on it), "
+            "or delete it to start a new salt, or set BRANDMON_AUTHOR_SALT"
+        )
     return Secret(value)
+
+
+def _detector_env(detector: DetectorConfig, env: dict[str, str]) -> DetectorConfig:
+    """BRANDMON_TF_THREADS over `detector.threads`: a worker's cores are a deployment fact."""
+    raw = env.get("BRANDMON_TF_THREADS")
+    if not raw:
+        return detector
+    try:
+        threads = int(raw)
+        if threads < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"BRANDMON_TF_THREADS must be a whole number (0 = all cores), got {raw!r}") from None
+    return replace(detector, threads=threads)
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -310,7 +440,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         brands=parts["brands"],
         sources=parts["sources"],
         network=parts["network"],
-        detector=parts["detector"],
+        detector=_detector_env(parts["detector"], env),
         author_salt=_salt(home, env),
         extra=extra,
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,110 @@ def test_salt_is_generated_once_and_private(tmp_path: Path) -> None:
     b = load_settings(env=_env(tmp_path)).author_salt.get()
     assert a == b and len(a) == 64
     assert (tmp_path / "var" / "author_salt").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("detector: 5\n", "`detector` must be a mapping"),
+        ("detector: {batch_size: lots}\n", "batch_size must be a whole number"),
+        ("network: [a, b]\n", "`network` must be a mapping"),
+        ("network: {timeout_s: soon}\n", "timeout_s must be a number"),
+        ("sources:\n  - {name: m, kind: mastodon, max_pages: lots}\n", "`max_pages` must be a whole number"),
+        ("sources:\n  - {name: m, kind: mastodon, limit: 0}\n", "`limit` must be at least 1"),
+        ("sources:\n  - {name: m, kind: mastodon, backoff_s: fast}\n", "`backoff_s` must be a number of seconds"),
+        ("sources:\n  - {name: a, kind: archive, path: /x, fetch_images: maybe}\n", "`fetch_images` must be true or false"),
+        ("sources:\n  - {name: a, kind: archive, path: [x]}\n", "`path` must be a string"),
+        ("sources:\n  - {name: a, kind: archive, path: /x, html: sometimes}\n", "`html` must be one of auto, always, never"),
+        ("sources:\n  - {name: m, kind: mastodon, hashtags: {a: 1}}\n", "hashtags must be a list of strings"),
+        ("sources:\n  - {name: s, kind: synthetic, start: someday}\n", "`start` must be a date"),
+    ],
+)
+def test_wrong_types_give_one_clear_error(tmp_path: Path, text: str, needle: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env=_env(tmp_path, BRANDMON_CONFIG=str(cfg)))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_source_options_are_normalised(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources:\n  - {name: s, kind: synthetic, start: 2026-10-01, days: '5', seed: 3, hashtags: acme}\n")
+    src = load_settings(env=_env(tmp_path, BRANDMON_CONFIG=str(cfg))).source("s")
+    assert src.options == {"start": "2026-10-01", "days": 5, "seed": 3, "hashtags": ["acme"]}
+
+
+@pytest.mark.parametrize("url", ["file://relative/lake", "file://lake"])
+def test_file_url_with_a_host_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match="file:///abs/path"):
+        load_settings(env=_env(tmp_path, BRANDMON_STORAGE_URL=url))
+
+
+def test_file_url_forms_that_name_an_absolute_path(tmp_path: Path) -> None:
+    for url in (f"file://{tmp_path}/lake", f"file://localhost{tmp_path}/lake"):
+        assert load_settings(env=_env(tmp_path, BRANDMON_STORAGE_URL=url)).storage_url == url
+
+
+def test_unknown_database_driver(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown database driver 'postgresql\\+nosuchdriver'"):
+        load_settings(env=_env(tmp_path, BRANDMON_DATABASE_URL="postgresql+nosuchdriver://u@h/db"))
+
+
+SALT_CHILD = """
+import os, sys
+from pipeline.settings import load_settings
+if len(sys.argv) > 2:
+    os.read(int(sys.argv[2]), 1)  # blocks until the parent closes the pipe: all start at once
+print(load_settings(env={"BRANDMON_HOME": sys.argv[1]}).author_salt.get())
+"""
+
+
+def _salt_child(home: Path, *fd: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SALT_CHILD, str(home), *map(str, fd)], pass_fds=fd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_salt_generated_by_processes_at_once_is_one_salt(tmp_path: Path) -> None:
+    """Processes starting together on a fresh BRANDMON_HOME all end with the one salt on disk."""
+    for round_ in range(3):
+        home = tmp_path / f"home{round_}"
+        read_fd, write_fd = os.pipe()
+        procs = [_salt_child(home, read_fd) for _ in range(4)]
+        os.close(read_fd)
+        time.sleep(1.0)  # let them import and block on the pipe
+        os.close(write_fd)
+        results = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-500:] for _out, err in results]
+        on_disk = (home / "author_salt").read_text().strip()
+        assert {out.strip() for out, _err in results} == {on_disk} and len(on_disk) == 64
+        assert [p.name for p in home.iterdir()] == ["author_salt"]  # no temp file left behind
+        assert (home / "author_salt").stat().st_mode & 0o077 == 0
+
+
+def test_salt_written_by_another_process_meanwhile_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race made certain: another process creates the salt after this one found none and
+    while it makes its own; this one must adopt the other's salt, not fail or overwrite it."""
+    from pipeline import settings
+
+    home = tmp_path / "var"
+    other: list[str] = []
+
+    def token_hex(n: int) -> str:
+        proc = _salt_child(home)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        other.append(out.strip())
+        return "c" * 2 * n
+
+    monkeypatch.setattr(settings._secrets, "token_hex", token_hex)
+    mine = load_settings(env=_env(tmp_path)).author_salt.get()
+    assert other and len(other[0]) == 64 and mine == other[0] == (home / "author_salt").read_text()
+    assert [p.name for p in home.iterdir()] == ["author_salt"]
+
+
+def test_empty_salt_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "author_salt").write_text("")
+    with pytest.raises(ConfigError, match="author salt file .* is empty"):
+        load_settings(env=_env(tmp_path))
