@@ -104,6 +104,15 @@ class LocalStore:
             raise StorageError(f"the lake folder {self.root} is not writable")
 
 
+def _max_attempts() -> int:
+    """boto3's attempts per S3 call, the first included (throttling, 5xx and dropped connections
+    are retried with backoff): AWS_MAX_ATTEMPTS as the AWS SDKs read it, default 9."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS") or "9"
+    if not raw.isdigit() or int(raw) < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={raw!r} must be a whole number of at least 1 (default 9)")
+    return int(raw)
+
+
 class S3Store:
     """An S3 bucket (optionally under a prefix), through boto3."""
 
@@ -118,7 +127,8 @@ class S3Store:
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60),
+            config=Config(retries={"total_max_attempts": _max_attempts(), "mode": "adaptive"}, connect_timeout=10,
+                          read_timeout=60),
         )
 
     def _key(self, key: str) -> str:
@@ -140,6 +150,11 @@ class S3Store:
                     f"S3 {what} on s3://{self.bucket} was refused ({code}); check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY (or the aws_default connection) and the bucket policy"
                 )
+            if code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "500", "503"):
+                return StorageError(
+                    f"S3 {what} on s3://{self.bucket} failed: {code} (still failing after {_max_attempts()} attempts); "
+                    "the S3 server is throttling or failing: re-run the same command later"
+                )
             return StorageError(f"S3 {what} on s3://{self.bucket} failed: {code}")
         hint = ""
         name = type(exc).__name__
@@ -147,7 +162,13 @@ class S3Store:
             hint = "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
         elif name in ("EndpointConnectionError", "ConnectTimeoutError"):
             hint = "; start the S3 server or fix BRANDMON_S3_ENDPOINT_URL"
-        return StorageError(f"S3 {what} on s3://{self.bucket} failed: {name}: {exc}{hint}")
+        elif name in ("ConnectionClosedError", "ReadTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+                      "ProtocolError", "ConnectionError", "HTTPClientError"):
+            hint = "; the S3 server dropped the connection or sent a short answer: re-run the same command"
+        else:
+            hint = "; check BRANDMON_STORAGE_URL and BRANDMON_S3_ENDPOINT_URL, then re-run the same command"
+        detail = " ".join(str(exc).split())[:300]
+        return StorageError(f"S3 {what} on s3://{self.bucket} failed: {name}: {detail}{hint}")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
@@ -167,6 +188,10 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise KeyError(key) from None
             raise self._fail(exc, "get") from None
+        except StorageError:  # e.g. InvalidKeyError: keep its own type
+            raise
+        except Exception as exc:  # connection refused or dropped, a truncated body, ...
+            raise self._fail(exc, "get") from None
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -177,6 +202,10 @@ class S3Store:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return False
+            raise self._fail(exc, "head") from None
+        except StorageError:
+            raise
+        except Exception as exc:
             raise self._fail(exc, "head") from None
 
     def delete(self, key: str) -> None:

@@ -27,10 +27,17 @@ from pipeline.settings import load_settings  # noqa: E402
 from pipeline.testing import (  # noqa: E402
     MotoServer,
     PostgresCluster,
+    S3FaultProxy,
     create_bucket,
     create_database,
     drop_database,
 )
+
+# Tests that read the real FlickrLogos-27 photos run when BRANDMON_FL27_DIR names them; on a
+# machine laid out like CI's (shared/ beside the checkout) that is the default.
+_FL27 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "flickr_logos_27"
+if not os.environ.get("BRANDMON_FL27_DIR") and (_FL27 / "annotations.txt").is_file():
+    os.environ["BRANDMON_FL27_DIR"] = str(_FL27)
 
 TEST_SALT = "test-salt-5f1c0ffee"
 
@@ -61,6 +68,21 @@ def s3_endpoint() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def _s3_proxy_server(s3_endpoint: str) -> Iterator[S3FaultProxy]:
+    with S3FaultProxy(s3_endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def s3_proxy(_s3_proxy_server: S3FaultProxy) -> Iterator[S3FaultProxy]:
+    """An HTTP proxy in front of the S3 API server that answers chosen requests with real S3
+    errors (`proxy.fault(...)`); point BRANDMON_S3_ENDPOINT_URL at `proxy.url`. No rules at start."""
+    _s3_proxy_server.clear()
+    yield _s3_proxy_server
+    _s3_proxy_server.clear()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])

@@ -79,3 +79,58 @@ def test_missing_bucket(monkeypatch, capsys, tmp_path, s3_endpoint: str) -> None
         BRANDMON_STORAGE_URL="s3://bucket-that-is-not-there/lake", BRANDMON_S3_ENDPOINT_URL=s3_endpoint,
     )
     assert code == 2 and "bucket-that-is-not-there" in _one_clear_line(err)
+
+
+def test_detector_section_that_is_not_a_mapping(monkeypatch, capsys, tmp_path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("detector: 5\n")
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_CONFIG=str(cfg))
+    assert code == 2 and "`detector` must be a mapping" in _one_clear_line(err)
+
+
+def test_database_driver_not_installed(monkeypatch, capsys, tmp_path) -> None:
+    url = "postgresql+pg8000://bm:topsecret@127.0.0.1/bm"
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_DATABASE_URL=url)
+    line = _one_clear_line(err)
+    assert code == 2 and "'pg8000'" in line and "not installed" in line and "postgresql+psycopg2://" in line
+    assert "topsecret" not in err
+
+
+def test_source_option_of_the_wrong_type(monkeypatch, capsys, tmp_path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources:\n  - {name: m, kind: mastodon, base_url: https://x.example, hashtags: [a], max_pages: lots}\n")
+    argv = ["ingest", "m", "--start", "2026-10-01", "--end", "2026-10-02"]
+    code, err = _run(monkeypatch, capsys, tmp_path, argv, BRANDMON_CONFIG=str(cfg))
+    line = _one_clear_line(err)
+    assert code == 2 and "`max_pages` must be a whole number" in line and "'lots'" in line
+
+
+def test_file_url_with_a_host_part(monkeypatch, capsys, tmp_path) -> None:
+    code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_STORAGE_URL="file://relative/lake")
+    line = _one_clear_line(err)
+    assert code == 2 and "names host 'relative'" in line and "file:///abs/path" in line and "./relative/lake" in line
+
+
+@pytest.mark.integration
+def test_lake_read_dropped_by_the_s3_server(monkeypatch, capsys, tmp_path, s3_endpoint, s3_proxy) -> None:
+    """A lake read that fails below S3 (connection dropped, not an S3 error answer) is one line too."""
+    import uuid
+
+    from pipeline.testing import create_bucket
+
+    bucket = f"lake-{uuid.uuid4().hex[:12]}"
+    create_bucket(s3_endpoint, bucket)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "a.jsonl").write_text('{"id": "1", "author_id": "u", "text": "hi", "created_at": "2026-10-01T10:00:00Z"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"sources:\n  - {{name: arch, kind: archive, path: '{export}'}}\n")
+    env = {"BRANDMON_CONFIG": str(cfg), "BRANDMON_STORAGE_URL": f"s3://{bucket}/lake",
+           "BRANDMON_S3_ENDPOINT_URL": s3_proxy.url, "AWS_MAX_ATTEMPTS": "2"}
+    assert _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], **env)[0] == 0
+    rule = s3_proxy.fault("GET", r"/_index/manifest\.json$", kind="drop", times=100)
+    code, err = _run(monkeypatch, capsys, tmp_path, ["ingest", "arch", "--start", "2026-10-01", "--end", "2026-10-02",
+                                                     "--quiet"], **env)
+    line = _one_clear_line(err)
+    assert rule.fired == 2
+    assert code == 2 and "S3 get on s3://" in line and "ConnectionClosedError" in line and "re-run" in line

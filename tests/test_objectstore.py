@@ -50,3 +50,49 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint: str) -> None:
     store = open_store("s3://no-such-bucket-here/prefix", endpoint_url=s3_endpoint)
     with pytest.raises(StorageError, match="does not exist.*create it"):
         store.check()
+
+
+@pytest.mark.integration
+def test_errors_below_s3_are_storage_errors(monkeypatch, s3_endpoint: str, s3_proxy) -> None:
+    """No answer at all (nothing listening, a dropped connection, a cut body) is a StorageError
+    with a hint, from every operation, never a raw botocore exception."""
+    from pipeline.testing import create_bucket, free_port
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    down = open_store("s3://any-bucket/lake", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for op in (down.get, down.exists, lambda k: down.put(k, b"x"), down.delete, lambda k: list(down.list(k))):
+        with pytest.raises(StorageError, match="EndpointConnectionError.*start the S3 server or fix BRANDMON_S3_ENDPOINT_URL"):
+            op("raw/k")
+    create_bucket(s3_endpoint, "proxied-bucket")
+    store = open_store("s3://proxied-bucket/lake", endpoint_url=s3_proxy.url)
+    store.put("raw/k", b"x" * 10_000)
+    s3_proxy.fault("GET", "/raw/k$", kind="truncate")
+    with pytest.raises(StorageError, match="ResponseStreamingError.*re-run"):
+        store.get("raw/k")
+    s3_proxy.fault("HEAD", "/raw/k$", kind="drop")
+    with pytest.raises(StorageError, match="ConnectionClosedError.*re-run"):
+        store.exists("raw/k")
+    assert store.get("raw/k") == b"x" * 10_000 and store.exists("raw/k")  # the faults were one-offs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("code", "op"), [("SlowDown", "put"), ("InternalError", "get")])
+def test_s3_error_answers_are_retried_then_clear(monkeypatch, s3_endpoint: str, s3_proxy, code: str, op: str) -> None:
+    """Real S3 error answers: boto3 retries a burst away; a persistent one is one clear StorageError."""
+    from pipeline.testing import create_bucket
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    bucket = f"retry-{code.lower()}"
+    create_bucket(s3_endpoint, bucket)
+    store = open_store(f"s3://{bucket}/lake", endpoint_url=s3_proxy.url)
+    store.put("raw/k", b"v1")
+    method = "PUT" if op == "put" else "GET"
+    call = (lambda: store.put("raw/k", b"v2")) if op == "put" else (lambda: store.get("raw/k"))
+    burst = s3_proxy.fault(method, "/raw/k$", code=code, times=2)
+    call()
+    assert burst.fired == 2
+    s3_proxy.clear()
+    persistent = s3_proxy.fault(method, "/raw/k$", code=code, times=100)
+    with pytest.raises(StorageError, match=f"S3 {op} on s3://{bucket} failed: {code} \\(still failing after 3 attempts\\)"):
+        call()
+    assert persistent.fired == 3
