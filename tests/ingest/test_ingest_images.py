@@ -157,3 +157,62 @@ def test_slow_image_times_out(srv):
     with pytest.raises(ImageProblem, match="timed out") as err:
         dl(timeout_s=0.3).get(srv.url + "/good.jpg")
     assert err.value.status == "failed"
+
+
+class ConnectionMeter:
+    """A route handler that serves an image slowly and records, per Host header, how many
+    requests (each on its own pooled connection) were in flight at once."""
+
+    def __init__(self, data: bytes, delay_s: float = 0.15) -> None:
+        import threading
+
+        self.data, self.delay_s = data, delay_s
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_total = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, req, **_groups):
+        import time
+
+        from pipeline.ingest.replay import Response
+
+        host = req.headers.get("host", "").rsplit(":", 1)[0]
+        with self._lock:
+            self.active[host] = self.active.get(host, 0) + 1
+            self.peak[host] = max(self.peak.get(host, 0), self.active[host])
+            self.peak_total = max(self.peak_total, sum(self.active.values()))
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.active[host] -= 1
+        return Response(200, self.data, {"Content-Type": "image/jpeg"})
+
+
+def test_per_host_connection_limit(make_ctx):
+    """image_workers=8 but per_host_connections=2: never more than 2 downloads at once from
+    one host, while two hosts (127.0.0.1 and localhost) are served in parallel."""
+    import datetime as dt
+
+    from ingest_helpers import config
+
+    from pipeline.ingest.jobs import ingest_window
+    from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
+
+    day = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
+    meter = ConnectionMeter(jpeg())
+    with FakeMastodon() as masto:
+        masto.route("GET", r"/img/\d+\.jpg", meter)
+        hosts = [masto.url, f"http://localhost:{masto.port}"]
+        masto.statuses = [
+            mastodon_status(day + dt.timedelta(minutes=10 * i), f"#acme {i}", seq=i, tags=("acme",),
+                            media=[mastodon_media(f"{hosts[i % 2]}/img/{i}.jpg")])
+            for i in range(24)
+        ]
+        cfg = config([{"name": "masto", "kind": "mastodon", "base_url": masto.url, "hashtags": ["acme"]}],
+                     image_workers=8, per_host_connections=2)
+        cfg["network"]["allowed_private_hosts"] = ["127.0.0.1", "localhost"]
+        ctx = make_ctx(cfg)
+        counts = ingest_window(ctx, "masto", day, day + dt.timedelta(days=1))
+    assert counts["images_stored"] == 24
+    assert meter.peak == {"127.0.0.1": 2, "localhost": 2}
+    assert meter.peak_total == 4
