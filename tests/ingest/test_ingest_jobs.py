@@ -664,3 +664,33 @@ def test_archive_partial_window_reads_row_timestamps(make_ctx, tmp_path):
     assert got["new"] == 10  # rows every 1.2 h from the day's start: 0 .. 10.8 h
     rows = decode_partition(ctx.store.get(partition_key("arch", start.date())))
     assert rows[0]["ts"].endswith("Z") and dt.datetime.fromisoformat(rows[0]["ts"]) == start
+
+
+def test_archive_csv_error_quarantines_the_row_and_reads_on(make_ctx, tmp_path, monkeypatch):
+    """A row the csv module refuses (a field over the limit) is one quarantine row; the rows
+    after it are still ingested."""
+    import csv
+
+    import pipeline.ingest.connectors.archive as archive_mod
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    lines = ["id,author_id,text,created_at"]
+    for i in range(6):
+        text = "x" * 5000 if i == 2 else f"acme {i}"
+        lines.append(f'c{i},u{i},"{text}",{(DAY + dt.timedelta(hours=i)).isoformat().replace("+00:00", "Z")}')
+    (folder / "export.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(archive_mod, "CSV_FIELD_LIMIT", 1000)
+    limit = csv.field_size_limit()
+    try:
+        ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]))
+        counts = ingest_window(ctx, "arch", DAY, END)
+    finally:
+        csv.field_size_limit(limit)
+    assert counts["new"] == 5 and counts["rejected"] == 1
+    with ctx.engine.connect() as conn:
+        ids = sorted(r for (r,) in conn.execute(select(posts.c.external_id)))
+        q = conn.execute(select(quarantine)).mappings().one()
+    assert ids == ["c0", "c1", "c3", "c4", "c5"]
+    assert q["record_ref"] == "export.csv:4" and q["reason"] == "CSV error: field larger than field limit (1000)"
+    assert q["window_start"] is None

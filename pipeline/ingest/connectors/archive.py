@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 INDEX_VERSION = 1
+CSV_FIELD_LIMIT = 64 * 1024 * 1024  # characters in one CSV field
 
 
 def _format_of(name: str) -> str | None:
@@ -192,16 +193,7 @@ def fast_time(line: str) -> str | None:
 def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
     """(ref, original JSON text or None, row (or _UNPARSED) or None, error) for every row of one file."""
     if fmt == "csv":
-        csv.field_size_limit(64 * 1024 * 1024)
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
-        reader = csv.DictReader(text)
-        try:
-            for row in reader:
-                ref = f"{name}:{reader.line_num}"
-                clean = {k: v for k, v in row.items() if k is not None and v is not None}
-                yield ref, None, clean, None
-        except csv.Error as exc:
-            yield f"{name}:{reader.line_num}", None, None, f"CSV error: {exc}"
+        yield from _csv_rows(fh, name)
         return
     head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
     if head.lstrip().startswith(b"["):
@@ -217,6 +209,27 @@ def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | No
         line = raw.decode("utf-8", "replace").strip()
         if line:
             yield f"{name}:{lineno}", line, _UNPARSED, None
+
+
+def _csv_rows(fh: BinaryIO, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
+    """Rows of a CSV file as `iter_rows` yields them. A row the csv module cannot read (e.g. a
+    field over `CSV_FIELD_LIMIT`, often a stray quote that swallowed the lines after it) is
+    one error row, and reading goes on with the next line: one bad row must not cost the rest
+    of the file."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
+    reader = csv.DictReader(text)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # DictReader.line_num is only updated after a good row: ask the inner reader.
+            yield f"{name}:{reader.reader.line_num}", None, None, f"CSV error: {exc}"
+            continue
+        clean = {k: v for k, v in row.items() if k is not None and v is not None}
+        yield f"{name}:{reader.line_num}", None, clean, None
 
 
 def decode_partition(data: bytes) -> list[dict[str, Any]]:
