@@ -3,24 +3,37 @@
 Every job records a `runs` row (what, which window, counts, outcome) so `brandmon status`
 and the backfill's "skip windows already complete" can answer from the database. A lock row
 per window makes two runs of the same window exclusive: the second one waits or exits clearly.
-A lock whose owner died expires after its TTL, so a crashed run never blocks its re-run for long.
+
+A crashed holder must not block its re-run for long (an Airflow retry comes 2 minutes after a
+worker died), so a lock is a short lease: while held, a heartbeat thread renews it every TTL/4
+seconds; a holder killed with SIGKILL stops renewing and its lock expires after the TTL
+(`BRANDMON_LOCK_TTL_S`, default 120 s). On the holder's own host liveness is known exactly:
+a dead (or reused) pid frees the lock at once, and a live one keeps it even if its heartbeat was
+held up, e.g. behind a long SQLite write transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.errors import BrandmonError
+from pipeline.errors import BrandmonError, ConfigError
 from pipeline.schema import locks, runs, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCK_TTL_S = 120.0
 
 
 class WindowBusy(BrandmonError):
@@ -29,25 +42,58 @@ class WindowBusy(BrandmonError):
     exit_code = 75  # EX_TEMPFAIL: try again later
 
 
+def lock_ttl_s() -> float:
+    """Seconds a lock outlives its holder's last heartbeat: BRANDMON_LOCK_TTL_S, default 120."""
+    raw = os.environ.get("BRANDMON_LOCK_TTL_S")
+    if not raw:
+        return DEFAULT_LOCK_TTL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"BRANDMON_LOCK_TTL_S={raw!r} must be a positive number of seconds (default 120)")
+    return value
+
+
+def host_id() -> str:
+    """This machine in lock owners: BRANDMON_LOCK_HOST (set it where machines share a hostname)."""
+    return os.environ.get("BRANDMON_LOCK_HOST") or socket.gethostname()
+
+
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{host_id()}:{os.getpid()}"
 
 
-def _pid_alive(owner: str) -> bool:
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (Unix time, ~1 s precision), from /proc; None if unknown."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _holder_alive(owner: str, acquired_at: dt.datetime) -> bool | None:
+    """True/False if `owner` runs on this host (its pid, not reused since `acquired_at`); None if
+    it is on another host, where only the lease's expiry can tell."""
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # cannot tell for another host: trust the TTL
+    if host != host_id() or not pid.isdigit():
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started = _process_start(int(pid))
+    return not (started is not None and started > acquired_at.timestamp() + 2)  # a new process with an old pid
 
 
-def try_acquire(engine: Engine, name: str, ttl_s: float = 6 * 3600) -> bool:
-    """Take lock `name` if free, expired, or held by a dead process on this host."""
+def try_acquire(engine: Engine, name: str, ttl_s: float | None = None) -> bool:
+    """Take lock `name` if free, held by a dead process of this host, or expired (another host)."""
+    ttl = lock_ttl_s() if ttl_s is None else ttl_s
     now = utcnow()
     me = owner_id()
     with engine.begin() as conn:
@@ -55,12 +101,15 @@ def try_acquire(engine: Engine, name: str, ttl_s: float = 6 * 3600) -> bool:
         if row is not None:
             if row["owner"] == me:
                 return True
-            if row["expires_at"] > now and _pid_alive(row["owner"]):
+            alive = _holder_alive(row["owner"], row["acquired_at"])
+            if alive or (alive is None and row["expires_at"] > now):
                 return False
+            log.warning("lock %s: taking over from %s (%s)", name, row["owner"],
+                        "process gone" if alive is False else "lease expired")
             conn.execute(delete(locks).where(and_(locks.c.name == name, locks.c.owner == row["owner"])))
         try:
             conn.execute(
-                insert(locks).values(name=name, owner=me, acquired_at=now, expires_at=now + dt.timedelta(seconds=ttl_s))
+                insert(locks).values(name=name, owner=me, acquired_at=now, expires_at=now + dt.timedelta(seconds=ttl))
             )
         except IntegrityError:
             return False
@@ -72,17 +121,54 @@ def release(engine: Engine, name: str) -> None:
         conn.execute(delete(locks).where(and_(locks.c.name == name, locks.c.owner == owner_id())))
 
 
+class _Heartbeat(threading.Thread):
+    """Renews a held lock every ttl/4 seconds until stopped (the holder's liveness signal)."""
+
+    def __init__(self, engine: Engine, name: str, ttl_s: float) -> None:
+        super().__init__(name=f"lock-heartbeat {name}", daemon=True)
+        self.engine, self.lock_name, self.ttl_s, self.owner = engine, name, ttl_s, owner_id()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.ttl_s / 4):
+            try:
+                with self.engine.begin() as conn:
+                    renewed = conn.execute(
+                        update(locks)
+                        .where(locks.c.name == self.lock_name, locks.c.owner == self.owner)
+                        .values(expires_at=utcnow() + dt.timedelta(seconds=self.ttl_s))
+                    ).rowcount
+            except Exception as exc:  # a blip: the next beat tries again, the lease has slack
+                log.warning("lock %s: heartbeat failed (%s); retrying", self.lock_name, type(exc).__name__)
+                continue
+            if not renewed:
+                log.error("lock %s: lost (taken over after its lease ran out); another run may overlap", self.lock_name)
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=30)
+
+
 @contextmanager
-def window_lock(engine: Engine, name: str, wait_s: float = 0.0, ttl_s: float = 6 * 3600) -> Iterator[None]:
-    """Hold lock `name` for the block; wait up to `wait_s` for it, then raise `WindowBusy`."""
+def window_lock(engine: Engine, name: str, wait_s: float = 0.0, ttl_s: float | None = None) -> Iterator[None]:
+    """Hold lock `name` for the block (renewed by a heartbeat); wait up to `wait_s` for it, then
+    raise `WindowBusy`."""
+    ttl = lock_ttl_s() if ttl_s is None else ttl_s
     deadline = time.monotonic() + wait_s
-    while not try_acquire(engine, name, ttl_s):
+    while not try_acquire(engine, name, ttl):
         if time.monotonic() >= deadline:
-            raise WindowBusy(f"another run is already processing {name}; it will finish or expire, then re-run")
-        time.sleep(0.5)
+            raise WindowBusy(
+                f"another run is already processing {name}; wait for it to finish (a crashed run's lock "
+                f"expires within {ttl:.0f} s), then re-run"
+            )
+        time.sleep(min(0.5, max(0.05, ttl / 8)))
+    beat = _Heartbeat(engine, name, ttl)
+    beat.start()
     try:
         yield
     finally:
+        beat.stop()
         release(engine, name)
 
 
