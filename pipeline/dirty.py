@@ -1,8 +1,9 @@
 """Dirty days: the queue of UTC days whose aggregates must be recomputed.
 
 Ingestion marks the days of new or edited posts, detection the days of posts whose images
-were (re-)scored; `brandmon aggregate` recomputes exactly those days and clears them in the
-same transaction, so a crash in between leaves the day dirty and the re-run recomputes it.
+were (re-)scored, and activating a model (or changing its threshold) the days whose images
+either version scored; `brandmon aggregate` recomputes exactly those days and clears them in
+the same transaction, so a crash in between leaves the day dirty and the re-run recomputes it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, bindparam, delete, select, text
 
 from pipeline.database import upsert
-from pipeline.schema import dirty_days, post_images, posts, utcnow
+from pipeline.schema import UTCDateTime, dirty_days, post_images, posts, utcnow
 
 
 def mark_days(conn: Connection, days: Iterable[dt.date], reason: str) -> int:
@@ -34,6 +35,39 @@ def mark_days_of_images(conn: Connection, shas: Iterable[str], reason: str = "re
         )
         days.update(ts.astimezone(dt.UTC).date() for (ts,) in conn.execute(q))
     return mark_days(conn, days, reason)
+
+
+def _utc_day(conn: Connection, column: str) -> str:
+    """SQL for the UTC calendar day of a timestamp column (SQLite stores naive UTC text)."""
+    if conn.dialect.name == "postgresql":
+        return f"CAST(({column} AT TIME ZONE 'UTC') AS DATE)"
+    return f"DATE({column})"
+
+
+def mark_days_of_model(conn: Connection, versions: Iterable[str | None], reason: str = "model-change") -> int:
+    """Mark every posting day of a post carrying an image that one of `versions` scored.
+
+    Called when the active model changes (both the old and the new version: their days count
+    image mentions differently now) or its threshold does. One INSERT ... SELECT: at 10M posts
+    the days of millions of images never travel to Python. Returns the days marked.
+    """
+    wanted = sorted({v for v in versions if v})
+    if not wanted:
+        return 0
+    sql = f"""
+    INSERT INTO dirty_days (day, reason, marked_at)
+    SELECT DISTINCT {_utc_day(conn, "p.posted_at")}, :reason, :now
+    FROM image_scores s
+    JOIN post_images pi ON pi.sha256 = s.image_sha256
+    JOIN posts p ON p.id = pi.post_id
+    WHERE s.model_version IN :versions
+    ON CONFLICT (day) DO UPDATE SET reason = excluded.reason, marked_at = excluded.marked_at
+    """
+    stmt = text(sql).bindparams(bindparam("versions", expanding=True), bindparam("now", type_=UTCDateTime()))
+    result = conn.execute(stmt, {"versions": wanted, "reason": reason[:64], "now": utcnow()})
+    if result.rowcount is not None and result.rowcount >= 0:
+        return int(result.rowcount)
+    return int(conn.exec_driver_sql("SELECT changes()").scalar() or 0)
 
 
 def pending_days(conn: Connection) -> list[dt.date]:

@@ -245,6 +245,26 @@ text_mentions = Table(
     Column("terms", JSON, nullable=False, default=list),
 )
 
+# Which text and catalogue each post's `text_mentions` were matched from: a post is matched
+# again only when its `content_hash` or the catalogue fingerprint differs (revision 0004).
+text_match_state = Table(
+    "text_match_state",
+    metadata,
+    Column("post_id", BigId, ForeignKey("posts.id", ondelete="CASCADE"), primary_key=True),
+    Column("content_hash", String(64), nullable=False),
+    Column("catalogue", String(32), nullable=False),  # catalogue_fingerprint() when matched
+)
+
+# Detector class names -> catalogue brand (product '') or product, for the active model's
+# classes; written by the aggregation job from the catalogue (revision 0004).
+logo_class_map = Table(
+    "logo_class_map",
+    metadata,
+    Column("class_name", String(200), primary_key=True),
+    Column("brand", String(200), primary_key=True),
+    Column("product", String(200), primary_key=True, default=""),  # '' = the brand itself
+)
+
 mention_daily = Table(
     "mention_daily",
     metadata,
@@ -262,6 +282,7 @@ mention_daily = Table(
     Column("rolling_28", Float, nullable=True),
     Column("wow_change", Float, nullable=True),
     Column("zscore", Float, nullable=True),
+    Column("baseline", Float, nullable=True),  # the trailing 28-day mean the z-score compares to
     Column("spike", Boolean, nullable=False, default=False),
     Column("share_of_voice", Float, nullable=True),
     Column("model_version", String(64), nullable=True),

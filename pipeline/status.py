@@ -33,9 +33,11 @@ def collect_status() -> dict[str, Any]:
                           schema.text_mentions, schema.mention_daily, schema.quarantine, schema.runs)
             }
             active = conn.execute(
-                select(schema.model_versions.c.version).where(schema.model_versions.c.active.is_(True))
-            ).scalar()
-        report["active_model"] = active
+                select(schema.model_versions.c.version, schema.model_versions.c.classes)
+                .where(schema.model_versions.c.active.is_(True))
+            ).first()
+        report["active_model"] = active.version if active else None
+        report["warnings"] = _model_warnings(settings, active)
         report["recent_runs"] = [
             {k: r[k] for k in ("id", "kind", "source", "window_start", "status", "counts", "error")}
             for r in recent_runs(ctx.engine, 10)
@@ -52,6 +54,18 @@ def collect_status() -> dict[str, Any]:
         report["problems"].append(str(exc))
     ctx.close()
     return report
+
+
+def _model_warnings(settings: Any, active: Any) -> list[str]:
+    """Active-model classes that match no catalogue brand or product (their detections count
+    for nothing): see `pipeline.aggregate.catalogue.map_classes`."""
+    if active is None:
+        return []
+    from pipeline.aggregate.catalogue import logo_classes, map_classes, unmatched_warning
+
+    _, unmatched = map_classes(active.classes or (), settings.brands, logo_classes(settings))
+    warning = unmatched_warning(active.version, unmatched)
+    return [warning] if warning else []
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -71,6 +85,8 @@ def format_status(report: dict[str, Any]) -> str:
     for run in report.get("recent_runs", []):
         window = run["window_start"].date().isoformat() if run["window_start"] else "-"
         lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} {run['error'] or ''}")
+    for warning in report.get("warnings", []):
+        lines.append(f"WARNING  : {warning}")
     for problem in report["problems"]:
         lines.append(f"PROBLEM  : {problem}")
     return "\n".join(lines)

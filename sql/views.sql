@@ -6,7 +6,7 @@ CREATE OR REPLACE VIEW v_daily_trend AS
 SELECT day, brand, product, platform, source,
        posts, images, unique_authors, reposts, expected_mentions,
        rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
-       model_version, computed_at
+       model_version, computed_at, baseline
 FROM mention_daily;
 
 COMMENT ON VIEW v_daily_trend IS 'Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)';
@@ -22,8 +22,8 @@ WHERE product = '*';
 COMMENT ON VIEW v_share_of_voice IS 'Each brand share of all catalogue-brand mentions per day, platform and source';
 
 CREATE OR REPLACE VIEW v_spikes AS
-SELECT day, brand, product, platform, source, posts, rolling_28 AS baseline,
-       posts - rolling_28 AS excess, zscore, expected_mentions, model_version
+SELECT day, brand, product, platform, source, posts, baseline,
+       posts - baseline AS excess, zscore, expected_mentions, model_version
 FROM mention_daily
 WHERE spike;
 

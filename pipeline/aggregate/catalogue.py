@@ -1,26 +1,46 @@
-"""Mirror the configured catalogue (`settings.brands`) into the `brands` and `products` tables.
+"""Mirror the configured catalogue (`settings.brands`) into the `brands` and `products` tables,
+and map the active detector model's class names onto it (`logo_class_map`).
 
 The aggregate SQL joins detections and the key grid on these tables, so they must say what the
 YAML says. Rows change only when the configuration does (`updated_at` stays put otherwise);
 brands and products removed from the YAML are removed from the tables (their old
 `mention_daily` rows stay until their days are recomputed).
+
+Model classes are named by whoever labelled the training data (`Cocacola`, `coca_cola`), so
+they are matched to brands and products by a normalised key (case, accents, spaces and
+punctuation ignored), or by an explicit `logo_classes: [...]` list on a brand or product in
+the YAML, which wins for the classes it names. SQL cannot normalise Unicode portably, so the
+mapping is computed here and written to a small table the aggregate SQL joins.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from sqlalchemy import Connection, delete, insert, select, update
 
+from pipeline.aggregate.textmatch import normalize
+from pipeline.errors import ConfigError
 from pipeline.schema import brands as brands_t
+from pipeline.schema import logo_class_map, utcnow
 from pipeline.schema import products as products_t
-from pipeline.schema import utcnow
-from pipeline.settings import Brand
+from pipeline.settings import Brand, Settings
+
+log = logging.getLogger(__name__)
 
 RESERVED_PRODUCTS = ("", "*")  # '' = the brand itself in text_mentions, '*' = all in mention_daily
+# Bump when textmatch's rules change: stored matches then no longer count as current.
+MATCH_RULES_VERSION = 1
+# Detector classes that stand for "no brand" (pipeline.detector.NO_LOGO and its spellings).
+NEGATIVE_CLASS_KEYS = frozenset({"nologo", "none", "background"})
+
+Target = tuple[str, str]  # (brand, product); product '' = the brand itself
 
 
 def brand_config(brand: Brand) -> dict[str, Any]:
@@ -40,6 +60,7 @@ def catalogue_fingerprint(brands: Sequence[Brand]) -> str:
          "products": [{"name": p.name, "keywords": list(p.keywords), "hashtags": list(p.hashtags)} for p in b.products]}
         for b in brands
     ]
+    doc.append({"match_rules": MATCH_RULES_VERSION})
     return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -88,3 +109,115 @@ def sync_catalogue(conn: Connection, brands: Sequence[Brand]) -> dict[str, int]:
 
 def catalogue_changed(counts: dict[str, int]) -> bool:
     return any(counts.values())
+
+
+# --- detector classes -> brands and products ---------------------------------------------------
+
+
+def class_key(name: str) -> str:
+    """Case-, accent- and punctuation-free key: 'Coca-Cola', 'coca_cola', 'COCACOLA' -> 'cocacola'."""
+    return "".join(ch for ch in normalize(str(name)) if ch.isalnum())
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
+        raise ConfigError(f"{where} must be a list of strings (model class names), got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _yaml_logo_classes(path: Path) -> dict[Target, tuple[str, ...]]:
+    """`logo_classes` of the brands and products in the YAML file at `path`."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # load_settings already reported an unreadable file
+    out: dict[Target, tuple[str, ...]] = {}
+    for i, b in enumerate((doc.get("brands") or []) if isinstance(doc, dict) else []):
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str):
+            continue
+        name = b["name"].strip()
+        out[(name, "")] = _str_list(b.get("logo_classes"), f"brands[{i}].logo_classes")
+        for j, p in enumerate(b.get("products") or []):
+            if isinstance(p, dict) and isinstance(p.get("name"), str):
+                out[(name, p["name"].strip())] = _str_list(
+                    p.get("logo_classes"), f"brands[{i}].products[{j}].logo_classes")
+    return out
+
+
+def logo_classes(settings: Settings) -> dict[Target, tuple[str, ...]]:
+    """The explicit `logo_classes` of every configured brand (product '') and product.
+
+    Read from `Brand.logo_classes` / `Product.logo_classes` when the settings carry them, else
+    from the YAML file itself (the same document `load_settings` validated).
+    """
+    from_yaml = _yaml_logo_classes(settings.config_path) if settings.config_path else {}
+    out: dict[Target, tuple[str, ...]] = {}
+    for b in settings.brands:
+        out[(b.name, "")] = tuple(getattr(b, "logo_classes", ()) or from_yaml.get((b.name, ""), ()))
+        for p in b.products:
+            out[(b.name, p.name)] = tuple(getattr(p, "logo_classes", ()) or from_yaml.get((b.name, p.name), ()))
+    return {k: v for k, v in out.items() if v}
+
+
+def map_classes(
+    classes: Iterable[str], brands: Sequence[Brand], explicit: Mapping[Target, Sequence[str]] | None = None,
+) -> tuple[list[dict[str, str]], list[str]]:
+    """(logo_class_map rows, classes that match nothing) for a model's class names.
+
+    A class listed in some `logo_classes` maps to exactly those brands/products; any other
+    class maps to every brand and product whose name has the same `class_key`. A product
+    class also counts as its brand in the SQL (as a product named in text does).
+    """
+    by_name: dict[str, set[Target]] = {}
+    for b in brands:
+        by_name.setdefault(class_key(b.name), set()).add((b.name, ""))
+        for p in b.products:
+            if p.name not in RESERVED_PRODUCTS:
+                by_name.setdefault(class_key(p.name), set()).add((b.name, p.name))
+    by_list: dict[str, set[Target]] = {}
+    for target, names in (explicit or {}).items():
+        for n in names:
+            by_list.setdefault(class_key(n), set()).add(target)
+    rows: list[dict[str, str]] = []
+    unmatched: list[str] = []
+    for cls in dict.fromkeys(str(c) for c in classes):
+        key = class_key(cls)
+        targets = by_list.get(key) or by_name.get(key) or set()
+        if not key or not targets:
+            if key not in NEGATIVE_CLASS_KEYS:
+                unmatched.append(cls)
+            continue
+        rows += [{"class_name": cls, "brand": b, "product": p} for b, p in sorted(targets)]
+    return rows, unmatched
+
+
+def sync_logo_classes(
+    conn: Connection, classes: Iterable[str], brands: Sequence[Brand],
+    explicit: Mapping[Target, Sequence[str]] | None = None,
+) -> tuple[int, list[str]]:
+    """Make `logo_class_map` map these classes; returns (rows changed, unmatched classes)."""
+    rows, unmatched = map_classes(classes, brands, explicit)
+    want = {(r["class_name"], r["brand"], r["product"]) for r in rows}
+    have = set(conn.execute(select(logo_class_map.c.class_name, logo_class_map.c.brand, logo_class_map.c.product)))
+    gone = have - want
+    for c, b, p in sorted(gone):
+        conn.execute(delete(logo_class_map).where(
+            logo_class_map.c.class_name == c, logo_class_map.c.brand == b, logo_class_map.c.product == p))
+    new = sorted(want - have)
+    if new:
+        conn.execute(insert(logo_class_map), [{"class_name": c, "brand": b, "product": p} for c, b, p in new])
+    return len(gone) + len(new), unmatched
+
+
+def unmatched_warning(version: str | None, unmatched: Sequence[str]) -> str | None:
+    """The one-line warning for active-model classes that count as no brand at all."""
+    if not unmatched:
+        return None
+    shown = ", ".join(repr(c) for c in unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+    return (f"active model {version}: class(es) {shown} match no catalogue brand or product, so their "
+            "detections count as no mention; rename the brand/product or list the class under its "
+            "`logo_classes:` in the YAML")

@@ -6,11 +6,12 @@ The same three statements run on SQLite and Postgres (only ANSI SQL both accept:
 
 1. `upsert_counts`: the day's counts for every key of the grid
    catalogue brand x product ('*' + the brand's products) x platform ('*' + every platform
-   in `posts`) x source (text | image | both | any). The grid is dense (zero rows too), so
-   series have no holes and rolling windows are plain averages of rows.
+   in `posts`) x source (text | image | both | any). The grid is dense (zero rows too).
 2. `delete_stale`: rows of the day whose key left the grid (brand removed from the catalogue).
-3. `update_signals`: rolling means, week-over-week change, z-score/spike, share of voice, from
-   the counts of the day and of the 28 days before it (already in `mention_daily`).
+3. `update_signals`: rolling means, week-over-week change, z-score/spike and its baseline,
+   share of voice, from the counts of the day and of the 28 days before it (already in
+   `mention_daily`). The calendar is dense from the first aggregated day on: a day without
+   rows (no post at all, so never marked dirty) counts as zero, not as missing.
 
 Rows are only written when a value changes, so `computed_at` says when a row last changed and
 re-aggregating an unchanged day writes nothing. Signals depend only on counts, so after a day's
@@ -18,8 +19,11 @@ counts change, `update_signals` on the 28 following days brings their signals up
 
 Definitions (see `sql/README.md`):
 * a post mentions a brand at most once; its source is `text` (text only), `image` (image only)
-  or `both`; `any` = all three. A product row counts posts whose text names the product
-  (source `both` when an image of the post also shows the brand).
+  or `both`; `any` = all three. Image mentions come from detections whose class
+  `logo_class_map` maps to the brand or one of its products (a product logo also shows the
+  brand). A product row counts posts whose text names the product or whose image shows the
+  product's logo: source `text` (named, no brand image), `both` (named, and an image shows
+  the brand), `image` (not named, its logo shown).
 * `images` = distinct brand images first seen in that post (the same sha256 in an earlier
   post is a re-post, not a new image); `reposts` = posts that are reblogs (`repost_of`) or
   whose brand images were all seen before.
@@ -32,10 +36,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Date, Float, String, bindparam, text
+from sqlalchemy import Connection, Date, Float, String, bindparam, func, select, text
 
 from pipeline.aggregate.mentions import ActiveModel, day_bounds, day_plan_settings
-from pipeline.schema import UTCDateTime, utcnow
+from pipeline.schema import UTCDateTime, mention_daily, utcnow
 
 SOURCES = ("text", "image", "both", "any")
 SPIKE_Z = 3.0  # z-score at or above which a day is a spike
@@ -44,7 +48,7 @@ MIN_HISTORY_DAYS = 7  # z-score needs this many days of trailing history
 SIGNAL_WINDOW = 28  # days whose signals depend on a day's counts
 
 COUNT_COLUMNS = ("posts", "images", "unique_authors", "reposts", "expected_mentions", "model_version")
-SIGNAL_COLUMNS = ("rolling_7", "rolling_28", "wow_change", "zscore", "spike", "share_of_voice")
+SIGNAL_COLUMNS = ("rolling_7", "rolling_28", "wow_change", "zscore", "baseline", "spike", "share_of_voice")
 
 KNOWN_PLATFORMS_SQL = text(
     """
@@ -102,11 +106,15 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
         FROM text_mentions t JOIN day_posts dp ON dp.id = t.post_id
     ),
     img AS (
-        SELECT DISTINCT pi.post_id, pi.sha256, d.class_name AS brand, dp.posted_at
+        SELECT DISTINCT pi.post_id, pi.sha256, cm.brand, cm.product, dp.posted_at
         FROM day_posts dp
         JOIN post_images pi ON pi.post_id = dp.id
         JOIN detections d ON d.image_sha256 = pi.sha256
+        JOIN logo_class_map cm ON cm.class_name = d.class_name
         WHERE pi.status = 'stored' AND d.model_version = :mv AND d.score >= :thr
+    ),
+    img_brand AS (
+        SELECT DISTINCT post_id, sha256, brand, posted_at FROM img
     ),
     img_post AS (
         SELECT i.post_id, i.brand,
@@ -115,7 +123,7 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
                        WHERE pi2.sha256 = i.sha256 AND pi2.post_id <> i.post_id
                          AND (p2.posted_at < i.posted_at OR (p2.posted_at = i.posted_at AND p2.id < i.post_id))
                    ) THEN 0 ELSE 1 END) AS new_images
-        FROM img i GROUP BY i.post_id, i.brand
+        FROM img_brand i GROUP BY i.post_id, i.brand
     ),
     brand_level AS (
         SELECT post_id, brand, MAX(has_text) AS has_text, MAX(has_image) AS has_image,
@@ -127,13 +135,21 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
         ) u
         GROUP BY post_id, brand
     ),
+    product_level AS (
+        SELECT post_id, brand, product, MAX(has_text) AS has_text
+        FROM (
+            SELECT post_id, brand, product, 1 AS has_text FROM tm WHERE product <> ''
+            UNION ALL
+            SELECT DISTINCT post_id, brand, product, 0 FROM img WHERE product <> ''
+        ) u
+        GROUP BY post_id, brand, product
+    ),
     mentions AS (
         SELECT bl.post_id, bl.brand, '*' AS product, bl.has_text, bl.has_image, bl.new_images
         FROM brand_level bl
         UNION ALL
-        SELECT tm.post_id, tm.brand, tm.product, 1, bl.has_image, bl.new_images
-        FROM tm JOIN brand_level bl ON bl.post_id = tm.post_id AND bl.brand = tm.brand
-        WHERE tm.product <> ''
+        SELECT pl.post_id, pl.brand, pl.product, pl.has_text, bl.has_image, bl.new_images
+        FROM product_level pl JOIN brand_level bl ON bl.post_id = pl.post_id AND bl.brand = pl.brand
     ),
     m AS (
         SELECT mn.brand, mn.product, dp.platform, dp.author_hash, mn.new_images,
@@ -193,33 +209,34 @@ def _delete_stale_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
 
 _SD = "SQRT(CASE WHEN h.var28 > 0 THEN h.var28 ELSE 0 END)"
 _Z = f"(CAST(h.x AS DOUBLE PRECISION) - h.mean28) / (CASE WHEN {_SD} > 1 THEN {_SD} ELSE 1 END)"
+_F = "CAST({} AS DOUBLE PRECISION)"
 
 # One grouped pass over the 29 days [day-28, day] gives today's count (x) and the sums of the
 # trailing windows; MATERIALIZED keeps it a single pass whatever the planner thinks of the
 # table's size (a fresh table has no statistics while a year is being rebuilt).
+# The calendar is dense: a day without rows counts as zero posts, so the windows' divisors are
+# numbers of calendar days (:w7, :w28, :np, :n28, computed in Python from the first
+# aggregated day), never numbers of rows.
 SIGNALS_SQL = f"""
 WITH raw AS MATERIALIZED (
     SELECT brand, product, platform, source,
            SUM(CASE WHEN day = :day THEN posts ELSE 0 END) AS x,
            SUM(CASE WHEN day = :day THEN 1 ELSE 0 END) AS today,
            SUM(CASE WHEN day >= :d6 AND day < :day THEN posts ELSE 0 END) AS s6,
-           SUM(CASE WHEN day >= :d6 AND day < :day THEN 1 ELSE 0 END) AS n6,
            SUM(CASE WHEN day >= :d27 AND day < :day THEN posts ELSE 0 END) AS s27,
-           SUM(CASE WHEN day >= :d27 AND day < :day THEN 1 ELSE 0 END) AS n27,
            SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN posts ELSE 0 END) AS sp,
-           SUM(CASE WHEN day >= :d13 AND day <= :d7 THEN 1 ELSE 0 END) AS np,
            SUM(CASE WHEN day < :day THEN posts ELSE 0 END) AS s28,
-           SUM(CASE WHEN day < :day THEN CAST(posts AS BIGINT) * posts ELSE 0 END) AS q28,
-           SUM(CASE WHEN day < :day THEN 1 ELSE 0 END) AS n28
+           SUM(CASE WHEN day < :day THEN CAST(posts AS BIGINT) * posts ELSE 0 END) AS q28
     FROM mention_daily
     WHERE day >= :d28 AND day <= :day
     GROUP BY brand, product, platform, source
 ),
 h AS MATERIALIZED (
-    SELECT brand, product, platform, source, x, s6, n6, s27, n27, sp, np, n28,
-           CASE WHEN n28 > 0 THEN CAST(s28 AS DOUBLE PRECISION) / n28 END AS mean28,
-           CASE WHEN n28 > 0 THEN CAST(q28 AS DOUBLE PRECISION) / n28
-                - (CAST(s28 AS DOUBLE PRECISION) / n28) * (CAST(s28 AS DOUBLE PRECISION) / n28) END AS var28
+    SELECT brand, product, platform, source, x, s6, s27, sp,
+           CAST(s28 AS DOUBLE PRECISION) / {_F.format(":n28")} AS mean28,
+           CAST(q28 AS DOUBLE PRECISION) / {_F.format(":n28")}
+               - (CAST(s28 AS DOUBLE PRECISION) / {_F.format(":n28")})
+               * (CAST(s28 AS DOUBLE PRECISION) / {_F.format(":n28")}) AS var28
     FROM raw WHERE today = 1
 ),
 t AS MATERIALIZED (
@@ -227,13 +244,15 @@ t AS MATERIALIZED (
 ),
 s AS MATERIALIZED (
     SELECT h.brand, h.product, h.platform, h.source,
-           CAST(h.x + h.s6 AS DOUBLE PRECISION) / (1 + h.n6) AS rolling_7,
-           CAST(h.x + h.s27 AS DOUBLE PRECISION) / (1 + h.n27) AS rolling_28,
-           CASE WHEN h.np = 0 OR h.sp = 0 THEN NULL
-                ELSE (CAST(h.x + h.s6 AS DOUBLE PRECISION) / (1 + h.n6)) / (CAST(h.sp AS DOUBLE PRECISION) / h.np) - 1
+           CAST(h.x + h.s6 AS DOUBLE PRECISION) / {_F.format(":w7")} AS rolling_7,
+           CAST(h.x + h.s27 AS DOUBLE PRECISION) / {_F.format(":w28")} AS rolling_28,
+           CASE WHEN :has_prev = 0 OR h.sp = 0 THEN NULL
+                ELSE (CAST(h.x + h.s6 AS DOUBLE PRECISION) / {_F.format(":w7")})
+                     / (CAST(h.sp AS DOUBLE PRECISION) / {_F.format(":np")}) - 1
            END AS wow_change,
-           CASE WHEN h.n28 >= :min_history THEN {_Z} ELSE NULL END AS zscore,
-           CASE WHEN h.n28 >= :min_history AND h.x >= :spike_min AND {_Z} >= :spike_z
+           CASE WHEN :has_history = 1 THEN {_Z} ELSE NULL END AS zscore,
+           CASE WHEN :has_history = 1 THEN h.mean28 ELSE NULL END AS baseline,
+           CASE WHEN :has_history = 1 AND h.x >= :spike_min AND {_Z} >= :spike_z
                 THEN TRUE ELSE FALSE END AS spike,
            CASE WHEN h.product = '*' AND t.total > 0
                 THEN CAST(h.x AS DOUBLE PRECISION) / t.total ELSE NULL END AS share_of_voice
@@ -241,12 +260,26 @@ s AS MATERIALIZED (
 )
 UPDATE mention_daily SET
     rolling_7 = s.rolling_7, rolling_28 = s.rolling_28, wow_change = s.wow_change,
-    zscore = s.zscore, spike = s.spike, share_of_voice = s.share_of_voice, computed_at = :now
+    zscore = s.zscore, baseline = s.baseline, spike = s.spike, share_of_voice = s.share_of_voice,
+    computed_at = :now
 FROM s
 WHERE mention_daily.day = :day AND mention_daily.brand = s.brand AND mention_daily.product = s.product
   AND mention_daily.platform = s.platform AND mention_daily.source = s.source
   AND ({" OR ".join(f"mention_daily.{c} IS DISTINCT FROM s.{c}" for c in SIGNAL_COLUMNS)})
 """
+
+
+def calendar_days(day: dt.date, first: dt.date, lo: int, hi: int) -> int:
+    """How many of the days [day - hi, day - lo] fall on or after `first` (the calendar start)."""
+    oldest = max(day - dt.timedelta(days=hi), first)
+    newest = day - dt.timedelta(days=lo)
+    return max(0, (newest - oldest).days + 1)
+
+
+def first_day(conn: Connection) -> dt.date | None:
+    """The first aggregated day: where every series' calendar starts (an index probe)."""
+    return conn.execute(select(func.min(mention_daily.c.day))).scalar()
+
 
 _DATE_PARAMS = ("day", "d6", "d7", "d13", "d27", "d28")
 
@@ -261,14 +294,14 @@ def _typed(sql: str, names: Sequence[str]):
             binds.append(bindparam(n, type_=UTCDateTime()))
         elif n in _DATE_PARAMS:
             binds.append(bindparam(n, type_=Date()))
-        elif n in ("thr", "factor"):
+        elif n in ("thr", "factor", "w7", "w28", "np", "n28"):
             binds.append(bindparam(n, type_=Float()))
         elif n == "mv":
             binds.append(bindparam(n, type_=String()))
     return text(sql).bindparams(*binds)
 
 
-_ALL_NAMES = ("start", "end", "now", "thr", "factor", "mv", *_DATE_PARAMS)
+_ALL_NAMES = ("start", "end", "now", "thr", "factor", "mv", "w7", "w28", "np", "n28", *_DATE_PARAMS)
 
 
 def _ensure_sqrt(conn: Connection) -> None:
@@ -312,9 +345,16 @@ def delete_stale(conn: Connection, day: dt.date, platforms: Sequence[str]) -> in
 
 
 def update_signals(conn: Connection, day: dt.date, now: dt.datetime | None = None) -> int:
-    """Recompute the signal columns of the day's rows from stored counts; rows changed."""
+    """Recompute the signal columns of the day's rows from stored counts; rows changed.
+
+    Days before the first aggregated day are outside the calendar; any later day without rows
+    (nothing was posted, so it was never marked dirty) counts as zero.
+    """
     _ensure_sqrt(conn)
     day_plan_settings(conn)
+    first = min(first_day(conn) or day, day)
+    n28 = calendar_days(day, first, 1, 28)
+    np_ = calendar_days(day, first, 7, 13)
     params = {
         "day": day,
         "d6": day - dt.timedelta(days=6),
@@ -323,7 +363,12 @@ def update_signals(conn: Connection, day: dt.date, now: dt.datetime | None = Non
         "d27": day - dt.timedelta(days=27),
         "d28": day - dt.timedelta(days=28),
         "now": now or utcnow(),
-        "min_history": MIN_HISTORY_DAYS,
+        "w7": float(1 + calendar_days(day, first, 1, 6)),
+        "w28": float(1 + calendar_days(day, first, 1, 27)),
+        "np": float(max(np_, 1)),
+        "has_prev": int(np_ > 0),
+        "n28": float(max(n28, 1)),
+        "has_history": int(n28 >= MIN_HISTORY_DAYS),
         "spike_min": SPIKE_MIN_POSTS,
         "spike_z": SPIKE_Z,
     }

@@ -9,6 +9,11 @@ included, so the re-run recomputes it.
 
 After the days themselves, the signals (rolling means, z-scores) of the 28 days following
 any day whose counts changed are refreshed, since their trailing windows include it.
+
+Before the days, `_prepare` mirrors the catalogue, maps the active model's classes onto it
+(`logo_class_map`; classes that match nothing are logged) and, if the active model or its
+threshold differs from the one the last successful aggregation counted with (an activation
+or threshold change made outside `registry.activate`), marks the days either version scored.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from typing import Any
 from sqlalchemy import delete, select
 from tqdm import tqdm
 
-from pipeline.aggregate.catalogue import catalogue_changed, sync_catalogue
+from pipeline.aggregate.catalogue import (
+    catalogue_changed,
+    catalogue_fingerprint,
+    logo_classes,
+    sync_catalogue,
+    sync_logo_classes,
+    unmatched_warning,
+)
 from pipeline.aggregate.daily import (
     SIGNAL_WINDOW,
     compute_day,
@@ -34,10 +46,10 @@ from pipeline.aggregate.daily import (
 from pipeline.aggregate.mentions import ActiveModel, active_model, refresh_text_mentions
 from pipeline.aggregate.textmatch import Matcher, compile_catalogue
 from pipeline.context import Context
-from pipeline.dirty import mark_days
+from pipeline.dirty import mark_days, mark_days_of_model
 from pipeline.errors import BrandmonError
 from pipeline.runlog import recorded_run, window_lock
-from pipeline.schema import dirty_days, mention_daily, utcnow
+from pipeline.schema import dirty_days, mention_daily, runs, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +68,52 @@ class _Prepared:
     model: ActiveModel
     brands: list[str]
     catalogue: dict[str, int]
+    fingerprint: str
+    unmatched_classes: list[str]
+    model_change_days: int
+
+
+def _last_counted_model(conn) -> tuple[str | None, float | None] | None:
+    """(model version, threshold) the last successful aggregation counted with, if any."""
+    row = conn.execute(
+        select(runs.c.counts).where(runs.c.kind == "aggregate", runs.c.status == "succeeded")
+        .order_by(runs.c.id.desc()).limit(1)
+    ).first()
+    if row is None or not isinstance(row.counts, dict) or "model_version" not in row.counts:
+        return None
+    thr = row.counts.get("model_threshold")
+    return row.counts["model_version"], (float(thr) if thr is not None else None)
 
 
 def _prepare(ctx: Context) -> _Prepared:
-    """Mirror the catalogue, then read what every day's computation shares."""
-    brands = ctx.settings.brands
+    """Mirror the catalogue and the class map, then read what every day's computation shares."""
+    settings = ctx.settings
+    brands = settings.brands
+    explicit = logo_classes(settings)
     with ctx.engine.begin() as conn:
         cat = sync_catalogue(conn, brands)
+        model = active_model(conn)
+        _, unmatched = sync_logo_classes(conn, model.classes, brands, explicit)
+        marked = 0
+        last = _last_counted_model(conn)
+        if last is not None:
+            version, threshold = last
+            if version != model.version or (threshold is not None and model.version is not None
+                                              and threshold != model.threshold):
+                marked = mark_days_of_model(conn, [version, model.version], reason="model-change")
+                log.info("active model %s (threshold %s) differs from the last aggregation's %s (%s): "
+                         "%d day(s) marked for recomputation", model.version, model.threshold, version,
+                         threshold, marked)
     if catalogue_changed(cat):
         log.info("catalogue changed (%s); days already aggregated keep the old catalogue until "
                  "`brandmon aggregate --start D --end D` restates them", cat)
+    warning = unmatched_warning(model.version, unmatched)
+    if warning:
+        log.warning("%s", warning)
     with ctx.engine.connect() as conn:
         platforms = known_platforms(conn)
-        model = active_model(conn)
-    return _Prepared(compile_catalogue(brands), platforms, model, [b.name for b in brands], cat)
+    return _Prepared(compile_catalogue(brands), platforms, model, [b.name for b in brands], cat,
+                     catalogue_fingerprint(brands), unmatched, marked)
 
 
 def _bar(total: int, progress: bool, desc: str):
@@ -81,8 +125,8 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
     queue = sorted(set(days))
     heapq.heapify(queue)
     done: set[dt.date] = set()
-    totals = {"days": 0, "text_mentions": 0, "rows_changed": 0, "signals_changed": 0, "followers": 0,
-              "late_image_days": 0}
+    totals = {"days": 0, "posts_matched": 0, "mentions_rewritten": 0, "rows_changed": 0,
+              "signals_changed": 0, "followers": 0, "late_image_days": 0}
     changed_days: list[dt.date] = []
     bar = _bar(len(queue), progress, "aggregate")
     while queue:
@@ -91,7 +135,8 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
             continue
         with ctx.engine.begin() as conn:
             conn.execute(delete(dirty_days).where(dirty_days.c.day == day))
-            totals["text_mentions"] += refresh_text_mentions(conn, prep.matcher, day)
+            for k, v in refresh_text_mentions(conn, prep.matcher, day, prep.fingerprint).items():
+                totals[k] += v
             res = compute_day(conn, day, prep.platforms, prep.model, utcnow())
             # Later days whose re-post counts this day's late posts change: mark them in this
             # transaction (a crash keeps them queued), then recompute them in this run.
@@ -141,8 +186,10 @@ def _followers(ctx: Context, changed: Sequence[dt.date], done: set[dt.date]) -> 
 
 
 def _result(prep: _Prepared, totals: dict[str, Any]) -> dict[str, Any]:
-    return {**totals, "model_version": prep.model.version, "platforms": len(prep.platforms),
-            "catalogue_changes": sum(prep.catalogue.values())}
+    return {**totals, "model_version": prep.model.version,
+            "model_threshold": prep.model.threshold if prep.model.version else None,
+            "platforms": len(prep.platforms), "catalogue_changes": sum(prep.catalogue.values()),
+            "unmatched_classes": len(prep.unmatched_classes), "model_change_days": prep.model_change_days}
 
 
 def aggregate_dirty(ctx: Context, *, progress: bool = False) -> dict:

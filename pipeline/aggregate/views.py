@@ -2,8 +2,8 @@
 
 BI tools and the read-only role (`sql/readonly_role.sql`) read these views, never the base
 tables, so the table can evolve while the views keep their names and columns. The SQL here
-is the single source: `create_views(engine)` runs it on SQLite or Postgres (the migration
-calls it), and `python -m pipeline.aggregate.views > sql/views.sql` writes the same statements
+is the single source: `create_views(engine)` runs it on SQLite or Postgres (migration 0004
+calls it; 0002 keeps a frozen copy of the first version), and `python -m pipeline.aggregate.views > sql/views.sql` writes the same statements
 for DBAs (a test checks that file is current). Column meanings: `sql/README.md`.
 """
 
@@ -15,11 +15,12 @@ from sqlalchemy import Connection, Engine, text
 
 VIEWS: dict[str, str] = {
     # Q: how do mentions of a brand (product, platform, source) evolve day by day?
+    # New columns go at the end: Postgres CREATE OR REPLACE VIEW can only append.
     "v_daily_trend": """
 SELECT day, brand, product, platform, source,
        posts, images, unique_authors, reposts, expected_mentions,
        rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
-       model_version, computed_at
+       model_version, computed_at, baseline
 FROM mention_daily""",
     # Q: what share of all brand mentions does each brand get, per day/platform/source?
     "v_share_of_voice": """
@@ -30,9 +31,10 @@ SELECT day, brand, platform, source, posts,
 FROM mention_daily
 WHERE product = '*'""",
     # Q: which days were unusual (z-score >= 3 against the 28 days before, >= 5 posts)?
+    # `baseline` is the mean of those 28 days (the z-score's), not rolling_28 (which includes the day).
     "v_spikes": """
-SELECT day, brand, product, platform, source, posts, rolling_28 AS baseline,
-       posts - rolling_28 AS excess, zscore, expected_mentions, model_version
+SELECT day, brand, product, platform, source, posts, baseline,
+       posts - baseline AS excess, zscore, expected_mentions, model_version
 FROM mention_daily
 WHERE spike""",
 }

@@ -85,11 +85,19 @@ def active_version(ctx: Context) -> dict[str, Any] | None:
 
 
 def activate(ctx: Context, version: str) -> None:
-    """Make `version` the only active version (one transaction)."""
+    """Make `version` the only active version, and mark dirty the days whose image mentions
+    that changes: every day with an image scored by the old or the new version (one
+    transaction, so `brandmon aggregate` restates them; activating the active one marks none).
+    """
+    from pipeline.dirty import mark_days_of_model
+
     get_version(ctx, version)
     with ctx.engine.begin() as conn:
+        before = [v for (v,) in conn.execute(select(model_versions.c.version).where(model_versions.c.active.is_(True)))]
         conn.execute(update(model_versions).where(model_versions.c.active.is_(True)).values(active=False))
         conn.execute(update(model_versions).where(model_versions.c.version == version).values(active=True))
+        if before != [version]:
+            mark_days_of_model(conn, [*before, version], reason=f"activate {version}")
 
 
 def maybe_activate(ctx: Context, version: str, policy: str) -> bool:

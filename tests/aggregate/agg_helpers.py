@@ -16,8 +16,9 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
+from pipeline.database import upsert
 from pipeline.dirty import mark_days
-from pipeline.schema import detections, images, model_versions, post_images, posts
+from pipeline.schema import detections, image_scores, images, model_versions, post_images, posts
 
 CONFIG: dict[str, Any] = {
     "brands": [
@@ -100,12 +101,21 @@ def add_posts(conn, rows: Iterable[FakePost], mark: bool = True) -> list[FakePos
 
 
 def add_detections(conn, rows: Iterable[tuple[str, str, float]], version: str = "m1") -> None:
-    """rows: (image name, class name, score)."""
+    """rows: (image name, class name, score); each image also gets its `image_scores` row, as
+    the detector writes one per scored image."""
     rows = list(rows)
     if rows:
         conn.execute(insert(detections), [
             {"image_sha256": sha(n), "model_version": version, "class_name": c, "score": s} for n, c, s in rows
         ])
+        top: dict[str, tuple[float, str]] = {}
+        for n, c, s in rows:
+            top[n] = max(top.get(n, (s, c)), (s, c))
+        upsert(conn, image_scores, [
+            {"image_sha256": sha(n), "model_version": version, "status": "ok", "top_class": c, "top_score": s,
+             "scored_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}
+            for n, (s, c) in sorted(top.items())
+        ], keys=["image_sha256", "model_version"], update=())
 
 
 def dataset_posts(ds, start_id: int = 1) -> list[FakePost]:
@@ -180,12 +190,15 @@ def recount(
 
 
 def signals_oracle(series: dict[dt.date, int], day: dt.date, days_present: set[dt.date]) -> dict[str, Any]:
-    """rolling_7/28, wow_change, zscore, spike of `day` from a per-day count series (plain Python)."""
+    """rolling_7/28, wow_change, zscore, baseline, spike of `day` from a per-day count series
+    (plain Python). The calendar is dense from the first present day: a missing day is 0."""
     import math
+
+    first = min(days_present)
 
     def window(lo: int, hi: int) -> list[int]:
         ds = [day - dt.timedelta(days=k) for k in range(lo, hi + 1)]
-        return [series.get(d, 0) for d in ds if d in days_present]
+        return [series.get(d, 0) for d in ds if d >= first]
 
     x = series.get(day, 0)
     w7, w28 = window(0, 6), window(0, 27)
@@ -197,7 +210,7 @@ def signals_oracle(series: dict[dt.date, int], day: dt.date, days_present: set[d
         mean = sum(hist) / len(hist)
         var = max(0.0, sum(v * v for v in hist) / len(hist) - mean * mean)
         z = (x - mean) / max(math.sqrt(var), 1.0)
-        out["zscore"], out["spike"] = z, bool(z >= 3 and x >= 5)
+        out["zscore"], out["spike"], out["baseline"] = z, bool(z >= 3 and x >= 5), mean
     else:
-        out["zscore"], out["spike"] = None, False
+        out["zscore"], out["spike"], out["baseline"] = None, False, None
     return out

@@ -23,7 +23,7 @@ from sqlalchemy import select, text, update
 from pipeline.aggregate.daily import SOURCES
 from pipeline.aggregate.jobs import AggregateError, aggregate_dirty, aggregate_range
 from pipeline.aggregate.trends import daily_series
-from pipeline.dirty import mark_days, mark_days_of_images, pending_days
+from pipeline.dirty import mark_days, pending_days
 from pipeline.schema import mention_daily, model_versions
 from pipeline.synthetic import demo_config, generate_dataset
 
@@ -184,24 +184,65 @@ def test_late_post_changes_only_its_own_day(dataset):
     assert res["followers"] == DAYS - 11
 
 
-def test_rescored_images_restate_image_counts(dataset):
-    """Activating another model and marking its images' days recomputes image mentions."""
-    ctx, ds, tps, _, _ = dataset
-    with ctx.engine.begin() as conn:
-        conn.execute(update(model_versions).values(active=model_versions.c.version == "m0"))
-        mark_days_of_images(conn, [sha(u) for u in ds.image_brand])
-    res = aggregate_dirty(ctx)
-    assert res["model_version"] == "m0" and res["days"] > 0
-    _, m0 = dataset_detections(ds)
-    oracle, _ = oracle_for(ds, tps, m0)
+def image_days(tps) -> set[dt.date]:
+    return {p.day for p in tps if p.images}
+
+
+def assert_counts_match(ctx, ds, tps, detections, version, threshold=0.5):
+    oracle, _ = oracle_for(ds, tps, detections, threshold)
     rows = all_rows(ctx)
     for key, want in oracle.items():
-        if key[0] in {p.day for p in tps if p.images}:
+        if key[0] in image_days(tps):
             assert {c: rows[key][c] for c in COUNT_COLS} == {c: want[c] for c in COUNT_COLS}, key
-            assert rows[key]["model_version"] == "m0"
-            # m0 has no measured precision/recall: image-bearing rows cannot be corrected.
-            if want["image_posts"]:
-                assert rows[key]["expected_mentions"] is None
+            assert rows[key]["model_version"] == version
+    return oracle, rows
+
+
+def test_activating_a_model_restates_image_counts(dataset):
+    """`registry.activate` marks every day with an image the old or the new version scored,
+    so the next `aggregate` restates them: nobody marks days by hand."""
+    from pipeline.detector.registry import activate
+
+    ctx, ds, tps, _, _ = dataset
+    with ctx.engine.connect() as conn:
+        assert pending_days(conn) == []
+    activate(ctx, "m0")
+    with ctx.engine.connect() as conn:
+        assert set(pending_days(conn)) == image_days(tps)
+        reasons = {r for (r,) in conn.execute(text("SELECT DISTINCT reason FROM dirty_days"))}
+    assert reasons == {"activate m0"}
+    res = aggregate_dirty(ctx)
+    assert res["model_version"] == "m0" and res["days"] == len(image_days(tps))
+    _, m0 = dataset_detections(ds)
+    oracle, rows = assert_counts_match(ctx, ds, tps, m0, "m0")
+    for key, want in oracle.items():
+        # m0 has no measured precision/recall: image-bearing rows cannot be corrected.
+        if key[0] in image_days(tps) and want["image_posts"]:
+            assert rows[key]["expected_mentions"] is None
+    # Re-activating the active version changes nothing and marks nothing.
+    activate(ctx, "m0")
+    with ctx.engine.connect() as conn:
+        assert pending_days(conn) == []
+
+
+def test_threshold_or_activation_outside_the_registry_is_caught_by_aggregate(dataset):
+    """A threshold changed in the registry row (or a model flagged active by SQL) differs from
+    what the last aggregation counted with: `aggregate` marks and restates those days itself."""
+    ctx, ds, tps, m1, _ = dataset
+    with ctx.engine.begin() as conn:
+        conn.execute(update(model_versions).where(model_versions.c.version == "m1").values(threshold=0.95))
+        assert pending_days(conn) == []
+    res = aggregate_dirty(ctx)
+    assert res["model_change_days"] == len(image_days(tps)) and res["days"] == len(image_days(tps))
+    assert_counts_match(ctx, ds, tps, m1, "m1", threshold=0.95)
+    rows = all_rows(ctx)
+    assert sum(r["posts"] for k, r in rows.items() if k[2:] == ("*", "*", "image")) == 0  # 0.9 < 0.95
+    assert aggregate_dirty(ctx)["days"] == 0  # counted with 0.95 now: nothing more to do
+    with ctx.engine.begin() as conn:
+        conn.execute(update(model_versions).values(active=model_versions.c.version == "m0"))
+    res = aggregate_dirty(ctx)
+    assert res["model_version"] == "m0" and res["days"] == len(image_days(tps))
+    assert_counts_match(ctx, ds, tps, dataset_detections(ds)[1], "m0")
 
 
 def test_reposts_new_images_and_late_images(make_ctx):
@@ -353,7 +394,8 @@ def test_edited_post_text_updates_its_mentions(make_ctx):
         add_posts(conn, [FakePost(1, "p1", ts(START), "acme and globex"), FakePost(2, "p2", ts(START), "acme")])
     aggregate_dirty(ctx)
     with ctx.engine.begin() as conn:
-        conn.execute(text("UPDATE posts SET text = 'initech only' WHERE id = 1"))
+        # an edit, as the loader writes it: new text, new content_hash
+        conn.execute(text("UPDATE posts SET text = 'initech only', content_hash = 'edited' WHERE id = 1"))
         mark_days(conn, [START], "edit")
     aggregate_dirty(ctx)
     rows = all_rows(ctx)
@@ -361,3 +403,91 @@ def test_edited_post_text_updates_its_mentions(make_ctx):
     with ctx.engine.connect() as conn:
         got = sorted(conn.execute(text("SELECT post_id, brand FROM text_mentions")).all())
     assert got == [(1, "Initech"), (2, "Acme")]
+
+
+def text_mentions_of(ctx) -> set[tuple]:
+    with ctx.engine.connect() as conn:
+        return {(r.post_id, r.brand, r.product) for r in conn.execute(text("SELECT post_id, brand, product FROM text_mentions"))}
+
+
+def rematch_all(ctx, brands) -> set[tuple]:
+    """What matching every post from scratch gives (the oracle for incremental matching)."""
+    from pipeline.aggregate.textmatch import compile_catalogue
+
+    matcher = compile_catalogue(brands)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, text FROM posts")).all()
+    return {(pid, h.brand, h.product or "") for pid, body in rows for h in matcher.match(body)}
+
+
+def test_recomputing_a_day_matches_only_new_edited_or_unmatched_posts(make_ctx, backend):
+    """Text matching is incremental (text_match_state): an unchanged day matches nothing, a
+    late or edited post is the only one matched, and a catalogue change re-matches them all."""
+    from pipeline.context import Context
+    from pipeline.settings import Brand
+
+    ctx = make_ctx(CONFIG, backend)
+    words = ["acme", "globex max", "nothing here", "initech", "acme one and globex"]
+    with ctx.engine.begin() as conn:
+        add_posts(conn, [FakePost(i, f"p{i}", ts(START, i % 24, i % 60), words[i % 5]) for i in range(1, 51)])
+    first = aggregate_range(ctx, START, START)
+    assert first["posts_matched"] == 50 and first["mentions_rewritten"] > 0
+    again = aggregate_range(ctx, START, START)
+    assert (again["posts_matched"], again["mentions_rewritten"], again["rows_changed"]) == (0, 0, 0)
+
+    with ctx.engine.begin() as conn:  # a late post, and an edit (the loader changes content_hash)
+        add_posts(conn, [FakePost(51, "p51", ts(START, 23), "#globex")])
+    late = aggregate_dirty(ctx)
+    assert (late["posts_matched"], late["mentions_rewritten"]) == (1, 1)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("UPDATE posts SET text = 'initech!', content_hash = 'e1' WHERE id = 1"))
+        conn.execute(text("UPDATE posts SET content_hash = 'e2' WHERE id = 2"))  # same text, new hash
+        mark_days(conn, [START], "edit")
+    edited = aggregate_dirty(ctx)
+    assert (edited["posts_matched"], edited["mentions_rewritten"]) == (2, 1)
+    assert text_mentions_of(ctx) == rematch_all(ctx, ctx.settings.brands)
+
+    # A catalogue change: `aggregate --start --end` re-matches every post of the range.
+    brands = (*ctx.settings.brands, Brand("Nothing", keywords=("nothing",)))
+    ctx2 = Context(ctx.settings.with_overrides(brands=brands))
+    try:
+        restated = aggregate_range(ctx2, START, START)
+        assert restated["posts_matched"] == 51 and restated["mentions_rewritten"] == 10
+        assert text_mentions_of(ctx2) == rematch_all(ctx2, brands)
+        assert all_rows(ctx2)[(START, "Nothing", "*", "*", "text")]["posts"] == 10
+        assert aggregate_range(ctx2, START, START)["posts_matched"] == 0
+    finally:
+        ctx2.close()
+
+
+def test_signals_treat_days_without_rows_as_zero(make_ctx, backend):
+    """A gap of five days with no post at all (never marked, so no rows): rolling means,
+    week-over-week change, z-score and baseline count those days as zero, not as missing."""
+    ctx = make_ctx(CONFIG, backend)
+    gap = {START + dt.timedelta(days=k) for k in range(10, 15)}
+    days = [START + dt.timedelta(days=k) for k in range(22) if START + dt.timedelta(days=k) not in gap]
+    counts = {d: (20 if d == START + dt.timedelta(days=15) else 2 + (d - START).days % 3) for d in days}
+    posts, pid = [], 1
+    for d, n in counts.items():
+        for k in range(n):
+            posts.append(FakePost(pid, f"p{pid}", ts(d, k % 24), "acme", author=f"u{k}"))
+            pid += 1
+    with ctx.engine.begin() as conn:
+        add_posts(conn, posts)
+    aggregate_dirty(ctx)
+    rows = all_rows(ctx)
+    assert not {k[0] for k in rows} & gap  # the gap has no rows at all
+    series = {d: rows[(d, "Acme", "*", "*", "any")]["posts"] for d in days}
+    assert series == counts
+    for d in days:
+        want = signals_oracle(series, d, set(days))
+        row = rows[(d, "Acme", "*", "*", "any")]
+        for k in ("rolling_7", "rolling_28", "wow_change", "zscore", "baseline"):
+            assert row[k] == pytest.approx(want[k]), (d, k)
+        assert bool(row["spike"]) == want["spike"], d
+    after = rows[(START + dt.timedelta(days=15), "Acme", "*", "*", "any")]
+    # day 15's week: day 9, five zero days, day 15 (the old code divided by the 2 days with rows)
+    assert after["rolling_7"] == pytest.approx((counts[START + dt.timedelta(days=9)] + 20) / 7)
+    before_gap = sum(counts[START + dt.timedelta(days=k)] for k in range(10))
+    assert after["baseline"] == pytest.approx(before_gap / 15)  # 10 days with posts + 5 zero days
+    assert bool(after["spike"])

@@ -96,8 +96,14 @@ def test_views_answer_their_questions(make_ctx, backend):
                                    "FROM v_spikes ORDER BY zscore DESC")).all()
         assert {(r.brand, r.platform, r.source) for r in spikes} == {("Acme", p, s) for p in ("*", "mastodon") for s in ("text", "any")}
         top = spikes[0]
-        assert top.posts == 20 and top.baseline == pytest.approx((2 * 10 + 20) / 11) and top.zscore >= 3
-        assert top.excess == pytest.approx(top.posts - top.baseline)
+        # baseline = the mean the z-score compares to: the days before the spike, not rolling_28
+        # (which includes the spike day: (2 * 10 + 20) / 11)
+        assert top.posts == 20 and top.baseline == pytest.approx(2.0) and top.zscore == pytest.approx(18.0)
+        assert top.excess == pytest.approx(18.0)
+        rolling_28 = conn.execute(text(
+            "SELECT rolling_28 FROM v_daily_trend WHERE day = :d AND brand = 'Acme' AND product = '*' "
+            "AND platform = '*' AND source = 'any'"), {"d": DAY}).scalar()
+        assert rolling_28 == pytest.approx((2 * 10 + 20) / 11) != top.baseline
         # Every example query runs.
         code = "\n".join(line.split("--")[0] for line in (SQL / "examples.sql").read_text().splitlines())
         stmts = [s for s in code.split(";") if s.strip()]
@@ -165,3 +171,38 @@ def test_readonly_role_reads_views_and_nothing_else(make_ctx, pg_admin_url):
             conn.execute(text(f'DROP OWNED BY "{role}"'))
             conn.execute(text(f'DROP ROLE "{role}"'))
         admin.dispose()
+
+
+def test_migration_0004_from_0003_and_back(make_ctx, backend):
+    """0004 on a database with aggregates: the new tables and column, v_spikes' baseline from
+    it, every aggregated day queued for restating; the next aggregate fills the baseline.
+    Downgrading restores the 0003 views; upgrading again works."""
+    from alembic import command
+
+    from pipeline.database import _alembic_config, current_revision, upgrade
+
+    ctx = spiky_ctx(make_ctx, backend)
+    days = 11
+    with ctx.engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0003")
+    assert current_revision(ctx.engine) == "0003"
+    insp = inspect(ctx.engine)
+    assert "baseline" not in {c["name"] for c in insp.get_columns("mention_daily")}
+    assert not {"text_match_state", "logo_class_map"} & set(insp.get_table_names())
+    with ctx.engine.connect() as conn:
+        old = conn.execute(text("SELECT posts, baseline FROM v_spikes WHERE platform = '*' AND source = 'any'")).one()
+        assert old.baseline == pytest.approx((2 * 10 + 20) / 11)  # 0002's rolling_28
+        assert conn.execute(text("SELECT COUNT(*) FROM dirty_days")).scalar() == 0
+
+    upgrade(ctx.engine)
+    assert current_revision(ctx.engine) == "0004"
+    with ctx.engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM dirty_days WHERE reason = 'migration 0004'")).scalar() == days
+        assert conn.execute(text("SELECT baseline FROM v_spikes WHERE platform = '*' AND source = 'any'")).scalar() is None
+    res = aggregate_dirty(ctx)
+    assert res["days"] == days and res["posts_matched"] == 2 * 10 + 20 + 11
+    with ctx.engine.connect() as conn:
+        new = conn.execute(text("SELECT posts, baseline, excess FROM v_spikes WHERE platform = '*' AND source = 'any'")).one()
+        last = conn.execute(text("SELECT baseline FROM v_daily_trend WHERE day = :d AND brand = 'Acme' "
+                                 "AND product = '*' AND platform = '*' AND source = 'any'"), {"d": DAY}).scalar()
+    assert new.baseline == pytest.approx(2.0) == last and new.excess == pytest.approx(18.0)

@@ -3,30 +3,69 @@
 Revision ID: 0002
 Revises: 0001
 
-The view SQL lives in `pipeline.aggregate.views` (also rendered to `sql/views.sql`); this
-revision runs it. A later change to the views needs a new revision calling `create_views`
-again (Postgres `CREATE OR REPLACE VIEW` keeps the read-only role's grants, but can only
-append columns: renaming or dropping one needs a drop + create and re-running
-`sql/readonly_role.sql`).
+The views as they were at this revision, frozen here (the live definitions are in
+`pipeline.aggregate.views`, which later revisions such as 0004 apply): the code's views may
+name columns a later revision adds, so this revision must not run them. Postgres
+`CREATE OR REPLACE VIEW` keeps the read-only role's grants, but can only append columns:
+renaming or dropping one needs a drop + create and re-running `sql/readonly_role.sql`.
 """
 
 from __future__ import annotations
 
 from alembic import op
+from sqlalchemy import text
 
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
 
+VIEWS = {
+    "v_daily_trend": """
+SELECT day, brand, product, platform, source,
+       posts, images, unique_authors, reposts, expected_mentions,
+       rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
+       model_version, computed_at
+FROM mention_daily""",
+    "v_share_of_voice": """
+SELECT day, brand, platform, source, posts,
+       SUM(posts) OVER (PARTITION BY day, platform, source) AS total_posts,
+       share_of_voice,
+       RANK() OVER (PARTITION BY day, platform, source ORDER BY posts DESC) AS brand_rank
+FROM mention_daily
+WHERE product = '*'""",
+    "v_spikes": """
+SELECT day, brand, product, platform, source, posts, rolling_28 AS baseline,
+       posts - rolling_28 AS excess, zscore, expected_mentions, model_version
+FROM mention_daily
+WHERE spike""",
+}
+COMMENTS = {
+    "v_daily_trend": "Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)",
+    "v_share_of_voice": "Each brand share of all catalogue-brand mentions per day, platform and source",
+    "v_spikes": "Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts",
+}
+INDEX = "CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike"
+
+
+def create_views_0002(conn) -> None:
+    """This revision's views (also what revision 0004's downgrade restores)."""
+    for name, body in VIEWS.items():
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"CREATE OR REPLACE VIEW {name} AS{body}"))
+            conn.execute(text(f"COMMENT ON VIEW {name} IS '{COMMENTS[name]}'"))
+        else:
+            conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+            conn.execute(text(f"CREATE VIEW {name} AS{body}"))
+    conn.execute(text(INDEX))
+
 
 def upgrade() -> None:
-    from pipeline.aggregate.views import create_views
-
-    create_views(op.get_bind())
+    create_views_0002(op.get_bind())
 
 
 def downgrade() -> None:
-    from pipeline.aggregate.views import drop_views
-
-    drop_views(op.get_bind())
+    conn = op.get_bind()
+    for name in VIEWS:
+        conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_mention_daily_spikes"))
