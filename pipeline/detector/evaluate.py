@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.context import Context
 from pipeline.detector import NO_LOGO
-from pipeline.detector.data import decode_rgb, load_folders
+from pipeline.detector.data import DataError, decode_rgb, load_folders
 from pipeline.detector.metrics import evaluate_scores
 
 
@@ -75,8 +75,10 @@ def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, 
             parts.append(score_arrays(model, arrays))
         bar.update(min(64, len(sources) - start))
     bar.close()
+    if not parts:
+        raise DataError(f"{data}: none of the {len(sources)} images could be decoded; nothing to evaluate")
     labels = kept
-    signals = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {"cnn": np.zeros((0, len(spec.brands)))}
+    signals = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     thresholds = dict((spec.extra or {}).get("thresholds") or {})
     main = (spec.extra or {}).get("signal") or ("fused" if "fused" in signals else "cnn")
     per_signal = {}

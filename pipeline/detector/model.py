@@ -69,25 +69,67 @@ def keras_home() -> Path:
     return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
 
 
+IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE
+IMAGENET_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"  # Keras' own check of the official file
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
 def imagenet_weights_path() -> Path | None:
     path = keras_home() / "models" / IMAGENET_FILE
     return path if path.is_file() else None
 
 
+def download_imagenet() -> tuple[Path | None, str | None]:
+    """Fetch the no-top ImageNet weights into Keras' cache, as Keras itself would.
+
+    `BRANDMON_IMAGENET_URL` points at a mirror (an air-gapped site's artifact store); the
+    official file's MD5 is checked unless a mirror is set (the mirror is then trusted, as Keras
+    does without a hash). A socket timeout keeps a firewalled machine from hanging.
+    Returns (path, None) or (None, why it failed in a few words).
+    """
+    import socket
+
+    import keras
+
+    url = os.environ.get("BRANDMON_IMAGENET_URL") or IMAGENET_URL
+    md5 = None if os.environ.get("BRANDMON_IMAGENET_URL") else IMAGENET_MD5
+    try:  # Keras falls back to /tmp/.keras when its home does not exist yet
+        (keras_home() / "models").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, f"cannot create {keras_home() / 'models'}: {exc.strerror}"
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        path = keras.utils.get_file(IMAGENET_FILE, url, cache_subdir="models", file_hash=md5,
+                                    cache_dir=str(keras_home()))
+    except Exception as exc:  # noqa: BLE001 - offline, refused, bad hash: all mean "not available"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        partial = keras_home() / "models" / IMAGENET_FILE
+        if partial.is_file() and md5 is not None:  # a failed hash check leaves the file behind
+            partial.unlink(missing_ok=True)
+        return None, reason[:200]
+    finally:
+        socket.setdefaulttimeout(previous)
+    return Path(path), None
+
+
 def resolve_weights(choice: str) -> tuple[str, str | None, str | None]:
     """(tag recorded with the model, path to load, note for the user) for a weights choice.
 
-    `auto`/`imagenet` use the Keras cache only (never a network download, which would hang
-    offline); where the file is missing the note says so in one line and the base starts
-    from random weights (`none`).
+    `auto`/`imagenet` use the Keras cache (`$KERAS_HOME/models`), downloading the file there
+    first where the machine is online; where it cannot be had the note says so in one line and
+    the base starts from random weights (`none`).
     """
     if choice in ("auto", "imagenet"):
         path = imagenet_weights_path()
+        why = None
+        if path is None:
+            path, why = download_imagenet()
         if path is not None:
             return "imagenet", str(path), None
         note = (
-            f"imagenet weights not available ({IMAGENET_FILE} not in {keras_home() / 'models'}, "
-            "no download offline); training the Inception v3 base from scratch (weights=none)"
+            f"imagenet weights not available ({IMAGENET_FILE} not in {keras_home() / 'models'} and the download "
+            f"failed: {why}); training the Inception v3 base from scratch (weights=none)"
         )
         return "none", None, note
     if choice == "none":
@@ -142,6 +184,29 @@ def precision_policy(precision: str):
         keras.mixed_precision.set_global_policy(previous)
 
 
+def configure_threads(threads: int) -> bool:
+    """Cap TensorFlow's intra-op threads (inter-op at 2) before its runtime starts.
+
+    Why: an Airflow worker runs several tasks at once, and each TensorFlow task would otherwise
+    start one thread per core and oversubscribe them. 0 leaves TensorFlow's default (all
+    cores). Returns False when the runtime had already started (the cap cannot change then).
+    """
+    if threads <= 0:
+        return True
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    if threading.get_intra_op_parallelism_threads() == threads:
+        return True
+    try:
+        threading.set_intra_op_parallelism_threads(threads)
+        threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        log.warning("TensorFlow is already running: detector.threads=%d applies from the next process", threads)
+        return False
+    return True
+
+
 # --- network ---------------------------------------------------------------------------------
 
 
@@ -166,8 +231,9 @@ def build_network(
     """Inception v3 base (optionally loaded from `weights_path`) + GAP + dropout + softmax.
 
     `base_training=False` calls the base with `training=False` (keras-io transfer-learning
-    recipe: BatchNorm stays in inference mode even when top blocks are unfrozen for
-    fine-tuning). A base trained from scratch needs `True` so BatchNorm learns its statistics.
+    recipe). In Keras 3 that alone does not hold BatchNorm in inference mode once `fit` runs
+    the whole model with training=True, so `set_trainable` also freezes the BatchNorm layers
+    for fine-tuning. A base trained from scratch needs `True` so BatchNorm learns its statistics.
     """
     import keras
 
@@ -214,7 +280,8 @@ def adapt_feature_norm(net: Network, features: np.ndarray) -> None:
 
 
 def set_trainable(net: Network, mode: str) -> None:
-    """`head`: base frozen; `full`: everything trains; `finetune:N`: the top N mixed blocks too."""
+    """`head`: base frozen; `full`: everything trains; `finetune:N`: the top N mixed blocks too
+    (their BatchNorm layers frozen, keras-io's fine-tuning recipe)."""
     if mode == "head":
         net.base.trainable = False
         return
@@ -228,8 +295,13 @@ def set_trainable(net: Network, mode: str) -> None:
     mixed = [i for i, name in enumerate(names) if name.startswith("mixed") and "_" not in name]
     # Inception v3 has mixed0..mixed10; unfreeze the layers after the (N+1)-th last block end.
     cut = mixed[-(n_blocks + 1)] if n_blocks < len(mixed) else -1
+    import keras
+
     for i, layer in enumerate(net.base.layers):
-        layer.trainable = i > cut
+        # BatchNorm stays frozen, which in Keras 3 also means inference mode: the recorded
+        # `base(x, training=False)` does not survive, since fit's training=True is propagated
+        # into nested models and overrides it (caught by a test: moving means drifted).
+        layer.trainable = i > cut and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def batchnorm_layers(net: Network) -> list[Any]:

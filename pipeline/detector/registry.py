@@ -100,18 +100,21 @@ def activate(ctx: Context, version: str) -> None:
             mark_days_of_model(conn, [*before, version], reason=f"activate {version}")
 
 
-def maybe_activate(ctx: Context, version: str, policy: str) -> bool:
+def maybe_activate(ctx: Context, version: str, policy: str, baseline_f1: float | None = None) -> bool:
     """`always`, `never`, or `if_better`: no active version yet, or a held-out F1 that beats it.
 
-    A tie keeps the active version: switching models restates image counts, which is only
-    worth it for a measurably better model.
+    `baseline_f1` is the active model's F1 on the new model's own held-out split (train scores
+    it there), so both numbers come from the same images; without it the active model's
+    recorded F1 (from its own, older split) is the fallback. A tie keeps the active version:
+    switching models restates image counts, which is only worth it for a measurably better model.
     """
     if policy == "never":
         return False
     current = active_version(ctx)
     if policy == "if_better" and current is not None:
-        new = get_version(ctx, version)["metrics"].get("f1", 0.0)
-        if float(new or 0.0) <= float((current["metrics"] or {}).get("f1", 0.0) or 0.0):
+        new = float(get_version(ctx, version)["metrics"].get("f1", 0.0) or 0.0)
+        old = baseline_f1 if baseline_f1 is not None else float((current["metrics"] or {}).get("f1", 0.0) or 0.0)
+        if new <= old:
             return False
     activate(ctx, version)
     return True

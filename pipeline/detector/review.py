@@ -11,6 +11,7 @@ fills the `label` column or moves each image into its class folder (`DIR/<Class>
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.schema import images, model_versions, review_queue, utcnow
 
 MANIFEST = "manifest.csv"
 FIELDS = ["sha256", "file", "model_version", "suggested_class", "score", "label"]
+log = logging.getLogger(__name__)
 _EXT = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp", "image/bmp": ".bmp"}
 
 
@@ -55,12 +57,19 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         (out / c).mkdir(exist_ok=True)
     existing = _read_manifest(out) if (out / MANIFEST).exists() else {}
     written = 0
+    missing: list[str] = []
     for r in rows:
         name = f"{r.image_sha256}{_EXT.get(r.mime, '.jpg')}"
         target = out / "images" / name
         moved = any((out / c / name).exists() for c in classes)  # already sorted by the labeller
         if not target.exists() and not moved:
-            target.write_bytes(ctx.store.get(r.storage_key))
+            try:
+                data = ctx.store.get(r.storage_key)
+            except KeyError:  # the lake lost it: nothing to label; it stays pending for a later export
+                log.warning("review export: image %s is missing from the lake (%s); skipped", r.image_sha256[:12], r.storage_key)
+                missing.append(r.image_sha256)
+                continue
+            target.write_bytes(data)
             written += 1
         prev = existing.get(r.image_sha256, {})
         existing[r.image_sha256] = {
@@ -71,7 +80,8 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(existing.values())
-    shas = [r.image_sha256 for r in rows]
+    skipped = set(missing)
+    shas = [r.image_sha256 for r in rows if r.image_sha256 not in skipped]
     with ctx.engine.begin() as conn:
         for i in range(0, len(shas), 500):
             conn.execute(
@@ -79,7 +89,7 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
                 .where(review_queue.c.image_sha256.in_(shas[i : i + 500]), review_queue.c.status == "pending")
                 .values(status="exported", updated_at=utcnow())
             )
-    return {"queued": len(rows), "written": written, "out": str(out)}
+    return {"queued": len(rows), "written": written, "missing": len(missing), "out": str(out)}
 
 
 def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:

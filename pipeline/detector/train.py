@@ -54,6 +54,7 @@ from pipeline.detector.metrics import (
     threshold_for_precision,
 )
 from pipeline.detector.split import DEFAULT_FRACTIONS, split_of
+from pipeline.errors import BrandmonError
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,25 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
         raise DataError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     if isinstance(values.get("samples"), dict):
         values["samples"] = SampleSpec(**values["samples"])
-    cfg = TrainConfig(**values)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise DataError(f"bad training options: {exc}") from None
     mode = cfg.mode if cfg.mode != "auto" else ("head" if pretrained else "full")
+    check_mode(mode)
     size = cfg.input_size or (299 if pretrained else 128)
     augment = cfg.augment if cfg.augment is not None else (mode == "full" and not pretrained)
     default_epochs = {"full": 12, "head": 0}.get(mode, 4)
     return replace(cfg, mode=mode, input_size=size, augment=augment, epochs=cfg.epochs if cfg.epochs is not None else default_epochs)
+
+
+def check_mode(mode: str) -> None:
+    """`head`, `full` or `finetune:N` with 1 <= N <= 11 (Inception v3 has 11 mixed blocks)."""
+    if mode in ("head", "full"):
+        return
+    head, _, n = mode.partition(":")
+    if head != "finetune" or not n.isdigit() or not 1 <= int(n) <= 11:
+        raise DataError(f"training mode must be auto, head, full or finetune:N (N = 1..11 top Inception blocks), not {mode!r}")
 
 
 def _bar(total: int | None, enabled: bool, desc: str, unit: str = "img") -> Any:
@@ -650,13 +664,44 @@ def train(
         lap("save")
         files = _write_reports(ctx, version, prep, test_sig, y_test, brands, thresholds, headline)
         lap("reports")
-        activated = registry.maybe_activate(ctx, version, activate)
+        baseline = _score_active_on(ctx, files["eval_dir"], activate, progress)
+        if baseline is not None:
+            params["baseline"] = baseline
+            _say(progress, f"active model {baseline['version']} on this held-out split: logo F1 {baseline['f1']:.3f} "
+                 f"(new {version}: {metrics['f1']:.3f})")
+        activated = registry.maybe_activate(ctx, version, activate, baseline["f1"] if baseline else None)
         counts.update({"version": version, "activated": activated, "train_samples": len(train_s),
                        "test_samples": len(test_s), "precision": metrics["precision"], "recall": metrics["recall"]})
     _say(progress, f"model {version}: held-out test ({main}) logo precision {metrics['precision']:.3f}, "
          f"recall {metrics['recall']:.3f}, brand top-1 {metrics['brand_accuracy']:.3f}"
          + (" (activated)" if activated else ""))
     return {"version": version, "metrics": metrics, "activated": activated, "params": params, **files}
+
+
+def _score_active_on(ctx: Context, eval_dir: str, activate: str, progress: bool) -> dict[str, Any] | None:
+    """The active model's figures on the new model's held-out split, for `if_better`.
+
+    Why: each model's recorded F1 comes from its own split; comparing those would compare
+    different images. Scoring the active model on the new split compares like with like. If it
+    cannot be scored (its artifact is gone, say), the registry falls back to its recorded F1.
+    """
+    from pipeline.detector.evaluate import evaluate_folder
+    from pipeline.detector.registry import active_version
+
+    if activate != "if_better":
+        return None
+    current = active_version(ctx)
+    if current is None:
+        return None
+    try:
+        report = evaluate_folder(ctx, eval_dir, current["version"], progress=progress)
+    except BrandmonError as exc:
+        _say(progress, f"warning: cannot score the active model {current['version']} on the new split ({exc}); "
+             "comparing with its recorded F1")
+        return None
+    return {"version": current["version"], "signal": report["signal"], "f1": float(report["logo"]["f1"]),
+            "precision": float(report["logo"]["precision"]), "recall": float(report["logo"]["recall"]),
+            "n_images": int(report["n_images"])}
 
 
 def _whole_refs(train_s: list[Sample]) -> list[tuple[str, np.ndarray]]:

@@ -95,3 +95,71 @@ def test_review_queue_export_and_import(make_ctx, install_model, tmp_path: Path)
     # re-running both changes nothing
     assert export_queue(ctx, out)["written"] == 0
     assert import_labels(ctx, out, into=tmp_path / "training")["copied"] == 0
+
+
+def test_detect_records_its_precision_and_reuses_the_traced_classifier(make_ctx, install_model):
+    from pipeline.detector.infer import detect
+    from pipeline.detector.model import choose_precision
+    from pipeline.detector.registry import load_model
+    from pipeline.schema import runs
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    shas = store_images(ctx, _blobs(6, seed=2))
+    first = detect(ctx, limit=3)
+    second = detect(ctx)
+    assert first["scored"] + second["scored"] == len(shas)
+    with ctx.engine.connect() as conn:
+        done = [r.counts for r in conn.execute(select(runs).where(runs.c.kind == "detect", runs.c.status == "succeeded"))]
+    # bf16 on this CPU (AMX / AVX512-BF16), fp32 elsewhere: the run log says which was used
+    assert [c["precision"] for c in done] == [choose_precision("auto")] * 2
+    model = load_model(ctx, version, precision=choose_precision("auto"))
+    # one trace for both runs: the second run did not pay for tracing Inception v3 again
+    assert model._detect_forward.experimental_get_tracing_count() == 1
+
+
+def test_a_failed_batch_commit_stops_the_run_and_the_rerun_completes(make_ctx, install_model, monkeypatch):
+    """Commits run on a background thread; a failure there must still fail the run, keep the
+    batches committed before it, and leave the rest for the re-run."""
+    from pipeline.detector import infer
+
+    ctx = make_ctx()
+    install_model(ctx)
+    shas = store_images(ctx, _blobs(10, seed=3))
+    real = infer.write_batch
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("database went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "write_batch", flaky)
+    with pytest.raises(RuntimeError, match="database went away"):
+        infer.detect(ctx, batch_size=4)
+    with ctx.engine.connect() as conn:
+        assert len(list(conn.execute(select(image_scores)))) == 4  # the first batch only
+    monkeypatch.setattr(infer, "write_batch", real)
+    assert infer.detect(ctx, batch_size=4)["scored"] == 6
+    with ctx.engine.connect() as conn:
+        assert {r.image_sha256 for r in conn.execute(select(image_scores))} == set(shas)
+
+
+def test_review_export_skips_an_image_missing_from_the_lake(make_ctx, install_model, tmp_path: Path, caplog):
+    ctx = make_ctx()
+    install_model(ctx, threshold=0.5)
+    ctx.settings = ctx.settings.with_overrides(detector=ctx.settings.detector.__class__(review_margin=1.0))
+    shas = store_images(ctx, _blobs(3, seed=4))
+    detect_pending(ctx)
+    gone = sorted(shas)[0]
+    ctx.store.delete(f"images/sha256/{gone[:2]}/{gone[2:4]}/{gone}")
+    out = tmp_path / "review"
+    result = export_queue(ctx, out)
+    assert result["written"] == 2 and result["missing"] == 1
+    assert gone[:12] in caplog.text
+    with ctx.engine.connect() as conn:
+        status = {r.image_sha256: r.status for r in conn.execute(select(review_queue))}
+    assert status[gone] == "pending" and sorted(v for k, v in status.items() if k != gone) == ["exported"] * 2
+    with (out / "manifest.csv").open(newline="") as fh:
+        assert gone not in {row["sha256"] for row in csv.DictReader(fh)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from detector_helpers import FAST, argmax_recall, make_boxes, make_folders
 from sqlalchemy import func, select
@@ -109,3 +110,88 @@ def test_augmentation_bypasses_the_feature_cache_and_says_so(make_ctx, tmp_path:
     assert result["params"]["history"]["head"]["epochs"] == 2
     with ctx.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(feature_cache)).scalar_one() == 0
+
+
+def test_full_training_stops_at_its_time_budget_and_recalibrates_batchnorm(make_ctx, tmp_path: Path):
+    """The default offline path (whole network from scratch, augmentation, time budget)."""
+    ctx = make_ctx()
+    data = make_folders(tmp_path / "train", {"Reddisc": 16, "no_logo": 16}, seed=6)
+    opts = {**FAST, "mode": "full", "epochs": 500, "time_budget_s": 3.0, "bn_momentum": 0.9}
+    result = train_model(ctx, data, weights="none", activate="always", progress=False, **opts)
+    full = result["params"]["history"]["full"]
+    assert full["stopped_by_time_budget"] and 1 <= full["epochs"] < 500
+    assert full["batchnorm_recalibration_batches"] >= 1
+    assert result["params"]["feature_cache"] is None  # the base itself learns: no cache
+    assert result["params"]["config"]["augment"] is True  # on by default from scratch
+    assert active_model(ctx)["version"] == result["version"]
+
+
+def test_finetune_unfreezes_only_the_top_blocks_and_keeps_batchnorm_in_inference_mode(tmp_path: Path):
+    """keras-io recipe: the top N Inception blocks train, BatchNorm statistics stay frozen."""
+    import keras
+
+    from pipeline.detector.model import batchnorm_layers, build_network, set_trainable
+    from pipeline.detector.train import TrainConfig, train_images
+
+    net = build_network(2, 75)
+    set_trainable(net, "finetune:2")
+    names = [layer.name for layer in net.base.layers]
+    cut = names.index("mixed8")  # the third-last block end: mixed9 and mixed10 train
+    trainable = [layer.name for layer in net.base.layers if layer.trainable and layer.weights]
+    assert trainable and all(names.index(n) > cut for n in trainable)
+    assert all(not layer.trainable for layer in net.base.layers[: cut + 1])
+    top_bn = [b for b in batchnorm_layers(net) if names.index(b.name) > cut]
+    before = [np.array(b.moving_mean) for b in top_bn]
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (16, 75, 75, 3), dtype=np.uint8)
+    y = np.array([0, 1] * 8)
+    cfg = TrainConfig(input_size=75, mode="finetune:2", epochs=1, batch_size=8, augment=False)
+    conv_top = next(layer for layer in net.base.layers[cut + 1 :] if isinstance(layer, keras.layers.Conv2D))
+    kernel_before = np.array(conv_top.kernel)
+    hist = train_images(net, pixels, y, list(range(16)), cfg, 1e-2, None, False, None, "fine-tune")
+    assert hist["epochs"] == 1
+    assert not np.allclose(np.array(conv_top.kernel), kernel_before)  # the top blocks learned
+    assert all(np.array_equal(np.array(b.moving_mean), m) for b, m in zip(top_bn, before, strict=True))
+
+
+def test_finetune_mode_end_to_end_uses_the_cache_for_the_head_then_bypasses_it(make_ctx, tmp_path: Path, capsys):
+    ctx = make_ctx()
+    data = make_folders(tmp_path / "train", {"Reddisc": 10, "no_logo": 10}, seed=7)
+    result = train_model(ctx, data, weights="none", progress=True, **{**FAST, "mode": "finetune:1", "head_epochs": 2, "epochs": 1})
+    history = result["params"]["history"]
+    assert set(history) == {"head", "finetune"} and history["finetune"]["epochs"] == 1
+    assert result["params"]["feature_cache"]["misses"] > 0
+    assert "fine-tuning the top 1 Inception blocks: the feature cache is bypassed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["finetune:x", "finetune:0", "finetune:12", "sideways"])
+def test_bad_training_mode_is_one_clear_error(mode):
+    from pipeline.detector.data import DataError
+    from pipeline.detector.train import resolve_config
+
+    with pytest.raises(DataError, match="finetune:N"):
+        resolve_config("default", False, None, {"mode": mode})
+
+
+def test_if_better_scores_the_active_model_on_the_new_split(make_ctx, tmp_path: Path):
+    """Activation compares both models on the same held-out images, not each on its own split."""
+    ctx = make_ctx()
+    good = make_folders(tmp_path / "good", {"Reddisc": 24, "Bluesquare": 24, "no_logo": 24}, seed=8)
+    v1 = train_model(ctx, good, weights="none", activate="always", progress=False, **FAST)
+    # the same data, barely trained: worse on the same split, so v1 stays active
+    v2 = train_model(ctx, good, weights="none", progress=False, **{**FAST, "head_epochs": 1, "learning_rate": 1e-6})
+    base = v2["params"]["baseline"]
+    assert base["version"] == v1["version"] and base["n_images"] == v2["metrics"]["n_test"]
+    assert base["f1"] > v2["metrics"]["f1"]
+    assert not v2["activated"] and active_model(ctx)["version"] == v1["version"]
+
+
+def test_evaluate_with_no_decodable_image_is_one_clear_error(make_ctx, install_model, tmp_path: Path):
+    from pipeline.detector.data import DataError
+
+    ctx = make_ctx()
+    install_model(ctx)
+    (tmp_path / "eval" / "Reddisc").mkdir(parents=True)
+    (tmp_path / "eval" / "Reddisc" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="none of the 1 images could be decoded"):
+        evaluate_folder(ctx, tmp_path / "eval")
