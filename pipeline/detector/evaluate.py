@@ -51,9 +51,10 @@ def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, b
 
 def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: bool = False) -> dict[str, Any]:
     """The evaluation report (JSON-ready) of model `version` (default: active) on `data`."""
-    from pipeline.detector.model import choose_precision
+    from pipeline.detector.model import choose_precision, configure_threads
     from pipeline.detector.registry import load_model
 
+    configure_threads(ctx.settings.detector.threads)
     model = load_model(ctx, version, precision=choose_precision(ctx.settings.detector.mixed_precision))
     spec = model.spec
     by_fold = {c.casefold(): c for c in spec.classes}

@@ -474,6 +474,7 @@ def train(
         ModelSpec,
         adapt_feature_norm,
         build_network,
+        configure_threads,
         recalibrate_batchnorm,
         resolve_weights,
         save_artifact,
@@ -496,6 +497,7 @@ def train(
         stages[name] = round(stages.get(name, 0.0) + now - last[0], 1)
         last[0] = now
 
+    configure_threads(ctx.settings.detector.threads)
     tag, wpath, note = resolve_weights(weights)
     if note:
         _say(True, f"note: {note}")
