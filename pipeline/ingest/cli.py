@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE", help="a source name from the `sources:` config")
     p.add_argument("--start", required=True, type=parse_time_arg, help="window start (ISO; UTC if no zone)")
     p.add_argument("--end", required=True, type=parse_time_arg, help="window end, excluded (ISO; UTC if no zone)")
-    p.add_argument("--force", action="store_true", help="re-run even if the window is already complete")
+    p.add_argument("--force", action="store_true", help="re-run even if the window is already complete "
+                   "(archive sources: also rebuild the day index from the export)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ingest)
 
@@ -99,7 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("source", metavar="SOURCE", help="a source name from the `sources:` config")
     b.add_argument("--start", required=True, type=parse_date_arg, help="first day (YYYY-MM-DD)")
     b.add_argument("--end", required=True, type=parse_date_arg, help="last day, included (YYYY-MM-DD)")
-    b.add_argument("--force", action="store_true", help="re-run windows already complete")
+    b.add_argument("--force", action="store_true", help="re-run windows already complete (archive sources: also "
+                   "rebuild the day index from the export, once)")
     b.add_argument("--workers", type=int, default=1, help="windows ingested at once, in separate processes (default: 1)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_backfill)

@@ -191,7 +191,7 @@ def gc_paused() -> Iterator[None]:
 
 def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
                 progress: bool, counts: dict[str, Any]) -> None:
-    connector.prepare(ctx, counts)
+    connector.prepare(ctx, counts, force=force, progress=progress)
     with gc_paused():
         records = _fetch(ctx, connector, name, start, end, force, counts)
         counts["fetched"] = len(records)
@@ -202,7 +202,7 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
         with ctx.engine.begin() as conn:
             touch_source(conn, name, connector.kind)
             result = load_posts(conn, name, unique, now, unique=True)
-            record_rejects(conn, name, start, rejects)
+            record_rejects(conn, name, start, rejects, window_end=end)
             if result.days:
                 mark_days(conn, result.days, "ingest")
             _set_progress(conn, name, window_key(start, end), None, latest_end=end)
@@ -282,23 +282,25 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
     try:
         if workers == 1 or len(days) == 1:
             for day in days:
-                totals.update(_backfill_day(ctx, connector, source, day, force))
+                totals.update(_backfill_day(ctx, connector, source, day, force, progress))
                 totals["windows"] += 1
                 bar.update(1)
                 bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
         else:
-            connector.prepare(ctx, totals)  # e.g. the archive index, once, before the workers start
-            _backfill_parallel(ctx, source, days, force, workers, totals, bar)
+            # e.g. the archive index, once, before the workers start (rebuilt here if forced:
+            # the workers' connectors are told it is fresh, so they do not rebuild it again)
+            connector.prepare(ctx, totals, force=force, progress=progress)
+            _backfill_parallel(ctx, source, days, force, workers, totals, bar, refreshed=connector.refreshed)
     finally:
         bar.close()
         connector.close()
     return {k: int(v) for k, v in totals.items()}
 
 
-def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, force: bool) -> dict[str, int]:
+def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, force: bool, progress: bool = False) -> dict[str, int]:
     s = dt.datetime.combine(day, dt.time(), dt.UTC)
     try:
-        return ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, connector=connector)
+        return ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, progress=progress, connector=connector)
     except BrandmonError as exc:
         raise type(exc)(f"backfill of {source} stopped at {day}: {exc}") from None
 
@@ -306,25 +308,28 @@ def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, for
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(settings: Any, source: str) -> None:
+def _worker_init(settings: Any, source: str, refreshed: bool = False) -> None:
     from pipeline.context import Context
 
     ctx = Context(settings)
-    _WORKER.update(ctx=ctx, connector=make_connector(settings, settings.source(source)))
+    connector = make_connector(settings, settings.source(source))
+    connector.refreshed = refreshed
+    _WORKER.update(ctx=ctx, connector=connector)
 
 
 def _worker_day(source: str, day: dt.date, force: bool) -> dict[str, int]:
     return _backfill_day(_WORKER["ctx"], _WORKER["connector"], source, day, force)
 
 
-def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Any) -> None:
+def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Any,
+                       refreshed: bool = False) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     ctx.engine.dispose()  # no pooled connection crosses into the workers
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(ctx.settings, source))
+                               initializer=_worker_init, initargs=(ctx.settings, source, refreshed))
     try:
         pending = {pool.submit(_worker_day, source, day, force) for day in days}
         while pending:

@@ -16,12 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, text, update
 
 from pipeline.database import chunks, upsert
 from pipeline.ingest.normalize import content_hash
 from pipeline.records import Post
-from pipeline.schema import post_images, posts, quarantine, sources, utcnow
+from pipeline.schema import post_images, posts, quarantine, runs, sources, utcnow
 
 POST_COLUMNS = ("platform", "external_id", "author_hash", "text", "lang", "posted_at", "url", "repost_of", "content_hash", "raw_key")
 IMAGE_COLUMNS = ("platform", "external_id", "position", "url", "alt_text")
@@ -278,27 +278,59 @@ def _diff_images(conn: Connection, changed: list[tuple[int, Post]], now: dt.date
 # --- quarantine and source rows ----------------------------------------------------------------
 
 
-def record_rejects(conn: Connection, source: str, window_start: dt.datetime, rejects: list[dict[str, str]], kind: str = "record") -> int:
-    """Make the window's quarantine rows exactly `rejects` ({record_ref, reason, excerpt})."""
-    wanted = {r["record_ref"][:512]: r for r in rejects}
-    have = {
-        ref for (ref,) in conn.execute(select(quarantine.c.record_ref).where(and_(
-            quarantine.c.source == source, quarantine.c.window_start == window_start, quarantine.c.kind == kind
-        )))
-    }
-    stale = sorted(have - set(wanted))
-    for batch in chunks(stale, 500):
-        conn.execute(delete(quarantine).where(and_(
-            quarantine.c.source == source, quarantine.c.window_start == window_start,
-            quarantine.c.kind == kind, quarantine.c.record_ref.in_(batch),
-        )))
-    rows = [
-        {"source": source, "window_start": window_start, "kind": kind, "record_ref": ref,
-         "reason": r["reason"][:1000], "excerpt": r.get("excerpt"), "created_at": utcnow()}
-        for ref, r in wanted.items()
-    ]
-    upsert(conn, quarantine, rows, keys=["source", "window_start", "kind", "record_ref"], update=["reason", "excerpt"])
-    return len(rows)
+def record_rejects(conn: Connection, source: str, window_start: dt.datetime | None, rejects: list[dict[str, Any]],
+                   kind: str = "record", window_end: dt.datetime | None = None) -> int:
+    """Make the window's quarantine rows `rejects` ({record_ref, reason, excerpt}).
+
+    Rows are matched by reference and only differences are written (new rows inserted,
+    changed ones updated in place, stale ones deleted), so a re-run that finds the same bad
+    records leaves the rows as they were, ids and `created_at` included. `window_start=None`:
+    the rows an archive index could not place in any window.
+
+    Quarantine rows are keyed on the window's start only, so windows with the same start and
+    different ends (`ingest --start/--end` next to a daily backfill) share them. Each window
+    adds its rows; a stale row is deleted only when no other completed window with that start
+    exists (given `window_end`), because it may be another window's: a shorter window must not
+    wipe the rows of the longer one it overlaps (they are the only record of what was refused).
+    """
+    wanted: dict[str, dict[str, Any]] = {}
+    for r in rejects:
+        wanted[r["record_ref"][:512]] = r
+    where = [quarantine.c.source == source, quarantine.c.kind == kind,
+             quarantine.c.window_start.is_(None) if window_start is None else quarantine.c.window_start == window_start]
+    have = {ref: (rid, reason, excerpt) for rid, ref, reason, excerpt in conn.execute(
+        select(quarantine.c.id, quarantine.c.record_ref, quarantine.c.reason, quarantine.c.excerpt).where(*where)
+    )}
+    stale = [have[ref][0] for ref in have if ref not in wanted]
+    if stale and window_start is not None and window_end is not None and _other_windows(conn, source, window_start, window_end):
+        stale = []
+    for batch in chunks(sorted(stale), 500):
+        conn.execute(delete(quarantine).where(quarantine.c.id.in_(batch)))
+    now = utcnow()
+    new_rows, changed = [], []
+    for ref, r in wanted.items():
+        reason, excerpt = r["reason"][:1000], r.get("excerpt")
+        old = have.get(ref)
+        if old is None:
+            new_rows.append({"source": source, "window_start": window_start, "kind": kind, "record_ref": ref,
+                             "reason": reason, "excerpt": excerpt, "created_at": now})
+        elif (old[1], old[2]) != (reason, excerpt):
+            changed.append({"b_id": old[0], "b_reason": reason, "b_excerpt": excerpt})
+    if new_rows:
+        conn.execute(insert(quarantine), new_rows)
+    if changed:
+        conn.execute(update(quarantine).where(quarantine.c.id == bindparam("b_id"))
+                     .values(reason=bindparam("b_reason"), excerpt=bindparam("b_excerpt")), changed)
+    return len(wanted)
+
+
+def _other_windows(conn: Connection, source: str, window_start: dt.datetime, window_end: dt.datetime) -> bool:
+    """True if a completed ingest window of `source` starts at `window_start` but ends elsewhere."""
+    q = select(runs.c.id).where(
+        runs.c.kind == "ingest", runs.c.source == source, runs.c.window_start == window_start,
+        runs.c.window_end != window_end, runs.c.status == "succeeded",
+    ).limit(1)
+    return conn.execute(q).first() is not None
 
 
 def touch_source(conn: Connection, name: str, kind: str) -> None:

@@ -694,3 +694,122 @@ def test_archive_csv_error_quarantines_the_row_and_reads_on(make_ctx, tmp_path, 
     assert ids == ["c0", "c1", "c3", "c4", "c5"]
     assert q["record_ref"] == "export.csv:4" and q["reason"] == "CSV error: field larger than field limit (1000)"
     assert q["window_start"] is None
+
+
+def archive_folder(tmp_path) -> str:
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    write_archive(lambda name, data: (folder / name).write_bytes(data), "")
+    return str(folder)
+
+
+def manifest(ctx) -> dict:
+    from pipeline.ingest.connectors.archive import manifest_key
+
+    return json.loads(ctx.store.get(manifest_key("arch")))
+
+
+def test_archive_force_rebuilds_the_index_once(make_ctx, tmp_path):
+    """A day partition lost from the lake: the window fails with the hint to use --force, and
+    --force rebuilds the index (once for a whole forced backfill, not once per window)."""
+    from pipeline.errors import StorageError
+    from pipeline.ingest.connectors.archive import partition_key
+
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
+    first = ingest_window(ctx, "arch", DAY - dt.timedelta(days=1), DAY)
+    rows = manifest(ctx)["rows"]
+    assert first["indexed_rows"] == rows == 64
+    ctx.store.delete(partition_key("arch", DAY.date()))
+    with pytest.raises(StorageError, match="re-run with --force to re-index"):
+        ingest_window(ctx, "arch", DAY, END)
+    built = manifest(ctx)["built_at"]
+    got = ingest_window(ctx, "arch", DAY, END, force=True)
+    assert got["indexed_rows"] == rows and got["new"] == 20
+    assert manifest(ctx)["built_at"] > built
+    assert ctx.store.get(partition_key("arch", DAY.date()))
+
+    before = snapshot(ctx, volatile=True)
+    built = manifest(ctx)["built_at"]
+    again = backfill(ctx, "arch", (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date(), force=True, progress=False)
+    assert again["indexed_rows"] == rows  # one rebuild for the three forced windows
+    assert again["new"] == 20 and again["unchanged"] == 40
+    assert manifest(ctx)["built_at"] > built
+    after = snapshot(ctx, volatile=True)
+    assert after["quarantine"] == before["quarantine"]  # the rebuilt index rewrote no quarantine row
+
+
+@pytest.mark.integration
+def test_parallel_forced_backfill_rebuilds_the_index_once(make_ctx, tmp_path):
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
+    first, last = (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date()
+    backfill(ctx, "arch", first, last, progress=False, workers=2)
+    built = manifest(ctx)["built_at"]
+    forced = backfill(ctx, "arch", first, last, force=True, progress=False, workers=2)
+    assert forced["indexed_rows"] == manifest(ctx)["rows"]  # the parent rebuilt it; the workers did not
+    assert forced["windows"] == 3 and forced["unchanged"] == 60
+    assert manifest(ctx)["built_at"] > built
+
+
+def test_archive_index_reports_progress(make_ctx, tmp_path, monkeypatch, caplog):
+    import io
+    import sys
+
+    import pipeline.ingest.connectors.archive as archive_mod
+
+    monkeypatch.setattr(archive_mod, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level("INFO", logger="pipeline.ingest.connectors.archive")
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
+    ingest_window(ctx, "arch", DAY, END)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("indexing archive arch: 2 files,") for m in lines)
+    assert any(m.startswith("indexing archive arch: 64 rows, 100% of") for m in lines)
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    meter = archive_mod.IndexProgress("arch", 1, 2_000_000, progress=True)
+    meter.update(1234, 1_000_000)
+    meter.bar.refresh()  # tqdm redraws at most every 0.1 s by itself
+    meter.close()
+    assert "index arch" in tty.getvalue() and "50%" in tty.getvalue() and "rows=1,234" in tty.getvalue()
+    quiet = archive_mod.IndexProgress("arch", 1, 10, progress=False)
+    assert quiet.bar.disable
+
+
+def test_quarantine_rows_of_windows_sharing_a_start(make_ctx, tmp_path):
+    """Quarantine rows are keyed on the window start: a shorter window with the same start
+    must not delete the rows of the longer one (and a window alone still replaces its own)."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    rows = [{"id": f"g{i}", "author_id": "u", "text": "acme", "created_at": (DAY + dt.timedelta(hours=i)).isoformat()} for i in range(24)]
+    rows += [{"id": "bad-early", "text": "no author", "created_at": (DAY + dt.timedelta(hours=2)).isoformat()},
+             {"id": "bad-late", "text": "no author", "created_at": (DAY + dt.timedelta(hours=20)).isoformat()}]
+    (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]))
+
+    def refs() -> set[str]:
+        with ctx.engine.connect() as conn:
+            return {r.split(":")[1] for (r,) in conn.execute(select(quarantine.c.record_ref))}
+
+    assert ingest_window(ctx, "arch", DAY, END)["rejected"] == 2
+    assert refs() == {"25", "26"}
+    half = ingest_window(ctx, "arch", DAY, DAY + dt.timedelta(hours=12))
+    assert half["rejected"] == 1 and half["new"] == 0
+    assert refs() == {"25", "26"}  # the late row belongs to the whole-day window: kept
+    before = snapshot(ctx, volatile=True)
+    ingest_window(ctx, "arch", DAY, END, force=True)
+    ingest_window(ctx, "arch", DAY, DAY + dt.timedelta(hours=12), force=True)
+    assert snapshot(ctx, volatile=True) == before
+
+    # One window alone: a record fixed upstream leaves the quarantine on the forced re-run.
+    other = make_ctx(config([{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]))
+    ingest_window(other, "arch", DAY, END)
+    rows[-1]["author_id"] = "u"
+    (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fixed = ingest_window(other, "arch", DAY, END, force=True)
+    assert fixed["rejected"] == 1 and fixed["new"] == 1
+    with other.engine.connect() as conn:
+        assert [r.split(":")[1] for (r,) in conn.execute(select(quarantine.c.record_ref))] == ["25"]

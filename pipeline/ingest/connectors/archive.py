@@ -12,9 +12,11 @@ to its UTC day's partition in the raw lake, `raw/source=NAME/dt=YYYY-MM-DD/archi
 (one line `{"ref": "file:line", "ts": UTC time in ISO 8601, "row": {...}}`; a line that is not valid JSON is
 kept as it came, and quarantined by its window), then a manifest with the archive's
 fingerprint (names, sizes, mtimes or ETags). Windows then read only their day partitions.
-A changed archive (new, grown or replaced files) is re-indexed on the next window; use
-`--force` to re-ingest windows already complete. Rows without a usable timestamp cannot be
-placed in a day: they are quarantined while indexing (with `window_start` empty).
+A changed archive (new, grown or replaced files) is re-indexed on the next window; `--force`
+re-ingests windows already complete and rebuilds the index first (once per run), e.g. after
+a partition was lost from the lake. Rows without a usable timestamp cannot be placed in a
+day: they are quarantined while indexing (with `window_start` empty). Indexing reports its
+progress (a bar on a terminal, else a log line every 30 s).
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
-
-from sqlalchemy import and_, delete
 
 from pipeline.errors import ConfigError, StorageError
 from pipeline.ingest import lake
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv")
 INDEX_VERSION = 1
 CSV_FIELD_LIMIT = 64 * 1024 * 1024  # characters in one CSV field
+PROGRESS_EVERY_S = 30.0  # seconds between indexing progress log lines (without a terminal)
 
 
 def _format_of(name: str) -> str | None:
@@ -116,8 +119,9 @@ class ArchiveFiles:
         return sorted(out)
 
     @contextmanager
-    def open(self, name: str) -> Iterator[BinaryIO]:
-        """A binary stream of one file, gunzipped if its name ends in .gz (S3: via a temp file)."""
+    def open(self, name: str) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
+        """(a binary stream of one file, gunzipped if its name ends in .gz; a function giving
+        the bytes of the file read so far, for progress). S3 objects go via a temp file."""
         with ExitStack() as stack:
             if self.s3:
                 raw: BinaryIO = stack.enter_context(tempfile.TemporaryFile())  # type: ignore[assignment]
@@ -128,9 +132,10 @@ class ArchiveFiles:
                 raw.seek(0)
             else:
                 raw = stack.enter_context(open(name, "rb"))
+            tell = raw.tell
             if name.endswith(".gz"):
                 raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
-            yield raw
+            yield raw, tell
 
     def short(self, name: str) -> str:
         if self.s3:
@@ -157,14 +162,17 @@ _fromiso = dt.datetime.fromisoformat
 _BLOCK = 1 << 20
 
 
-def iter_json_lines(fh: BinaryIO) -> Iterator[tuple[int, bytes]]:
+def iter_json_lines(fh: BinaryIO, on_block: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, line without surrounding ASCII whitespace) of a JSON-lines stream, blank
     lines skipped; read in 1 MiB blocks. Why: a readline per row on a gzip stream, and
     decoding every row to str only to encode it again for the lake, cost more than the rest
-    of indexing. Lines number as `enumerate(fh, 1)` numbers them (split on b"\\n")."""
+    of indexing. Lines number as `enumerate(fh, 1)` numbers them (split on b"\\n").
+    `on_block(lines so far)` is called before each block (progress reports)."""
     rest = b""
     lineno = 0
     while True:
+        if on_block is not None:
+            on_block(lineno)
         block = fh.read(_BLOCK)
         if not block:
             break
@@ -274,6 +282,49 @@ def _wrapper_head(line: str) -> dict[str, Any]:
     return head
 
 
+class IndexProgress:
+    """Progress of indexing an export (rows, bytes of the files read): a tqdm bar on a terminal
+    when progress is wanted, else a log line every `every_s` seconds. Why: indexing reads every
+    row of a possibly huge export before the first window runs; it must not look hung."""
+
+    def __init__(self, source: str, files: int, total_bytes: int, progress: bool, every_s: float | None = None) -> None:
+        from tqdm import tqdm
+
+        self.source, self.total = source, total_bytes
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.rows = 0
+        self._done = 0  # bytes of the files finished
+        self._next_log = time.monotonic() + self.every_s
+        self.bar = tqdm(total=total_bytes, desc=f"index {source}", unit="B", unit_scale=True,
+                        disable=not progress or not sys.stderr.isatty(), leave=False)
+        log.info("indexing archive %s: %d file%s, %.1f MB", source, files, "" if files == 1 else "s", total_bytes / 1e6)
+
+    def update(self, rows: int, file_bytes: int) -> None:
+        """`rows` indexed in all, `file_bytes` read of the current file."""
+        self.rows = rows
+        done = self._done + file_bytes
+        if not self.bar.disable:
+            self.bar.update(max(0, done - self.bar.n))
+            self.bar.set_postfix(rows=f"{rows:,}", refresh=False)
+        now = time.monotonic()
+        if now >= self._next_log:
+            self._next_log = now + self.every_s
+            log.info("indexing archive %s: %s rows, %.0f%% of %.1f MB read", self.source, f"{rows:,}",
+                     100.0 * done / max(1, self.total), self.total / 1e6)
+
+    def file_done(self, size: int) -> None:
+        self._done += size
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _size_of(version: str) -> int:
+    """The byte size from a listing version (`size:mtime` or `size:etag`)."""
+    head = version.split(":", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 class ArchiveConnector(Connector):
     kind = "archive"
     platform = "archive"
@@ -299,22 +350,28 @@ class ArchiveConnector(Connector):
         doc = json.dumps([INDEX_VERSION, [(self.files.short(n), v) for n, v in listing]])
         return hashlib.sha256(doc.encode()).hexdigest()
 
-    def prepare(self, ctx: Any, counts: dict[str, Any]) -> None:
-        """Build (or reuse) the day index; rows that cannot be placed are quarantined."""
+    def prepare(self, ctx: Any, counts: dict[str, Any], *, force: bool = False, progress: bool = False) -> None:
+        """Build (or reuse) the day index; rows that cannot be placed are quarantined.
+
+        `force` (`--force`) rebuilds it even if the export looks unchanged (a partition lost
+        from the lake, a changed parser), once per connector: the other windows of the same
+        forced backfill reuse the fresh index (see `Connector.refreshed`)."""
         from pipeline.runlog import window_lock
 
         self._store = ctx.store
+        rebuild = force and not self.refreshed
         fp = self.fingerprint()
         current = self._read_manifest()
-        if current and current.get("fingerprint") == fp:
+        if not rebuild and current and current.get("fingerprint") == fp:
             self._manifest = current
             return
         with window_lock(ctx.engine, f"ingest-index:{self.source.name}", wait_s=3600):
             current = self._read_manifest()
-            if current and current.get("fingerprint") == fp:
+            if not rebuild and current and current.get("fingerprint") == fp:
                 self._manifest = current
                 return
-            self._manifest = self._build_index(ctx, fp, current, counts)
+            self._manifest = self._build_index(ctx, fp, current, counts, progress)
+            self.refreshed = True
 
     def _read_manifest(self) -> dict[str, Any] | None:
         try:
@@ -326,25 +383,39 @@ class ArchiveConnector(Connector):
         return doc if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else None
 
     def _index_files(self, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]], now: dt.datetime,
-                     compressor: Executor) -> int:
+                     compressor: Executor, progress: bool = False) -> int:
         """Read every export row once into its UTC day's writer; unplaceable rows go to `rejects`."""
         rows_total = 0
-        for name, _version in self.files.list():
-            fmt = _format_of(name) or "json"
-            short = self.files.short(name)
-            ref_head = json.dumps(short, ensure_ascii=False)[:-1]  # '"name' (closing quote added per row)
-            with self.files.open(name) as fh:
-                head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
-                if fmt == "json" and not head.lstrip().startswith(b"["):
-                    rows_total += self._index_json_lines(fh, short, days, rejects, now, compressor)
-                    continue
-                for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
-                    rows_total += 1
-                    self._place(ref_name_line, line, row, error, short, ref_head, days, rejects, now, compressor)
+        listing = self.files.list()
+        meter = IndexProgress(self.source.name, len(listing), sum(_size_of(v) for _, v in listing), progress)
+        try:
+            for name, version in listing:
+                fmt = _format_of(name) or "json"
+                short = self.files.short(name)
+                ref_head = json.dumps(short, ensure_ascii=False)[:-1]  # '"name' (closing quote added per row)
+                with self.files.open(name) as (fh, tell):
+                    base = rows_total
+
+                    def on_block(rows: int, base: int = base, tell: Callable[[], int] = tell) -> None:
+                        meter.update(base + rows, tell())
+
+                    head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
+                    if fmt == "json" and not head.lstrip().startswith(b"["):
+                        rows_total += self._index_json_lines(fh, short, days, rejects, now, compressor, on_block)
+                    else:
+                        for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
+                            rows_total += 1
+                            if not rows_total & 0x3FFF:
+                                on_block(rows_total - base)
+                            self._place(ref_name_line, line, row, error, short, ref_head, days, rejects, now, compressor)
+                meter.file_done(_size_of(version))
+                meter.update(rows_total, 0)
+        finally:
+            meter.close()
         return rows_total
 
     def _index_json_lines(self, fh: BinaryIO, short: str, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]],
-                          now: dt.datetime, compressor: Executor) -> int:
+                          now: dt.datetime, compressor: Executor, on_block: Callable[[int], None] | None = None) -> int:
         """JSON lines, kept as bytes: a row with one timestamp-like key that reads as a plausible
         time goes to its day as it came (no JSON parse, no str round trip); any other row takes
         `_place`, the careful path, exactly as before."""
@@ -353,7 +424,7 @@ class ArchiveConnector(Connector):
         latest = now + FUTURE_SLACK
         search = _FAST_TS_B.search
         n = 0
-        for lineno, line in iter_json_lines(fh):
+        for lineno, line in iter_json_lines(fh, on_block):
             n += 1
             when = ts_b = None
             # Only lines that are one plain object: anything else (e.g. unicode whitespace that
@@ -440,16 +511,16 @@ class ArchiveConnector(Connector):
             ref_json = json.dumps(ref_name_line, ensure_ascii=False)
         writer.add(f'{{"ref":{ref_json},"ts":"{when.isoformat()}","row":{line}}}\n')
 
-    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.database import upsert
-        from pipeline.schema import quarantine
+    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any],
+                     progress: bool = False) -> dict[str, Any]:
+        from pipeline.ingest.loader import record_rejects
 
         now = dt.datetime.now(dt.UTC)
         days: dict[dt.date, lake.GzipLines] = {}
         rejects: list[dict[str, Any]] = []
         compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-gzip")
         try:
-            rows_total = self._index_files(days, rejects, now, compressor)
+            rows_total = self._index_files(days, rejects, now, compressor, progress)
             store = self._store
             manifest_days: dict[str, dict[str, Any]] = {}
             for day in sorted(days):
@@ -463,11 +534,7 @@ class ArchiveConnector(Connector):
             if old_day not in manifest_days:
                 store.delete(info["key"])
         with ctx.engine.begin() as conn:
-            conn.execute(delete(quarantine).where(and_(
-                quarantine.c.source == self.source.name, quarantine.c.window_start.is_(None), quarantine.c.kind == "record"
-            )))
-            if rejects:
-                upsert(conn, quarantine, rejects, keys=["source", "window_start", "kind", "record_ref"], update=())
+            record_rejects(conn, self.source.name, None, rejects)  # only changes are written
         manifest = {
             "version": INDEX_VERSION, "fingerprint": fp, "rows": rows_total, "rejected": len(rejects),
             "days": manifest_days, "built_at": now.isoformat(),

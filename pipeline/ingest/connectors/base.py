@@ -104,6 +104,9 @@ class Connector:
         self.max_pages = int(source.get("max_pages", DEFAULT_MAX_PAGES))
         self._sleep = sleep
         self._client: HttpClient | None = None
+        # True once `prepare(force=True)` (or a first build) refreshed derived state in this
+        # run: later forced windows served by this connector reuse it instead of redoing it.
+        self.refreshed = False
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -192,5 +195,6 @@ class Connector:
         """Bytes of an image this source serves itself (synthetic); None = fetch over HTTP."""
         return None
 
-    def prepare(self, ctx: Any, counts: dict[str, Any]) -> None:
-        """Work before fetching (the archive builds its day index here)."""
+    def prepare(self, ctx: Any, counts: dict[str, Any], *, force: bool = False, progress: bool = False) -> None:
+        """Work before fetching (the archive builds its day index here). `force`: redo it even
+        if it looks current (once per connector); `progress`: a progress bar on a terminal."""
