@@ -269,14 +269,76 @@ def content_hash(post: Post, posted_iso: str | None = None) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
 
 
+# Keys whose values name an account, at any depth: dropped from excerpts.
+EXCERPT_DROP = AUTHOR_FIELDS | {"acct", "display_name", "displayName", "mentions", "owner", "submitter"}
+# Account names inside strings: profile paths (Mastodon /@u and /users/u, Reddit /u/u and
+# /user/u, Bluesky /profile/h), DIDs, @mentions, Reddit u/ and u_ names, and the values of
+# author-like keys in JSON text (a raw line that did not parse).
+_ACCOUNT_PATH = re.compile(r"(?i)(/@|/users/|/user/|/u/|/profile/|/accounts/)[^/\s\"'?#<>&]+")
+_DID = re.compile(r"did:[a-z0-9]+:[A-Za-z0-9._:%-]+")
+_MENTION = re.compile(r"(?<![\w@/.])@[A-Za-z0-9_][A-Za-z0-9_.-]*(?:@[A-Za-z0-9.-]+)?")
+_REDDIT_USER = re.compile(r"\bu[_/][A-Za-z0-9_-]{2,}")
+_AUTHOR_JSON = re.compile(
+    r'"((?:author|user|account|acct|username|handle|did|display_?name|creator|owner)[A-Za-z_]*)"\s*:\s*'
+    r'(?:"(?:[^"\\]|\\.)*"?|[^,}\]]*)', re.I)
+_EXCERPT_DEPTH = 8
+_EXCERPT_ITEMS = 40
+_EXCERPT_CHARS = 600
+
+
+def scrub_accounts(text: str) -> str:
+    """`text` with account names replaced by "…" (see the patterns above)."""
+    if not text:
+        return text
+    text = _AUTHOR_JSON.sub(lambda m: f'"{m.group(1)}": "…"', text)
+    text = _ACCOUNT_PATH.sub(lambda m: f"{m.group(1)}…", text)
+    text = _DID.sub("did:…", text)
+    text = _MENTION.sub("@…", text)
+    return _REDDIT_USER.sub("u/…", text)
+
+
+def _account_key(key: str) -> bool:
+    return key in EXCERPT_DROP or key.startswith("author")
+
+
+def _scrub_value(value: Any, depth: int = 0) -> Any:
+    """A bounded copy of `value` without account-naming keys or names, for an excerpt: depth,
+    items and string lengths are capped (an excerpt is 300 characters; the record may be a
+    100,000-deep nesting or a 10 MB text)."""
+    if isinstance(value, dict):
+        if depth >= _EXCERPT_DEPTH:
+            return "…"
+        out: dict[str, Any] = {}
+        for i, (key, item) in enumerate(value.items()):
+            if i >= _EXCERPT_ITEMS:
+                out["…"] = "…"
+                break
+            name = str(key)
+            if not _account_key(name):
+                out[scrub_accounts(name[:_EXCERPT_CHARS])] = _scrub_value(item, depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        if depth >= _EXCERPT_DEPTH:
+            return "…"
+        items = [_scrub_value(v, depth + 1) for v in value[:_EXCERPT_ITEMS]]
+        return items + ["…"] if len(value) > _EXCERPT_ITEMS else items
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub_accounts(str(value)[:_EXCERPT_CHARS])
+
+
 def excerpt(record: Any, limit: int = 300) -> str:
-    """A short, author-free view of a bad record for the quarantine table."""
-    if isinstance(record, dict):
-        record = {k: v for k, v in record.items() if k not in AUTHOR_FIELDS}
+    """A short view of a bad record for the quarantine table, without the accounts in it:
+    author-like keys are dropped at every depth (Reddit's `data.author`, a Mastodon reblog's
+    `account`) and account names are cut out of strings (`uri`/`url` paths, DIDs, mentions).
+    A str is taken as the raw text of a record that did not parse."""
     try:
-        text = json.dumps(record, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = repr(record)
+        if isinstance(record, str):
+            text = scrub_accounts(record[: limit * 4])
+        else:
+            text = json.dumps(_scrub_value(record), ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = scrub_accounts(repr(type(record)))
     text = clean_text(text[: limit * 2], "excerpt", 10**9)
     return text[:limit]
 

@@ -813,3 +813,64 @@ def test_quarantine_rows_of_windows_sharing_a_start(make_ctx, tmp_path):
     assert fixed["rejected"] == 1 and fixed["new"] == 1
     with other.engine.connect() as conn:
         assert [r.split(":")[1] for (r,) in conn.execute(select(quarantine.c.record_ref))] == ["25"]
+
+
+def bad_records_with_usernames(platform: str, srv) -> None:
+    """Bad records of each platform whose author (zqxuser) and mentions (zqxfriend) sit in
+    nested fields, uri/url paths and text; their window also holds a good record."""
+    when = DAY + dt.timedelta(hours=3)
+    if platform == "mastodon":
+        bad = mastodon_status(when, "see @zqxfriend", account="zqxuser", tags=("acme",), seq=1)
+        bad["content"] = {"html": "not text"}
+        bad["mentions"] = [{"id": "7", "username": "zqxfriend", "acct": "zqxfriend@other.example", "url": "https://other.example/@zqxfriend"}]
+        boost = mastodon_status(when, "", account="zqxbooster", tags=("acme",), seq=2,
+                                reblog={**mastodon_status(when, "x", account="zqxorig"), "id": None})
+        srv.statuses = [mastodon_status(when, "fine #acme", tags=("acme",)), bad, boost]
+    elif platform == "bluesky":
+        bad = bluesky_post(when, "acme hey @zqxfriend.bsky.social", did="did:plc:zqxdid", handle="zqxuser.bsky.social", rkey="3kbad")
+        bad["record"]["createdAt"] = "garbage"
+        bad["record"]["facets"] = [{"features": [{"$type": "app.bsky.richtext.facet#mention", "did": "did:plc:zqxfrienddid"}]}]
+        srv.posts = [bluesky_post(when, "acme fine"), bad]
+    else:
+        bad = reddit_post(when, "acme, thanks u/zqxfriend", pid="bad1", author="zqxuser",
+                          selftext="https://www.reddit.com/user/zqxfriend/comments/x/")
+        bad["kind"] = "t1"
+        bad["data"]["author_flair_text"] = "zqxuser fan club"
+        srv.posts = [reddit_post(when, "acme fine", pid="good1"), bad]
+
+
+@pytest.mark.parametrize("platform", ["mastodon", "bluesky", "reddit", "archive"])
+def test_no_username_reaches_quarantine(make_ctx, tmp_path, monkeypatch, platform):
+    monkeypatch.setenv("BSKY_TEST_PASSWORD", "app-pass-1234")
+    servers = {"mastodon": FakeMastodon, "bluesky": FakeBluesky, "reddit": FakeReddit}
+    if platform == "archive":
+        folder = tmp_path / "exports"
+        folder.mkdir()
+        t = (DAY + dt.timedelta(hours=3)).isoformat()
+        lines = [json.dumps({"id": "ok", "username": "zqxuser", "text": "fine", "created_at": t}),
+                 json.dumps({"id": "a1", "username": "zqxuser", "user": {"handle": "zqxuser"}, "text": "cc @zqxfriend",
+                             "url": "https://m.example/@zqxuser/1", "created_at": "never"}),
+                 json.dumps({"id": "a2", "author": {"acct": "zqxuser"}, "text": "x" * 200_000, "created_at": t}),
+                 '{"id": "a3", "author_id": "zqxuser", "text": "cut off @zqxfriend, created_at": "' + t]
+        (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+        source = {"name": "src", "kind": "archive", "path": str(folder), "fetch_images": False}
+        srv = None
+    else:
+        srv = servers[platform]().start()
+        bad_records_with_usernames(platform, srv)
+        source = {"name": "src", "kind": platform, "base_url": srv.url, "backoff_s": 0.01, "fetch_images": False,
+                  **{"mastodon": {"hashtags": ["acme"]}, "reddit": {"subreddits": ["brands"]},
+                     "bluesky": {"queries": ["acme"], "identifier": "brandmon.bsky.social", "password_env": "BSKY_TEST_PASSWORD"}}[platform]}
+    try:
+        ctx = make_ctx(config([source]))
+        counts = ingest_window(ctx, "src", DAY, END)
+    finally:
+        if srv is not None:
+            srv.stop()
+    assert counts["new"] == 1 and counts["rejected"] == {"mastodon": 2, "archive": 3}.get(platform, 1)
+    with ctx.engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(quarantine)).mappings()]
+    assert len(rows) == counts["rejected"]
+    text = repr(rows)
+    assert "zqx" not in text.replace("did:plc:zqxdid", ""), text  # a Bluesky record_ref is its at:// URI (the DID)
+    assert all("zqx" not in (r["excerpt"] or "") for r in rows)

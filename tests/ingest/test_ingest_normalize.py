@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 
 import pytest
 
@@ -171,3 +172,35 @@ def test_content_hash_changes_with_edits(norm):
 def test_excerpt_drops_author_fields():
     ex = excerpt({"id": 1, "author": "secret-handle", "account": {"acct": "secret-handle"}, "text": "hi"})
     assert "secret-handle" not in ex and '"text": "hi"' in ex
+
+
+def test_excerpt_drops_nested_author_fields_and_account_urls():
+    from pipeline.ingest.replay import bluesky_post, mastodon_status, reddit_post
+
+    when = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
+    status = mastodon_status(when, "hi @zqxfriend", account="zqxuser")
+    status["mentions"] = [{"acct": "zqxfriend@other.example", "url": "https://other.example/@zqxfriend"}]
+    status["reblog"] = mastodon_status(when, "orig", account="zqxorig")
+    child = reddit_post(when, "thanks u/zqxfriend", pid="a1", author="zqxuser", selftext="see https://www.reddit.com/user/zqxother/")
+    view = bluesky_post(when, "hey @zqxfriend.bsky.social", did="did:plc:zqxdid", handle="zqxuser.bsky.social")
+    for record in (status, child, view, [child, {"user": {"name": "zqxuser"}}]):
+        ex = excerpt(record, limit=10_000)
+        assert "zqx" not in ex, ex
+        json.loads(ex)  # still JSON (when it fits)
+    assert '"uri": "https://social.example/users/…/statuses/' in excerpt(status, limit=10_000)
+    assert '"uri": "at://did:…/app.bsky.feed.post/' in excerpt(view, limit=10_000)
+    assert excerpt(child, limit=10_000).count('"title": "thanks u/…"') == 1
+
+
+def test_excerpt_of_a_raw_line_and_of_hostile_shapes():
+    raw = '{"id": "9", "author_id": "zqxuser", "username": 42, "userName": "zqxuser2", "text": "cut off @zqxfriend'
+    ex = excerpt(raw)
+    assert "zqx" not in ex and ex.startswith('{"id": "9", "author_id": "…"')
+    deep: list = []
+    node = deep
+    for _ in range(100_000):
+        node.append([])
+        node = node[0]
+    assert excerpt({"a": deep}) == '{"a": [[[[[[["…"]]]]]]]}'
+    assert len(excerpt({"t": "x" * 10_000_000})) == 300
+    assert excerpt({str(i): i for i in range(1000)}, limit=10_000).endswith('"39": 39, "…": "…"}')

@@ -496,7 +496,7 @@ class ArchiveConnector(Connector):
             rejects.append({
                 "source": self.source.name, "window_start": None, "kind": "record",
                 "record_ref": ref_name_line[:512], "reason": (error or "no timestamp")[:1000],
-                "excerpt": excerpt(row) if isinstance(row, dict | list) else (line or "")[:300], "created_at": utcnow(),
+                "excerpt": excerpt(row) if isinstance(row, dict | list) else excerpt(line or ""), "created_at": utcnow(),
             })
             return
         if line is None:
