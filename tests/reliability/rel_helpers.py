@@ -30,8 +30,6 @@ from typing import Any
 from PIL import Image
 from sqlalchemy import create_engine, event, text
 
-from pipeline.errors import StorageError
-
 DATA = Path(__file__).resolve().parents[1] / "data" / "bad"
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
 END = DAY + dt.timedelta(days=1)
@@ -372,51 +370,7 @@ def shared_pg_ctx(config: dict[str, Any], pg_admin_url: str, s3_endpoint: str, r
         drop_database(pg_admin_url, db_name)
 
 
-# --- fault injectors -------------------------------------------------------------------------------
-
-
-class FailingStore:
-    """Wraps the real store; the `after`+1-th matching call fails (`times` times) or runs `action`."""
-
-    def __init__(self, inner: Any, op: str, prefix: str, after: int, times: int = 1, error: str = "SlowDown",
-                 action: Any = None) -> None:
-        self.inner, self.op, self.prefix, self.after, self.times, self.error, self.action = inner, op, prefix, after, times, error, action
-        self.url = inner.url
-        self.seen = 0
-        self.fired = 0
-
-    def _maybe(self, op: str, key: str) -> None:
-        if op != self.op or not key.startswith(self.prefix):
-            return
-        self.seen += 1
-        if self.seen > self.after and self.fired < self.times:
-            self.fired += 1
-            if self.action is not None:
-                self.action()
-                return
-            raise StorageError(f"S3 {op} on {self.url} failed: {self.error}")
-
-    def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        self._maybe("put", key)
-        self.inner.put(key, data, content_type)
-
-    def get(self, key: str) -> bytes:
-        self._maybe("get", key)
-        return self.inner.get(key)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def store_fault(ctx: Any, **kw: Any) -> Iterator[FailingStore]:
-    real = ctx.store
-    wrapper = FailingStore(real, **kw)
-    ctx.__dict__["store"] = wrapper
-    try:
-        yield wrapper
-    finally:
-        ctx.__dict__["store"] = real
+# --- fault injectors (object-store faults: pipeline.testing.S3FaultProxy) ---------------------------
 
 
 @contextlib.contextmanager

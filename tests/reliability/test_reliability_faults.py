@@ -22,11 +22,10 @@ from rel_helpers import (
     shared_pg_ctx,
     snapshot,
     spawn,
-    store_fault,
 )
 from sqlalchemy import func, select
 
-from pipeline.aggregate.jobs import aggregate_dirty
+from pipeline.aggregate.jobs import aggregate_dirty, write_report
 from pipeline.errors import BrandmonError, StorageError
 from pipeline.ingest.jobs import fetch_images, ingest_window
 from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
@@ -43,6 +42,8 @@ from pipeline.schema import (
 )
 
 pytestmark = pytest.mark.integration
+
+CLI = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
 
 TAG = "/api/v1/timelines/tag/acme"
 DAYS = 4
@@ -100,7 +101,9 @@ def reference(feed, pg_admin_url, s3_endpoint, tmp_path_factory):
         ingest_window(ctx, "masto", START, STOP)
         ingest_snap = snapshot(ctx, INGEST_TABLES)
         aggregate_dirty(ctx)
-        yield {"ctx": ctx, "ingest": ingest_snap, "aggregate": snapshot(ctx, AGG_TABLES, lake=False)}
+        agg_snap = snapshot(ctx, AGG_TABLES, lake=False)
+        write_report(ctx, DAY.date())
+        yield {"ctx": ctx, "ingest": ingest_snap, "aggregate": agg_snap, "lake_with_report": set(ctx.store.list(""))}
 
 
 def assert_same(tally, want: dict[str, set[Any]], got_ctx: Any, tables: list[Any], lake: bool = True) -> None:
@@ -168,52 +171,102 @@ def test_feed_fault_fails_cleanly_then_rerun_completes(make_ctx, srv, reference,
     assert run_status(ctx) == ["failed", "succeeded"]
 
 
-# --- object store faults ---------------------------------------------------------------------------
+# --- object store faults: real S3 error answers from a proxy in front of moto_server -----------------
+# boto3 retries throttling (503 SlowDown) and 500 InternalError itself (AWS_MAX_ATTEMPTS=3 here,
+# so a persistent fault surfaces quickly); what gets past its retries must fail the window cleanly.
+
+ATTEMPTS = 3
+
+
+@pytest.fixture
+def proxied(make_ctx, srv, s3_proxy, monkeypatch):
+    """A fresh Postgres + S3 context whose S3 traffic goes through the fault proxy."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(ATTEMPTS))
+    return make_ctx(cfg(srv), "postgres", env={"BRANDMON_S3_ENDPOINT_URL": s3_proxy.url})
 
 
 @pytest.mark.parametrize("error", ["SlowDown", "InternalError"])
-def test_lake_write_error_mid_window_commits_nothing(make_ctx, srv, reference, tally, error):
-    ctx = make_ctx(cfg(srv), "postgres")
-    with store_fault(ctx, op="put", prefix="raw/", after=2, error=error) as fs, pytest.raises(BrandmonError, match=error):
+def test_lake_error_burst_is_retried_by_boto3(proxied, s3_proxy, reference, tally, error):
+    ctx = proxied
+    rule = s3_proxy.fault("PUT", r"/lake/raw/", code=error, skip=2, times=ATTEMPTS - 1)
+    ingest_window(ctx, "masto", START, STOP)
+    assert rule.fired == ATTEMPTS - 1
+    tally.fault(f"object store {error} burst", rule.fired)
+    assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+    assert run_status(ctx) == ["succeeded"]
+
+
+@pytest.mark.parametrize("error", ["SlowDown", "InternalError"])
+def test_lake_write_error_mid_window_commits_nothing(proxied, s3_proxy, reference, tally, error):
+    ctx = proxied
+    rule = s3_proxy.fault("PUT", r"/lake/raw/", code=error, skip=2, times=10**6)
+    with pytest.raises(StorageError, match=f"S3 put on .* failed: {error}") as info:
         ingest_window(ctx, "masto", START, STOP)
-    assert fs.fired == 1
+    assert rule.fired == ATTEMPTS and "\n" not in str(info.value)
     tally.fault(f"object store {error}")
-    assert count(ctx, posts) == count(ctx, post_images) == 0
+    assert count(ctx, posts) == count(ctx, post_images) == count(ctx, quarantine) == count(ctx, dirty_days) == 0
+    s3_proxy.clear()
     ingest_window(ctx, "masto", START, STOP)
     assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+    assert run_status(ctx) == ["failed", "succeeded"]
 
 
-def test_image_store_errors_leave_images_retryable(make_ctx, srv, reference, tally):
-    ctx = make_ctx(cfg(srv), "postgres")
-    with store_fault(ctx, op="put", prefix="images/", after=1, times=3, error="InternalError") as fs:
-        counts = ingest_window(ctx, "masto", START, STOP)
-    tally.fault("object store InternalError (images)", fs.fired)
-    assert fs.fired == 3 and counts["images_failed"] >= 3
+def test_image_store_errors_leave_images_retryable(proxied, s3_proxy, reference, tally):
+    ctx = proxied
+    rule = s3_proxy.fault("PUT", r"/lake/images/", code="InternalError", skip=1, paths=3)  # 3 images, every attempt
+    counts = ingest_window(ctx, "masto", START, STOP)
+    assert len(rule.chosen) == 3 and rule.fired == 3 * ATTEMPTS and counts["images_failed"] >= 3
+    tally.fault("object store InternalError (images)", len(rule.chosen))
     with ctx.engine.connect() as conn:
         reasons = {r for (r,) in conn.execute(select(post_images.c.reason).where(post_images.c.status == "failed"))}
-    assert all(r.startswith("storage error") for r in reasons)
+    assert reasons and all(r.startswith("storage error") for r in reasons)
     assert compare(tally, {"posts": reference["ingest"]["posts"]}, snapshot(ctx, [posts], lake=False)) == []
+    s3_proxy.clear()
     fetch_images(ctx, source="masto")
     assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
 
 
-def test_bucket_disappears_mid_window(make_ctx, srv, reference, tally):
-    ctx = make_ctx(cfg(srv), "postgres")
+def test_bucket_disappears_mid_window(proxied, s3_proxy, s3_endpoint, reference, tally):
+    ctx = proxied
     bucket = ctx.settings.storage_url.split("/")[2]
-    s3 = boto3.client("s3", endpoint_url=ctx.settings.s3_endpoint_url)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
 
     def drop_bucket() -> None:
         for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             s3.delete_object(Bucket=bucket, Key=obj["Key"])
         s3.delete_bucket(Bucket=bucket)
 
-    with store_fault(ctx, op="put", prefix="raw/", after=3, action=drop_bucket), pytest.raises(StorageError, match="NoSuchBucket"):
+    rule = s3_proxy.fault("PUT", r"/lake/raw/", kind="action", action=drop_bucket, skip=3)
+    with pytest.raises(StorageError, match="NoSuchBucket"):
         ingest_window(ctx, "masto", START, STOP)
+    assert rule.fired == 1
     tally.fault("object store missing bucket")
     assert count(ctx, posts) == 0
     s3.create_bucket(Bucket=bucket)
     ingest_window(ctx, "masto", START, STOP)
     assert_same(tally, reference["ingest"], ctx, INGEST_TABLES)
+
+
+def test_report_write_error_after_aggregate(proxied, s3_proxy, reference, tally):
+    """The aggregate DAG's last step writes the day's report into the lake; S3 failing there is
+    one clear line from `brandmon report`, and the re-run writes it."""
+    ctx = proxied
+    ingest_window(ctx, "masto", START, STOP)
+    aggregate_dirty(ctx)
+    rule = s3_proxy.fault("PUT", r"/lake/reports/", code="InternalError", times=10**6)
+    args = ["report", "--date", DAY.date().isoformat()]
+    failed = spawn(ctx, CLI, *args, AWS_MAX_ATTEMPTS=str(ATTEMPTS))
+    out, err = failed.communicate(timeout=120)
+    assert failed.returncode == 2 and rule.fired == ATTEMPTS, err.decode()[-800:]
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "S3 put on" in lines[0] and "InternalError" in lines[0] and "Traceback" not in err.decode()
+    tally.fault("object store InternalError (report)")
+    s3_proxy.clear()
+    again = spawn(ctx, CLI, *args)
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err.decode()[-800:]
+    assert_same(tally, reference["aggregate"], ctx, AGG_TABLES, lake=False)
+    assert compare(tally, {"lake": reference["lake_with_report"]}, {"lake": set(ctx.store.list(""))}) == []
 
 
 # --- a database connection dropped mid-transaction -------------------------------------------------
@@ -247,9 +300,6 @@ def test_db_connection_dropped_mid_aggregate_day(make_ctx, srv, reference, tally
 
 
 # --- two runs of the same window at once -----------------------------------------------------------
-
-CLI = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
-
 
 def test_two_ingest_runs_of_one_window(make_ctx, srv, reference, tally):
     ctx = make_ctx(cfg(srv), "postgres")

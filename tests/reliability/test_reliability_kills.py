@@ -24,13 +24,12 @@ from rel_helpers import (
     shared_pg_ctx,
     snapshot,
     spawn,
-    store_fault,
 )
 from sqlalchemy import func, select
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.detector.jobs import detect_pending
-from pipeline.errors import BrandmonError
+from pipeline.errors import StorageError
 from pipeline.ingest.jobs import ingest_window
 from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
 from pipeline.schema import (
@@ -204,10 +203,12 @@ def test_sigkill_at_random_points_then_rerun_equals_uninterrupted(make_ctx, feed
     assert len(kills) >= 3, f"seed {SEED}: only {kills} landed before the children finished"
 
 
-def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, reference, tiny_model, tally):
+def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, reference, tiny_model, tally, s3_proxy,
+                                                             monkeypatch):
     feed.clear_faults()
     want = reference["detect"]
-    ctx = make_ctx(cfg(feed), "postgres")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    ctx = make_ctx(cfg(feed), "postgres", env={"BRANDMON_S3_ENDPOINT_URL": s3_proxy.url})  # S3 through the fault proxy
     install(ctx, tiny_model)
     ingest_window(ctx, "masto", START, STOP)
     n_images = count(ctx, images)
@@ -219,11 +220,17 @@ def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, re
     tally.fault("db connection terminated (detect)")
     assert 0 < count(ctx, image_scores) < n_images  # the first batch committed, the second rolled back
 
-    # A lake read fails (throttled) mid-run: the run fails; no image is written off as corrupt.
-    with store_fault(ctx, op="get", prefix="images/", after=4, error="SlowDown") as fs, pytest.raises(BrandmonError, match="SlowDown"):
+    # Real S3 answers from the proxy: a burst of throttled image reads (503 SlowDown) is retried
+    # by boto3; then reads throttled past its retries fail the run, and no image is written off
+    # as corrupt.
+    burst = s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=1, times=2)
+    s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=4, times=10**6)
+    with pytest.raises(StorageError, match="S3 get on .* failed: SlowDown") as info:
         detect_pending(ctx)
-    assert fs.fired == 1
+    assert burst.fired == 2 and "\n" not in str(info.value)
+    tally.fault("object store SlowDown burst (detect)", burst.fired)
     tally.fault("object store SlowDown (detect)")
+    s3_proxy.clear()
     with ctx.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(image_scores).where(image_scores.c.status == "corrupt")).scalar() == 0
     assert count(ctx, image_scores) < n_images
