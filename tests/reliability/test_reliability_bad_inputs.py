@@ -250,7 +250,7 @@ class BadPageMastodon(FakeMastodon):
 
 
 @pytest.mark.parametrize("case", load_cases("feed_page"), ids=lambda c: c["id"])
-def test_bad_feed_pages_fail_cleanly_then_rerun_completes(make_ctx, case, tally):
+def test_bad_feed_pages_fail_cleanly_then_rerun_completes(make_ctx, backend, case, tally):
     with BadPageMastodon(max_limit=10) as srv:
         srv.statuses = good_statuses()
         if case.get("fault"):
@@ -258,7 +258,7 @@ def test_bad_feed_pages_fail_cleanly_then_rerun_completes(make_ctx, case, tally)
         else:
             body = case["body"]
             srv.bad = Response(200, body if isinstance(body, str) else body, {"Content-Type": case["content_type"]})
-        ctx = make_ctx(cfg([masto_source(srv)]))
+        ctx = make_ctx(cfg([masto_source(srv)]), backend)
         with pytest.raises(BrandmonError, match=case["expect"]["error"]) as info:
             ingest_window(ctx, "masto", DAY, END)
         assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
@@ -360,11 +360,11 @@ def test_hostile_brand_names_counted_verbatim(make_ctx, backend, tmp_path, tally
     assert counted[("Acme", "text")] == GOOD
 
 
-def test_hostile_hashtags_are_quoted_in_requests(make_ctx, tally):
+def test_hostile_hashtags_are_quoted_in_requests(make_ctx, backend, tally):
     cases = load_cases("hashtag")
     with FakeMastodon() as srv:
         srv.statuses = good_statuses(5)
-        ctx = make_ctx(cfg([masto_source(srv, hashtags=[c["hashtag"] for c in cases] + ["acme"])]))
+        ctx = make_ctx(cfg([masto_source(srv, hashtags=[c["hashtag"] for c in cases] + ["acme"])]), backend)
         counts = ingest_window(ctx, "masto", DAY, END)
         paths = {r.path for r in srv.requests}
     assert counts["new"] == 5
