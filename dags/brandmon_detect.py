@@ -1,9 +1,17 @@
 """brandmon_detect: score the images that ingestion stored and nobody scored yet.
 
-Scheduled on the `brandmon://posts` asset (every finished ingest run). It lists the pending
-work as batch keys (XCom holds keys, never images), maps `detect_pending` over them in the
-`brandmon_tf` pool so that however many workers run, only as many TensorFlow processes as
-the pool has slots load a model at once, then emits `brandmon://detections`.
+Scheduled on `brandmon://posts` (every finished ingest run) OR `brandmon://model` (a model
+was activated: its images must be scored) OR `brandmon://detect-backlog` (this DAG's own
+previous run left work). It lists the pending work as batch keys (XCom holds keys, never
+images), maps `detect_pending` over them in the `brandmon_tf` pool so that however many
+workers run, only as many TensorFlow processes as the pool has slots load a model at once,
+then emits `brandmon://detections`.
+
+A run maps at most BRANDMON_DETECT_MAX_TASKS batches. If images are still pending when it
+ends (a backfill, a new model to score history with) and this run scored some, `requeue`
+emits `brandmon://detect-backlog`, so the next run starts as soon as this one ends (one run
+at a time) instead of waiting for the next ingest. A run that scored nothing never requeues,
+so a stuck batch cannot loop; with nothing pending `requeue` is skipped and emits nothing.
 
 Create the pool once (docker-compose's airflow-init does it):
 `airflow pools set brandmon_tf 1 "TensorFlow inference and training"`; raise the slots to
@@ -14,9 +22,10 @@ retried batch) finds nothing to do. Without an active model the run logs how to 
 (the brandmon_train DAG) and succeeds with nothing scored; aggregation still runs on text
 mentions.
 
-Parse-time settings: BRANDMON_TF_POOL (default brandmon_tf), BRANDMON_DETECT_BATCH_IMAGES
-(images per mapped task; default 32 x detector.batch_size), BRANDMON_DETECT_MAX_TASKS
-(default 256 mapped tasks per run; the rest waits for the next run).
+Parse-time settings (a non-numeric value is an import error naming the variable):
+BRANDMON_TF_POOL (default brandmon_tf), BRANDMON_DETECT_BATCH_IMAGES (images per mapped
+task; default 32 x detector.batch_size), BRANDMON_DETECT_MAX_TASKS (default 256 mapped tasks
+per run), BRANDMON_TASK_RETRIES (default 3, at least 2), BRANDMON_RETRY_DELAY_S (default 120).
 """
 
 from __future__ import annotations
@@ -29,15 +38,31 @@ import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
 
 POSTS = Asset("brandmon://posts")
+MODEL = Asset("brandmon://model")
+BACKLOG = Asset("brandmon://detect-backlog")
 DETECTIONS = Asset("brandmon://detections")
 
+
+def _env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+    """A numeric parse-time setting from the environment; a bad value fails the import with
+    one line naming the variable (not a bare `invalid literal for int()`)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        example = f"e.g. {default}" if default is not None else "a positive number"
+        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
-BATCH_IMAGES = (
-    int(os.environ["BRANDMON_DETECT_BATCH_IMAGES"])
-    if os.environ.get("BRANDMON_DETECT_BATCH_IMAGES")
-    else None
-)
-MAX_TASKS = int(os.environ.get("BRANDMON_DETECT_MAX_TASKS") or 256)
+BATCH_IMAGES = _env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
+MAX_TASKS = _env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
 
 
 def _on_failure(context: Any) -> None:
@@ -48,8 +73,8 @@ def _on_failure(context: Any) -> None:
 
 DEFAULT_ARGS = {
     "owner": "brandmon",
-    "retries": max(2, int(os.environ.get("BRANDMON_TASK_RETRIES") or 3)),
-    "retry_delay": dt.timedelta(seconds=float(os.environ.get("BRANDMON_RETRY_DELAY_S") or 120)),
+    "retries": max(2, _env_number("BRANDMON_TASK_RETRIES", 3)),
+    "retry_delay": dt.timedelta(seconds=_env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": dt.timedelta(hours=1),
     "on_failure_callback": _on_failure,
@@ -58,7 +83,7 @@ DEFAULT_ARGS = {
 
 @dag(
     dag_id="brandmon_detect",
-    schedule=[POSTS],
+    schedule=(POSTS | MODEL | BACKLOG),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -69,7 +94,7 @@ DEFAULT_ARGS = {
 def brandmon_detect() -> None:
     @task
     def list_batches() -> list[str]:
-        """Keys of the pending image batches (empty without an active model: logged)."""
+        """Keys of the pending image batches, at most MAX_TASKS (empty without an active model: logged)."""
         from pipeline.airflow_support import task_context
         from pipeline.detector.jobs import pending_batches
 
@@ -105,7 +130,28 @@ def brandmon_detect() -> None:
             outlet_events[DETECTIONS].extra = {**window, "scored": int(totals.get("scored", 0))}
         return totals
 
-    publish(detect.expand(batch_key=list_batches()))
+    @task(outlets=[BACKLOG])
+    def requeue(
+        totals: dict[str, int], triggering_asset_events: Any = None, outlet_events: Any = None
+    ) -> int:
+        """Work left and progress made: emit the backlog event (next run right away); else skip."""
+        from pipeline.airflow_support import (
+            backlog_or_skip,
+            event_windows,
+            merge_windows,
+            task_context,
+        )
+        from pipeline.detector.jobs import pending_batches
+
+        with task_context() as ctx:
+            left = len(pending_batches(ctx, batch_size=BATCH_IMAGES))
+        backlog_or_skip(left, totals)  # raises AirflowSkipException: no event
+        if outlet_events is not None:
+            window = merge_windows(event_windows(triggering_asset_events))
+            outlet_events[BACKLOG].extra = {**window, "batches_left": left}
+        return left
+
+    requeue(publish(detect.expand(batch_key=list_batches())))
 
 
 brandmon_detect()

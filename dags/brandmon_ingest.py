@@ -11,8 +11,9 @@ extra carries the interval (never data) so the report downstream knows which day
 
 Parse-time settings (environment, cheap to read): BRANDMON_INGEST_SCHEDULE (cron or preset,
 default @daily), BRANDMON_INGEST_START (ISO date, default 2026-01-01),
-BRANDMON_INGEST_MAX_ACTIVE_RUNS (default 4). The source list is read from BRANDMON_CONFIG at
-run time, never while parsing.
+BRANDMON_INGEST_MAX_ACTIVE_RUNS (default 4), BRANDMON_TASK_RETRIES (default 3, at least 2),
+BRANDMON_RETRY_DELAY_S (default 120); a non-numeric value is an import error naming the
+variable. The source list is read from BRANDMON_CONFIG at run time, never while parsing.
 """
 
 from __future__ import annotations
@@ -26,13 +27,56 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_curren
 
 POSTS = Asset("brandmon://posts")
 
+
+def _env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+    """A numeric parse-time setting from the environment; a bad value fails the import with
+    one line naming the variable (not a bare `invalid literal for int()`)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        example = f"e.g. {default}" if default is not None else "a positive number"
+        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
 SCHEDULE = (
     os.environ.get("BRANDMON_INGEST_SCHEDULE")
     or os.environ.get("AIRFLOW_VAR_BRANDMON_INGEST_SCHEDULE")
     or "@daily"
 )
-START_DATE = pendulum.parse(os.environ.get("BRANDMON_INGEST_START") or "2026-01-01", tz="UTC")
-MAX_ACTIVE_RUNS = int(os.environ.get("BRANDMON_INGEST_MAX_ACTIVE_RUNS") or 4)
+
+
+def _timetable(expression: str) -> CronDataIntervalTimetable:
+    """Data intervals on `expression`; a bad one is one line naming the variable."""
+    timetable = CronDataIntervalTimetable(expression, timezone="UTC")
+    try:
+        timetable.validate()
+    except Exception as exc:  # AirflowTimetableInvalid: croniter's message alone names nothing
+        raise ValueError(
+            f"BRANDMON_INGEST_SCHEDULE={expression!r} is not a cron expression or preset "
+            f"(e.g. @daily, 0 2 * * *): {exc}"
+        ) from None
+    return timetable
+
+
+def _start_date(raw: str) -> Any:
+    try:
+        return pendulum.parse(raw, tz="UTC")
+    except ValueError:
+        raise ValueError(
+            f"BRANDMON_INGEST_START={raw!r} is not a date; use YYYY-MM-DD (the first interval)"
+        ) from None
+
+
+TIMETABLE = _timetable(SCHEDULE)
+START_DATE = _start_date(os.environ.get("BRANDMON_INGEST_START") or "2026-01-01")
+MAX_ACTIVE_RUNS = _env_number("BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1)
 
 
 def _on_failure(context: Any) -> None:
@@ -43,8 +87,8 @@ def _on_failure(context: Any) -> None:
 
 DEFAULT_ARGS = {
     "owner": "brandmon",
-    "retries": max(2, int(os.environ.get("BRANDMON_TASK_RETRIES") or 3)),
-    "retry_delay": dt.timedelta(seconds=float(os.environ.get("BRANDMON_RETRY_DELAY_S") or 120)),
+    "retries": max(2, _env_number("BRANDMON_TASK_RETRIES", 3)),
+    "retry_delay": dt.timedelta(seconds=_env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": dt.timedelta(hours=1),
     "on_failure_callback": _on_failure,
@@ -53,7 +97,7 @@ DEFAULT_ARGS = {
 
 @dag(
     dag_id="brandmon_ingest",
-    schedule=CronDataIntervalTimetable(SCHEDULE, timezone="UTC"),
+    schedule=TIMETABLE,
     start_date=START_DATE,
     catchup=True,
     max_active_runs=MAX_ACTIVE_RUNS,

@@ -1,11 +1,21 @@
 """brandmon_train: train a logo classifier on a labelled dataset, register it, and activate
-it only if it beats the active model (on the same held-out metrics).
+it only if it beats the active model (on the same held-out images; the `activate` param can
+also say `always` or `never`).
 
 Manual (no schedule): trigger it from the UI form or
 `airflow dags trigger brandmon_train -c '{"dataset": "/data/logos", "epochs": 10}'`.
 Training runs in the `brandmon_tf` pool, so it never shares a worker's cores with
 detection batches beyond the pool's slots. A retry trains again from the same inputs; the
 registry keeps every version and activation is decided by metrics, so a repeat is harmless.
+
+When the new version is activated, `publish` emits `brandmon://model`, which schedules
+`brandmon_detect` to score the images with it (activation already marked the days those
+images belong to for re-aggregation); a version that is not activated emits nothing.
+
+The `options` param is checked before anything loads (unknown keys, a `mode` other than
+auto/head/full/finetune:N, values of the wrong type): a bad one fails the run with one line.
+Parse-time settings: BRANDMON_TF_POOL, BRANDMON_TASK_RETRIES, BRANDMON_RETRY_DELAY_S (a
+non-numeric value is an import error naming the variable).
 """
 
 from __future__ import annotations
@@ -15,9 +25,30 @@ import os
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, Param, dag, task
 
+MODEL = Asset("brandmon://model")
 TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
+# What the UI form and `airflow dags trigger -c` validate before a run exists; the task
+# checks every option again (pipeline.airflow_support.check_train_options).
+TRAIN_MODES = r"^(auto|head|full|finetune:[1-9][0-9]*)$"
+
+
+def _env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+    """A numeric parse-time setting from the environment; a bad value fails the import with
+    one line naming the variable (not a bare `invalid literal for int()`)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        example = f"e.g. {default}" if default is not None else "a positive number"
+        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
 
 
 def _on_failure(context: Any) -> None:
@@ -28,8 +59,8 @@ def _on_failure(context: Any) -> None:
 
 DEFAULT_ARGS = {
     "owner": "brandmon",
-    "retries": max(2, int(os.environ.get("BRANDMON_TASK_RETRIES") or 3)),
-    "retry_delay": dt.timedelta(seconds=float(os.environ.get("BRANDMON_RETRY_DELAY_S") or 120)),
+    "retries": max(2, _env_number("BRANDMON_TASK_RETRIES", 3)),
+    "retry_delay": dt.timedelta(seconds=_env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": dt.timedelta(hours=1),
     "on_failure_callback": _on_failure,
@@ -79,10 +110,25 @@ DEFAULT_ARGS = {
         "profile": Param(
             "default", type="string", enum=["default", "demo"], description="Training profile"
         ),
+        "activate": Param(
+            "if_better",
+            type="string",
+            enum=["if_better", "always", "never"],
+            description="if_better: only when it beats the active model on the same held-out images; "
+            "never: register only (activate later with `brandmon model activate V`)",
+        ),
         "options": Param(
             {},
             type="object",
-            description='Advanced settings overriding the profile, e.g. {"input_size": 128, "mode": "head"}',
+            properties={
+                "mode": {"type": "string", "pattern": TRAIN_MODES},
+                "input_size": {"type": ["null", "integer"], "minimum": 32},
+                "epochs": {"type": ["null", "integer"], "minimum": 0},
+                "head_epochs": {"type": "integer", "minimum": 0},
+                "batch_size": {"type": "integer", "minimum": 1},
+                "matcher": {"type": "string", "enum": ["auto", "on", "off"]},
+            },
+            description='Advanced settings overriding the profile, e.g. {"input_size": 128, "mode": "finetune:2"}',
         ),
     },
     doc_md=__doc__,
@@ -91,10 +137,11 @@ def brandmon_train() -> None:
     @task(pool=TF_POOL, execution_timeout=dt.timedelta(hours=12))
     def train(params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train, register, activate if better; returns the version, activation, headline metrics."""
-        from pipeline.airflow_support import task_context, train_summary
+        from pipeline.airflow_support import check_train_options, task_context, train_summary
         from pipeline.detector.jobs import train_model
 
         p = params or {}
+        options = check_train_options(p.get("options"))  # one-line ConfigError, before any loading
         with task_context() as ctx:
             result = train_model(
                 ctx,
@@ -104,13 +151,23 @@ def brandmon_train() -> None:
                 epochs=p.get("epochs"),
                 target_precision=float(p.get("target_precision") or 0.9),
                 profile=p.get("profile") or "default",
-                activate="if_better",
+                activate=p.get("activate") or "if_better",
                 progress=False,
-                **dict(p.get("options") or {}),
+                **options,
             )
         return train_summary(result)
 
-    train()
+    @task(outlets=[MODEL])
+    def publish(summary: dict[str, Any], outlet_events: Any = None) -> str:
+        """Emit `brandmon://model` when the new version was activated; otherwise skip (no event)."""
+        from pipeline.airflow_support import activated_or_skip
+
+        version = activated_or_skip(summary)  # raises AirflowSkipException when not activated
+        if outlet_events is not None:
+            outlet_events[MODEL].extra = {"version": version}
+        return version
+
+    publish(train())
 
 
 brandmon_train()

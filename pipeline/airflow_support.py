@@ -1,5 +1,7 @@
 """What the Airflow DAGs need from the pipeline: settings from Airflow connections, a task
-context, the report days carried by asset events, and one-paragraph failure summaries.
+context, the report days carried by asset events, when to emit the conditional asset events
+(model activated, detection backlog), the train options check, and one-paragraph failure
+summaries.
 
 Why a module of its own: DAG files must stay cheap to parse (only `airflow.sdk`, pendulum and
 the standard library at top level), so everything they do at run time is imported lazily from
@@ -333,6 +335,72 @@ def train_summary(result: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
     }
+
+
+def _skip(message: str) -> None:
+    """End the task as skipped: a skipped task emits no asset event (only success does)."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    raise AirflowSkipException(message)
+
+
+def activated_or_skip(summary: Mapping[str, Any]) -> str:
+    """The version a training run activated; skips the task when it activated none."""
+    version = str(summary.get("version") or "")
+    if not summary.get("activated"):
+        _skip(f"model {version or '?'} was registered but not activated (not better than the active "
+              "one): no brandmon://model event")
+    return version
+
+
+def backlog_or_skip(batches_left: int, totals: Mapping[str, Any]) -> None:
+    """Let `requeue` emit the backlog event only when work is left AND this run made progress.
+
+    Requiring progress (images scored or found corrupt) means images that can never be scored
+    cannot make the detect DAG trigger itself forever; they wait for the next ingest or model.
+    """
+    if batches_left <= 0:
+        _skip("no image left to score: no backlog event")
+    if int(totals.get("scored", 0) or 0) + int(totals.get("corrupt", 0) or 0) <= 0:
+        log.warning("%d batch(es) still pending but this run scored none: not re-triggering "
+                    "(the next ingest or model activation will)", batches_left)
+        _skip("pending work but no progress: no backlog event")
+
+
+_TRAIN_MODE = re.compile(r"^(auto|head|full|finetune:[1-9][0-9]*)$")
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def check_train_options(options: Any) -> dict[str, Any]:
+    """The train DAG's `options` param, checked against `TrainConfig` before anything loads;
+    a bad one is a ConfigError of one line naming the option."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"train options must be a JSON object of settings, got {type(options).__name__}")
+    from pipeline.detector.train import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown train option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    for key, value in options.items():
+        names = [t.strip() for t in str(fields[key].type).split("|")]
+        if not all(n in _TYPES for n in names):
+            continue  # tuples and nested specs: TrainConfig itself checks them
+        allowed = tuple(t for n in names for t in _TYPES[n])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"train option {key}={value!r} must be {' or '.join(names)}")
+    mode = options.get("mode")
+    if mode is not None and not _TRAIN_MODE.match(str(mode)):
+        raise ConfigError(
+            f"train option mode={mode!r} is not valid; use auto, head, full or finetune:N "
+            "(N = how many top Inception blocks also train, e.g. finetune:2)"
+        )
+    matcher = options.get("matcher")
+    if matcher is not None and matcher not in ("auto", "on", "off"):
+        raise ConfigError(f"train option matcher={matcher!r} is not valid; use auto, on or off")
+    return dict(options)
 
 
 # --- failure summaries -------------------------------------------------------------------

@@ -5,7 +5,14 @@ process-wide state (ORM session, secrets backends, SecretCache), so each test ge
 interpreter whose environment the test controls. Not collected by pytest (no test_ prefix).
 
     python airflow_runner.py parse              # DagBag: DAGs, tasks, edges, parse time, modules
-    python airflow_runner.py run STEPS.json     # dag.test() each step in order
+    python airflow_runner.py run STEPS.json     # each step in order (see `run`)
+
+Asset-triggered runs: dag.test() always makes a manual run, whose `triggering_asset_events`
+is empty. A step {"assets": DAG_ID} instead lets the scheduler's own code
+(`SchedulerJobRunner._create_dagruns_for_dags`) turn the queued asset events into a run
+(the asset-triggered run with its consumed events, as in production), then executes it with
+dag.test()'s minimal loop, repeatedly while the DAG keeps getting queued events (the detect
+backlog). Only DAGs unpaused by an {"unpause": [...]} step get events queued.
 """
 
 from __future__ import annotations
@@ -108,6 +115,10 @@ def parse() -> dict[str, Any]:
             "catchup": dag.catchup,
             "fileloc": Path(dag.fileloc).name,
             "timetable": type(dag.timetable).__name__,
+            "timetable_expression": getattr(dag.timetable, "expression", None),
+            "start_date": str(dag.start_date) if dag.start_date else None,
+            "max_active_runs": dag.max_active_runs,
+            "asset_condition": type(condition).__name__ if condition is not None else None,
             "asset_schedule": sorted(a.name for a in getattr(condition, "objects", []) or []),
             "params": {k: dag.params.get_param(k).schema for k in dag.params},
             "tasks": tasks,
@@ -141,42 +152,148 @@ def _xcom(ti: Any, session: Any) -> Any:
     return None if row is None else row.value
 
 
+def _run_result(dag_id: str, dr: Any, elapsed: float, session: Any) -> dict[str, Any]:
+    from airflow.models.dagrun import DagRun
+
+    dr = session.get(DagRun, dr.id)  # dag.test() returns it detached from this session
+    tis = {}
+    for ti in dr.get_task_instances(session=session):
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        tis[key] = {
+            "state": str(ti.state),
+            "xcom": _xcom(ti, session),
+            "rendered_map_index": ti.rendered_map_index,
+        }
+    consumed = [
+        {"asset": e.asset.name, "extra": e.extra, "source_dag_id": e.source_dag_id}
+        for e in getattr(dr, "consumed_asset_events", []) or []
+    ]
+    return {
+        "dag_id": dag_id,
+        "state": str(dr.state),
+        "run_type": str(dr.run_type),
+        "seconds": elapsed,
+        "data_interval": [str(dr.data_interval_start), str(dr.data_interval_end)],
+        "consumed_events": consumed,
+        "tasks": tis,
+    }
+
+
+def _sync_and_unpause(dag_ids: list[str], session: Any) -> None:
+    """Write the DAGs to the metadata database (as the dag-processor does) and unpause some."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+    from airflow.models.dag import DagModel
+    from sqlalchemy import update
+
+    manager = DagBundlesManager()
+    manager.sync_bundles_to_db(session=session)
+    session.commit()
+    for bundle in manager.get_all_dag_bundles():
+        if not bundle.is_initialized:
+            bundle.initialize()
+        bag = BundleDagBag(
+            dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name
+        )
+        sync_bag_to_db(bag, bundle.name, bundle.version)
+    session.execute(
+        update(DagModel).where(DagModel.dag_id.in_(dag_ids)).values(is_paused=False)
+    )
+    session.commit()
+
+
+def _execute(sdk_dag: Any, dr: Any, session: Any) -> None:
+    """Run a created DagRun to its end with dag.test()'s loop (tasks in this process)."""
+    from airflow.models.dagbag import DBDagBag
+    from airflow.sdk import DagRunState
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.utils.state import TaskInstanceState
+
+    dr.dag = DBDagBag().get_dag_for_run(dag_run=dr, session=session)
+    dr.state = DagRunState.RUNNING
+    session.commit()
+    finished = {
+        TaskInstanceState.SUCCESS,
+        TaskInstanceState.FAILED,
+        TaskInstanceState.SKIPPED,
+        TaskInstanceState.UPSTREAM_FAILED,
+        TaskInstanceState.REMOVED,
+    }
+    while dr.state == DagRunState.RUNNING:
+        session.expire_all()
+        schedulable, _ = dr.update_state(session=session)
+        for ti in schedulable:
+            if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                ti.try_number += 1
+            ti.state = TaskInstanceState.SCHEDULED
+        session.commit()
+        tis = set(dr.get_task_instances(session=session))
+        scheduled = [ti for ti in tis if ti.state == TaskInstanceState.SCHEDULED]
+        if not scheduled and any(ti.state not in finished for ti in tis):
+            time.sleep(0.5)  # e.g. a retry waiting for its delay
+        for ti in scheduled:
+            _run_task(ti=ti, task=sdk_dag.task_dict[ti.task_id], run_triggerer=True)
+
+
+def _asset_triggered(bag: Any, dag_id: str, session: Any, max_runs: int) -> list[dict[str, Any]]:
+    """Create (the scheduler's code) and execute asset-triggered runs of `dag_id` while its
+    asset condition keeps being met, at most `max_runs`."""
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.sqlalchemy import prohibit_commit
+    from airflow.utils.types import DagRunType
+    from sqlalchemy import select
+
+    scheduler = SchedulerJobRunner(job=Job())
+    results = []
+    for _ in range(max_runs):
+        with prohibit_commit(session) as guard:
+            scheduler._create_dagruns_for_dags(guard, session)
+        session.commit()
+        dr = session.scalars(
+            select(DagRun)
+            .where(
+                DagRun.dag_id == dag_id,
+                DagRun.run_type == DagRunType.ASSET_TRIGGERED,
+                DagRun.state == "queued",
+            )
+            .order_by(DagRun.id)
+        ).first()
+        if dr is None:
+            break
+        t0 = time.perf_counter()
+        _execute(bag.dags[dag_id], dr, session)
+        results.append(_run_result(dag_id, dr, time.perf_counter() - t0, session))
+    return results
+
+
 def run(steps_path: str) -> list[dict[str, Any]]:
+    """Steps: {"dag_id", "logical_date"?, "conf"?} = dag.test(); {"unpause": [ids]};
+    {"assets": id, "max_runs"?} = asset-triggered runs (each one result)."""
     import pendulum
     from airflow.dag_processing.dagbag import DagBag
     from airflow.settings import Session
 
     steps = json.loads(Path(steps_path).read_text())
-    results = []
+    results: list[dict[str, Any]] = []
     for step in steps:
         # A fresh parse per step: an in-process dag.test() leaves the run's conf in the DAG
         # object's params, which would leak into the next run of the same DAG.
         bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"], safe_mode=False)
         if bag.import_errors:
             raise SystemExit(f"import errors: {bag.import_errors}")
-        dag = bag.dags[step["dag_id"]]
-        logical = pendulum.parse(step["logical_date"]) if step.get("logical_date") else None
-        t0 = time.perf_counter()
-        dr = dag.test(logical_date=logical, run_conf=step.get("conf"))
-        elapsed = time.perf_counter() - t0
         session = Session()
-        tis = {}
-        for ti in dr.get_task_instances(session=session):
-            key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
-            tis[key] = {
-                "state": str(ti.state),
-                "xcom": _xcom(ti, session),
-                "rendered_map_index": ti.rendered_map_index,
-            }
-        results.append(
-            {
-                "dag_id": dag.dag_id,
-                "state": str(dr.state),
-                "seconds": elapsed,
-                "data_interval": [str(dr.data_interval_start), str(dr.data_interval_end)],
-                "tasks": tis,
-            }
-        )
+        if "unpause" in step:
+            _sync_and_unpause(list(step["unpause"]), session)
+        elif "assets" in step:
+            results += _asset_triggered(bag, step["assets"], session, int(step.get("max_runs", 10)))
+        else:
+            dag = bag.dags[step["dag_id"]]
+            logical = pendulum.parse(step["logical_date"]) if step.get("logical_date") else None
+            t0 = time.perf_counter()
+            dr = dag.test(logical_date=logical, run_conf=step.get("conf"))
+            results.append(_run_result(dag.dag_id, dr, time.perf_counter() - t0, session))
         session.close()
     return results
 

@@ -64,3 +64,19 @@ def run_airflow(
         )
     result = json.loads(lines[-1])
     return (result, proc.stdout + proc.stderr) if with_output else result
+
+
+def migrated_airflow_home(home: Path) -> Path:
+    """A fresh AIRFLOW_HOME with its SQLite metadata database migrated (`airflow db migrate`)."""
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env=airflow_base_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"airflow db migrate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return home

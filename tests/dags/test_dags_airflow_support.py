@@ -258,3 +258,38 @@ def test_select_sources(tmp_path):
     empty = load_settings(env={"BRANDMON_HOME": str(tmp_path), "BRANDMON_AUTHOR_SALT": "s"})
     with pytest.raises(ConfigError, match="no sources configured"):
         af.select_sources(empty)
+
+
+def test_train_options_are_checked_with_one_line_errors():
+    assert af.check_train_options(None) == {}
+    good = {"mode": "finetune:2", "input_size": 128, "learning_rate": 1e-4, "augment": None, "matcher": "off"}
+    assert af.check_train_options(good) == good
+    for bad, message in [
+        ({"mode": "finetune:x"}, "train option mode='finetune:x' is not valid; use auto, head, full or finetune:N"),
+        ({"mode": "finetune:0"}, "mode='finetune:0' is not valid"),
+        ({"input_size": "128"}, "train option input_size='128' must be int or None"),
+        ({"epochs": True}, "train option epochs=True must be int or None"),
+        ({"learning_rate": "fast"}, "learning_rate='fast' must be float"),
+        ({"matcher": "yes"}, "train option matcher='yes' is not valid; use auto, on or off"),
+        ({"modes": "head"}, "unknown train option(s) modes; known: "),
+        (["mode", "head"], "train options must be a JSON object of settings, got list"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            af.check_train_options(bad)
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_conditional_asset_events_skip_instead_of_emitting():
+    """A skipped task emits no asset event: the model event only on activation, the detect
+    backlog only when work is left and the run made progress."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    assert af.activated_or_skip({"version": "v3", "activated": True}) == "v3"
+    with pytest.raises(AirflowSkipException, match="v4 was registered but not activated"):
+        af.activated_or_skip({"version": "v4", "activated": False})
+    assert af.backlog_or_skip(3, {"scored": 10}) is None
+    assert af.backlog_or_skip(1, {"scored": 0, "corrupt": 2}) is None
+    with pytest.raises(AirflowSkipException, match="no image left"):
+        af.backlog_or_skip(0, {"scored": 10})
+    with pytest.raises(AirflowSkipException, match="no progress"):
+        af.backlog_or_skip(5, {"scored": 0})

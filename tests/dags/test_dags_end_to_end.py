@@ -1,7 +1,10 @@
 """dag.test() of the real DAGs on a SQLite Airflow metadata database: train -> ingest ->
 detect -> aggregate on the synthetic source, rows land; a retrain that does not beat the
 active model is registered but not activated; a second run of the same interval changes
-nothing. Plus the Airflow-connection path on Postgres + S3."""
+nothing. The asset chain driven by real asset events (the scheduler's own run creation):
+model + posts events start detection, its backlog re-triggers it, and the aggregate's report
+day comes from the ingest window in the events. Plus the Airflow-connection path on
+Postgres + S3."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dags_helpers import airflow_base_env, run_airflow
+from dags_helpers import airflow_base_env, migrated_airflow_home, run_airflow
 from sqlalchemy import func, select
 
 from pipeline import schema
@@ -116,8 +119,9 @@ def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
     first = run_steps(env, [train_step, *pipeline_steps], tmp_path / "steps1.json")
     train, ingest, detect, aggregate = first
 
-    # train: registered and (no model was active) activated
+    # train: registered and (no model was active) activated, which emits brandmon://model
     assert train["tasks"]["train"]["xcom"]["activated"] is True
+    assert train["tasks"]["publish"]["state"] == "success"
     assert count(ctx, schema.model_versions, schema.model_versions.c.active.is_(True)) == 1
 
     # ingest: one mapped task per configured source, over exactly the run's data interval
@@ -156,16 +160,17 @@ def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
     # XCom carries keys and counts, never data
     assert max(xcom_sizes(first)) < 2000
 
-    # Second round: the active model made unbeatable (held-out F1 2.0), so a retrain registers
-    # a new version but must not activate it; then the same interval again changes nothing.
+    # Second round: a retrain that is not activated (`activate: never`, deterministic; whether a
+    # model beats another is the registry's test) registers a new version, emits no model
+    # event; then the same interval again changes nothing.
     with ctx.engine.begin() as conn:
         (v1,) = conn.execute(select(schema.model_versions.c.version)).one()
-        metrics = dict(conn.execute(select(schema.model_versions.c.metrics)).scalar_one())
-        conn.execute(schema.model_versions.update().values(metrics={**metrics, "f1": 2.0}))
     before = snapshot(ctx)
-    retrain, *second = run_steps(env, [train_step, *pipeline_steps], tmp_path / "steps2.json")
+    retrain_step = {**train_step, "conf": {**train_step["conf"], "activate": "never"}}
+    retrain, *second = run_steps(env, [retrain_step, *pipeline_steps], tmp_path / "steps2.json")
     assert retrain["tasks"]["train"]["xcom"]["activated"] is False
     assert retrain["tasks"]["train"]["xcom"]["version"] != v1
+    assert retrain["tasks"]["publish"]["state"] == "skipped"  # no brandmon://model event
     after = snapshot(ctx)
     # the active version's row untouched (still active), one new inactive version beside it
     old_rows, new_rows = before.pop("model_versions"), after.pop("model_versions")
@@ -179,6 +184,7 @@ def test_ingest_detect_aggregate_end_to_end_then_rerun_changes_nothing(
 
     assert second[0]["tasks"]["ingest[0]"]["xcom"]["skipped"] == 1
     assert second[1]["tasks"]["detect"]["state"] == "skipped"  # nothing pending: zero mapped tasks
+    assert second[1]["tasks"]["requeue"]["state"] == "skipped"  # and no backlog event
     assert (
         second[1]["tasks"]["publish"]["state"] == "success"
     )  # ... and aggregation still triggered
@@ -246,3 +252,66 @@ def test_ingest_through_airflow_connections_on_postgres_and_s3(make_ctx, airflow
     new = result["tasks"]["publish"]["xcom"]["new"]
     assert new > 0 and count(ctx, schema.posts) == new
     assert ctx.store.list("")  # raw pages and images landed in the S3 bucket
+
+
+def test_asset_chain_model_and_posts_trigger_detect_backlog_requeues_report_day_from_events(
+    make_ctx, tmp_path
+):
+    """No hand-started detect or aggregate run: the scheduler's run creation turns the queued
+    asset events into runs. Training activates a model (brandmon://model) and ingest lands a
+    day (brandmon://posts, window in its extra): one detect run consumes both; at most one
+    batch per run, so it re-triggers itself (brandmon://detect-backlog) until every image is
+    scored; aggregation follows on brandmon://detections and reports on the ingest window's
+    day, with no `day` param."""
+    home = migrated_airflow_home(tmp_path / "airflow_home")  # no events from other tests
+    ctx = make_ctx(synthetic_config())
+    env = {**airflow_base_env(home), **brandmon_env(ctx)}
+    env.update({"BRANDMON_DETECT_MAX_TASKS": "1", "BRANDMON_DETECT_BATCH_IMAGES": "4"})
+    train_dir = make_training_folders(tmp_path / "train", n_per_class=8, size=96, seed=1001)
+    steps = [
+        {"unpause": ["brandmon_detect", "brandmon_aggregate"]},
+        {"dag_id": "brandmon_train", "conf": {"dataset": str(train_dir), "weights": "none", "options": QUICK_MODEL}},
+        {"dag_id": "brandmon_ingest", "logical_date": "2026-10-02T00:00:00+00:00"},
+        {"assets": "brandmon_detect", "max_runs": 12},
+        {"assets": "brandmon_aggregate", "max_runs": 12},
+    ]
+    path = tmp_path / "chain.json"
+    path.write_text(json.dumps(steps))
+    train, ingest, *rest = run_airflow(env, "run", str(path), timeout=900)
+    detects = [r for r in rest if r["dag_id"] == "brandmon_detect"]
+    aggregates = [r for r in rest if r["dag_id"] == "brandmon_aggregate"]
+    for r in rest:
+        print(f"{r['dag_id']} ({r['run_type']}): {r['seconds']:.1f}s, consumed "
+              f"{[e['asset'] for e in r['consumed_events']]}")
+        assert r["state"] == "success" and r["run_type"].endswith("asset_triggered"), r
+
+    assert train["tasks"]["publish"]["state"] == "success"  # activated: the model event
+    assert ingest["tasks"]["publish"]["state"] == "success"
+    images = count(ctx, schema.images)
+    assert images > 4  # more than one batch, so more than one detect run
+
+    # Detect: the first run consumed the model and the posts events; each later one the
+    # backlog event of the run before; the last one found nothing left and requeued nothing.
+    first = {e["asset"] for e in detects[0]["consumed_events"]}
+    assert first == {"brandmon://model", "brandmon://posts"}
+    posts_event = next(e for e in detects[0]["consumed_events"] if e["asset"] == "brandmon://posts")
+    assert posts_event["extra"]["start"].startswith("2026-10-01") and posts_event["extra"]["end"].startswith("2026-10-02")
+    assert len(detects) == -(-images // 4)  # one 4-image batch per run
+    for run in detects[1:]:
+        assert {e["asset"] for e in run["consumed_events"]} == {"brandmon://detect-backlog"}
+    assert [r["tasks"]["requeue"]["state"] for r in detects] == ["success"] * (len(detects) - 1) + ["skipped"]
+    assert count(ctx, schema.image_scores) == images
+
+    # Aggregate: on the detections events, reporting on the ingest window's day.
+    assert aggregates, "no aggregate run was triggered"
+    # (Events that arrive while a run is queued wait for the next run: ADRQ keeps one row per
+    # asset, so not every detections event need be consumed yet.)
+    consumed = [e for r in aggregates for e in r["consumed_events"]]
+    assert {e["asset"] for e in consumed} == {"brandmon://detections"} and len(consumed) <= len(detects)
+    assert all(e["extra"]["start"].startswith("2026-10-01") for e in consumed)
+    for run in aggregates:
+        assert run["consumed_events"] and run["tasks"]["aggregate"]["state"] == "success"
+        key = run["tasks"]["report"]["xcom"]
+        assert "2026-10-01" in key and ctx.store.exists(key)
+    assert count(ctx, schema.mention_daily, schema.mention_daily.c.day == DAY0) > 0
+    assert count(ctx, schema.dirty_days) == 0

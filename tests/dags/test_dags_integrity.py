@@ -66,14 +66,18 @@ def test_ingest_graph_and_schedule(parsed):
 
 def test_detect_graph_pool_and_assets(parsed):
     dag = parsed["dags"]["brandmon_detect"]
-    assert edges(dag) == {("list_batches", "detect"), ("detect", "publish")}
-    assert dag["asset_schedule"] == ["brandmon://posts"]
+    assert edges(dag) == {("list_batches", "detect"), ("detect", "publish"), ("publish", "requeue")}
+    # posts OR a newly activated model OR its own backlog (Airflow 3 asset expression)
+    assert dag["asset_condition"] == "AssetAny"
+    assert dag["asset_schedule"] == ["brandmon://detect-backlog", "brandmon://model", "brandmon://posts"]
+    assert dag["max_active_runs"] == 1
     assert dag["tasks"]["detect"]["mapped"]
     assert dag["tasks"]["detect"]["pool"] == "brandmon_tf"
     assert dag["tasks"]["list_batches"]["pool"] == "default_pool"
     assert dag["tasks"]["publish"]["outlets"] == ["brandmon://detections"]
     # zero batches (nothing pending, or no model yet) must still emit the event for aggregation
     assert dag["tasks"]["publish"]["trigger_rule"].endswith("NONE_FAILED")
+    assert dag["tasks"]["requeue"]["outlets"] == ["brandmon://detect-backlog"]
 
 
 def test_aggregate_graph_and_schedule(parsed):
@@ -81,12 +85,15 @@ def test_aggregate_graph_and_schedule(parsed):
     assert edges(dag) == {("aggregate", "report")}
     assert dag["asset_schedule"] == ["brandmon://detections"]
     assert set(dag["params"]["day"]["type"]) == {"null", "string"}
+    assert dag["max_active_runs"] == 1
 
 
 def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
     dag = parsed["dags"]["brandmon_train"]
     assert dag["timetable"] == "NullTimetable"
-    assert set(dag["tasks"]) == {"train"} and dag["tasks"]["train"]["pool"] == "brandmon_tf"
+    assert set(dag["tasks"]) == {"train", "publish"} and dag["tasks"]["train"]["pool"] == "brandmon_tf"
+    assert edges(dag) == {("train", "publish")}
+    assert dag["tasks"]["publish"]["outlets"] == ["brandmon://model"]  # emitted only on activation
     params = dag["params"]
     assert set(params) == {
         "dataset",
@@ -95,8 +102,10 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
         "epochs",
         "target_precision",
         "profile",
+        "activate",
         "options",
     }
+    assert params["activate"]["enum"] == ["if_better", "always", "never"]
     assert params["dataset"]["type"] == "string" and params["dataset"]["minLength"] == 1
     assert set(params["epochs"]["type"]) == {"null", "integer"}
     assert params["target_precision"]["type"] == "number"
@@ -105,6 +114,15 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
         1.0,
     )
     assert "folders" in params["format"]["enum"]
+    # `options` is validated when the run is triggered (UI form, `airflow dags trigger -c`)
+    import jsonschema
+
+    schema = params["options"]
+    for ok in ({}, {"mode": "finetune:2", "input_size": 128}, {"mode": "head", "matcher": "off"}):
+        jsonschema.validate(ok, schema)
+    for bad in ({"mode": "finetune:x"}, {"mode": "finetune"}, {"input_size": "big"}, {"matcher": "yes"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
 
 
 def test_parsing_is_fast_and_imports_nothing_heavy(parsed):
@@ -132,3 +150,57 @@ def test_dag_files_import_only_airflow_sdk_pendulum_and_stdlib_at_top_level(path
             if root == "airflow":
                 assert name == "airflow.sdk", f"{path.name}: import {name} (only airflow.sdk)"
             assert root not in FORBIDDEN_MODULES
+
+
+def parse_with(tmp_path_factory: pytest.TempPathFactory, **env: str) -> dict[str, Any]:
+    home = tmp_path_factory.mktemp("airflow_parse_env")
+    return run_airflow({**airflow_base_env(home), **env}, "parse", timeout=180)
+
+
+def test_ingest_schedule_start_and_concurrency_come_from_the_environment(parsed, tmp_path_factory):
+    default = parsed["dags"]["brandmon_ingest"]
+    assert default["timetable_expression"] in ("@daily", "0 0 * * *")
+    assert default["start_date"].startswith("2026-01-01") and default["max_active_runs"] == 4
+    custom = parse_with(
+        tmp_path_factory,
+        BRANDMON_INGEST_SCHEDULE="0 6 * * *",
+        BRANDMON_INGEST_START="2025-03-01",
+        BRANDMON_INGEST_MAX_ACTIVE_RUNS="2",
+        BRANDMON_TASK_RETRIES="5",
+    )
+    assert custom["import_errors"] == {}
+    dag = custom["dags"]["brandmon_ingest"]
+    assert dag["timetable"] == "CronDataIntervalTimetable" and dag["timetable_expression"] == "0 6 * * *"
+    assert dag["catchup"] is True and dag["max_active_runs"] == 2
+    assert dag["start_date"].startswith("2025-03-01")
+    assert {t["retries"] for d in custom["dags"].values() for t in d["tasks"].values()} == {5}
+
+
+def test_bad_settings_are_import_errors_that_name_the_variable(tmp_path_factory):
+    """A non-numeric BRANDMON_* setting (or a bad schedule/start) fails the DAG import with
+    one line saying which variable and what to set, not a bare `invalid literal for int()`."""
+    result = parse_with(
+        tmp_path_factory,
+        BRANDMON_TASK_RETRIES="three",
+        BRANDMON_DETECT_MAX_TASKS="lots",
+        BRANDMON_INGEST_SCHEDULE="every day",
+    )
+    errors = {Path(k).name: v for k, v in result["import_errors"].items()}
+    assert set(errors) == {f"{d}.py" for d in EXPECTED_DAGS}
+    want = {
+        "brandmon_aggregate.py": "BRANDMON_TASK_RETRIES='three' is not a whole number; set e.g. 3",
+        "brandmon_train.py": "BRANDMON_TASK_RETRIES='three' is not a whole number; set e.g. 3",
+        "brandmon_detect.py": "BRANDMON_DETECT_MAX_TASKS='lots' is not a whole number; set e.g. 256",
+        "brandmon_ingest.py": "BRANDMON_INGEST_SCHEDULE='every day' is not a cron expression or preset",
+    }
+    for name, message in want.items():
+        assert message in errors[name], errors[name]
+        assert "invalid literal" not in errors[name]
+    more = parse_with(
+        tmp_path_factory, BRANDMON_RETRY_DELAY_S="2m", BRANDMON_DETECT_BATCH_IMAGES="0",
+        BRANDMON_INGEST_START="yesterday",
+    )
+    errors = {Path(k).name: v for k, v in more["import_errors"].items()}
+    assert "BRANDMON_RETRY_DELAY_S='2m' is not a number" in errors["brandmon_aggregate.py"]
+    assert "BRANDMON_DETECT_BATCH_IMAGES='0' must be at least 1" in errors["brandmon_detect.py"]
+    assert "BRANDMON_INGEST_START='yesterday' is not a date; use YYYY-MM-DD" in errors["brandmon_ingest.py"]
