@@ -44,7 +44,7 @@ def _num(v: Any, digits: int = 1, pct: bool = False) -> str:
 def top_spikes(ctx: Context, start: dt.date, end: dt.date, limit: int = TOP_SPIKES) -> list[dict[str, Any]]:
     md = mention_daily.c
     q = (
-        select(md.day, md.brand, md.product, md.platform, md.source, md.posts, md.rolling_28, md.zscore)
+        select(md.day, md.brand, md.product, md.platform, md.source, md.posts, md.baseline, md.zscore)
         .where(md.day >= start, md.day <= end, md.spike.is_(True))
         .order_by(md.zscore.desc(), md.day.desc(), md.brand, md.product, md.platform, md.source)
         .limit(limit)
@@ -77,7 +77,7 @@ def render_report(ctx: Context, day: dt.date) -> str:
     spike_rows = "".join(
         f"<tr><td>{s['day'].isoformat()}</td><td>{esc(s['brand'])}</td><td>{esc(s['product'])}</td>"
         f"<td>{esc(s['platform'])}</td><td>{esc(s['source'])}</td><td>{s['posts']}</td>"
-        f"<td>{_num(s['rolling_28'])}</td><td>{_num(s['zscore'], 2)}</td></tr>"
+        f"<td>{_num(s['baseline'])}</td><td>{_num(s['zscore'], 2)}</td></tr>"
         for s in spikes
     ) or "<tr><td colspan='8'>no spikes in these weeks</td></tr>"
     no_brands = "" if brands else "<p>The catalogue has no brands (add them under <code>brands:</code>).</p>"
@@ -106,7 +106,7 @@ mentions corrected by the active model's measured precision and recall. Z-score 
 <h2>Top spikes, {start.isoformat()} to {day.isoformat()}</h2>
 <table>
 <tr><th>day</th><th>brand</th><th>product</th><th>platform</th><th>source</th><th>posts</th>
-<th>28-day mean</th><th>z-score</th></tr>
+<th>mean of the 28 days before</th><th>z-score</th></tr>
 {spike_rows}
 </table>
 <h2>Daily posts, last {WINDOW_DAYS} days</h2>

@@ -26,7 +26,7 @@ from pipeline.schema import products as products_t
 
 FIELDS = (
     "day", "posts", "images", "unique_authors", "reposts", "expected_mentions", "rolling_7",
-    "rolling_28", "wow_change", "zscore", "spike", "share_of_voice", "model_version", "computed",
+    "rolling_28", "wow_change", "zscore", "baseline", "spike", "share_of_voice", "model_version", "computed",
 )
 MAX_DAYS = 3660
 
@@ -88,7 +88,8 @@ def daily_series(
         if r is None:
             out.append({"day": day, "posts": 0, "images": 0, "unique_authors": 0, "reposts": 0,
                         "expected_mentions": None, "rolling_7": None, "rolling_28": None,
-                        "wow_change": None, "zscore": None, "spike": False, "share_of_voice": None,
+                        "wow_change": None, "zscore": None, "baseline": None, "spike": False,
+                        "share_of_voice": None,
                         "model_version": None, "computed": False})
         else:
             out.append({k: (bool(r[k]) if k == "spike" else r[k]) for k in FIELDS if k != "computed"}
