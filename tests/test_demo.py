@@ -1,0 +1,97 @@
+"""`brandmon demo` end to end, through the installed command, as README's `make demo` runs it.
+
+The real default demo (30 days, ~2.5 minutes on 2 cores): it is what README promises, so the
+figures README quotes are checked here too. Then it runs again: every table and every lake
+object must be exactly as before (the run log only gains the new runs' rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from pipeline.schema import metadata, runs
+
+pytestmark = pytest.mark.integration
+
+BRANDS = ["Acme", "Globex", "Initech"]
+FIRST, DAYS = dt.date(2026, 10, 1), 30
+
+
+def run_demo(workdir: Path) -> str:
+    exe = Path(sys.executable).parent / "brandmon"  # the [project.scripts] entry point
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRANDMON_")}
+    proc = subprocess.run([str(exe), "demo", "--workdir", str(workdir), "--quiet"], env=env, cwd=workdir.parent,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+def trend_table(out: str) -> dict[str, Any]:
+    """The printed table: {day: {brand: (posts, spike)}} and the totals row."""
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("day "))
+    assert lines[head].split() == ["day", *BRANDS]
+    days: dict[dt.date, dict[str, tuple[int, bool]]] = {}
+    for line in lines[head + 1:]:
+        if line.startswith("total"):
+            totals = dict(zip(BRANDS, map(int, line.split()[1:]), strict=True))
+            break
+        day, *cells = line.split()
+        assert all(re.fullmatch(r"\d+\*?", c) for c in cells), line
+        days[dt.date.fromisoformat(day)] = {b: (int(c.rstrip("*")), c.endswith("*")) for b, c in zip(BRANDS, cells, strict=True)}
+    return {"days": days, "totals": totals}
+
+
+def state(workdir: Path) -> dict[str, Any]:
+    """Every table's rows (all columns) and every lake object's bytes (as sha256)."""
+    engine = create_engine(f"sqlite:///{workdir / 'brandmon.db'}")
+    with engine.connect() as conn:
+        tables = {t.name: {tuple(map(repr, r)) for r in conn.execute(select(t))} for t in metadata.sorted_tables}
+    engine.dispose()
+    lake = workdir / "lake"
+    tables["lake"] = {(p.relative_to(lake).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                      for p in lake.rglob("*") if p.is_file()}
+    return tables
+
+
+def test_demo_end_to_end_then_rerun_changes_nothing(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    out = run_demo(workdir)
+    table = trend_table(out)
+    days = table["days"]
+    assert list(days) == [FIRST + dt.timedelta(days=i) for i in range(DAYS)]
+    assert all(table["totals"][b] == sum(days[d][b][0] for d in days) > 0 for b in BRANDS)
+    assert all(days[d][b][0] > 0 for d in days for b in BRANDS)  # every brand is talked about every day
+    # README: a spike for Globex on 2026-10-19, Initech rising
+    assert days[dt.date(2026, 10, 19)]["Globex"][1], "no spike marked for Globex on 2026-10-19"
+    initech = [days[d]["Initech"][0] for d in days]
+    assert sum(initech[-10:]) > 2 * sum(initech[:10])
+
+    first = state(workdir)
+    assert len(first["posts"]) == 2905 and len(first["images"]) == 340  # README's figures
+    assert len(first["image_scores"]) == 340 and first["mention_daily"] and first["text_mentions"]
+    assert len(first["model_versions"]) == 1 and not first["dirty_days"] and not first["locks"]
+
+    again = run_demo(workdir)
+    assert trend_table(again) == table
+    second = state(workdir)
+    assert first.pop("runs") <= second.pop("runs")  # the run log keeps every earlier row as it was
+    for name in first:
+        assert second[name] == first[name], f"{name} changed on the re-run"
+    engine = create_engine(f"sqlite:///{workdir / 'brandmon.db'}")
+    with engine.connect() as conn:
+        statuses = [(k, s) for k, s in conn.execute(select(runs.c.kind, runs.c.status).order_by(runs.c.id))]
+    engine.dispose()
+    assert all(s == "succeeded" for _k, s in statuses)
+    assert [k for k, _s in statuses].count("train") == 1  # the model is not trained again
