@@ -90,11 +90,16 @@ def _fetch_ahead(ctx: Context, rows: list[Any], failed: dict[int, str] | None = 
 
     A read that fails (throttling, a 500) is noted in `failed` (index -> reason) and yields no
     bytes: tf.data would swallow the exception, and the image must not be written off as corrupt.
+    After the first failure the remaining images are not read at all (each read would wait out
+    boto3's retries against a lake that is failing); they too stay unscored for the re-run.
     """
 
     def fetch(i: int, row: Any) -> bytes:
         if row.width and row.height and row.width * row.height > MAX_PIXELS:
             return b""  # reported as too large below
+        if failed:  # the lake is failing (throttled, down): stop reading, the re-run picks these up
+            failed[i] = "not read: an earlier lake read of this run failed"
+            return b""
         try:
             return ctx.store.get(row.storage_key)
         except KeyError:

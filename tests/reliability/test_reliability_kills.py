@@ -223,11 +223,16 @@ def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, re
     # Real S3 answers from the proxy: a burst of throttled image reads (503 SlowDown) is retried
     # by boto3; two images whose reads stay throttled past its retries fail the run, and no
     # image is written off as corrupt.
+    # Then every later image read stays throttled: detect stops reading at the first failure
+    # instead of waiting out boto3's retries on each remaining image.
     burst = s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=1, times=2)
-    s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=4, paths=2)
+    stuck = s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=4, paths=1_000_000)
+    unscored = n_images - count(ctx, image_scores)
     with pytest.raises(StorageError, match="S3 get on .* failed: SlowDown") as info:
         detect_pending(ctx)
     assert burst.fired == 2 and "\n" not in str(info.value)
+    # at most the reads already in flight on the 8 reader threads when the first one failed
+    assert 1 <= len(stuck.chosen) <= 8 < unscored, (len(stuck.chosen), unscored)
     tally.fault("object store SlowDown burst (detect)", burst.fired)
     tally.fault("object store SlowDown (detect)")
     s3_proxy.clear()
