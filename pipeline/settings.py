@@ -69,6 +69,7 @@ class Product:
     name: str
     keywords: tuple[str, ...] = ()
     hashtags: tuple[str, ...] = ()
+    logo_classes: tuple[str, ...] = ()  # detector classes that show this product (else: its name)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Brand:
     accounts: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     products: tuple[Product, ...] = ()
+    logo_classes: tuple[str, ...] = ()  # detector classes that show this brand (else: its name)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def _parse_brand(raw: Any, i: int) -> Brand:
                 name=p["name"].strip(),
                 keywords=_strs(p.get("keywords"), f"brands[{i}].products[{j}].keywords"),
                 hashtags=_strs(p.get("hashtags"), f"brands[{i}].products[{j}].hashtags"),
+                logo_classes=_strs(p.get("logo_classes"), f"brands[{i}].products[{j}].logo_classes"),
             )
         )
     return Brand(
@@ -188,6 +191,7 @@ def _parse_brand(raw: Any, i: int) -> Brand:
         accounts=_strs(raw.get("accounts"), f"brands[{i}].accounts"),
         exclude=_strs(raw.get("exclude"), f"brands[{i}].exclude"),
         products=tuple(products),
+        logo_classes=_strs(raw.get("logo_classes"), f"brands[{i}].logo_classes"),
     )
 
 

@@ -19,14 +19,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy import Connection, delete, insert, select, update
 
 from pipeline.aggregate.textmatch import normalize
-from pipeline.errors import ConfigError
 from pipeline.schema import brands as brands_t
 from pipeline.schema import logo_class_map, utcnow
 from pipeline.schema import products as products_t
@@ -119,47 +116,13 @@ def class_key(name: str) -> str:
     return "".join(ch for ch in normalize(str(name)) if ch.isalnum())
 
 
-def _str_list(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise ConfigError(f"{where} must be a list of strings (model class names), got {value!r}")
-    return tuple(str(v) for v in value)
-
-
-def _yaml_logo_classes(path: Path) -> dict[Target, tuple[str, ...]]:
-    """`logo_classes` of the brands and products in the YAML file at `path`."""
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return {}  # load_settings already reported an unreadable file
-    out: dict[Target, tuple[str, ...]] = {}
-    for i, b in enumerate((doc.get("brands") or []) if isinstance(doc, dict) else []):
-        if not isinstance(b, dict) or not isinstance(b.get("name"), str):
-            continue
-        name = b["name"].strip()
-        out[(name, "")] = _str_list(b.get("logo_classes"), f"brands[{i}].logo_classes")
-        for j, p in enumerate(b.get("products") or []):
-            if isinstance(p, dict) and isinstance(p.get("name"), str):
-                out[(name, p["name"].strip())] = _str_list(
-                    p.get("logo_classes"), f"brands[{i}].products[{j}].logo_classes")
-    return out
-
-
 def logo_classes(settings: Settings) -> dict[Target, tuple[str, ...]]:
-    """The explicit `logo_classes` of every configured brand (product '') and product.
-
-    Read from `Brand.logo_classes` / `Product.logo_classes` when the settings carry them, else
-    from the YAML file itself (the same document `load_settings` validated).
-    """
-    from_yaml = _yaml_logo_classes(settings.config_path) if settings.config_path else {}
+    """The explicit `logo_classes` of every configured brand (product '') and product."""
     out: dict[Target, tuple[str, ...]] = {}
     for b in settings.brands:
-        out[(b.name, "")] = tuple(getattr(b, "logo_classes", ()) or from_yaml.get((b.name, ""), ()))
+        out[(b.name, "")] = tuple(b.logo_classes)
         for p in b.products:
-            out[(b.name, p.name)] = tuple(getattr(p, "logo_classes", ()) or from_yaml.get((b.name, p.name), ()))
+            out[(b.name, p.name)] = tuple(p.logo_classes)
     return {k: v for k, v in out.items() if v}
 
 

@@ -9,7 +9,7 @@ import pytest
 from agg_helpers import FakePost, add_detections, add_model, add_posts, ts
 from sqlalchemy import select
 
-from pipeline.aggregate.catalogue import class_key, logo_classes, map_classes
+from pipeline.aggregate.catalogue import class_key, map_classes
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.errors import ConfigError
 from pipeline.schema import logo_class_map, mention_daily
@@ -52,10 +52,13 @@ def test_map_classes_by_name_and_by_explicit_list():
     assert unmatched == ["?", "Mystery"]  # the negative class is not a warning
 
 
-def test_malformed_logo_classes_is_one_clear_error(make_ctx):
-    ctx = make_ctx({"brands": [{"name": "Acme", "logo_classes": {"a": 1}}]})
+def test_malformed_logo_classes_is_one_clear_error():
+    from pipeline.settings import parse_config_document
+
     with pytest.raises(ConfigError, match=r"brands\[0\]\.logo_classes must be a list of strings"):
-        logo_classes(ctx.settings)
+        parse_config_document({"brands": [{"name": "Acme", "logo_classes": {"a": 1}}]})
+    with pytest.raises(ConfigError, match=r"brands\[0\]\.products\[0\]\.logo_classes must be a list"):
+        parse_config_document({"brands": [{"name": "Acme", "products": [{"name": "One", "logo_classes": [["x"]]}]}]})
 
 
 def rows_of(ctx) -> dict[tuple, dict]:
