@@ -50,3 +50,74 @@ def test_counts_days_and_images_on_both_backends(make_ctx, backend):
         texts = dict(conn.execute(select(posts.c.external_id, posts.c.text)).all())
     assert rows == [(0, "https://i.example/2.jpg", "now with alt")]
     assert texts == {"1": "acme", "2": "acme dup, last wins", "3": "edited", "4": "acme"}
+
+
+def plain_copy_lines(items):
+    """copy_lines by its definition: every field through `_esc`, the hash from `content_hash`."""
+    from pipeline.ingest.loader import _esc
+    from pipeline.ingest.normalize import content_hash
+
+    post_lines, image_lines = [], []
+    for p, raw_key in items:
+        iso = p.posted_at.isoformat()
+        post_lines.append("\t".join([_esc(p.platform), _esc(p.external_id), p.author_hash, _esc(p.text), _esc(p.lang), iso,
+                                     _esc(p.url), _esc(p.repost_of), content_hash(p), _esc(raw_key)]) + "\n")
+        for i, img in enumerate(p.images):
+            image_lines.append(f"{_esc(p.platform)}\t{_esc(p.external_id)}\t{i}\t{_esc(img.url)}\t{_esc(img.alt_text)}\n")
+    return post_lines, image_lines
+
+
+def test_copy_lines_matches_the_plain_definitions():
+    import random
+
+    from pipeline.ingest.loader import copy_lines
+
+    rnd = random.Random(5)
+    odd = ["a\\b", "t\tb", "n\nx", "r\rx", "", "plain", "ünïcødé 😀", "\\N", "\x1f", None]
+    items = []
+    for i in range(4000):
+        def pick():
+            return rnd.choice(odd)
+        images = tuple(ImageRef(f"https://i.example/{j}{pick() or ''}", pick()) for j in range(rnd.choice([0, 0, 0, 1, 2])))
+        p = Post(rnd.choice(["mastodon", "p\tx"]), f"e{i}{pick() or ''}", "a" * 64, pick() or "", T + dt.timedelta(microseconds=i),
+                 pick(), pick(), pick(), images)
+        items.append((p, pick()))
+    assert copy_lines(items) == plain_copy_lines(items)
+
+
+def test_fast_post_equals_the_dataclass():
+    from pipeline.ingest.normalize import _fast_post, new_post
+
+    args = ("mastodon", "1", "a" * 64, "text", T, "en", "https://m.example/1", None, (ImageRef("https://i.example/x.jpg", None),))
+    fast, plain = _fast_post(*args), Post(*args)
+    assert new_post is _fast_post  # the shortcut applies to today's Post
+    assert fast == plain and hash(fast) == hash(plain) and type(fast) is Post
+    assert dataclasses.asdict(fast) == dataclasses.asdict(plain) and repr(fast) == repr(plain)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.text = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.integration
+def test_batch_in_an_empty_time_span_with_a_known_key(make_ctx, backend, monkeypatch):
+    """No post in the batch's time span (Postgres tries a plain INSERT), but one key exists at
+    another time: the unique violation falls back to the upsert, counts and days are right."""
+    import pipeline.ingest.loader as loader
+
+    tried: list[bool] = []
+    plain = loader._insert_new
+    monkeypatch.setattr(loader, "_insert_new", lambda *a: tried.append(plain(*a)) or tried[-1])
+    ctx = make_ctx(config([{"name": "src", "kind": "archive", "path": "/nonexistent"}]), backend)
+    img = (ImageRef("https://i.example/1.jpg", "logo"),)
+    assert load(ctx, [post(1, images=img)]).new == 1
+    later = T + dt.timedelta(days=10)
+    got = load(ctx, [post(1, later, "moved and edited", images=img), post(2, later, images=img)])
+    assert (got.new, got.updated, got.unchanged) == (1, 1, 0)
+    assert got.days == {T.date(), later.date()}
+    fresh = load(ctx, [post(3, later + dt.timedelta(days=5), images=img), post(4, later + dt.timedelta(days=5))])
+    assert (fresh.new, fresh.updated, fresh.days) == (2, 0, {(later + dt.timedelta(days=5)).date()})
+    with ctx.engine.connect() as conn:
+        rows = dict(conn.execute(select(posts.c.external_id, posts.c.text)).all())
+        n_images = conn.execute(select(post_images.c.id)).all()
+    assert rows == {"1": "moved and edited", "2": "acme", "3": "acme", "4": "acme"}
+    assert len(n_images) == 3
+    assert tried == ([True, False, True] if backend == "postgres" else [])  # plain, fallback, plain
