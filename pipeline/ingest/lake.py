@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.objectstore import ObjectStore
 
+FLUSH_LINES = 3000  # lines compressed per zlib call (one task of the compression thread: ~1 MB)
 _PART = re.compile(r"-part(\d{5})\.jsonl\.gz$")
 
 
@@ -89,7 +90,7 @@ def delete_parts_from(store: ObjectStore, source: str, start: dt.datetime, end: 
 class GzipLines:
     """An incremental gzip JSONL writer kept in memory (one per archive day partition).
 
-    Lines are compressed in batches (one zlib call per ~1000 lines, not per line). With an
+    Lines are compressed in batches (one zlib call per `FLUSH_LINES` lines, not per line). With an
     `executor` (one thread), compression runs there: zlib releases the GIL, so it overlaps
     with the caller's parsing on another core. One thread keeps each stream's batches in order.
     """
@@ -110,7 +111,7 @@ class GzipLines:
         """A line already encoded (e.g. an export row kept as the bytes it came as)."""
         self._pending.append(line)
         self.count += 1
-        if len(self._pending) >= 1000:
+        if len(self._pending) >= FLUSH_LINES:
             self._flush()
 
     def _flush(self) -> None:

@@ -29,11 +29,14 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -119,9 +122,8 @@ class ArchiveFiles:
         return sorted(out)
 
     @contextmanager
-    def open(self, name: str) -> Iterator[tuple[BinaryIO, Callable[[], int]]]:
-        """(a binary stream of one file, gunzipped if its name ends in .gz; a function giving
-        the bytes of the file read so far, for progress). S3 objects go via a temp file."""
+    def open_raw(self, name: str) -> Iterator[BinaryIO]:
+        """The file's bytes as stored (not gunzipped); S3 objects go via a temp file."""
         with ExitStack() as stack:
             if self.s3:
                 raw: BinaryIO = stack.enter_context(tempfile.TemporaryFile())  # type: ignore[assignment]
@@ -132,10 +134,7 @@ class ArchiveFiles:
                 raw.seek(0)
             else:
                 raw = stack.enter_context(open(name, "rb"))
-            tell = raw.tell
-            if name.endswith(".gz"):
-                raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
-            yield raw, tell
+            yield raw
 
     def short(self, name: str) -> str:
         if self.s3:
@@ -159,23 +158,141 @@ _FAST_TS = re.compile(
 
 _FAST_TS_B = re.compile(_FAST_TS.pattern.encode())
 _fromiso = dt.datetime.fromisoformat
-_BLOCK = 1 << 20
+_RAW_BLOCK = 2 << 20  # bytes read from an export file at once
+_MAX_BLOCK = 16 << 20  # most bytes one inflate step yields
+_PIECE = 1 << 20  # bytes of lines split and parsed at once
 
 
-def iter_json_lines(fh: BinaryIO, on_block: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
-    """(line number, line without surrounding ASCII whitespace) of a JSON-lines stream, blank
-    lines skipped; read in 1 MiB blocks. Why: a readline per row on a gzip stream, and
+@contextmanager
+def quick_gil_handoffs(interval_s: float = 0.001) -> Iterator[None]:
+    """A shorter GIL switch interval (default 5 ms) for a block. Why: while indexing, the main
+    thread parses rows without pause and the reader and compression threads need the GIL for a
+    moment after each zlib call; at 5 ms a waiting helper falls behind (the compression thread
+    ended a million-row index with ~0.6 s of work left), at 1 ms it keeps up."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _head(raw: BinaryIO, gz: bool, size: int = 64) -> bytes:
+    """The first bytes of a file's content (gunzipped if `gz`); the file is rewound."""
+    data = raw.read(64 * 1024 if gz else size)
+    raw.seek(0)
+    if gz:
+        try:
+            data = zlib.decompressobj(31).decompress(data, size)
+        except zlib.error:
+            return b""  # reading it properly will say what is wrong
+    return data[:size]
+
+
+def file_blocks(raw: BinaryIO, gz: bool, done: list[int], size: int = _RAW_BLOCK) -> Iterator[bytes]:
+    """The content of `raw` in blocks, gunzipped if `gz` (every gzip member, as `gzip` reads
+    them); `done[0]` counts the raw bytes read so far (progress, without a syscall).
+
+    Why not GzipFile: it inflates 128 KiB at a time in Python code, and on a helper thread (see
+    `read_ahead`) each step waits for the GIL; one zlib call per 2 MiB read releases the GIL for
+    the whole inflate and needs it back only once."""
+    z = zlib.decompressobj(31) if gz else None
+    member = False  # inside a gzip member
+    while True:
+        data = raw.read(size)
+        done[0] += len(data)
+        if not data:
+            break
+        if z is None:
+            yield data
+            continue
+        while data:
+            if not member:
+                data = data.lstrip(b"\x00")  # gzip allows zero padding between and after members
+                if not data:
+                    break
+                if not data.startswith(b"\x1f\x8b") and len(data) >= 2:
+                    raise gzip.BadGzipFile(f"not a gzipped file ({data[:2]!r})")
+                member = True
+            out = z.decompress(data, _MAX_BLOCK)
+            if out:
+                yield out
+            while z.unconsumed_tail and not z.eof:  # a block that inflates to more than _MAX_BLOCK
+                out = z.decompress(z.unconsumed_tail, _MAX_BLOCK)
+                if out:
+                    yield out
+            if z.eof:
+                data, member = z.unused_data, False
+                z = zlib.decompressobj(31)
+            else:
+                data = b""
+    if member:
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+
+def read_ahead(blocks: Iterator[bytes], depth: int = 4) -> Iterator[bytes]:
+    """The items of `blocks`, produced by a helper thread up to `depth` ahead. Why: zlib and
+    file reads release the GIL, so reading and gunzipping the export overlaps with parsing its
+    rows on the other core. An error of the producer is raised here; leaving the loop early
+    stops the thread."""
+    box: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if not put(block):
+                    return
+            put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="archive-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = box.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _pieces(blocks: Iterable[bytes], size: int = _PIECE) -> Iterator[bytes]:
+    """Big blocks cut into pieces of `size` bytes: the lines of a piece are parsed while it is
+    still in the CPU cache, while the reader thread works (and waits for the GIL) per big block."""
+    for block in blocks:
+        if len(block) <= size:
+            yield block
+        else:
+            for i in range(0, len(block), size):
+                yield block[i : i + size]
+
+
+def iter_json_lines(blocks: Iterable[bytes], on_block: Callable[[int], None] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without surrounding ASCII whitespace) of a JSON-lines stream given as
+    blocks of bytes, blank lines skipped. Why: a readline per row on a gzip stream, and
     decoding every row to str only to encode it again for the lake, cost more than the rest
     of indexing. Lines number as `enumerate(fh, 1)` numbers them (split on b"\\n").
     `on_block(lines so far)` is called before each block (progress reports)."""
     rest = b""
     lineno = 0
-    while True:
+    for block in _pieces(blocks):
         if on_block is not None:
             on_block(lineno)
-        block = fh.read(_BLOCK)
-        if not block:
-            break
         lines = (rest + block).split(b"\n") if rest else block.split(b"\n")
         rest = lines.pop()
         for raw in lines:
@@ -393,19 +510,25 @@ class ArchiveConnector(Connector):
                 fmt = _format_of(name) or "json"
                 short = self.files.short(name)
                 ref_head = json.dumps(short, ensure_ascii=False)[:-1]  # '"name' (closing quote added per row)
-                with self.files.open(name) as (fh, tell):
-                    base = rows_total
+                gz = name.endswith(".gz")
+                with self.files.open_raw(name) as raw:
+                    base, done = rows_total, [0]
 
-                    def on_block(rows: int, base: int = base, tell: Callable[[], int] = tell) -> None:
-                        meter.update(base + rows, tell())
+                    def on_block(rows: int, base: int = base, done: list[int] = done) -> None:
+                        meter.update(base + rows, done[0])
 
-                    head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
-                    if fmt == "json" and not head.lstrip().startswith(b"["):
-                        rows_total += self._index_json_lines(fh, short, days, rejects, now, compressor, on_block)
+                    if fmt == "json" and not _head(raw, gz).lstrip().startswith(b"["):
+                        blocks = read_ahead(file_blocks(raw, gz, done))
+                        try:
+                            rows_total += self._index_json_lines(blocks, short, days, rejects, now, compressor, on_block)
+                        finally:
+                            blocks.close()  # stops the reader thread if indexing failed
                     else:
+                        fh: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[assignment]
                         for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
                             rows_total += 1
                             if not rows_total & 0x3FFF:
+                                done[0] = raw.tell()
                                 on_block(rows_total - base)
                             self._place(ref_name_line, line, row, error, short, ref_head, days, rejects, now, compressor)
                 meter.file_done(_size_of(version))
@@ -414,7 +537,7 @@ class ArchiveConnector(Connector):
             meter.close()
         return rows_total
 
-    def _index_json_lines(self, fh: BinaryIO, short: str, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]],
+    def _index_json_lines(self, blocks: Iterable[bytes], short: str, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]],
                           now: dt.datetime, compressor: Executor, on_block: Callable[[int], None] | None = None) -> int:
         """JSON lines, kept as bytes: a row with one timestamp-like key that reads as a plausible
         time goes to its day as it came (no JSON parse, no str round trip); any other row takes
@@ -424,7 +547,7 @@ class ArchiveConnector(Connector):
         latest = now + FUTURE_SLACK
         search = _FAST_TS_B.search
         n = 0
-        for lineno, line in iter_json_lines(fh, on_block):
+        for lineno, line in iter_json_lines(blocks, on_block):
             n += 1
             when = ts_b = None
             # Only lines that are one plain object: anything else (e.g. unicode whitespace that
@@ -520,7 +643,8 @@ class ArchiveConnector(Connector):
         rejects: list[dict[str, Any]] = []
         compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-gzip")
         try:
-            rows_total = self._index_files(days, rejects, now, compressor, progress)
+            with quick_gil_handoffs():
+                rows_total = self._index_files(days, rejects, now, compressor, progress)
             store = self._store
             manifest_days: dict[str, dict[str, Any]] = {}
             for day in sorted(days):

@@ -1,0 +1,90 @@
+"""Archive index internals: reading (and gunzipping) exports on a helper thread."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import sys
+import threading
+import zlib
+
+import pytest
+
+from pipeline.ingest.connectors.archive import (
+    file_blocks,
+    iter_json_lines,
+    quick_gil_handoffs,
+    read_ahead,
+)
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    return [x.strip() for x in data.split(b"\n") if x.strip()]
+
+
+def test_file_blocks_gunzips_like_gzip():
+    text = b"".join(b'{"id": %d, "text": "%s"}\n' % (i, b"x" * (i % 300)) for i in range(60_000))
+    one = gzip.compress(text, mtime=0)
+    members = gzip.compress(text[:1_000_003], mtime=0) + gzip.compress(text[1_000_003:], mtime=0) + b"\x00" * 10
+    for data in (one, members):
+        done = [0]
+        got = b"".join(file_blocks(io.BytesIO(data), True, done, size=65_536))
+        assert got == gzip.decompress(data) == text
+        assert done[0] == len(data)
+    assert b"".join(file_blocks(io.BytesIO(text), False, [0], size=4096)) == text
+    bomb = gzip.compress(b"\n" * (40 << 20))  # inflates 1000x: yielded in bounded blocks
+    assert max(len(b) for b in file_blocks(io.BytesIO(bomb), True, [0])) <= 16 << 20
+
+
+def test_file_blocks_errors():
+    data = gzip.compress(b'{"id": 1}\n' * 1000)
+    with pytest.raises(EOFError):
+        b"".join(file_blocks(io.BytesIO(data[:-20]), True, [0]))
+    with pytest.raises(gzip.BadGzipFile):
+        b"".join(file_blocks(io.BytesIO(b'{"id": 1}\n'), True, [0]))
+    with pytest.raises(zlib.error):
+        b"".join(file_blocks(io.BytesIO(data[:-8] + b"\x00\x00\x00\x00" + data[-4:]), True, [0]))  # bad CRC
+
+
+def test_iter_json_lines_over_blocks_of_any_size():
+    text = b'{"a": 1}\n\n  {"b": 2}  \r\n' * 5000 + b'{"c": 3}'
+    want = [(n, line) for n, line in enumerate(text.split(b"\n"), 1) if line.strip()]
+    want = [(n, line.strip()) for n, line in want]
+    for size in (1, 7, 4096, 10**7):
+        assert list(iter_json_lines(text[i : i + size] for i in range(0, len(text), size))) == want
+
+
+def test_read_ahead_passes_blocks_errors_and_stops_early():
+    assert list(read_ahead(iter([b"a", b"b", b"c"]))) == [b"a", b"b", b"c"]
+
+    def failing():
+        yield b"a"
+        raise OSError("disk gone")
+
+    it = read_ahead(failing())
+    assert next(it) == b"a"
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield b"x"
+            i += 1
+
+    before = threading.active_count()
+    it = read_ahead(endless(), depth=2)
+    next(it)
+    it.close()  # the consumer leaves early: the reader thread ends
+    assert threading.active_count() == before
+    assert len(produced) < 10
+
+
+def test_quick_gil_handoffs_restores_the_interval():
+    old = sys.getswitchinterval()
+    with quick_gil_handoffs(0.001):
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert sys.getswitchinterval() == old
