@@ -71,18 +71,10 @@ def load_posts(conn: Connection, source: str, items: Sequence[tuple[Post, str | 
 
 
 def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime) -> LoadResult:
-    conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
-    conn.execute(text(
-        "CREATE TEMP TABLE _stage_posts (platform text, external_id text, author_hash text, text text, lang text, "
-        "posted_at timestamptz, url text, repost_of text, content_hash text, raw_key text) ON COMMIT DROP"
-    ))
-    conn.execute(text(
-        "CREATE TEMP TABLE _stage_images (platform text, external_id text, position int, url text, alt_text text) ON COMMIT DROP"
-    ))
-    conn.execute(text(
-        "CREATE TEMP TABLE _changed (id bigint, platform text, external_id text, posted_at timestamptz, inserted boolean,"
-        " old_posted_at timestamptz) ON COMMIT DROP"
-    ))
+    # Session temp tables, emptied at every commit (`ON COMMIT DELETE ROWS`): created once per
+    # connection instead of created and dropped per window (~0.7 ms of catalog work per 1,000
+    # posts). A window that fails rolls back their rows too; the caller commits once per window.
+    conn.exec_driver_sql(_STAGING_DDL)
     post_lines, image_lines = copy_lines(items)
     _copy_text(conn, "_stage_posts", POST_COLUMNS, post_lines)
     if image_lines:
@@ -136,10 +128,20 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
                 ),
                 {"now": now},
             )
-    conn.execute(text("DROP TABLE IF EXISTS _stage_posts, _stage_images, _changed"))
     return result
 
 
+_STAGING_DDL = "; ".join([
+    "SET LOCAL client_min_messages = warning",  # no "already exists, skipping" notice per window
+    "CREATE TEMP TABLE IF NOT EXISTS _stage_posts (platform text, external_id text, author_hash text, text text, lang text, "
+    "posted_at timestamptz, url text, repost_of text, content_hash text, raw_key text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS _stage_images (platform text, external_id text, position int, url text, alt_text text) "
+    "ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS _changed (id bigint, platform text, external_id text, posted_at timestamptz, "
+    "inserted boolean, old_posted_at timestamptz) ON COMMIT DELETE ROWS",
+    # Empty already unless an earlier call in this transaction filled them (nothing to scan then).
+    "DELETE FROM _stage_posts", "DELETE FROM _stage_images", "DELETE FROM _changed",
+])
 _POST_INSERT_COLUMNS = ("platform, external_id, source, author_hash, text, lang, posted_at, url, repost_of, content_hash, "
                         "raw_key, ingested_at, updated_at")
 _SELECT_STAGED = ("SELECT platform, external_id, :source, author_hash, text, lang, posted_at, url, repost_of, content_hash, "

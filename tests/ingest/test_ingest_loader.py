@@ -121,3 +121,20 @@ def test_batch_in_an_empty_time_span_with_a_known_key(make_ctx, backend, monkeyp
     assert rows == {"1": "moved and edited", "2": "acme", "3": "acme", "4": "acme"}
     assert len(n_images) == 3
     assert tried == ([True, False, True] if backend == "postgres" else [])  # plain, fallback, plain
+
+
+@pytest.mark.integration
+def test_two_loads_in_one_transaction(make_ctx, backend):
+    """The staging tables live per connection (emptied at commit): a second load in the same
+    transaction starts from empty ones."""
+    ctx = make_ctx(config([{"name": "src", "kind": "archive", "path": "/nonexistent"}]), backend)
+    img = (ImageRef("https://i.example/1.jpg", None),)
+    with ctx.engine.begin() as conn:
+        touch_source(conn, "src", "archive")
+        first = load_posts(conn, "src", [(post(1, images=img), "k"), (post(2), "k")])
+        second = load_posts(conn, "src", [(post(3, T + dt.timedelta(days=1), images=img), "k")])
+    assert (first.new, second.new, second.updated, second.days) == (2, 1, 0, {(T + dt.timedelta(days=1)).date()})
+    with ctx.engine.connect() as conn:
+        assert len(conn.execute(select(post_images.c.id)).all()) == 2
+    for _ in range(2):  # later windows on the same pooled connection
+        assert load(ctx, [post(1, images=img), post(2), post(3, T + dt.timedelta(days=1), images=img)]).unchanged == 3
