@@ -12,47 +12,16 @@ BRANDMON_TASK_RETRIES (default 3, at least 2), BRANDMON_RETRY_DELAY_S (default 1
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
+from brandmon_common import default_args
 
 DETECTIONS = Asset("brandmon://detections")
 
 
-def _env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
-    """A numeric parse-time setting from the environment; a bad value fails the import with
-    one line naming the variable (not a bare `invalid literal for int()`)."""
-    raw = (os.environ.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        example = f"e.g. {default}" if default is not None else "a positive number"
-        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
-def _on_failure(context: Any) -> None:
-    from pipeline.airflow_support import log_failure
-
-    log_failure(context)
-
-
-DEFAULT_ARGS = {
-    "owner": "brandmon",
-    "retries": max(2, _env_number("BRANDMON_TASK_RETRIES", 3)),
-    "retry_delay": dt.timedelta(seconds=_env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": dt.timedelta(hours=1),
-    "on_failure_callback": _on_failure,
-}
+DEFAULT_ARGS = default_args()
 
 
 @dag(

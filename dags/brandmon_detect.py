@@ -36,6 +36,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
+from brandmon_common import default_args, env_number
 
 POSTS = Asset("brandmon://posts")
 MODEL = Asset("brandmon://model")
@@ -43,42 +44,12 @@ BACKLOG = Asset("brandmon://detect-backlog")
 DETECTIONS = Asset("brandmon://detections")
 
 
-def _env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
-    """A numeric parse-time setting from the environment; a bad value fails the import with
-    one line naming the variable (not a bare `invalid literal for int()`)."""
-    raw = (os.environ.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        example = f"e.g. {default}" if default is not None else "a positive number"
-        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
-    if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
-    return value
-
-
 TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
-BATCH_IMAGES = _env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
-MAX_TASKS = _env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
+BATCH_IMAGES = env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
+MAX_TASKS = env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
 
 
-def _on_failure(context: Any) -> None:
-    from pipeline.airflow_support import log_failure
-
-    log_failure(context)
-
-
-DEFAULT_ARGS = {
-    "owner": "brandmon",
-    "retries": max(2, _env_number("BRANDMON_TASK_RETRIES", 3)),
-    "retry_delay": dt.timedelta(seconds=_env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": dt.timedelta(hours=1),
-    "on_failure_callback": _on_failure,
-}
+DEFAULT_ARGS = default_args()
 
 
 @dag(

@@ -75,7 +75,7 @@ def _loaded(prefixes: tuple[str, ...]) -> set[str]:
 
 
 def parse() -> dict[str, Any]:
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag, DagBag
 
     # Warm-up: parse a trivial DAG using the same airflow.sdk features first, so that what
     # Airflow itself loads on first use (provider asset handlers pull in boto3) is not
@@ -87,11 +87,10 @@ def parse() -> dict[str, Any]:
         assert not warm_bag.import_errors, warm_bag.import_errors
     before = _loaded(WATCHED_MODULES)
     t0 = time.perf_counter()
-    bag = DagBag(
-        dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"],
-        safe_mode=False,
-        known_pools={"default_pool"},
-    )
+    # The bundle-aware DagBag, as the dag-processor and task runner use: the DAGs folder is on
+    # sys.path, so DAG files can import brandmon_common beside them.
+    folder = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
+    bag = BundleDagBag(dag_folder=folder, bundle_path=Path(folder), safe_mode=False, known_pools={"default_pool"})
     parse_s = time.perf_counter() - t0
     after = _loaded(WATCHED_MODULES)
     dags: dict[str, Any] = {}
@@ -272,7 +271,7 @@ def run(steps_path: str) -> list[dict[str, Any]]:
     """Steps: {"dag_id", "logical_date"?, "conf"?} = dag.test(); {"unpause": [ids]};
     {"assets": id, "max_runs"?} = asset-triggered runs (each one result)."""
     import pendulum
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow.dag_processing.dagbag import BundleDagBag
     from airflow.settings import Session
 
     steps = json.loads(Path(steps_path).read_text())
@@ -280,7 +279,8 @@ def run(steps_path: str) -> list[dict[str, Any]]:
     for step in steps:
         # A fresh parse per step: an in-process dag.test() leaves the run's conf in the DAG
         # object's params, which would leak into the next run of the same DAG.
-        bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"], safe_mode=False)
+        folder = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
+        bag = BundleDagBag(dag_folder=folder, bundle_path=Path(folder), safe_mode=False)
         if bag.import_errors:
             raise SystemExit(f"import errors: {bag.import_errors}")
         session = Session()

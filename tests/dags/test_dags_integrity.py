@@ -11,7 +11,8 @@ import pytest
 from dags_helpers import DAGS, airflow_base_env, run_airflow
 
 EXPECTED_DAGS = {"brandmon_ingest", "brandmon_detect", "brandmon_aggregate", "brandmon_train"}
-ALLOWED_TOP_LEVEL = {"__future__", "airflow", "pendulum"}
+# brandmon_common: the DAGs folder's own shared module (standard library only; checked below)
+ALLOWED_TOP_LEVEL = {"__future__", "airflow", "pendulum", "brandmon_common"}
 FORBIDDEN_MODULES = {
     "pipeline",
     "tensorflow",
@@ -150,6 +151,16 @@ def test_dag_files_import_only_airflow_sdk_pendulum_and_stdlib_at_top_level(path
             if root == "airflow":
                 assert name == "airflow.sdk", f"{path.name}: import {name} (only airflow.sdk)"
             assert root not in FORBIDDEN_MODULES
+            if path.name == "brandmon_common.py":
+                assert root in sys.stdlib_module_names or root == "__future__", f"{path.name}: import {name}"
+
+
+def test_the_shared_module_is_ignored_as_a_dag_file_and_used_by_every_dag():
+    ignored = (DAGS / ".airflowignore").read_text().split()
+    assert "brandmon_common\\.py" in ignored
+    for path in sorted(DAGS.glob("brandmon_*.py")):
+        if path.name != "brandmon_common.py":
+            assert "from brandmon_common import default_args" in path.read_text(), path.name
 
 
 def parse_with(tmp_path_factory: pytest.TempPathFactory, **env: str) -> dict[str, Any]:
