@@ -8,6 +8,7 @@ one clear line on stderr with a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -114,6 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TF_COMMANDS = {"demo", "detect", "train", "evaluate"}
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's stderr (fd 2) sent to /dev/null meanwhile.
+
+    Why: TensorFlow 2.21 prints absl's "log messages before absl::InitializeLog()" banner and a
+    oneDNN notice from C++ while it loads, before TF_CPP_MIN_LOG_LEVEL applies; a command-line
+    user sees them on every run. A failed import still raises its Python exception afterwards
+    (and `-vv` skips this, showing everything).
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            # a failed import is reported by the command's own import, with stderr back
+            with contextlib.suppress(Exception):
+                import tensorflow  # noqa: F401
+        finally:
+            os.close(devnull)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -128,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose < 2:
         for noisy in ("alembic", "botocore", "urllib3", "tensorflow", "absl"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in TF_COMMANDS and args.verbose < 2:
+        import_tensorflow_quietly()
     try:
         return int(args.func(args) or 0)
     except BrandmonError as exc:

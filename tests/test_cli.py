@@ -134,3 +134,26 @@ def test_lake_read_dropped_by_the_s3_server(monkeypatch, capsys, tmp_path, s3_en
     line = _one_clear_line(err)
     assert rule.fired == 2
     assert code == 2 and "S3 get on s3://" in line and "ConnectionClosedError" in line and "re-run" in line
+
+
+def test_tensorflow_start_up_chatter_stays_off_a_users_terminal(tmp_path) -> None:
+    """TensorFlow 2.21 prints absl/oneDNN banners from C++ while loading, before
+    TF_CPP_MIN_LOG_LEVEL applies; the CLI hides them (and shows them at -vv)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRANDMON_", "TF_CPP"))}
+    env["BRANDMON_HOME"] = str(tmp_path / "var")
+    cmd = [sys.executable, "-m", "pipeline.cli"]
+    subprocess.run([*cmd, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    quiet = subprocess.run([*cmd, "detect"], env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert [line for line in quiet.stderr.splitlines() if line.strip()] == [
+        line for line in quiet.stderr.splitlines() if line.startswith("brandmon: error:")
+    ], quiet.stderr
+    assert "no active model" in quiet.stderr
+    # the control: a plain import prints the banners here, so the check above can fail
+    loud = subprocess.run([sys.executable, "-c", "import tensorflow"], env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                          capture_output=True, text=True, timeout=300)
+    assert "absl::InitializeLog" in loud.stderr or "oneDNN" in loud.stderr
