@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import cv2
 import numpy as np
 import pytest
 
 from pipeline.detector.matching import (
+    LEGACY_PARAMS,
     LogoMatcher,
     MatcherParams,
+    _query_scale,
+    _resize,
+    _root_sift,
+    _sift,
+    _to_gray,
     choose_threshold,
     combine,
     fit_combiner,
@@ -100,6 +109,82 @@ def test_round_trip_and_both_modes(matcher: LogoMatcher):
         LogoMatcher.from_bytes(b"not an npz")
     with pytest.raises(ValueError):
         LogoMatcher().fit([("Blank", np.full((64, 64, 3), 255, np.uint8))])
+
+
+def _correspondences(m: LogoMatcher, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The query's RootSIFT descriptors and its class-aware correspondences (query kp, ref kp)."""
+    p = m.params
+    gray = _to_gray(image)
+    g = _resize(gray, _query_scale(p, gray.shape[1], gray.shape[0]))
+    _kps, desc = _sift(p, p.query_features).detectAndCompute(g, None)
+    qroot = _root_sift(desc)
+    nn, dist = m._index.flann.knnSearch(qroot, p.knn, params={"checks": p.flann_checks})
+    qi, ri = m._class_ratio_matches(nn.astype(np.int64), np.sqrt(np.maximum(dist, 0)))
+    return qroot, qi, ri
+
+
+def test_rematch_gathers_a_logo_spread_over_references_of_its_class():
+    # Four overlapping crops of one logo: the class-aware test shares the logo's keypoints
+    # out among them; re-matching each against the whole query gives each its own.
+    logo = _logo(1)
+    refs = [("Alpha", logo[:120, :120]), ("Alpha", logo[40:, 40:]), ("Alpha", logo[:120, 40:]),
+            ("Alpha", logo[40:, :120]), ("Beta", _logo(2)), ("Gamma", _logo(3))]
+    m = LogoMatcher(MatcherParams()).fit(refs)
+    assert m.params.rematch > 0 and m.params.ransac_method == "magsac"  # the defaults
+    image = _paste(_background(7), logo, QUAD)
+    qroot, qi, ri = _correspondences(m, image)
+    q2, r2 = m._rematch(qroot, qi, ri)
+    n_ref = m.n_references
+    before = np.bincount(m._index.ref[ri], minlength=n_ref)
+    after = np.bincount(m._index.ref[r2], minlength=n_ref)
+    assert after[:4].max() > before[:4].max()  # the best Alpha reference gains correspondences
+    assert len(np.unique(r2)) == len(r2)  # still one query keypoint per reference keypoint
+    assert set(np.unique(m._index.ref[r2])) >= set(np.unique(m._index.ref[ri]))
+    # More correspondences, same verification: the other marks still score nothing.
+    scores = m.score(image)
+    assert scores["Alpha"][0] > 0.9 and scores["Beta"][0] == 0.0 and scores["Gamma"][0] == 0.0
+    x1, y1, x2, y2 = scores["Alpha"][1]  # the box of the best crop: inside the pasted logo
+    assert x1 >= 132 and y1 >= 82 and x2 <= 338 and y2 <= 288 and (x2 - x1) * (y2 - y1) > 0.3 * 190 * 190
+    # rematch=0 is the old class-aware-only behaviour: the correspondences pass unchanged.
+    old = LogoMatcher(rematch=0, ransac_method="ransac").fit(refs)
+    q0, r0 = old._rematch(qroot, qi, ri)
+    assert np.array_equal(q0, qi) and np.array_equal(r0, ri)
+    assert old.score(image)["Alpha"][0] > 0.9
+    with pytest.raises(ValueError):
+        MatcherParams(rematch=-1)
+    with pytest.raises(ValueError):
+        MatcherParams(ransac_method="lmeds")
+
+
+def _with_meta(blob: bytes, edit) -> bytes:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    edit(meta)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_a_format_1_artifact_loads_and_scores_as_it_was_saved(matcher: LogoMatcher):
+    def as_format_1(meta: dict) -> None:  # what the matcher saved before rematch/ransac_method
+        meta["format"] = 1
+        for key in LEGACY_PARAMS:
+            del meta["params"][key]
+
+    old = LogoMatcher.from_bytes(_with_meta(matcher.to_bytes(), as_format_1))
+    assert old.params == MatcherParams(**LEGACY_PARAMS)
+    assert (old.params.rematch, old.params.ransac_method) == (0, "ransac")
+    legacy = LogoMatcher(MatcherParams(**LEGACY_PARAMS)).fit(
+        [("Alpha", _logo(1)), ("Beta", _logo(2)), ("Beta", _logo(2)[10:150, 5:155])]
+    )
+    image = _paste(_background(7), _logo(1), QUAD)
+    assert old.score(image) == legacy.score(image)
+    # A current artifact keeps its own parameters; an unknown format is refused.
+    assert LogoMatcher.from_bytes(matcher.to_bytes()).params == matcher.params
+    with pytest.raises(ValueError):
+        LogoMatcher.from_bytes(_with_meta(matcher.to_bytes(), lambda meta: meta.update(format=99)))
 
 
 def test_combine_is_monotone_and_fit_uses_both_signals():
