@@ -64,6 +64,19 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
         ("sources:\n  - {name: a, kind: telegraph}\n", "kind must be one of"),
         ("brands:\n  - {keywords: [x]}\n", "needs a `name`"),
         ("brands:\n  - {name: A}\n  - {name: a}\n", "unique"),
+        # wrong types of known keys
+        ("detector: 5\n", "`detector` must be a mapping"),
+        ("detector: {batch_size: lots}\n", "batch_size must be a whole number"),
+        ("network: [a, b]\n", "`network` must be a mapping"),
+        ("network: {timeout_s: soon}\n", "timeout_s must be a number"),
+        ("sources:\n  - {name: m, kind: mastodon, max_pages: lots}\n", "`max_pages` must be a whole number"),
+        ("sources:\n  - {name: m, kind: mastodon, limit: 0}\n", "`limit` must be at least 1"),
+        ("sources:\n  - {name: m, kind: mastodon, backoff_s: fast}\n", "`backoff_s` must be a number of seconds"),
+        ("sources:\n  - {name: a, kind: archive, path: /x, fetch_images: maybe}\n", "`fetch_images` must be true or false"),
+        ("sources:\n  - {name: a, kind: archive, path: [x]}\n", "`path` must be a string"),
+        ("sources:\n  - {name: a, kind: archive, path: /x, html: sometimes}\n", "`html` must be one of auto, always, never"),
+        ("sources:\n  - {name: m, kind: mastodon, hashtags: {a: 1}}\n", "hashtags must be a list of strings"),
+        ("sources:\n  - {name: s, kind: synthetic, start: someday}\n", "`start` must be a date"),
     ],
 )
 def test_bad_yaml_gives_one_clear_error(tmp_path: Path, text: str, needle: str) -> None:
@@ -105,31 +118,6 @@ def test_salt_is_generated_once_and_private(tmp_path: Path) -> None:
     b = load_settings(env=_env(tmp_path)).author_salt.get()
     assert a == b and len(a) == 64
     assert (tmp_path / "var" / "author_salt").stat().st_mode & 0o077 == 0
-
-
-@pytest.mark.parametrize(
-    ("text", "needle"),
-    [
-        ("detector: 5\n", "`detector` must be a mapping"),
-        ("detector: {batch_size: lots}\n", "batch_size must be a whole number"),
-        ("network: [a, b]\n", "`network` must be a mapping"),
-        ("network: {timeout_s: soon}\n", "timeout_s must be a number"),
-        ("sources:\n  - {name: m, kind: mastodon, max_pages: lots}\n", "`max_pages` must be a whole number"),
-        ("sources:\n  - {name: m, kind: mastodon, limit: 0}\n", "`limit` must be at least 1"),
-        ("sources:\n  - {name: m, kind: mastodon, backoff_s: fast}\n", "`backoff_s` must be a number of seconds"),
-        ("sources:\n  - {name: a, kind: archive, path: /x, fetch_images: maybe}\n", "`fetch_images` must be true or false"),
-        ("sources:\n  - {name: a, kind: archive, path: [x]}\n", "`path` must be a string"),
-        ("sources:\n  - {name: a, kind: archive, path: /x, html: sometimes}\n", "`html` must be one of auto, always, never"),
-        ("sources:\n  - {name: m, kind: mastodon, hashtags: {a: 1}}\n", "hashtags must be a list of strings"),
-        ("sources:\n  - {name: s, kind: synthetic, start: someday}\n", "`start` must be a date"),
-    ],
-)
-def test_wrong_types_give_one_clear_error(tmp_path: Path, text: str, needle: str) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(text)
-    with pytest.raises(ConfigError) as exc:
-        load_settings(env=_env(tmp_path, BRANDMON_CONFIG=str(cfg)))
-    assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_source_options_are_normalised(tmp_path: Path) -> None:
