@@ -124,10 +124,11 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
+        self.max_attempts = _max_attempts()
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(retries={"total_max_attempts": _max_attempts(), "mode": "adaptive"}, connect_timeout=10,
+            config=Config(retries={"total_max_attempts": self.max_attempts, "mode": "adaptive"}, connect_timeout=10,
                           read_timeout=60),
         )
 
@@ -152,7 +153,7 @@ class S3Store:
                 )
             if code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "500", "503"):
                 return StorageError(
-                    f"S3 {what} on s3://{self.bucket} failed: {code} (still failing after {_max_attempts()} attempts); "
+                    f"S3 {what} on s3://{self.bucket} failed: {code} (still failing after {self.max_attempts} attempts); "
                     "the S3 server is throttling or failing: re-run the same command later"
                 )
             return StorageError(f"S3 {what} on s3://{self.bucket} failed: {code}")
