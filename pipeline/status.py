@@ -61,9 +61,9 @@ def _model_warnings(settings: Any, active: Any) -> list[str]:
     for nothing): see `pipeline.aggregate.catalogue.map_classes`."""
     if active is None:
         return []
-    from pipeline.aggregate.catalogue import logo_classes, map_classes, unmatched_warning
+    from pipeline.aggregate.catalogue import map_classes, unmatched_warning
 
-    _, unmatched = map_classes(active.classes or (), settings.brands, logo_classes(settings))
+    _, unmatched = map_classes(active.classes or (), settings.brands)
     warning = unmatched_warning(active.version, unmatched)
     return [warning] if warning else []
 

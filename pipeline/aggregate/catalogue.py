@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
@@ -27,7 +27,7 @@ from pipeline.aggregate.textmatch import normalize
 from pipeline.schema import brands as brands_t
 from pipeline.schema import logo_class_map, utcnow
 from pipeline.schema import products as products_t
-from pipeline.settings import Brand, Settings
+from pipeline.settings import Brand
 
 log = logging.getLogger(__name__)
 
@@ -116,35 +116,25 @@ def class_key(name: str) -> str:
     return "".join(ch for ch in normalize(str(name)) if ch.isalnum())
 
 
-def logo_classes(settings: Settings) -> dict[Target, tuple[str, ...]]:
-    """The explicit `logo_classes` of every configured brand (product '') and product."""
-    out: dict[Target, tuple[str, ...]] = {}
-    for b in settings.brands:
-        out[(b.name, "")] = tuple(b.logo_classes)
-        for p in b.products:
-            out[(b.name, p.name)] = tuple(p.logo_classes)
-    return {k: v for k, v in out.items() if v}
-
-
-def map_classes(
-    classes: Iterable[str], brands: Sequence[Brand], explicit: Mapping[Target, Sequence[str]] | None = None,
-) -> tuple[list[dict[str, str]], list[str]]:
+def map_classes(classes: Iterable[str], brands: Sequence[Brand]) -> tuple[list[dict[str, str]], list[str]]:
     """(logo_class_map rows, classes that match nothing) for a model's class names.
 
-    A class listed in some `logo_classes` maps to exactly those brands/products; any other
+    A class listed in some brand's or product's `logo_classes` maps to exactly those
+    brands/products; any other
     class maps to every brand and product whose name has the same `class_key`. A product
     class also counts as its brand in the SQL (as a product named in text does).
     """
     by_name: dict[str, set[Target]] = {}
+    by_list: dict[str, set[Target]] = {}
     for b in brands:
         by_name.setdefault(class_key(b.name), set()).add((b.name, ""))
+        for n in b.logo_classes:
+            by_list.setdefault(class_key(n), set()).add((b.name, ""))
         for p in b.products:
             if p.name not in RESERVED_PRODUCTS:
                 by_name.setdefault(class_key(p.name), set()).add((b.name, p.name))
-    by_list: dict[str, set[Target]] = {}
-    for target, names in (explicit or {}).items():
-        for n in names:
-            by_list.setdefault(class_key(n), set()).add(target)
+            for n in p.logo_classes:
+                by_list.setdefault(class_key(n), set()).add((b.name, p.name))
     rows: list[dict[str, str]] = []
     unmatched: list[str] = []
     for cls in dict.fromkeys(str(c) for c in classes):
@@ -158,12 +148,9 @@ def map_classes(
     return rows, unmatched
 
 
-def sync_logo_classes(
-    conn: Connection, classes: Iterable[str], brands: Sequence[Brand],
-    explicit: Mapping[Target, Sequence[str]] | None = None,
-) -> tuple[int, list[str]]:
+def sync_logo_classes(conn: Connection, classes: Iterable[str], brands: Sequence[Brand]) -> tuple[int, list[str]]:
     """Make `logo_class_map` map these classes; returns (rows changed, unmatched classes)."""
-    rows, unmatched = map_classes(classes, brands, explicit)
+    rows, unmatched = map_classes(classes, brands)
     want = {(r["class_name"], r["brand"], r["product"]) for r in rows}
     have = set(conn.execute(select(logo_class_map.c.class_name, logo_class_map.c.brand, logo_class_map.c.product)))
     gone = have - want

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from pipeline.aggregate.catalogue import (
     catalogue_changed,
     catalogue_fingerprint,
-    logo_classes,
     sync_catalogue,
     sync_logo_classes,
     unmatched_warning,
@@ -87,13 +86,11 @@ def _last_counted_model(conn) -> tuple[str | None, float | None] | None:
 
 def _prepare(ctx: Context) -> _Prepared:
     """Mirror the catalogue and the class map, then read what every day's computation shares."""
-    settings = ctx.settings
-    brands = settings.brands
-    explicit = logo_classes(settings)
+    brands = ctx.settings.brands
     with ctx.engine.begin() as conn:
         cat = sync_catalogue(conn, brands)
         model = active_model(conn)
-        _, unmatched = sync_logo_classes(conn, model.classes, brands, explicit)
+        _, unmatched = sync_logo_classes(conn, model.classes, brands)
         marked = 0
         last = _last_counted_model(conn)
         if last is not None:

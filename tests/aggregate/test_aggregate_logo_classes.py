@@ -37,12 +37,12 @@ def test_class_key_ignores_case_accents_spaces_and_punctuation():
 def test_map_classes_by_name_and_by_explicit_list():
     brands = (
         Brand("Coca-Cola", products=(Product("Coke Zero"),)),
-        Brand("Acme", products=(Product("Acme One"),)),
+        # an explicit list wins for its classes
+        Brand("Acme", products=(Product("Acme One"),), logo_classes=("acme_logo_v2", "Coke Zero")),
     )
-    explicit = {("Acme", ""): ("acme_logo_v2", "Coke Zero")}  # an explicit list wins for its classes
     rows, unmatched = map_classes(
         ["Cocacola", "COKE_ZERO", "coke zero", "acme", "Acme-One", "acme_logo_v2", "no_logo", "NO-LOGO", "?", "Mystery"],
-        brands, explicit)
+        brands)
     got = {(r["class_name"], r["brand"], r["product"]) for r in rows}
     assert got == {
         ("Cocacola", "Coca-Cola", ""),
