@@ -587,8 +587,6 @@ class ArchiveConnector(Connector):
     def _place(self, ref_name_line: str, line: str | None, row: Any, error: str | None, short: str, ref_head: str,
                days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]], now: dt.datetime, compressor: Executor) -> None:
         """One row into its UTC day's writer, or into `rejects` if it cannot be placed."""
-        from pipeline.schema import utcnow
-
         latest = now + FUTURE_SLACK
         when = None
         if error is None and row is _UNPARSED:
@@ -616,11 +614,9 @@ class ArchiveConnector(Connector):
                 except Reject as exc:
                     error = str(exc)
         if error is not None or when is None:
-            rejects.append({
-                "source": self.source.name, "window_start": None, "kind": "record",
-                "record_ref": ref_name_line[:512], "reason": (error or "no timestamp")[:1000],
-                "excerpt": excerpt(row) if isinstance(row, dict | list) else excerpt(line or ""), "created_at": utcnow(),
-            })
+            # As a window's rejects: `record_rejects` fills in the other columns and truncates.
+            rejects.append({"record_ref": ref_name_line, "reason": error or "no timestamp",
+                            "excerpt": excerpt(row if isinstance(row, dict | list) else line or "")})
             return
         if line is None:
             line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
