@@ -173,48 +173,44 @@ class S3Store:
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
+        full = self._key(key)  # an InvalidKeyError keeps its own type
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
         except Exception as exc:  # boto raises many types; all become one clear StorageError
-            if isinstance(exc, StorageError):
-                raise
             raise self._fail(exc, "put") from None
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
+        full = self._key(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise KeyError(key) from None
             raise self._fail(exc, "get") from None
-        except StorageError:  # e.g. InvalidKeyError: keep its own type
-            raise
         except Exception as exc:  # connection refused or dropped, a truncated body, ...
             raise self._fail(exc, "get") from None
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        full = self._key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self.client.head_object(Bucket=self.bucket, Key=full)
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
                 return False
             raise self._fail(exc, "head") from None
-        except StorageError:
-            raise
         except Exception as exc:
             raise self._fail(exc, "head") from None
 
     def delete(self, key: str) -> None:
+        full = self._key(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self.client.delete_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
-            if isinstance(exc, StorageError):  # e.g. InvalidKeyError: keep its own type
-                raise
             raise self._fail(exc, "delete") from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
