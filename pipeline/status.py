@@ -13,6 +13,7 @@ from pipeline.settings import load_settings
 def collect_status() -> dict[str, Any]:
     """Gather a status report; each failing part is reported, not raised."""
     from pipeline import schema
+    from pipeline.aggregate.mentions import active_model
     from pipeline.context import Context
     from pipeline.database import check_connection, current_revision, head_revision
     from pipeline.runlog import recent_runs
@@ -32,11 +33,8 @@ def collect_status() -> dict[str, Any]:
                 for t in (schema.posts, schema.post_images, schema.images, schema.detections,
                           schema.text_mentions, schema.mention_daily, schema.quarantine, schema.runs)
             }
-            active = conn.execute(
-                select(schema.model_versions.c.version, schema.model_versions.c.classes)
-                .where(schema.model_versions.c.active.is_(True))
-            ).first()
-        report["active_model"] = active.version if active else None
+            active = active_model(conn)
+        report["active_model"] = active.version
         report["warnings"] = _model_warnings(settings, active)
         report["recent_runs"] = [
             {k: r[k] for k in ("id", "kind", "source", "window_start", "status", "counts", "error")}
@@ -59,11 +57,11 @@ def collect_status() -> dict[str, Any]:
 def _model_warnings(settings: Any, active: Any) -> list[str]:
     """Active-model classes that match no catalogue brand or product (their detections count
     for nothing): see `pipeline.aggregate.catalogue.map_classes`."""
-    if active is None:
+    if active.version is None:
         return []
     from pipeline.aggregate.catalogue import map_classes, unmatched_warning
 
-    _, unmatched = map_classes(active.classes or (), settings.brands)
+    _, unmatched = map_classes(active.classes, settings.brands)
     warning = unmatched_warning(active.version, unmatched)
     return [warning] if warning else []
 
