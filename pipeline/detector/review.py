@@ -57,7 +57,7 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         (out / c).mkdir(exist_ok=True)
     existing = _read_manifest(out) if (out / MANIFEST).exists() else {}
     written = 0
-    missing: list[str] = []
+    missing: set[str] = set()
     for r in rows:
         name = f"{r.image_sha256}{_EXT.get(r.mime, '.jpg')}"
         target = out / "images" / name
@@ -67,7 +67,7 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
                 data = ctx.store.get(r.storage_key)
             except KeyError:  # the lake lost it: nothing to label; it stays pending for a later export
                 log.warning("review export: image %s is missing from the lake (%s); skipped", r.image_sha256[:12], r.storage_key)
-                missing.append(r.image_sha256)
+                missing.add(r.image_sha256)
                 continue
             target.write_bytes(data)
             written += 1
@@ -80,8 +80,7 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(existing.values())
-    skipped = set(missing)
-    shas = [r.image_sha256 for r in rows if r.image_sha256 not in skipped]
+    shas = [r.image_sha256 for r in rows if r.image_sha256 not in missing]
     with ctx.engine.begin() as conn:
         for i in range(0, len(shas), 500):
             conn.execute(

@@ -115,7 +115,7 @@ def test_detect_records_its_precision_and_reuses_the_traced_classifier(make_ctx,
     assert [c["precision"] for c in done] == [choose_precision("auto")] * 2
     model = load_model(ctx, version, precision=choose_precision("auto"))
     # one trace for both runs: the second run did not pay for tracing Inception v3 again
-    assert model._detect_forward.experimental_get_tracing_count() == 1
+    assert model.traced_classifier().experimental_get_tracing_count() == 1
 
 
 def test_a_failed_batch_commit_stops_the_run_and_the_rerun_completes(make_ctx, install_model, monkeypatch):
