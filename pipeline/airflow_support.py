@@ -367,7 +367,6 @@ def backlog_or_skip(batches_left: int, totals: Mapping[str, Any]) -> None:
         _skip("pending work but no progress: no backlog event")
 
 
-_TRAIN_MODE = re.compile(r"^(auto|head|full|finetune:[1-9][0-9]*)$")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
 
@@ -378,7 +377,8 @@ def check_train_options(options: Any) -> dict[str, Any]:
         return {}
     if not isinstance(options, Mapping):
         raise ConfigError(f"train options must be a JSON object of settings, got {type(options).__name__}")
-    from pipeline.detector.train import TrainConfig
+    from pipeline.detector.data import DataError
+    from pipeline.detector.train import TrainConfig, check_mode
 
     fields = TrainConfig.__dataclass_fields__
     unknown = sorted(set(options) - set(fields))
@@ -392,11 +392,14 @@ def check_train_options(options: Any) -> dict[str, Any]:
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise ConfigError(f"train option {key}={value!r} must be {' or '.join(names)}")
     mode = options.get("mode")
-    if mode is not None and not _TRAIN_MODE.match(str(mode)):
-        raise ConfigError(
-            f"train option mode={mode!r} is not valid; use auto, head, full or finetune:N "
-            "(N = how many top Inception blocks also train, e.g. finetune:2)"
-        )
+    if mode is not None and mode != "auto":
+        try:
+            check_mode(str(mode))
+        except DataError:
+            raise ConfigError(
+                f"train option mode={mode!r} is not valid; use auto, head, full or finetune:N "
+                "(N = 1..11: how many top Inception blocks also train, e.g. finetune:2)"
+            ) from None
     matcher = options.get("matcher")
     if matcher is not None and matcher not in ("auto", "on", "off"):
         raise ConfigError(f"train option matcher={matcher!r} is not valid; use auto, on or off")
