@@ -666,6 +666,22 @@ def test_archive_partial_window_reads_row_timestamps(make_ctx, tmp_path):
     assert rows[0]["ts"].endswith("Z") and dt.datetime.fromisoformat(rows[0]["ts"]) == start
 
 
+@pytest.mark.parametrize("name", ["a.json", "a.json.gz"])
+def test_archive_json_array_files(make_ctx, tmp_path, name):
+    """A .json file holding one (pretty-printed) array: its items are rows, `name:#i` refs."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    items = [{"id": f"j{i}", "author_id": "u", "text": "acme", "created_at": (DAY + dt.timedelta(hours=i)).isoformat()} for i in range(3)]
+    items.append({"id": "j-bad", "author_id": "u", "text": "no time"})
+    data = ("\n  " + json.dumps(items, indent=2)).encode()
+    (folder / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]))
+    counts = ingest_window(ctx, "arch", DAY, END)
+    assert counts["new"] == 3 and counts["rejected"] == 1
+    with ctx.engine.connect() as conn:
+        assert [r for (r,) in conn.execute(select(quarantine.c.record_ref))] == [f"{name}:#4"]
+
+
 def test_archive_csv_error_quarantines_the_row_and_reads_on(make_ctx, tmp_path, monkeypatch):
     """A row the csv module refuses (a field over the limit) is one quarantine row; the rows
     after it are still ingested."""

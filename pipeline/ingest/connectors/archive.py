@@ -316,24 +316,18 @@ def fast_time(line: str) -> str | None:
 
 
 def iter_rows(fh: BinaryIO, fmt: str, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
-    """(ref, original JSON text or None, row (or _UNPARSED) or None, error) for every row of one file."""
+    """(ref, None, row or None, error) for every row of a CSV file or of a JSON file holding one
+    array (the caller tells them apart; JSON lines go through `iter_json_lines`)."""
     if fmt == "csv":
         yield from _csv_rows(fh, name)
         return
-    head = fh.peek(64)[:64] if hasattr(fh, "peek") else b""
-    if head.lstrip().startswith(b"["):
-        try:
-            items = json.loads(fh.read().decode("utf-8", "replace"))
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
-            yield f"{name}:1", None, None, f"invalid JSON array: {exc}"
-            return
-        for i, item in enumerate(items if isinstance(items, list) else [items], 1):
-            yield f"{name}:#{i}", None, item, None
+    try:
+        items = json.loads(fh.read().decode("utf-8", "replace"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        yield f"{name}:1", None, None, f"invalid JSON array: {exc}"
         return
-    for lineno, raw in enumerate(fh, 1):
-        line = raw.decode("utf-8", "replace").strip()
-        if line:
-            yield f"{name}:{lineno}", line, _UNPARSED, None
+    for i, item in enumerate(items if isinstance(items, list) else [items], 1):
+        yield f"{name}:#{i}", None, item, None
 
 
 def _csv_rows(fh: BinaryIO, name: str) -> Iterator[tuple[str, str | None, Any, str | None]]:
