@@ -151,11 +151,11 @@ def test_secrets_never_written(make_ctx, monkeypatch, caplog, tally, password_db
             with pytest.raises(Exception) as info:  # noqa: B017 - any error; its text is checked below
                 ingest_window(ctx, name, END + dt.timedelta(days=1), END + dt.timedelta(days=2))
             errors.append(f"{info.value!r} {info.value}".encode())
-        refused = make_ctx(config, "postgres", env={"BRANDMON_AUTHOR_SALT": SALT, "BRANDMON_DATABASE_URL": db_url,
-                                                    "BRANDMON_S3_ENDPOINT_URL": s3_proxy.url})
+        refused = Context(ctx.settings.with_overrides(s3_endpoint_url=s3_proxy.url))
         s3_proxy.fault("PUT", ".*", code="InvalidAccessKeyId", times=10**6)
         with pytest.raises(Exception) as info:  # noqa: B017
             ingest_window(refused, "masto", DAY, END, force=True)
+        refused.close()
         errors.append(f"{info.value!r} {info.value}".encode())
         s3_proxy.clear()
         wrong = Context(ctx.settings.with_overrides(database_url=wrong_db))
