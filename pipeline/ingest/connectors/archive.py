@@ -454,8 +454,8 @@ class ArchiveConnector(Connector):
 
     # --- index ---------------------------------------------------------------------------------
 
-    def fingerprint(self) -> str:
-        listing = self.files.list()
+    def fingerprint(self, listing: list[tuple[str, str]]) -> str:
+        """Of `self.files.list()`: listed once per `prepare`, for the check and for indexing."""
         if not listing:
             raise ConfigError(f"source {self.source.name!r}: no .jsonl/.csv(.gz) files under {self.files.path}")
         doc = json.dumps([INDEX_VERSION, [(self.files.short(n), v) for n, v in listing]])
@@ -471,7 +471,8 @@ class ArchiveConnector(Connector):
 
         self._store = ctx.store
         rebuild = force and not self.refreshed
-        fp = self.fingerprint()
+        listing = self.files.list()
+        fp = self.fingerprint(listing)
         current = self._read_manifest()
         if not rebuild and current and current.get("fingerprint") == fp:
             self._manifest = current
@@ -481,7 +482,7 @@ class ArchiveConnector(Connector):
             if not rebuild and current and current.get("fingerprint") == fp:
                 self._manifest = current
                 return
-            self._manifest = self._build_index(ctx, fp, current, counts, progress)
+            self._manifest = self._build_index(ctx, fp, listing, current, counts, progress)
             self.refreshed = True
 
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -493,11 +494,10 @@ class ArchiveConnector(Connector):
             return None
         return doc if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else None
 
-    def _index_files(self, days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]], now: dt.datetime,
-                     compressor: Executor, progress: bool = False) -> int:
+    def _index_files(self, listing: list[tuple[str, str]], days: dict[dt.date, lake.GzipLines], rejects: list[dict[str, Any]],
+                     now: dt.datetime, compressor: Executor, progress: bool = False) -> int:
         """Read every export row once into its UTC day's writer; unplaceable rows go to `rejects`."""
         rows_total = 0
-        listing = self.files.list()
         meter = IndexProgress(self.source.name, len(listing), sum(_size_of(v) for _, v in listing), progress)
         try:
             for name, version in listing:
@@ -624,8 +624,8 @@ class ArchiveConnector(Connector):
             ref_json = json.dumps(ref_name_line, ensure_ascii=False)
         writer.add(f'{{"ref":{ref_json},"ts":"{when.isoformat()}","row":{line}}}\n')
 
-    def _build_index(self, ctx: Any, fp: str, previous: dict[str, Any] | None, counts: dict[str, Any],
-                     progress: bool = False) -> dict[str, Any]:
+    def _build_index(self, ctx: Any, fp: str, listing: list[tuple[str, str]], previous: dict[str, Any] | None,
+                     counts: dict[str, Any], progress: bool = False) -> dict[str, Any]:
         from pipeline.ingest.loader import record_rejects
 
         now = dt.datetime.now(dt.UTC)
@@ -634,7 +634,7 @@ class ArchiveConnector(Connector):
         compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-gzip")
         try:
             with quick_gil_handoffs():
-                rows_total = self._index_files(days, rejects, now, compressor, progress)
+                rows_total = self._index_files(listing, days, rejects, now, compressor, progress)
             store = self._store
             manifest_days: dict[str, dict[str, Any]] = {}
             for day in sorted(days):
