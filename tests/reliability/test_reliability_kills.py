@@ -221,10 +221,9 @@ def test_detect_survives_lake_errors_and_a_dropped_connection(make_ctx, feed, re
     assert 0 < count(ctx, image_scores) < n_images  # the first batch committed, the second rolled back
 
     # Real S3 answers from the proxy: a burst of throttled image reads (503 SlowDown) is retried
-    # by boto3; two images whose reads stay throttled past its retries fail the run, and no
-    # image is written off as corrupt.
-    # Then every later image read stays throttled: detect stops reading at the first failure
-    # instead of waiting out boto3's retries on each remaining image.
+    # by boto3; then every later image read stays throttled past its retries. The run fails,
+    # no image is written off as corrupt, and detect stops reading at the first failure instead
+    # of waiting out boto3's retries on each remaining image.
     burst = s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=1, times=2)
     stuck = s3_proxy.fault("GET", r"/lake/images/", code="SlowDown", skip=4, paths=1_000_000)
     unscored = n_images - count(ctx, image_scores)
