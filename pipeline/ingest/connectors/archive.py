@@ -403,7 +403,6 @@ class IndexProgress:
 
         self.source, self.total = source, total_bytes
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
-        self.rows = 0
         self._done = 0  # bytes of the files finished
         self._next_log = time.monotonic() + self.every_s
         self.bar = tqdm(total=total_bytes, desc=f"index {source}", unit="B", unit_scale=True,
@@ -412,7 +411,6 @@ class IndexProgress:
 
     def update(self, rows: int, file_bytes: int) -> None:
         """`rows` indexed in all, `file_bytes` read of the current file."""
-        self.rows = rows
         done = self._done + file_bytes
         if not self.bar.disable:
             self.bar.update(max(0, done - self.bar.n))
@@ -506,12 +504,12 @@ class ArchiveConnector(Connector):
                 ref_head = json.dumps(short, ensure_ascii=False)[:-1]  # '"name' (closing quote added per row)
                 gz = name.endswith(".gz")
                 with self.files.open_raw(name) as raw:
-                    base, done = rows_total, [0]
-
-                    def on_block(rows: int, base: int = base, done: list[int] = done) -> None:
-                        meter.update(base + rows, done[0])
-
                     if fmt == "json" and not _head(raw, gz).lstrip().startswith(b"["):
+                        base, done = rows_total, [0]
+
+                        def on_block(rows: int, base: int = base, done: list[int] = done) -> None:
+                            meter.update(base + rows, done[0])
+
                         blocks = read_ahead(file_blocks(raw, gz, done))
                         try:
                             rows_total += self._index_json_lines(blocks, short, days, rejects, now, compressor, on_block)
@@ -522,8 +520,7 @@ class ArchiveConnector(Connector):
                         for ref_name_line, line, row, error in iter_rows(fh, fmt, short):
                             rows_total += 1
                             if not rows_total & 0x3FFF:
-                                done[0] = raw.tell()
-                                on_block(rows_total - base)
+                                meter.update(rows_total, raw.tell())
                             self._place(ref_name_line, line, row, error, short, ref_head, days, rejects, now, compressor)
                 meter.file_done(_size_of(version))
                 meter.update(rows_total, 0)
