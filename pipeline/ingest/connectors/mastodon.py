@@ -54,7 +54,7 @@ def snowflake_for(when: dt.datetime) -> str:
 
 def since_id_for(when: dt.datetime) -> str:
     """`since_id` is exclusive: one below the smallest id a status created at `when` can have."""
-    return str((int(when.timestamp() * 1000) << 16) - 1)
+    return str(int(snowflake_for(when)) - 1)
 
 
 def _id_lt(a: str, b: str) -> bool:
