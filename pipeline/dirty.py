@@ -64,10 +64,8 @@ def mark_days_of_model(conn: Connection, versions: Iterable[str | None], reason:
     ON CONFLICT (day) DO UPDATE SET reason = excluded.reason, marked_at = excluded.marked_at
     """
     stmt = text(sql).bindparams(bindparam("versions", expanding=True), bindparam("now", type_=UTCDateTime()))
-    result = conn.execute(stmt, {"versions": wanted, "reason": reason[:64], "now": utcnow()})
-    if result.rowcount is not None and result.rowcount >= 0:
-        return int(result.rowcount)
-    return int(conn.exec_driver_sql("SELECT changes()").scalar() or 0)
+    # An INSERT (no leading WITH): pysqlite and psycopg both report its rowcount.
+    return int(conn.execute(stmt, {"versions": wanted, "reason": reason[:64], "now": utcnow()}).rowcount)
 
 
 def pending_days(conn: Connection) -> list[dt.date]:
