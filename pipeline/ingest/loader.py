@@ -179,6 +179,9 @@ def _insert_new(conn: Connection, source: str, items: list[tuple[Post, str | Non
     return True
 
 
+_NULL = "\\N"  # NULL in COPY text format
+
+
 def copy_lines(items: Sequence[tuple[Post, str | None]]) -> tuple[list[str], list[str]]:
     """COPY text lines for `_stage_posts` and `_stage_images` (the per-post CPU of the loader).
 
@@ -214,13 +217,10 @@ def copy_lines(items: Sequence[tuple[Post, str | None]]) -> tuple[list[str], lis
     return post_lines, image_lines
 
 
-_NULL = "\\N"
-
-
 def _esc(value: str | None) -> str:
     """A value in COPY text format: NULL as \\N; backslash, tab, newline, CR escaped."""
     if value is None:
-        return "\\N"
+        return _NULL
     if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
         return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
     return value
