@@ -355,9 +355,7 @@ def record_rejects(conn: Connection, source: str, window_start: dt.datetime | No
     exists (given `window_end`), because it may be another window's: a shorter window must not
     wipe the rows of the longer one it overlaps (they are the only record of what was refused).
     """
-    wanted: dict[str, dict[str, Any]] = {}
-    for r in rejects:
-        wanted[r["record_ref"][:512]] = r
+    wanted = {r["record_ref"][:512]: r for r in rejects}
     where = [quarantine.c.source == source, quarantine.c.kind == kind,
              quarantine.c.window_start.is_(None) if window_start is None else quarantine.c.window_start == window_start]
     have = {ref: (rid, reason, excerpt) for rid, ref, reason, excerpt in conn.execute(
