@@ -65,7 +65,6 @@ class _Prepared:
     matcher: Matcher
     platforms: list[str]
     model: ActiveModel
-    brands: list[str]
     catalogue: dict[str, int]
     fingerprint: str
     unmatched_classes: list[str]
@@ -90,6 +89,7 @@ def _prepare(ctx: Context) -> _Prepared:
     with ctx.engine.begin() as conn:
         cat = sync_catalogue(conn, brands)
         model = active_model(conn)
+        platforms = known_platforms(conn)
         _, unmatched = sync_logo_classes(conn, model.classes, brands)
         marked = 0
         last = _last_counted_model(conn)
@@ -107,10 +107,8 @@ def _prepare(ctx: Context) -> _Prepared:
     warning = unmatched_warning(model.version, unmatched)
     if warning:
         log.warning("%s", warning)
-    with ctx.engine.connect() as conn:
-        platforms = known_platforms(conn)
-    return _Prepared(compile_catalogue(brands), platforms, model, [b.name for b in brands], cat,
-                     catalogue_fingerprint(brands), unmatched, marked)
+    return _Prepared(compile_catalogue(brands), platforms, model, cat, catalogue_fingerprint(brands),
+                     unmatched, marked)
 
 
 def _bar(total: int, progress: bool, desc: str):
