@@ -21,11 +21,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, or_, select, text
+from sqlalchemy import Connection, delete, insert, or_, select
 
 from pipeline.aggregate.textmatch import Matcher
 from pipeline.database import upsert
-from pipeline.schema import UTCDateTime, model_versions, posts, text_match_state, text_mentions
+from pipeline.schema import model_versions, posts, text_match_state, text_mentions
 
 
 def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -179,25 +179,3 @@ def active_model(conn: Connection) -> ActiveModel:
     return ActiveModel(version=row.version, threshold=float(row.threshold), metrics=dict(row.metrics or {}),
                        classes=tuple(str(c) for c in (row.classes or ())))
 
-
-IMAGE_MENTIONS_SQL = text(
-    """
-    SELECT DISTINCT pi.post_id, pi.sha256, cm.brand
-    FROM posts p
-    JOIN post_images pi ON pi.post_id = p.id
-    JOIN detections d ON d.image_sha256 = pi.sha256
-    JOIN logo_class_map cm ON cm.class_name = d.class_name
-    WHERE p.posted_at >= :start AND p.posted_at < :end
-      AND pi.status = 'stored' AND d.model_version = :mv AND d.score >= :thr
-    ORDER BY pi.post_id, pi.sha256, cm.brand
-    """
-).bindparams(bindparam("start", type_=UTCDateTime()), bindparam("end", type_=UTCDateTime()))
-
-
-def image_mentions(conn: Connection, day: dt.date, model: ActiveModel) -> list[tuple[int, str, str]]:
-    """(post_id, sha256, brand) image mentions of a day's posts, for inspection and reports."""
-    if model.version is None:
-        return []
-    start, end = day_bounds(day)
-    rows = conn.execute(IMAGE_MENTIONS_SQL, {"start": start, "end": end, "mv": model.version, "thr": model.threshold})
-    return [(int(r.post_id), r.sha256, r.brand) for r in rows]
