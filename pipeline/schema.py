@@ -161,13 +161,14 @@ quarantine = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("source", String(128), nullable=False),
-    Column("window_start", UTCDateTime, nullable=True),
+    Column("window_start", UTCDateTime, nullable=True),  # NULL: refused while indexing an archive
     Column("kind", String(32), nullable=False),  # record | image | page
     Column("record_ref", String(512), nullable=False),  # stable reference within the window
     Column("reason", Text, nullable=False),
     Column("excerpt", Text, nullable=True),  # truncated, secret-free
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
-    UniqueConstraint("source", "window_start", "kind", "record_ref"),
+    Column("window_end", UTCDateTime, nullable=True),  # migration 0005: each window owns its rows
+    UniqueConstraint("source", "window_start", "window_end", "kind", "record_ref"),
 )
 
 # --- detector --------------------------------------------------------------------------------

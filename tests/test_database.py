@@ -76,3 +76,31 @@ def test_unreachable_database_is_one_line(tmp_path) -> None:
     msg = str(exc.value)
     assert "cannot reach the database" in msg and "BRANDMON_DATABASE_URL" in msg
     assert "s3cret" not in msg and "\n" not in msg
+
+
+def test_migration_0005_gives_old_quarantine_rows_their_window_end_and_downgrades(make_ctx, backend: str) -> None:
+    """Rows written before 0005 take the end of their window's succeeded ingest run."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from pipeline.database import _alembic_config
+
+    ctx = make_ctx(backend=backend)
+    with ctx.engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0004")
+    start, end = dt.datetime(2026, 10, 1, tzinfo=dt.UTC), dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
+    now = dt.datetime(2026, 10, 3, tzinfo=dt.UTC)
+    with ctx.engine.begin() as conn:
+        conn.execute(text("INSERT INTO runs (kind, source, window_start, window_end, status, started_at, counts) "
+                          "VALUES ('ingest', 's', :a, :b, 'succeeded', :n, '{}')"), {"a": start, "b": end, "n": now})
+        for window_start, ref in ((start, "s:1"), (None, "s:2")):
+            conn.execute(text("INSERT INTO quarantine (source, window_start, kind, record_ref, reason, created_at) "
+                              "VALUES ('s', :w, 'record', :r, 'bad', :n)"), {"w": window_start, "r": ref, "n": now})
+    assert upgrade(ctx.engine) == head_revision()
+    with ctx.engine.connect() as conn:
+        ends = {r.record_ref: r.window_end for r in conn.execute(select(schema.quarantine))}
+    assert ends == {"s:1": end, "s:2": None}
+    with ctx.engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0004")
+    assert current_revision(ctx.engine) == "0004"
+    assert upgrade(ctx.engine) == head_revision()

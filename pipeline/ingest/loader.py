@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from pipeline.database import chunks, upsert
 from pipeline.ingest.normalize import content_hash
 from pipeline.records import Post
-from pipeline.schema import post_images, posts, quarantine, runs, sources, utcnow
+from pipeline.schema import post_images, posts, quarantine, sources, utcnow
 
 POST_COLUMNS = ("platform", "external_id", "author_hash", "text", "lang", "posted_at", "url", "repost_of", "content_hash", "raw_key")
 IMAGE_COLUMNS = ("platform", "external_id", "position", "url", "alt_text")
@@ -346,24 +346,21 @@ def record_rejects(conn: Connection, source: str, window_start: dt.datetime | No
 
     Rows are matched by reference and only differences are written (new rows inserted,
     changed ones updated in place, stale ones deleted), so a re-run that finds the same bad
-    records leaves the rows as they were, ids and `created_at` included. `window_start=None`:
-    the rows an archive index could not place in any window.
-
-    Quarantine rows are keyed on the window's start only, so windows with the same start and
-    different ends (`ingest --start/--end` next to a daily backfill) share them. Each window
-    adds its rows; a stale row is deleted only when no other completed window with that start
-    exists (given `window_end`), because it may be another window's: a shorter window must not
-    wipe the rows of the longer one it overlaps (they are the only record of what was refused).
+    records leaves the rows as they were, ids and `created_at` included. A window is its start
+    and end: windows with the same start and different ends own separate rows.
+    `window_start=None`: the rows an archive index could not place in any window.
     """
     wanted = {r["record_ref"][:512]: r for r in rejects}
+
+    def same(column: Any, value: dt.datetime | None) -> Any:
+        return column.is_(None) if value is None else column == value
+
     where = [quarantine.c.source == source, quarantine.c.kind == kind,
-             quarantine.c.window_start.is_(None) if window_start is None else quarantine.c.window_start == window_start]
+             same(quarantine.c.window_start, window_start), same(quarantine.c.window_end, window_end)]
     have = {ref: (rid, reason, excerpt) for rid, ref, reason, excerpt in conn.execute(
         select(quarantine.c.id, quarantine.c.record_ref, quarantine.c.reason, quarantine.c.excerpt).where(*where)
     )}
     stale = [have[ref][0] for ref in have if ref not in wanted]
-    if stale and window_start is not None and window_end is not None and _other_windows(conn, source, window_start, window_end):
-        stale = []
     for batch in chunks(sorted(stale), 500):
         conn.execute(delete(quarantine).where(quarantine.c.id.in_(batch)))
     now = utcnow()
@@ -372,8 +369,8 @@ def record_rejects(conn: Connection, source: str, window_start: dt.datetime | No
         reason, excerpt = r["reason"][:1000], r.get("excerpt")
         old = have.get(ref)
         if old is None:
-            new_rows.append({"source": source, "window_start": window_start, "kind": kind, "record_ref": ref,
-                             "reason": reason, "excerpt": excerpt, "created_at": now})
+            new_rows.append({"source": source, "window_start": window_start, "window_end": window_end, "kind": kind,
+                             "record_ref": ref, "reason": reason, "excerpt": excerpt, "created_at": now})
         elif (old[1], old[2]) != (reason, excerpt):
             changed.append({"b_id": old[0], "b_reason": reason, "b_excerpt": excerpt})
     if new_rows:
@@ -382,15 +379,6 @@ def record_rejects(conn: Connection, source: str, window_start: dt.datetime | No
         conn.execute(update(quarantine).where(quarantine.c.id == bindparam("b_id"))
                      .values(reason=bindparam("b_reason"), excerpt=bindparam("b_excerpt")), changed)
     return len(wanted)
-
-
-def _other_windows(conn: Connection, source: str, window_start: dt.datetime, window_end: dt.datetime) -> bool:
-    """True if a completed ingest window of `source` starts at `window_start` but ends elsewhere."""
-    q = select(runs.c.id).where(
-        runs.c.kind == "ingest", runs.c.source == source, runs.c.window_start == window_start,
-        runs.c.window_end != window_end, runs.c.status == "succeeded",
-    ).limit(1)
-    return conn.execute(q).first() is not None
 
 
 def touch_source(conn: Connection, name: str, kind: str) -> None:

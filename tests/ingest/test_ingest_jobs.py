@@ -796,7 +796,7 @@ def test_archive_index_reports_progress(make_ctx, tmp_path, monkeypatch, caplog)
 
 
 def test_quarantine_rows_of_windows_sharing_a_start(make_ctx, tmp_path):
-    """Quarantine rows are keyed on the window start: a shorter window with the same start
+    """Quarantine rows are keyed on the whole window: a shorter window with the same start
     must not delete the rows of the longer one (and a window alone still replaces its own)."""
     folder = tmp_path / "exports"
     folder.mkdir()
