@@ -32,7 +32,7 @@ MODEL = Asset("brandmon://model")
 TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
 # What the UI form and `airflow dags trigger -c` validate before a run exists; the task
 # checks every option again (pipeline.airflow_support.check_train_options).
-TRAIN_MODES = r"^(auto|head|full|finetune:[1-9][0-9]*)$"
+TRAIN_MODES = r"^(auto|head|full|finetune:([1-9]|1[01]))$"  # N = 1..11 (check_mode)
 
 
 DEFAULT_ARGS = default_args()
