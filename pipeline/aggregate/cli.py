@@ -78,6 +78,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from pipeline.aggregate.gallery import export_evidence
+    from pipeline.aggregate.trends import resolve_key
+    from pipeline.context import open_context
+
+    ctx = open_context()
+    try:
+        brand, _ = resolve_key(ctx, args.brand)
+        out = args.out or f"evidence-{brand}-{args.date.isoformat()}".replace("/", "_")
+        res = export_evidence(ctx, brand, args.date, out, top=args.top, top_review=args.top)
+    finally:
+        ctx.close()
+    print(f"{res['counted']} counted and {res['review']} review image(s) of {brand} on {args.date} "
+          f"exported to {res['csv']}" + (f"; {res['missing']} missing from the lake" if res["missing"] else ""))
+    return 0
+
+
 def register(subparsers) -> None:
     agg = subparsers.add_parser(
         "aggregate",
@@ -116,3 +133,19 @@ def register(subparsers) -> None:
     )
     rp.add_argument("--date", type=_date, required=True, help="UTC day (YYYY-MM-DD)")
     rp.set_defaults(func=cmd_report)
+
+    ev = subparsers.add_parser(
+        "evidence",
+        help="export the photos behind a brand's image mentions of a day (images + evidence.csv)",
+        description=(
+            "The images the active model counted for BRAND on DATE (best score first) and those "
+            "waiting near the threshold in the review queue: originals under DIR/images, copies "
+            "with the detection box drawn under DIR/annotated, and DIR/evidence.csv (post url, "
+            "platform, score, box, model version, review status). Re-running overwrites the CSV."
+        ),
+    )
+    ev.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
+    ev.add_argument("--date", type=_date, required=True, help="UTC day (YYYY-MM-DD)")
+    ev.add_argument("--out", metavar="DIR", help="output folder (default: ./evidence-BRAND-DATE)")
+    ev.add_argument("--top", type=int, default=50, help="at most this many counted and review images (default 50)")
+    ev.set_defaults(func=cmd_evidence)
