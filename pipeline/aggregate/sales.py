@@ -88,7 +88,7 @@ def parse_sales_csv(text: str, where: str = "sales CSV", column_name: str | None
     """(value column, {date: value}) from CSV text; blank lines are skipped."""
     if len(text) > MAX_BYTES:
         raise SalesError(f"{where}: larger than {MAX_BYTES} bytes")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
 
     def triples() -> Any:
         for row in reader:
