@@ -85,7 +85,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from pipeline.aggregate.forecast import format_forecast, make_forecast
+    from pipeline.aggregate.forecast import format_forecast, history, make_forecast, plot_forecast
     from pipeline.context import open_context
     from pipeline.database import require_schema
 
@@ -93,6 +93,13 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     require_schema(ctx.engine)
     try:
         fc = make_forecast(ctx, args.brand, args.product, args.platform, args.horizon, args.end)
+        if args.plot:
+            rows = history(ctx, fc.brand, fc.product, fc.platform, args.end)[2]
+            try:
+                plot_forecast(fc, rows, args.plot)
+            except OSError as exc:
+                raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
+            print(f"plot written to {args.plot}", file=sys.stderr)
     finally:
         ctx.close()
     print(json.dumps(fc.as_json(), indent=2) if args.json else format_forecast(fc))
@@ -222,6 +229,7 @@ def register(subparsers) -> None:
     fc.add_argument("--horizon", type=int, default=28, help="days ahead (default 28)")
     fc.add_argument("--end", type=_date, help="last day of history to use (default: the last aggregated day)")
     fc.add_argument("--json", action="store_true", help="print the forecast as JSON")
+    fc.add_argument("--plot", metavar="FILE.png", help="also draw history, forecast and interval to a PNG")
     fc.set_defaults(func=cmd_forecast)
 
     dm = subparsers.add_parser(

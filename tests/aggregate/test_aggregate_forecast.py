@@ -102,7 +102,7 @@ def test_too_short_history_is_said_not_failed(make_ctx, monkeypatch, capsys):
     assert "unknown brand" in capsys.readouterr().err
 
 
-def test_forecast_cli_json_and_table(make_ctx, monkeypatch, capsys):
+def test_forecast_cli_json_and_table(make_ctx, monkeypatch, capsys, tmp_path):
     ctx = weekly_ctx(make_ctx, "sqlite", 35)
     use_ctx(monkeypatch, ctx)
     assert main(["forecast", "--brand", "Acme", "--horizon", "14", "--json"]) == 0
@@ -112,7 +112,9 @@ def test_forecast_cli_json_and_table(make_ctx, monkeypatch, capsys):
     by_day = dict(zip(fc["days"], fc["expected"], strict=True))
     assert by_day["2026-11-11"] > by_day["2026-11-08"] + 3  # Wednesday vs Sunday
     assert fc["backtest"]["beats_baseline"] is True
-    assert main(["forecast", "--brand", "Acme", "--horizon", "7", "--end", "2026-10-28"]) == 0
+    plot = tmp_path / "fc.png"
+    assert main(["forecast", "--brand", "Acme", "--horizon", "7", "--end", "2026-10-28", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out.splitlines()
     assert "after 2026-10-28" in table[0] and table[1].startswith("backtest: 8 rolling origins")  # 28 days: origins 14..21
     assert "vs seasonal naive MAE" in table[1] and len(table) == 3 + 7
@@ -151,3 +153,16 @@ def test_aggregation_fills_demand_signal_and_v_forecast(make_ctx, backend, monke
                                 "issued_on = :i"), {"d": day, "i": day - dt.timedelta(days=1)}).scalar()
     assert issues == 2 and [str(r[0]) for r in latest] == [day.isoformat()]
     assert old is not None  # the earlier issue is kept for comparing forecasts with what happened
+
+
+def test_sql_readme_documents_v_forecast():
+    from pathlib import Path
+
+    from pipeline.aggregate.views import TABLE_VIEWS
+
+    readme = (Path(__file__).resolve().parents[2] / "sql" / "README.md").read_text()
+    body = TABLE_VIEWS["v_forecast"][1].split("FROM")[0]
+    assert "### `v_forecast`" in readme
+    for col in ("issued_on", "horizon_days", "expected", "lower_95", "upper_95", "actual_posts", "method",
+                "history_days", "backtest_mae", "baseline_mae", "mase", "beats_baseline"):
+        assert col in body and f"`{col}`" in readme, col
