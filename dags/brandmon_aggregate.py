@@ -1,4 +1,5 @@
-"""brandmon_aggregate: recompute the days touched since the last run, then write the report.
+"""brandmon_aggregate: recompute the days touched since the last run, then write the report
+and refresh each brand's forecast of daily mentions (`demand_signal`, read by `v_forecast`).
 
 Scheduled on the `brandmon://detections` asset, so it runs after each detection run (which
 follows each ingest run). `aggregate_dirty` recomputes `mention_daily` for every day in the
@@ -68,7 +69,18 @@ def brandmon_aggregate() -> None:
         with task_context() as ctx:
             return str(write_report(ctx, day))
 
-    aggregate() >> report()
+    @task
+    def forecast() -> dict[str, int]:
+        """Refresh each brand's forecast in demand_signal (read by v_forecast); counts only."""
+        from pipeline.aggregate.forecast import refresh_forecasts
+        from pipeline.airflow_support import task_context
+
+        with task_context() as ctx:
+            return refresh_forecasts(ctx)
+
+    done = aggregate()
+    done >> report()
+    done >> forecast()
 
 
 brandmon_aggregate()

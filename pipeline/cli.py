@@ -23,7 +23,7 @@ from pipeline.errors import BrandmonError, NotImplementedYet
 PLUGINS: dict[str, tuple[str, ...]] = {
     "pipeline.ingest.cli": ("ingest", "backfill"),
     "pipeline.detector.cli": ("detect", "train", "evaluate", "model", "review"),
-    "pipeline.aggregate.cli": ("aggregate", "trends", "report"),
+    "pipeline.aggregate.cli": ("aggregate", "trends", "report", "evidence", "forecast", "demand"),
 }
 
 Handler = Callable[[argparse.Namespace], int | None]

@@ -99,11 +99,27 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
 
     print()
     print(format_trend_table(ctx, [b.name for b in ctx.settings.brands], first, last))
+    print(demo_sales_line(workdir, seed, days, first))
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s; data in {workdir}")
     print(f"try: BRANDMON_CONFIG={workdir / 'brandmon.yaml'} BRANDMON_DATABASE_URL=sqlite:///{workdir / 'brandmon.db'} "
           f"brandmon trends --brand {ctx.settings.brands[0].name} --start {first} --end {last}")
     ctx.close()
     return 0
+
+
+def demo_sales_line(workdir: Path, seed: int, days: int, first: dt.date) -> str:
+    """Write the demo's synthetic sales (following Globex mentions 7 days later) as CSV; one summary line."""
+    from pipeline.synthetic import generate_dataset
+    from pipeline.synthetic.sales import (
+        DEMO_LEAD_DAYS,
+        DEMO_SALES_BRAND,
+        sales_series,
+        write_sales_csv,
+    )
+
+    path = write_sales_csv(workdir / "sales.csv", sales_series(generate_dataset(seed=seed, days=days, start=first)))
+    return (f"sales: {path} follows {DEMO_SALES_BRAND} mentions {DEMO_LEAD_DAYS} days later; recover the lead with "
+            f"`brandmon demand --brand {DEMO_SALES_BRAND} --sales {path}`")
 
 
 def format_trend_table(ctx: Context, brands: list[str], first: dt.date, last: dt.date) -> str:

@@ -293,6 +293,30 @@ mention_daily = Table(
     Index("ix_mention_daily_spikes", "day", postgresql_where=text("spike"), sqlite_where=text("spike")),
 )
 
+# Forecasts of daily mentions ("the demand signal"), one row per key, issue day and day ahead;
+# written by the aggregation (`pipeline.aggregate.forecast`), read through `v_forecast` (0007).
+demand_signal = Table(
+    "demand_signal",
+    metadata,
+    Column("brand", String(200), primary_key=True),
+    Column("product", String(200), primary_key=True),  # '*' = all products
+    Column("platform", String(32), primary_key=True),  # '*' = all platforms
+    Column("issued_on", Date, primary_key=True),  # last day of the history the forecast used
+    Column("day", Date, primary_key=True),  # the day forecast
+    Column("horizon_days", Integer, nullable=False),  # day - issued_on
+    Column("expected", Float, nullable=False),  # expected posts mentioning the brand (any source)
+    Column("lower_95", Float, nullable=False),
+    Column("upper_95", Float, nullable=False),
+    Column("method", String(64), nullable=False),
+    Column("history_days", Integer, nullable=False),
+    Column("backtest_mae", Float, nullable=True),
+    Column("baseline_mae", Float, nullable=True),  # seasonal naive, same backtest points
+    Column("mase", Float, nullable=True),
+    Column("beats_baseline", Boolean, nullable=True),
+    Column("input_hash", String(64), nullable=False),  # of the history: unchanged input -> no rewrite
+    Column("computed_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
 dirty_days = Table(
     "dirty_days",
     metadata,

@@ -1,5 +1,5 @@
 -- A read-only Postgres role for BI tools: it can read the brandmon views
--- (v_daily_trend, v_share_of_voice, v_spikes) and nothing else: no base table, no writes,
+-- (v_daily_trend, v_share_of_voice, v_spikes, v_forecast) and nothing else: no base table, no writes,
 -- no DDL in the brandmon schema. Views run with their owner's rights, so the role needs no
 -- grant on mention_daily itself.
 --
@@ -52,7 +52,7 @@ REVOKE CREATE ON SCHEMA public FROM :"role";
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"role";
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM :"role";
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM :"role";
-GRANT SELECT ON v_daily_trend, v_share_of_voice, v_spikes TO :"role";
+GRANT SELECT ON v_daily_trend, v_share_of_voice, v_spikes, v_forecast TO :"role";
 
 COMMIT;
 

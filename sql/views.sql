@@ -1,4 +1,4 @@
--- BI views over mention_daily and the indexes they need.
+-- BI views over mention_daily and demand_signal, and the indexes they need.
 -- GENERATED from pipeline/aggregate/views.py by `python -m pipeline.aggregate.views`;
 -- `brandmon db upgrade` already creates them. Column meanings: sql/README.md.
 
@@ -28,5 +28,18 @@ FROM mention_daily
 WHERE spike;
 
 COMMENT ON VIEW v_spikes IS 'Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts';
+
+CREATE OR REPLACE VIEW v_forecast AS
+SELECT f.brand, f.product, f.platform, f.issued_on, f.day, f.horizon_days,
+       f.expected, f.lower_95, f.upper_95, m.posts AS actual_posts,
+       f.method, f.history_days, f.backtest_mae, f.baseline_mae, f.mase, f.beats_baseline, f.computed_at
+FROM demand_signal f
+LEFT JOIN mention_daily m
+  ON m.day = f.day AND m.brand = f.brand AND m.product = f.product AND m.platform = f.platform
+ AND m.source = 'any'
+WHERE f.issued_on = (SELECT MAX(g.issued_on) FROM demand_signal g
+                     WHERE g.brand = f.brand AND g.product = f.product AND g.platform = f.platform);
+
+COMMENT ON VIEW v_forecast IS 'Latest forecast of daily mentions per brand with 95% prediction intervals and backtest errors';
 
 CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike;

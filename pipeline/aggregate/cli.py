@@ -24,17 +24,23 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     if (args.start is None) != (args.end is None):
         raise BrandmonError("give both --start and --end (or neither, to recompute the dirty days)")
+    from pipeline.aggregate.forecast import refresh_forecasts
+
     ctx = open_context()
     try:
         if args.start is None:
             result = aggregate_dirty(ctx, progress=not args.quiet)
         else:
             result = aggregate_range(ctx, args.start, args.end, progress=not args.quiet)
+        if not args.no_forecast:
+            result["forecast"] = refresh_forecasts(ctx)
     finally:
         ctx.close()
     print(json.dumps(result, default=str) if args.json else
           f"aggregated {result['days']} day(s): {result['rows_changed']} row(s) changed, signals of "
-          f"{result['followers']} following day(s) refreshed; model {result['model_version'] or 'none'}")
+          f"{result['followers']} following day(s) refreshed; model {result['model_version'] or 'none'}"
+          + (f"; forecasts: {result['forecast']['forecasts']} new, {result['forecast']['unchanged']} unchanged, "
+             f"{result['forecast']['too_short']} too short" if "forecast" in result else ""))
     if result.get("unmatched_classes") and not args.json:
         print(f"warning: {result['unmatched_classes']} class(es) of the active model match no catalogue "
               "brand or product (see `brandmon status`)", file=sys.stderr)
@@ -78,6 +84,79 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from pipeline.aggregate.forecast import format_forecast, history, make_forecast, plot_forecast
+    from pipeline.context import open_context
+    from pipeline.database import require_schema
+
+    ctx = open_context(check=False)
+    require_schema(ctx.engine)
+    try:
+        fc = make_forecast(ctx, args.brand, args.product, args.platform, args.horizon, args.end)
+        if args.plot:
+            rows = history(ctx, fc.brand, fc.product, fc.platform, args.end)[2]
+            try:
+                plot_forecast(fc, rows, args.plot)
+            except OSError as exc:
+                raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
+            print(f"plot written to {args.plot}", file=sys.stderr)
+    finally:
+        ctx.close()
+    print(json.dumps(fc.as_json(), indent=2) if args.json else format_forecast(fc))
+    return 0
+
+
+def cmd_demand(args: argparse.Namespace) -> int:
+    from pipeline.aggregate.demand import analyse, format_leadlag, mention_counts, plot_leadlag
+    from pipeline.aggregate.sales import read_sales_file, read_sales_table
+    from pipeline.context import open_context
+    from pipeline.database import require_schema
+
+    if (args.sales is None) == (args.sales_table is None):
+        raise BrandmonError("give exactly one of --sales FILE.csv or --sales-table NAME")
+    ctx = open_context(check=False)
+    require_schema(ctx.engine)
+    try:
+        if args.sales is not None:
+            value, sales = read_sales_file(args.sales, args.column)
+        else:
+            value, sales = read_sales_table(ctx.engine, args.sales_table, args.column)
+        brand, mentions = mention_counts(ctx, args.brand, args.product, args.platform)
+    finally:
+        ctx.close()
+    res = analyse(mentions, sales, brand, value, max_lag=args.max_lag)
+    if args.plot:
+        try:
+            plot_leadlag(mentions, sales, res, args.plot)
+        except OSError as exc:
+            raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(res), default=str, indent=2))
+    else:
+        print(format_leadlag(res))
+    return 0
+
+
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from pipeline.aggregate.gallery import export_evidence
+    from pipeline.aggregate.trends import resolve_key
+    from pipeline.context import open_context
+
+    ctx = open_context()
+    try:
+        brand, _ = resolve_key(ctx, args.brand)
+        out = args.out or f"evidence-{brand}-{args.date.isoformat()}".replace("/", "_")
+        res = export_evidence(ctx, brand, args.date, out, top=args.top, top_review=args.top)
+    finally:
+        ctx.close()
+    print(f"{res['counted']} counted and {res['review']} review image(s) of {brand} on {args.date} "
+          f"exported to {res['csv']}" + (f"; {res['missing']} missing from the lake" if res["missing"] else ""))
+    return 0
+
+
 def register(subparsers) -> None:
     agg = subparsers.add_parser(
         "aggregate",
@@ -92,6 +171,8 @@ def register(subparsers) -> None:
     agg.add_argument("--end", type=_date, help="last UTC day, inclusive (YYYY-MM-DD)")
     agg.add_argument("--quiet", action="store_true", help="no progress bar")
     agg.add_argument("--json", action="store_true", help="print the run counts as JSON")
+    agg.add_argument("--no-forecast", action="store_true",
+                     help="do not refresh the brands' forecasts in demand_signal afterwards")
     agg.set_defaults(func=cmd_aggregate)
 
     tr = subparsers.add_parser(
@@ -116,3 +197,59 @@ def register(subparsers) -> None:
     )
     rp.add_argument("--date", type=_date, required=True, help="UTC day (YYYY-MM-DD)")
     rp.set_defaults(func=cmd_report)
+
+    ev = subparsers.add_parser(
+        "evidence",
+        help="export the photos behind a brand's image mentions of a day (images + evidence.csv)",
+        description=(
+            "The images the active model counted for BRAND on DATE (best score first) and those "
+            "waiting near the threshold in the review queue: originals under DIR/images, copies "
+            "with the detection box drawn under DIR/annotated, and DIR/evidence.csv (post url, "
+            "platform, score, box, model version, review status). Re-running overwrites the CSV."
+        ),
+    )
+    ev.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
+    ev.add_argument("--date", type=_date, required=True, help="UTC day (YYYY-MM-DD)")
+    ev.add_argument("--out", metavar="DIR", help="output folder (default: ./evidence-BRAND-DATE)")
+    ev.add_argument("--top", type=int, default=50, help="at most this many counted and review images (default 50)")
+    ev.set_defaults(func=cmd_evidence)
+
+    fc = subparsers.add_parser(
+        "forecast",
+        help="expected daily mentions ahead with 95%% prediction intervals, backtested against seasonal naive",
+        description=(
+            "Exponential smoothing with weekly seasonality (statsmodels ETS) on the brand's daily posts "
+            "(any source) from its first to its last aggregated day; a rolling-origin backtest reports "
+            "MAE and MASE against the seasonal-naive forecast. Histories under three weeks are not forecast."
+        ),
+    )
+    fc.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
+    fc.add_argument("--product", default="*", help="one of the brand's products (default: all)")
+    fc.add_argument("--platform", default="*", help="e.g. mastodon (default: all)")
+    fc.add_argument("--horizon", type=int, default=28, help="days ahead (default 28)")
+    fc.add_argument("--end", type=_date, help="last day of history to use (default: the last aggregated day)")
+    fc.add_argument("--json", action="store_true", help="print the forecast as JSON")
+    fc.add_argument("--plot", metavar="FILE.png", help="also draw history, forecast and interval to a PNG")
+    fc.set_defaults(func=cmd_forecast)
+
+    dm = subparsers.add_parser(
+        "demand",
+        help="do mentions lead sales? cross-correlation at lags 0-42, best lead, lagged regression",
+        description=(
+            "Relate a brand's daily mentions to its sales (CSV with columns date and units or revenue, "
+            "or a table with those columns in the brandmon database): cross-correlation of the "
+            "detrended series at lags 0..42 days with Bartlett bands and a permutation test, the best "
+            "lead, and a regression of sales on lagged mentions with its out-of-sample error against "
+            "a naive forecast."
+        ),
+    )
+    dm.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
+    dm.add_argument("--product", default="*", help="one of the brand's products (default: all)")
+    dm.add_argument("--platform", default="*", help="e.g. mastodon (default: all)")
+    dm.add_argument("--sales", metavar="FILE.csv", help="CSV: date,units (or date,revenue), one row per day")
+    dm.add_argument("--sales-table", metavar="NAME", help="a table in the same database with those columns")
+    dm.add_argument("--column", choices=("units", "revenue"), help="value column when both are present (default units)")
+    dm.add_argument("--max-lag", type=int, default=42, help="longest lead tried, days (default 42)")
+    dm.add_argument("--plot", metavar="FILE.png", help="plot both series aligned at the best lead")
+    dm.add_argument("--json", action="store_true", help="print the result as JSON")
+    dm.set_defaults(func=cmd_demand)

@@ -1,8 +1,10 @@
 """`brandmon report --date D`: a one-page HTML report of a day, written to the lake.
 
-Self-contained (charts are inline base64 PNGs, no scripts, no external assets), so it can be
-mailed or opened straight from S3. Content: the day's posts, share of voice and signals per
-brand, a chart per brand over the 8 weeks up to the day, and the top spikes of those weeks.
+Self-contained (charts and thumbnails are inline base64 data: URIs, no scripts, no external
+assets), so it can be mailed or opened straight from S3. Content: the day's posts, share of
+voice and signals per brand, a chart per brand over the 8 weeks up to the day, the top spikes
+of those weeks, and per brand with image mentions that day a gallery of the photos the
+detector counted (box drawn over each as an SVG overlay) and of those waiting for review.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from pipeline.aggregate.gallery import Evidence, day_evidence, thumbnail
 from pipeline.aggregate.trends import daily_series, plot_series
 from pipeline.context import Context
 from pipeline.schema import mention_daily
@@ -51,6 +54,69 @@ def top_spikes(ctx: Context, start: dt.date, end: dt.date, limit: int = TOP_SPIK
     )
     with ctx.engine.connect() as conn:
         return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def _link(url: str | None) -> str | None:
+    """Only http(s) links from data reach the page (no javascript: or data: URLs)."""
+    return url if url and url.lower().startswith(("https://", "http://")) else None
+
+
+def _figure(ctx: Context, ev: Evidence) -> str:
+    esc = html.escape
+    thumb = thumbnail(ctx, ev)
+    box_note = ""
+    if thumb is None:
+        pic = "<div class='missing'>image not available in the lake</div>"
+    else:
+        overlay = ""
+        if ev.box is not None and ev.width and ev.height:
+            x1, y1, x2, y2 = ev.box
+            overlay = (f"<svg class='box' viewBox='0 0 {ev.width} {ev.height}' preserveAspectRatio='none' "
+                       f"aria-label='detection box'><rect x='{x1}' y='{y1}' width='{x2 - x1}' height='{y2 - y1}' "
+                       "vector-effect='non-scaling-stroke'/></svg>")
+        else:
+            box_note = "<br><span class='note'>no box: the classifier alone called it</span>"
+        pic = (f"<div class='frame'><img class='thumb' alt='{esc(ev.class_name)} {ev.score:.2f}' "
+               f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'/>{overlay}</div>")
+    url = _link(ev.post_url)
+    if url:
+        pic = f"<a class='post' href='{esc(url)}' target='_blank' rel='noopener noreferrer'>{pic}</a>"
+    label = f"{esc(ev.class_name)} <b>{ev.score:.2f}</b> &middot; {esc(ev.platform)}"
+    if url:
+        label += f" &middot; <a href='{esc(url)}' target='_blank' rel='noopener noreferrer'>post</a>"
+    if ev.posts_that_day > 1:
+        label += f" &middot; in {ev.posts_that_day} posts"
+    if ev.review_status != "counted":
+        label += f"<br><span class='note'>review: {esc(ev.review_status)}</span>"
+    return (f"<figure class='ev {ev.kind}' data-sha256='{ev.sha256}'>{pic}"
+            f"<figcaption>{label}{box_note}</figcaption></figure>")
+
+
+def gallery_html(ctx: Context, day: dt.date, brands: list[str]) -> str:
+    """One section per brand with image mentions on `day`: counted photos, then review ones."""
+    esc = html.escape
+    parts = []
+    for b in brands:
+        items = day_evidence(ctx, b, day)
+        counted = [e for e in items if e.kind == "counted"]
+        review = [e for e in items if e.kind == "review"]
+        if not items:
+            continue
+        sec = [f"<section class='gallery' data-brand='{esc(b)}'><h3>{esc(b)}</h3>"]
+        if counted:
+            sec.append(f"<div class='grid'>{''.join(_figure(ctx, e) for e in counted)}</div>")
+        if review:
+            sec.append(f"<h4>Near the threshold, waiting for review (model {esc(review[0].model_version)})</h4>"
+                       f"<div class='grid'>{''.join(_figure(ctx, e) for e in review)}</div>")
+        sec.append("</section>")
+        parts.append("".join(sec))
+    if not parts:
+        return "<p class='note'>No image mentions on this day.</p>"
+    return "".join(parts) + (
+        "<p class='note'>Counted: the active model's best-scoring photos per brand (at or above its "
+        "threshold), red box where the logo matcher located the logo. Waiting for review: photos just "
+        "below the threshold (<code>brandmon review export</code> to label them). Export with "
+        f"<code>brandmon evidence --brand B --date {day.isoformat()}</code>.</p>")
 
 
 def render_report(ctx: Context, day: dt.date) -> str:
@@ -91,6 +157,14 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child {{ text-align: left; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 .note {{ color: #666; font-size: 0.9em; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+.grid figure {{ margin: 0; width: 200px; font-size: 0.85em; }}
+.frame {{ position: relative; display: inline-block; line-height: 0; }}
+.frame img.thumb {{ width: 200px; height: auto; display: block; }}
+.frame svg.box {{ position: absolute; left: 0; top: 0; width: 100%; height: 100%; }}
+.frame svg.box rect {{ fill: none; stroke: #e41a1c; stroke-width: 3; }}
+figure.review .frame {{ outline: 2px dashed #e6a000; }}
+.missing {{ width: 200px; height: 120px; background: #eee; line-height: 120px; text-align: center; }}
 </style></head><body>
 <h1>Brand mentions on {day.isoformat()} (UTC)</h1>
 {no_brands}
@@ -109,10 +183,12 @@ mentions corrected by the active model's measured precision and recall. Z-score 
 <th>mean of the 28 days before</th><th>z-score</th></tr>
 {spike_rows}
 </table>
+<h2>The photos behind the image mentions of {day.isoformat()}</h2>
+{gallery_html(ctx, day, brands)}
 <h2>Daily posts, last {WINDOW_DAYS} days</h2>
 {"".join(charts)}
 <p class="note">Generated by brandmon at {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')} UTC
-from the mention_daily table.</p>
+from the mention_daily, detections and review_queue tables.</p>
 </body></html>
 """
 

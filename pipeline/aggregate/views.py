@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 VIEWS: dict[str, str] = {
     # Q: how do mentions of a brand (product, platform, source) evolve day by day?
@@ -39,6 +39,24 @@ FROM mention_daily
 WHERE spike""",
 }
 
+# Views over tables later revisions add, keyed to that table: `create_views` makes them only
+# once the table exists (revision 0004 runs `create_views` before `demand_signal` exists;
+# revision 0007 creates the table, then runs it again).
+TABLE_VIEWS: dict[str, tuple[str, str]] = {
+    # Q: how many mentions do we expect each day ahead (latest forecast per brand), and how did
+    # the days already past turn out? One row per brand x product x platform x day ahead.
+    "v_forecast": ("demand_signal", """
+SELECT f.brand, f.product, f.platform, f.issued_on, f.day, f.horizon_days,
+       f.expected, f.lower_95, f.upper_95, m.posts AS actual_posts,
+       f.method, f.history_days, f.backtest_mae, f.baseline_mae, f.mase, f.beats_baseline, f.computed_at
+FROM demand_signal f
+LEFT JOIN mention_daily m
+  ON m.day = f.day AND m.brand = f.brand AND m.product = f.product AND m.platform = f.platform
+ AND m.source = 'any'
+WHERE f.issued_on = (SELECT MAX(g.issued_on) FROM demand_signal g
+                     WHERE g.brand = f.brand AND g.product = f.product AND g.platform = f.platform)"""),
+}
+
 # Indexes the views need beyond the primary key (day, ...) and ix_mention_daily_brand_day:
 # v_spikes reads only the few spike rows. Also declared on the table in `pipeline.schema`
 # (so the migrated schema matches the code); repeated here for DBAs who run sql/views.sql.
@@ -50,14 +68,17 @@ COMMENTS: dict[str, str] = {
     "v_daily_trend": "Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)",
     "v_share_of_voice": "Each brand share of all catalogue-brand mentions per day, platform and source",
     "v_spikes": "Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts",
+    "v_forecast": "Latest forecast of daily mentions per brand with 95% prediction intervals and backtest errors",
 }
 
 
-def statements(dialect: str) -> list[str]:
+def statements(dialect: str, tables: set[str] | None = None) -> list[str]:
     """DDL for `dialect` ('sqlite' or 'postgresql'). Postgres replaces views in place so the
-    read-only role keeps its grants; SQLite has no CREATE OR REPLACE, so drop + create."""
+    read-only role keeps its grants; SQLite has no CREATE OR REPLACE, so drop + create.
+    `tables`: the tables present (None: all), which decides the `TABLE_VIEWS` made."""
     out = []
-    for name, body in VIEWS.items():
+    later = {n: body for n, (table, body) in TABLE_VIEWS.items() if tables is None or table in tables}
+    for name, body in {**VIEWS, **later}.items():
         if dialect == "postgresql":
             out.append(f"CREATE OR REPLACE VIEW {name} AS{body}")
             comment = COMMENTS[name].replace("'", "''")
@@ -72,16 +93,20 @@ def statements(dialect: str) -> list[str]:
 def create_views(engine: Engine | Connection) -> None:
     """Create or replace the BI views and their indexes (idempotent; safe in a migration)."""
     if isinstance(engine, Connection):
-        for stmt in statements(engine.dialect.name):
-            engine.execute(text(stmt))
+        _create(engine)
         return
     with engine.begin() as conn:
-        for stmt in statements(conn.dialect.name):
-            conn.execute(text(stmt))
+        _create(conn)
+
+
+def _create(conn: Connection) -> None:
+    tables = set(inspect(conn).get_table_names())
+    for stmt in statements(conn.dialect.name, tables):
+        conn.execute(text(stmt))
 
 
 def drop_views(conn: Connection) -> None:
-    for name in VIEWS:
+    for name in [*TABLE_VIEWS, *VIEWS]:
         conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
     for name in INDEXES:
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
@@ -90,7 +115,7 @@ def drop_views(conn: Connection) -> None:
 def views_sql() -> str:
     """The contents of sql/views.sql (Postgres dialect)."""
     head = (
-        "-- BI views over mention_daily and the indexes they need.\n"
+        "-- BI views over mention_daily and demand_signal, and the indexes they need.\n"
         "-- GENERATED from pipeline/aggregate/views.py by `python -m pipeline.aggregate.views`;\n"
         "-- `brandmon db upgrade` already creates them. Column meanings: sql/README.md.\n"
     )

@@ -83,7 +83,7 @@ def test_detect_graph_pool_and_assets(parsed):
 
 def test_aggregate_graph_and_schedule(parsed):
     dag = parsed["dags"]["brandmon_aggregate"]
-    assert edges(dag) == {("aggregate", "report")}
+    assert edges(dag) == {("aggregate", "report"), ("aggregate", "forecast")}
     assert dag["asset_schedule"] == ["brandmon://detections"]
     assert set(dag["params"]["day"]["type"]) == {"null", "string"}
     assert dag["max_active_runs"] == 1
