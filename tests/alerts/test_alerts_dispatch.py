@@ -12,7 +12,8 @@ import time
 from collections import Counter
 
 import pytest
-from alert_helpers import (
+from sqlalchemy import insert, select, update
+from support.alert_data import (
     HOOK_SECRET,
     LATE,
     SLACK_SECRET,
@@ -24,7 +25,6 @@ from alert_helpers import (
     alert_env,
     alerts_config,
 )
-from sqlalchemy import insert, select, update
 from support.servers import HttpSink, SmtpSink, free_port
 
 from pipeline.aggregate.jobs import aggregate_dirty, aggregate_range
