@@ -10,8 +10,9 @@ Two transports share one interface (`send_once(dest, outgoing, timeout_s)`):
   provider's `SlackWebhookHook`, an email one through the SMTP provider's `SmtpHook`; a generic
   webhook has no provider hook of its own and is posted like the CLI does.
 
-Every request is bounded: `timeout_s` for the connection, each read AND the whole answer,
-at most `max_response_bytes` of it read. `deliver` retries a failed send with exponential
+Every request is bounded: `timeout_s` for connecting and the headers (urllib3's total
+timeout) and for the whole answer (a watchdog), at most `max_response_bytes` of it read; an
+SMTP exchange by `timeout_s` per socket operation. `deliver` retries a failed send with exponential
 backoff within `retries` requests and `max_total_s` seconds. Errors are short texts built
 from the failure's kind (HTTP status, "connection refused", "no answer within 2 s"), then
 scrubbed of every secret value the destination uses: they go to logs and the ledger.
@@ -29,6 +30,7 @@ import os
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.util import Timeout
 
 from pipeline.airflow_support import scrub
 from pipeline.alerts.config import AlertsConfig, Destination
@@ -108,23 +111,49 @@ def _http_url(value: str, what: str) -> str:
 
 def post_json(url: str, body: Mapping[str, Any], *, timeout_s: float, max_bytes: int,
               headers: Mapping[str, str] | None = None) -> None:
-    """POST `body` as JSON; a non-2xx answer, a timeout or a dropped connection raise DeliveryError."""
+    """POST `body` as JSON; a non-2xx answer, a timeout or a dropped connection raise DeliveryError.
+
+    Time: urllib3's `total` timeout covers connecting and the headers; a watchdog closes the
+    response if its body is still coming at the deadline (a server dripping bytes would
+    otherwise reset the per-read timeout forever). Bytes: at most `max_bytes` are read."""
     data = json.dumps(body, default=str).encode("utf-8")
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
     hdrs = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
+    late = threading.Event()
+    head = b""
     try:
-        with requests.post(url, data=data, headers=hdrs, timeout=(timeout_s, timeout_s), stream=True,
-                           allow_redirects=False) as resp:
-            got, head = 0, b""
-            for chunk in resp.iter_content(4096):
-                if len(head) < 300:
-                    head += chunk[: 300 - len(head)]
-                got += len(chunk)
-                if got >= max_bytes:
-                    break  # the answer's content does not matter beyond its status
-                if time.monotonic() > deadline:
-                    raise DeliveryError(f"answer not complete within {timeout_s:g} s")
+        with requests.post(url, data=data, headers=hdrs, stream=True, allow_redirects=False,
+                           timeout=Timeout(connect=timeout_s, read=timeout_s, total=timeout_s)) as resp:
             status = resp.status_code
+
+            def cut() -> None:
+                # shutdown() wakes a read blocked in another thread; close() alone does not
+                late.set()
+                sock = _socket_of(resp)
+                with contextlib.suppress(OSError):
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                resp.close()
+
+            watchdog = threading.Timer(max(0.0, timeout_s - (time.monotonic() - start)), cut)
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                got = 0
+                for chunk in resp.iter_content(4096):
+                    if len(head) < 300:
+                        head += chunk[: 300 - len(head)]
+                    got += len(chunk)
+                    if got >= max_bytes:
+                        break  # the answer's content does not matter beyond its status
+            except Exception:
+                if late.is_set():
+                    raise DeliveryError(f"answer not complete within {timeout_s:g} s") from None
+                raise
+            finally:
+                watchdog.cancel()
+            if late.is_set():
+                raise DeliveryError(f"answer not complete within {timeout_s:g} s")
     except requests.Timeout:
         raise DeliveryError(f"no answer within {timeout_s:g} s") from None
     except requests.ConnectionError as exc:
@@ -139,6 +168,15 @@ def post_json(url: str, body: Mapping[str, Any], *, timeout_s: float, max_bytes:
 # Long subjects stay on one line (RFC 5322 allows 998 characters): folded ones arrive with a
 # leading space in some clients.
 _MAIL_POLICY = email.policy.SMTP.clone(max_line_length=998)
+
+
+def _socket_of(resp: requests.Response) -> socket.socket | None:
+    """The socket under a streamed response (urllib3 2 hands it to http.client's reader)."""
+    conn_sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
+    if conn_sock is not None:
+        return conn_sock
+    fp = getattr(getattr(resp.raw, "_fp", None), "fp", None)
+    return getattr(getattr(fp, "raw", None), "_sock", None)
 
 
 def build_email(smtp: Smtp, to: Iterable[str], out: Outgoing) -> EmailMessage:

@@ -37,7 +37,9 @@ class Received:
 
 @dataclass
 class _State:
-    mode: str = "ok"  # ok | error (HTTP 500) | slow (answers after `delay_s`) | slack-error (400 invalid_token)
+    # ok | error (HTTP 500) | slow (answers after `delay_s`) | slack-error (400 invalid_token) |
+    # huge (200 with a 20 MB body) | drip (200, then one body byte every 0.2 s for `delay_s`)
+    mode: str = "ok"
     delay_s: float = 5.0
     ok_delay_s: float = 0.0  # "ok" mode: answer after this long (concurrency tests)
     status: int = 500
@@ -73,12 +75,35 @@ class HttpSink:
                 if mode == "slack-error":
                     self._answer(400, b"invalid_token")
                     return
+                if mode in ("huge", "drip"):
+                    self._stream(mode)
+                    return
                 if mode == "ok":
                     if state.ok_delay_s:
                         time.sleep(state.ok_delay_s)
                     with state.lock:
                         state.received.append(rec)
                 self._answer(200, b"ok")
+
+            def _stream(self, mode: str) -> None:
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    if mode == "huge":
+                        self.send_header("Content-Length", str(20 << 20))
+                        self.end_headers()
+                        for _ in range(20 << 4):
+                            self.wfile.write(b"x" * 65536)
+                    else:
+                        self.send_header("Content-Length", "1000")
+                        self.end_headers()
+                        deadline = time.monotonic() + state.delay_s
+                        while time.monotonic() < deadline:
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                except OSError:  # the client stopped reading: what the test wants
+                    pass
 
             def _answer(self, status: int, body: bytes) -> None:
                 try:
