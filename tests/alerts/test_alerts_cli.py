@@ -38,6 +38,8 @@ def test_alerts_test_sends_a_marked_sample_to_each_destination_and_records_nothi
     ctx, hook, slack, smtp = cli
     add_history(ctx)
     assert main(["aggregate", "--quiet", "--start", SPIKE.isoformat(), "--end", SPIKE.isoformat()]) == 0
+    # one day alone has no history (no spike yet); its share of voice enters the level: 1 alert
+    assert "alerts: 1 sent, 0 failed (retried by the next run), 0 too old to send" in capsys.readouterr().out
     before = _ledger_rows(ctx)
     capsys.readouterr()
     assert main(["alerts", "test", "acme-spike"]) == 0
