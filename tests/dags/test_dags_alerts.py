@@ -125,3 +125,20 @@ def test_brandmon_aggregate_dag_sends_alerts_once(make_ctx, airflow_home: Path, 
         assert first["alerts_sent"] == 3 and results[1]["tasks"]["aggregate"]["xcom"].get("alerts_sent", 0) == 0
         _check_delivered(ctx, slack, hook, smtp)
         assert SLACK_TOKEN not in output and SMTP_PASSWORD not in output and HOOK_TOKEN not in output
+
+
+def test_on_the_command_line_connections_are_read_and_sent_with_requests_and_smtplib(make_ctx, monkeypatch):
+    """The same conn_id destinations outside Airflow (PlainTransport): the connection comes from
+    AIRFLOW_CONN_* through Airflow's secrets backends, the send from requests/smtplib (text/plain)."""
+    from pipeline.aggregate.jobs import aggregate_dirty
+
+    with HttpSink() as slack, HttpSink() as hook, SmtpSink(users={"alerts": SMTP_PASSWORD}) as smtp:
+        for k, v in _connections(slack, hook, smtp).items():
+            monkeypatch.setenv(k, v)
+        ctx = make_ctx(_config())
+        add_history(ctx)
+        assert aggregate_dirty(ctx)["alerts_sent"] == 3
+        assert slack.received[0].path == f"/services/{SLACK_TOKEN}" and len(hook.received) == 1
+        (mail,) = smtp.messages
+        assert mail.get_content_type() == "text/plain" and mail["From"] == "airflow@example.org"
+        assert smtp.logins == ["alerts"]
