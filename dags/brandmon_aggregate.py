@@ -4,7 +4,8 @@ and refresh each brand's forecast of daily mentions (`demand_signal`, read by `v
 Scheduled on the `brandmon://detections` asset, so it runs after each detection run (which
 follows each ingest run). `aggregate_dirty` recomputes `mention_daily` for every day in the
 dirty-day queue (new posts, new scores) and clears it: a re-run finds an empty queue and
-changes nothing. The report is for the last day of the ingest windows that led to this run,
+changes nothing. The alerts those days raise go out once each (the `alert_ledger` table;
+Slack/SMTP destinations with a `conn_id` use the providers' hooks). The report is for the last day of the ingest windows that led to this run,
 or the `day` param of a manual run, or yesterday (UTC).
 
 Parse-time settings (a non-numeric value is an import error naming the variable):
@@ -46,12 +47,12 @@ DEFAULT_ARGS = default_args()
 def brandmon_aggregate() -> None:
     @task
     def aggregate() -> dict[str, int]:
-        """Recompute mention_daily for the dirty days; counts only."""
+        """Recompute mention_daily for the dirty days, send their alerts; counts only."""
         from pipeline.aggregate.jobs import aggregate_dirty
-        from pipeline.airflow_support import counts_only, task_context
+        from pipeline.airflow_support import alert_transport, counts_only, task_context
 
         with task_context() as ctx:
-            return counts_only(aggregate_dirty(ctx, progress=False))
+            return counts_only(aggregate_dirty(ctx, progress=False, alert_transport=alert_transport()))
 
     @task
     def report(

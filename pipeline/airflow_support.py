@@ -17,6 +17,9 @@ Connections (ids configurable by environment variable):
   `aws_session_token`), becomes `Settings.s3_endpoint_url`; the credentials go into the
   task process environment where boto3 finds them, never into a log line.
 
+Alert destinations name their own connections (`conn_id:` in the YAML `alerts:` section:
+a `slackwebhook`, `smtp` or `http` connection); see `pipeline.alerts.transport`.
+
 A connection that does not exist is not an error: the `BRANDMON_*` environment variables
 (and the YAML file) apply, exactly as on the command line.
 """
@@ -175,6 +178,14 @@ def settings_from_airflow(
             "from the connection" if "AWS_ACCESS_KEY_ID" in aws_env else "from the default chain",
         )
     return settings.with_overrides(**changes) if changes else settings
+
+
+def alert_transport() -> Any:
+    """How a task sends alerts: Airflow connections through the Slack and SMTP providers' hooks
+    (SlackWebhookHook, SmtpHook); env-var destinations as on the command line."""
+    from pipeline.alerts.transport import AirflowTransport
+
+    return AirflowTransport()
 
 
 @contextlib.contextmanager

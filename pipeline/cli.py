@@ -24,6 +24,7 @@ PLUGINS: dict[str, tuple[str, ...]] = {
     "pipeline.ingest.cli": ("ingest", "backfill"),
     "pipeline.detector.cli": ("detect", "train", "evaluate", "model", "review"),
     "pipeline.aggregate.cli": ("aggregate", "trends", "report", "evidence", "forecast", "demand"),
+    "pipeline.alerts.cli": ("alerts",),
 }
 
 Handler = Callable[[argparse.Namespace], int | None]

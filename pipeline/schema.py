@@ -352,3 +352,33 @@ locks = Table(
     Column("acquired_at", UTCDateTime, nullable=False, default=utcnow),
     Column("expires_at", UTCDateTime, nullable=False),
 )
+
+# --- alerts ----------------------------------------------------------------------------------
+
+# One row per (rule, day, key, destination): the claim that makes every alert go out once.
+# Life of a row: sending (claimed, `claim` = the claimant's token) -> sent | failed | skipped;
+# failed rows are claimed again by later runs while attempts < max; a 'sending' row whose
+# claim is older than the lease was left by a crash and is claimed again (revision 0006).
+alert_ledger = Table(
+    "alert_ledger",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("rule", String(64), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("key", String(512), nullable=False),  # brand|product|platform|source
+    Column("destination", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # sending | sent | failed | skipped
+    Column("attempts", Integer, nullable=False, default=0),  # delivery rounds tried
+    Column("late", Boolean, nullable=False, default=False),
+    Column("payload", JSON, nullable=False, default=dict),  # the alert's figures (no secrets)
+    Column("last_error", Text, nullable=True),  # scrubbed
+    Column("claim", String(32), nullable=True),  # token of the run that holds the row
+    Column("claimed_at", UTCDateTime, nullable=True),
+    Column("sent_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+    UniqueConstraint("rule", "day", "key", "destination"),
+    CheckConstraint("status in ('sending','sent','failed','skipped')", name="status"),
+    Index("ix_alert_ledger_status", "status"),
+    Index("ix_alert_ledger_created_at", "created_at"),
+)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from pipeline.alerts.config import AlertsConfig, parse_alerts
 from pipeline.errors import ConfigError
 
 SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
@@ -130,6 +131,7 @@ class Settings:
     network: NetworkConfig = NetworkConfig()
     detector: DetectorConfig = DetectorConfig()
     author_salt: Secret = Secret("")
+    alerts: AlertsConfig = AlertsConfig()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def source(self, name: str) -> SourceConfig:
@@ -154,6 +156,8 @@ class Settings:
             "config": str(self.config_path) if self.config_path else None,
             "brands": [b.name for b in self.brands],
             "sources": [f"{s.name} ({s.kind})" for s in self.sources],
+            "alerts": {"rules": [r.name for r in self.alerts.rules],
+                       "destinations": [f"{d.name} ({d.kind})" for d in self.alerts.destinations]},
         }
 
 
@@ -286,7 +290,7 @@ def _typed_section(raw: Any, cls: type, where: str) -> dict[str, Any]:
 
 
 def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
-    """Validate the YAML contract (brands, sources, network, detector) into typed parts."""
+    """Validate the YAML contract (brands, sources, network, detector, alerts) into typed parts."""
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -302,8 +306,10 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
     detector = DetectorConfig(**_typed_section(doc.get("detector"), DetectorConfig, f"{where}: `detector`"))
     if detector.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"{where}: `detector`.mixed_precision must be auto, bf16 or fp32, got {detector.mixed_precision!r}")
-    extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector")}
-    return {"brands": brands, "sources": sources, "network": network, "detector": detector, "extra": extra}
+    alerts = parse_alerts(doc.get("alerts"), f"{where}: alerts")
+    extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector", "alerts")}
+    return {"brands": brands, "sources": sources, "network": network, "detector": detector, "alerts": alerts,
+            "extra": extra}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -446,6 +452,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         network=parts["network"],
         detector=_detector_env(parts["detector"], env),
         author_salt=_salt(home, env),
+        alerts=parts["alerts"],
         extra=extra,
     )
     return settings.with_overrides(**overrides) if overrides else settings

@@ -8,7 +8,8 @@ SQLite the write lock serialises the two anyway. A crash rolls the whole day bac
 included, so the re-run recomputes it.
 
 After the days themselves, the signals (rolling means, z-scores) of the 28 days following
-any day whose counts changed are refreshed, since their trailing windows include it.
+any day whose counts changed are refreshed, since their trailing windows include it. Then the
+alert rules are evaluated on all those days and what is new goes out (`pipeline.alerts`).
 
 Before the days, `_prepare` mirrors the catalogue, maps the active model's classes onto it
 (`logo_class_map`; classes that match nothing are logged) and, if the active model or its
@@ -44,6 +45,8 @@ from pipeline.aggregate.daily import (
 )
 from pipeline.aggregate.mentions import ActiveModel, active_model, refresh_text_mentions
 from pipeline.aggregate.textmatch import Matcher, compile_catalogue
+from pipeline.alerts.jobs import dispatch_alerts
+from pipeline.alerts.transport import PlainTransport
 from pipeline.context import Context
 from pipeline.dirty import mark_days, mark_days_of_model
 from pipeline.errors import BrandmonError
@@ -116,7 +119,9 @@ def _bar(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="day", disable=None if progress else True, leave=False)
 
 
-def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: bool) -> dict[str, Any]:
+def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: bool) -> tuple[dict[str, Any], list[dt.date]]:
+    """Recompute the days (and the days late images pull in), then refresh their followers'
+    signals; returns the totals and every day whose signals were computed."""
     queue = sorted(set(days))
     heapq.heapify(queue)
     done: set[dt.date] = set()
@@ -157,7 +162,7 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
                 totals["signals_changed"] += update_signals(conn, day, utcnow())
             bar.update(1)
     totals["followers"] = len(followers)
-    return totals
+    return totals, sorted(done | set(followers))
 
 
 def _followers(ctx: Context, changed: Sequence[dt.date], done: set[dt.date]) -> list[dt.date]:
@@ -187,20 +192,25 @@ def _result(prep: _Prepared, totals: dict[str, Any]) -> dict[str, Any]:
             "unmatched_classes": len(prep.unmatched_classes), "model_change_days": prep.model_change_days}
 
 
-def aggregate_dirty(ctx: Context, *, progress: bool = False) -> dict:
-    """Recompute exactly the days in `dirty_days` (and the signals that depend on them)."""
+def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: PlainTransport | None = None) -> dict:
+    """Recompute exactly the days in `dirty_days` (and the signals that depend on them), then
+    send the alerts those days raise (see pipeline.alerts.jobs; never fails the run)."""
     with window_lock(ctx.engine, LOCK_NAME, wait_s=LOCK_WAIT_S), recorded_run(ctx.engine, "aggregate", "dirty") as counts:
         prep = _prepare(ctx)
         with ctx.engine.connect() as conn:
             days = [d for (d,) in conn.execute(select(dirty_days.c.day).order_by(dirty_days.c.day))]
-        counts.update(_result(prep, _run_days(ctx, prep, days, progress)))
+        totals, touched = _run_days(ctx, prep, days, progress)
+        counts.update(_result(prep, totals))
+        counts.update(dispatch_alerts(ctx, touched, transport=alert_transport))
         if days:
             counts["first_day"], counts["last_day"] = days[0].isoformat(), days[-1].isoformat()
         return dict(counts)
 
 
-def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: bool = False) -> dict:
-    """Recompute every day from `start` to `end` inclusive, dirty or not."""
+def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: bool = False,
+                    alert_transport: PlainTransport | None = None) -> dict:
+    """Recompute every day from `start` to `end` inclusive, dirty or not, then send the alerts
+    they raise that were not sent before."""
     if end < start:
         raise AggregateError(f"--end {end} is before --start {start}")
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
@@ -211,7 +221,9 @@ def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: boo
         recorded_run(ctx.engine, "aggregate", "range", w_start, w_end) as counts,
     ):
         prep = _prepare(ctx)
-        counts.update(_result(prep, _run_days(ctx, prep, days, progress)))
+        totals, touched = _run_days(ctx, prep, days, progress)
+        counts.update(_result(prep, totals))
+        counts.update(dispatch_alerts(ctx, touched, transport=alert_transport))
         return dict(counts)
 
 

@@ -1,7 +1,7 @@
 """demand_signal (forecasts of daily mentions) and its BI view v_forecast.
 
 Revision ID: 0007
-Revises: 0005 (to be rechained after 0006 when the alerts revision lands)
+Revises: 0006
 
 The aggregation stores each brand's forecast (expected posts per day ahead, 95% prediction
 interval, backtest errors against the seasonal-naive baseline) here; BI tools read the latest
@@ -16,7 +16,7 @@ from alembic import op
 from pipeline.schema import UTCDateTime
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
