@@ -34,6 +34,8 @@ from pipeline.schema import locks, runs, utcnow
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TTL_S = 120.0
+MIN_LOCK_TTL_S = 1.0  # a heartbeat every ttl/4 seconds: shorter would hammer the database
+MAX_LOCK_TTL_S = 7 * 86400.0  # a crashed run's window must come free within a week
 
 
 class WindowBusy(BrandmonError):
@@ -51,8 +53,11 @@ def lock_ttl_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ConfigError(f"BRANDMON_LOCK_TTL_S={raw!r} must be a positive number of seconds (default 120)")
+    if not MIN_LOCK_TTL_S <= value <= MAX_LOCK_TTL_S:  # also refuses nan and inf
+        raise ConfigError(
+            f"BRANDMON_LOCK_TTL_S={raw!r} must be a number of seconds from {MIN_LOCK_TTL_S:g} to "
+            f"{MAX_LOCK_TTL_S:g} (default {DEFAULT_LOCK_TTL_S:g})"
+        )
     return value
 
 
