@@ -122,7 +122,13 @@ def require_schema(engine: Engine) -> None:
     check_connection(engine)
     try:
         current = current_revision(engine)
-    except (OperationalError, SAProgrammingError):
+    except (OperationalError, SAProgrammingError) as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else ""
+        if "permission denied" in reason.lower():
+            raise DatabaseError(
+                f"the database refused to read brandmon's tables: {_scrub(reason, engine)}; grant this role "
+                "SELECT (and for writing commands INSERT, UPDATE, DELETE) on them, or connect as their owner"
+            ) from None
         current = None
     if current != head_revision():
         state = "has no brandmon schema" if current is None else f"is at revision {current}"

@@ -61,6 +61,11 @@ def collect_status() -> dict[str, Any]:
         report["lake"] = "unavailable"
         report["problems"].append(str(exc))
     ctx.close()
+    # problems and run errors may quote a URL or a driver's message: one redactor for all of them
+    report["problems"] = [scrub_text(p) for p in report["problems"]]
+    for run in report.get("recent_runs", []):
+        if run.get("error"):
+            run["error"] = scrub_text(run["error"])
     return report
 
 
