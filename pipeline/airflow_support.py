@@ -30,12 +30,12 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.settings import Settings, load_settings, redact_url
+from pipeline.redact import redact_url, scrub_text
+from pipeline.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +326,12 @@ def merge_windows(windows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 def choose_report_day(param: Any, triggering_asset_events: Any, run_after: Any) -> dt.date:
     """The `day` param, else the last day of the triggering windows, else the day before the run."""
     if param:
+        from pipeline.dates import BadDate, parse_day
+
         try:
-            return dt.date.fromisoformat(str(param))
-        except ValueError:
-            raise ConfigError(f"day={param!r} is not a date; use YYYY-MM-DD") from None
+            return parse_day(param)
+        except BadDate as exc:
+            raise ConfigError(f"day={str(param)[:40]!r}: {exc}") from None
     base = as_utc(run_after) if run_after is not None else dt.datetime.now(dt.UTC)
     return report_day(event_windows(triggering_asset_events), (base - dt.timedelta(days=1)).date())
 
@@ -419,24 +421,13 @@ def check_train_options(options: Any) -> dict[str, Any]:
 
 # --- failure summaries -------------------------------------------------------------------
 
-_URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@"
-)
-_KEY_VALUE_SECRET = re.compile(
-    r"(?i)\b(?P<key>password|passwd|pwd|secret|token|access_token|api_key|apikey|aws_secret_access_key|authorization)"
-    r"(?P<sep>\s*[=:]\s*)(?P<quote>['\"]?)[^\s'\",;&]+"
-)
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRANDMON_AUTHOR_SALT")
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove credentials from free text: URL passwords, key=value secrets, known values."""
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    text = _KEY_VALUE_SECRET.sub(lambda m: f"{m['key']}{m['sep']}{m['quote']}***", text)
-    for value in secrets:
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
+    """Remove credentials from free text: URL passwords and secret parameters, key=value
+    secrets, known values (`pipeline.redact.scrub_text`)."""
+    return scrub_text(text, secrets)
 
 
 def _when(value: Any) -> str:

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from pipeline import __version__
 from pipeline.errors import BrandmonError, NotImplementedYet
@@ -62,8 +63,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, seed=args.seed, days=args.days, quiet=args.quiet)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where the help is), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {line} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="brandmon",
         description=(
             "Brand-monitoring pipeline: ingest social posts, detect logos in their images, "
@@ -145,30 +154,80 @@ def import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines with URLs' passwords, secret parameters and `password=...` pairs hidden."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from pipeline.redact import scrub_text
+
+        return scrub_text(super().format(record))
+
+
+def _say_error(message: str) -> None:
+    """One line on stderr, secrets hidden (a message may quote a URL or a driver's text)."""
+    from pipeline.redact import scrub_text
+
+    line = " ".join(scrub_text(str(message)).split()) or "failed"
+    with contextlib.suppress(OSError, ValueError):
+        print(f"brandmon: error: {line}", file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`brandmon trends ... | head -1`): stop quietly, as unix tools do.
+    stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for a command-line user.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     levels = {0: logging.WARNING, 1: logging.INFO}
-    logging.basicConfig(
-        level=levels.get(args.verbose, logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=levels.get(args.verbose, logging.DEBUG), handlers=[handler])
     if args.verbose < 2:
         for noisy in ("alembic", "botocore", "urllib3", "tensorflow", "absl"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in TF_COMMANDS and args.verbose < 2:
         import_tensorflow_quietly()
+    from sqlalchemy.exc import DBAPIError
+
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except BrandmonError as exc:
-        print(f"brandmon: error: {exc}", file=sys.stderr)
+        _say_error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         print("brandmon: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except DBAPIError as exc:
+        if args.verbose >= 2:
+            raise
+        _say_error(f"the database refused the operation: {_first_line(exc)}; check BRANDMON_DATABASE_URL, "
+                   "the role's privileges and `brandmon status`")
+        return 2
+    except Exception as exc:  # a bug: one line (with -vv: the traceback, to report it)
+        if args.verbose >= 2:
+            raise
+        _say_error(f"internal error: {type(exc).__name__}: {_first_line(exc)} (a bug; re-run with -vv "
+                   "for the traceback and report it)")
+        return 70  # EX_SOFTWARE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,11 +13,12 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import ProgrammingError as SAProgrammingError
 
 from pipeline.errors import DatabaseError
-from pipeline.settings import redact_url
+from pipeline.redact import redact_url, scrub_text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -61,11 +62,22 @@ def check_connection(engine: Engine) -> None:
             f"cannot reach the database at {redact_url(str(engine.url.render_as_string(hide_password=False)))}: "
             f"{_scrub(reason, engine)}; start it or fix BRANDMON_DATABASE_URL"
         ) from None
+    except SADatabaseError as exc:  # e.g. sqlite: "file is not a database", raised by the pragmas
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "not a database"
+        if engine.url.get_backend_name() == "sqlite":
+            raise DatabaseError(
+                f"{engine.url.database} is not a SQLite database ({_scrub(reason, engine)}); point "
+                "BRANDMON_DATABASE_URL at a brandmon database file, or at a new path to create one"
+            ) from None
+        raise DatabaseError(
+            f"the database at {redact_url(str(engine.url.render_as_string(hide_password=False)))} answered "
+            f"with an error: {_scrub(reason, engine)}; fix BRANDMON_DATABASE_URL"
+        ) from None
 
 
 def _scrub(message: str, engine: Engine) -> str:
     password = engine.url.password
-    return message.replace(password, "***") if password else message
+    return scrub_text(message, [str(password)] if password else [])
 
 
 def _alembic_config(conn: Connection):
@@ -110,7 +122,13 @@ def require_schema(engine: Engine) -> None:
     check_connection(engine)
     try:
         current = current_revision(engine)
-    except (OperationalError, SAProgrammingError):
+    except (OperationalError, SAProgrammingError) as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else ""
+        if "permission denied" in reason.lower():
+            raise DatabaseError(
+                f"the database refused to read brandmon's tables: {_scrub(reason, engine)}; grant this role "
+                "SELECT (and for writing commands INSERT, UPDATE, DELETE) on them, or connect as their owner"
+            ) from None
         current = None
     if current != head_revision():
         state = "has no brandmon schema" if current is None else f"is at revision {current}"

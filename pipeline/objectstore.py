@@ -55,7 +55,13 @@ class LocalStore:
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key).split("/"))
+        """The file of `key`, inside the lake root even where a folder in it is a symlink."""
+        from pipeline.safepath import UnsafePath, safe_join
+
+        try:
+            return safe_join(self.root, *validate_key(key).split("/"), what="object key")
+        except UnsafePath as exc:
+            raise InvalidKeyError(str(exc)) from None
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)

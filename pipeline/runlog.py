@@ -34,6 +34,8 @@ from pipeline.schema import locks, runs, utcnow
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TTL_S = 120.0
+MIN_LOCK_TTL_S = 1.0  # a heartbeat every ttl/4 seconds: shorter would hammer the database
+MAX_LOCK_TTL_S = 7 * 86400.0  # a crashed run's window must come free within a week
 
 
 class WindowBusy(BrandmonError):
@@ -51,8 +53,11 @@ def lock_ttl_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ConfigError(f"BRANDMON_LOCK_TTL_S={raw!r} must be a positive number of seconds (default 120)")
+    if not MIN_LOCK_TTL_S <= value <= MAX_LOCK_TTL_S:  # also refuses nan and inf
+        raise ConfigError(
+            f"BRANDMON_LOCK_TTL_S={raw!r} must be a number of seconds from {MIN_LOCK_TTL_S:g} to "
+            f"{MAX_LOCK_TTL_S:g} (default {DEFAULT_LOCK_TTL_S:g})"
+        )
     return value
 
 
@@ -104,9 +109,10 @@ def try_acquire(engine: Engine, name: str, ttl_s: float | None = None) -> bool:
             alive = _holder_alive(row["owner"], row["acquired_at"])
             if alive or (alive is None and row["expires_at"] > now):
                 return False
-            log.warning("lock %s: taking over from %s (%s)", name, row["owner"],
-                        "process gone" if alive is False else "lease expired")
+            why = "process gone" if alive is False else "lease expired"
+            log.warning("lock %s: taking over from %s (%s)", name, row["owner"], why)
             conn.execute(delete(locks).where(and_(locks.c.name == name, locks.c.owner == row["owner"])))
+            mark_abandoned(conn, row["owner"], f"abandoned: its process stopped ({why}); {name} taken over by {me}")
         try:
             conn.execute(
                 insert(locks).values(name=name, owner=me, acquired_at=now, expires_at=now + dt.timedelta(seconds=ttl))
@@ -172,13 +178,23 @@ def window_lock(engine: Engine, name: str, wait_s: float = 0.0, ttl_s: float | N
         release(engine, name)
 
 
+def run_lease(run_id: int) -> str:
+    """The lock row that is a running run's lease (renewed by its heartbeat while it lives)."""
+    return f"run:{run_id}"
+
+
 def start_run(
     engine: Engine,
     kind: str,
     source: str | None = None,
     window_start: dt.datetime | None = None,
     window_end: dt.datetime | None = None,
+    ttl_s: float | None = None,
 ) -> int:
+    """Record a `running` run and its lease in one transaction (a reader never sees one
+    without the other)."""
+    ttl = lock_ttl_s() if ttl_s is None else ttl_s
+    now = utcnow()
     with engine.begin() as conn:
         result = conn.execute(
             insert(runs).values(
@@ -187,12 +203,15 @@ def start_run(
                 window_start=window_start,
                 window_end=window_end,
                 status="running",
-                started_at=utcnow(),
+                started_at=now,
                 counts={},
                 owner=owner_id(),
             )
         )
-        return int(result.inserted_primary_key[0])
+        run_id = int(result.inserted_primary_key[0])
+        conn.execute(insert(locks).values(name=run_lease(run_id), owner=owner_id(), acquired_at=now,
+                                          expires_at=now + dt.timedelta(seconds=ttl)))
+        return run_id
 
 
 def finish_run(engine: Engine, run_id: int, status: str, counts: dict[str, Any] | None = None, error: str | None = None) -> None:
@@ -202,6 +221,46 @@ def finish_run(engine: Engine, run_id: int, status: str, counts: dict[str, Any] 
             .where(runs.c.id == run_id)
             .values(status=status, finished_at=utcnow(), counts=counts or {}, error=error)
         )
+        conn.execute(delete(locks).where(locks.c.name == run_lease(run_id)))
+
+
+def _lease_live(lease: Any, now: dt.datetime) -> bool:
+    alive = _holder_alive(lease["owner"], lease["acquired_at"])
+    return bool(alive) or (alive is None and lease["expires_at"] > now)
+
+
+def effective_status(run: Any, leases: dict[str, Any], now: dt.datetime | None = None) -> str:
+    """A run's status as it stands: `abandoned` for a `running` run whose process was killed
+    (SIGKILL, a lost machine): its lease is gone or expired, or its process on this host is dead.
+    A run recorded before runs had leases counts as running while its process lives."""
+    if run["status"] != "running":
+        return str(run["status"])
+    now = now or utcnow()
+    lease = leases.get(run_lease(run["id"]))
+    if lease is not None:
+        return "running" if _lease_live(lease, now) else "abandoned"
+    alive = _holder_alive(run["owner"] or "", run["started_at"]) if run["owner"] else False
+    return "running" if alive else "abandoned"
+
+
+def mark_abandoned(conn: Any, owner: str, reason: str) -> int:
+    """Mark `owner`'s running runs whose lease is dead as `abandoned` (when a later run takes over
+    a lock from that owner); returns how many."""
+    now = utcnow()
+    rows = conn.execute(select(runs.c.id, runs.c.status, runs.c.owner, runs.c.started_at)
+                        .where(runs.c.status == "running", runs.c.owner == owner)).mappings().all()
+    if not rows:
+        return 0
+    names = [run_lease(r["id"]) for r in rows]
+    leases = {r["name"]: r for r in conn.execute(select(locks).where(locks.c.name.in_(names))).mappings()}
+    n = 0
+    for r in rows:
+        if effective_status(r, leases, now) == "abandoned":
+            conn.execute(update(runs).where(runs.c.id == r["id"], runs.c.status == "running")
+                         .values(status="abandoned", finished_at=now, error=reason[:2000]))
+            conn.execute(delete(locks).where(locks.c.name == run_lease(r["id"])))
+            n += 1
+    return n
 
 
 @contextmanager
@@ -213,13 +272,18 @@ def recorded_run(
     window_end: dt.datetime | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Record a run around a block; the block fills the yielded counts dict."""
-    run_id = start_run(engine, kind, source, window_start, window_end)
+    ttl = lock_ttl_s()
+    run_id = start_run(engine, kind, source, window_start, window_end, ttl_s=ttl)
+    beat = _Heartbeat(engine, run_lease(run_id), ttl)
+    beat.start()
     counts: dict[str, Any] = {}
     try:
         yield counts
     except BaseException as exc:
+        beat.stop()
         finish_run(engine, run_id, "failed", counts, error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
+    beat.stop()
     finish_run(engine, run_id, "succeeded", counts)
 
 
@@ -241,6 +305,18 @@ def window_complete(engine: Engine, kind: str, source: str, window_start: dt.dat
 
 
 def recent_runs(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
+    """The last runs, newest first; `status` is the effective one (`abandoned` computed at read
+    time for a killed run still recorded as `running`, see `effective_status`)."""
     with engine.connect() as conn:
         rows = conn.execute(select(runs).order_by(runs.c.id.desc()).limit(limit)).mappings().all()
-    return [dict(r) for r in rows]
+        names = [run_lease(r["id"]) for r in rows if r["status"] == "running"]
+        leases = {r["name"]: r for r in conn.execute(select(locks).where(locks.c.name.in_(names))).mappings()} if names else {}
+    now = utcnow()
+    out = []
+    for r in rows:
+        row = dict(r)
+        row["status"] = effective_status(r, leases, now)
+        if row["status"] == "abandoned" and r["status"] == "running" and not row.get("error"):
+            row["error"] = "abandoned: its process stopped without finishing (killed?); re-run the same command"
+        out.append(row)
+    return out

@@ -16,12 +16,13 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 
 from pipeline.alerts.config import AlertsConfig, parse_alerts
 from pipeline.errors import ConfigError
+from pipeline.redact import redact_url
 
 SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
 
@@ -50,19 +51,6 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL (database URLs often carry one) for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @dataclass(frozen=True)
@@ -151,8 +139,8 @@ class Settings:
         """What `brandmon status` prints: never a secret."""
         return {
             "database_url": redact_url(self.database_url),
-            "storage_url": self.storage_url,
-            "s3_endpoint_url": self.s3_endpoint_url,
+            "storage_url": redact_url(self.storage_url),
+            "s3_endpoint_url": redact_url(self.s3_endpoint_url) if self.s3_endpoint_url else None,
             "config": str(self.config_path) if self.config_path else None,
             "brands": [b.name for b in self.brands],
             "sources": [f"{s.name} ({s.kind})" for s in self.sources],
@@ -312,11 +300,25 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
             "extra": extra}
 
 
+MAX_CONFIG_BYTES = 10_000_000
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"BRANDMON_CONFIG points at {path}, which is a folder; point it at the YAML file")
     if not path.is_file():
-        raise ConfigError(f"BRANDMON_CONFIG points at {path}, which does not exist; create it or unset the variable")
+        raise ConfigError(f"BRANDMON_CONFIG points at {path}, which does not exist (or is not a regular file); "
+                          "create it or unset the variable")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"BRANDMON_CONFIG points at {path}, which cannot be read ({exc.strerror}); "
+                          "fix its permissions or point BRANDMON_CONFIG at a readable copy") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1_000_000} MB; is BRANDMON_CONFIG the right file?")
+    try:
+        doc = yaml.safe_load(raw.decode("utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -353,6 +355,14 @@ def check_database_url(url: str) -> str:
 
     try:
         parsed = make_url(url)
+        parsed.port  # noqa: B018 - make_url may leave a bad port for later
+    except ValueError as exc:
+        if "int()" in str(exc) or "port" in str(exc).lower():
+            raise ConfigError(
+                f"BRANDMON_DATABASE_URL={redact_url(url)!r} has a port that is not a number; "
+                "write host:PORT with digits (e.g. db:5432), or leave the port out for the default"
+            ) from None
+        raise ConfigError(f"BRANDMON_DATABASE_URL={redact_url(url)!r} cannot be read as a database URL") from None
     except ArgumentError:
         raise ConfigError(
             f"BRANDMON_DATABASE_URL={redact_url(url)!r} is not a SQLAlchemy URL; "

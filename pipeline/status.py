@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.errors import BrandmonError
+from pipeline.redact import scrub_text
 from pipeline.settings import load_settings
 
 
@@ -43,6 +45,14 @@ def collect_status() -> dict[str, Any]:
     except BrandmonError as exc:
         report["ok"] = False
         report["problems"].append(str(exc))
+    except SQLAlchemyError as exc:  # e.g. a role without privileges on the tables
+        report["ok"] = False
+        orig = getattr(exc, "orig", None) or exc
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        report["problems"].append(
+            f"the database refused to read brandmon's tables: {scrub_text(reason)}; grant this role SELECT "
+            "on them (or connect as the role that ran `brandmon db upgrade`)"
+        )
     try:
         ctx.store.check()
         report["lake"] = "ok"
@@ -51,6 +61,11 @@ def collect_status() -> dict[str, Any]:
         report["lake"] = "unavailable"
         report["problems"].append(str(exc))
     ctx.close()
+    # problems and run errors may quote a URL or a driver's message: one redactor for all of them
+    report["problems"] = [scrub_text(p) for p in report["problems"]]
+    for run in report.get("recent_runs", []):
+        if run.get("error"):
+            run["error"] = scrub_text(run["error"])
     return report
 
 

@@ -160,5 +160,5 @@ def test_a_live_local_holder_keeps_its_lock_past_the_ttl(make_ctx) -> None:
 
 def test_bad_lock_ttl_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("BRANDMON_LOCK_TTL_S", "soon")
-    with pytest.raises(ConfigError, match="BRANDMON_LOCK_TTL_S='soon' must be a positive number"):
+    with pytest.raises(ConfigError, match="BRANDMON_LOCK_TTL_S='soon' must be a number of seconds from 1 to"):
         runlog.lock_ttl_s()

@@ -24,10 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select, update
 
 from pipeline.aggregate.textmatch import normalize
+from pipeline.errors import BrandmonError
 from pipeline.schema import brands as brands_t
 from pipeline.schema import logo_class_map, utcnow
 from pipeline.schema import products as products_t
-from pipeline.settings import Brand
+from pipeline.settings import Brand, Product, Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,82 @@ def brand_config(brand: Brand) -> dict[str, Any]:
 
 def catalogue_fingerprint(brands: Sequence[Brand]) -> str:
     """A stable hash of everything that decides text mentions (changes => restate history)."""
+    # sorted: the same catalogue read from the YAML or from the database (see
+    # `stored_catalogue`) has one fingerprint whatever order it is listed in
     doc = [
         {**brand_config(b), "name": b.name,
-         "products": [{"name": p.name, "keywords": list(p.keywords), "hashtags": list(p.hashtags)} for p in b.products]}
-        for b in brands
+         "products": sorted(({"name": p.name, "keywords": list(p.keywords), "hashtags": list(p.hashtags)}
+                             for p in b.products), key=lambda p: p["name"])}
+        for b in sorted(brands, key=lambda b: b.name)
     ]
     doc.append({"match_rules": MATCH_RULES_VERSION})
     return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class CatalogueError(BrandmonError):
+    """A catalogue that would delete the brands the database holds because it is empty."""
+
+
+def stored_catalogue(conn: Connection) -> tuple[Brand, ...]:
+    """The catalogue the database holds (last synced from a YAML), as `Brand`s.
+
+    `logo_classes` are rebuilt from `logo_class_map`, so the active model's classes map to the
+    same brands and products as when the YAML was read."""
+    def strs(cfg: Any, key: str) -> tuple[str, ...]:
+        value = cfg.get(key) if isinstance(cfg, dict) else None
+        return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+    mapped: dict[tuple[str, str], list[str]] = {}
+    for c, b, p in conn.execute(select(logo_class_map.c.class_name, logo_class_map.c.brand, logo_class_map.c.product)
+                                .order_by(logo_class_map.c.class_name)):
+        mapped.setdefault((b, p), []).append(c)
+    rows = list(conn.execute(select(brands_t.c.id, brands_t.c.name, brands_t.c.config).order_by(brands_t.c.id)))
+    names = {r.id: r.name for r in rows}
+    prods: dict[int, list[Product]] = {}
+    for r in conn.execute(select(products_t.c.brand_id, products_t.c.name, products_t.c.config).order_by(products_t.c.id)):
+        prods.setdefault(r.brand_id, []).append(Product(
+            name=r.name, keywords=strs(r.config, "keywords"), hashtags=strs(r.config, "hashtags"),
+            logo_classes=tuple(mapped.get((names.get(r.brand_id, ""), r.name), ()))))
+    return tuple(
+        Brand(
+            name=r.name, keywords=strs(r.config, "keywords"), hashtags=strs(r.config, "hashtags"),
+            aliases=strs(r.config, "aliases"), accounts=strs(r.config, "accounts"), exclude=strs(r.config, "exclude"),
+            products=tuple(prods.get(r.id, ())), logo_classes=tuple(mapped.get((r.name, ""), ())),
+        )
+        for r in rows
+    )
+
+
+def catalogue_to_use(conn: Connection, settings: Settings, allow_empty: bool = False) -> tuple[Brand, ...]:
+    """The brands an aggregation mirrors and counts: never an absent or empty configuration
+    that would delete the brands, mentions and daily counts the database holds.
+
+    - no BRANDMON_CONFIG at all (a forgotten variable, a worker without the file): the catalogue
+      the database holds is kept and used, and an INFO line says so;
+    - a config listing no brands while the database holds some: refused (CatalogueError)
+      unless `allow_empty` (`--allow-empty-catalogue`) says the removal is meant;
+    - otherwise the configured brands (removing some brands on purpose still works).
+    """
+    configured = tuple(settings.brands)
+    if configured:
+        return configured
+    stored = stored_catalogue(conn)
+    if not stored:
+        return configured
+    names = ", ".join(b.name for b in stored[:5]) + (f" and {len(stored) - 5} more" if len(stored) > 5 else "")
+    if settings.config_path is None:
+        log.info("BRANDMON_CONFIG is not set: aggregating with the catalogue the database holds (%d brand(s): %s); "
+                 "set BRANDMON_CONFIG to the YAML file to change it", len(stored), names)
+        return stored
+    if allow_empty:
+        log.warning("%s lists no brands: removing the %d brand(s) the database holds (%s), as "
+                    "--allow-empty-catalogue asks", settings.config_path, len(stored), names)
+        return configured
+    raise CatalogueError(
+        f"{settings.config_path} lists no brands, but the database holds {len(stored)} ({names}); aggregating "
+        "would delete their mentions and daily counts. Add them under `brands:` (or point BRANDMON_CONFIG at the "
+        "right file), or pass --allow-empty-catalogue to remove them on purpose"
+    )
 
 
 def sync_catalogue(conn: Connection, brands: Sequence[Brand]) -> dict[str, int]:

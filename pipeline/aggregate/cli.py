@@ -12,10 +12,12 @@ from pipeline.errors import BrandmonError
 
 
 def _date(value: str) -> dt.date:
+    from pipeline.dates import BadDate, parse_day
+
     try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from None
+        return parse_day(value)
+    except BadDate as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
@@ -24,14 +26,17 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     if (args.start is None) != (args.end is None):
         raise BrandmonError("give both --start and --end (or neither, to recompute the dirty days)")
+    if args.start is not None and args.end < args.start:
+        raise BrandmonError(f"--end {args.end} is before --start {args.start}")
     from pipeline.aggregate.forecast import refresh_forecasts
 
     ctx = open_context()
     try:
         if args.start is None:
-            result = aggregate_dirty(ctx, progress=not args.quiet)
+            result = aggregate_dirty(ctx, progress=not args.quiet, allow_empty_catalogue=args.allow_empty_catalogue)
         else:
-            result = aggregate_range(ctx, args.start, args.end, progress=not args.quiet)
+            result = aggregate_range(ctx, args.start, args.end, progress=not args.quiet,
+                                     allow_empty_catalogue=args.allow_empty_catalogue)
         if not args.no_forecast:
             result["forecast"] = refresh_forecasts(ctx)
     finally:
@@ -176,6 +181,9 @@ def register(subparsers) -> None:
     agg.add_argument("--json", action="store_true", help="print the run counts as JSON")
     agg.add_argument("--no-forecast", action="store_true",
                      help="do not refresh the brands' forecasts in demand_signal afterwards")
+    agg.add_argument("--allow-empty-catalogue", action="store_true",
+                     help="let a config that lists no brands remove the brands (and their mentions and "
+                          "daily counts) the database holds; without BRANDMON_CONFIG the stored catalogue is used")
     agg.set_defaults(func=cmd_aggregate)
 
     tr = subparsers.add_parser(

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline.aggregate.catalogue import (
     catalogue_changed,
     catalogue_fingerprint,
+    catalogue_to_use,
     sync_catalogue,
     sync_logo_classes,
     unmatched_warning,
@@ -48,6 +49,7 @@ from pipeline.aggregate.textmatch import Matcher, compile_catalogue
 from pipeline.alerts.jobs import dispatch_alerts
 from pipeline.alerts.transport import PlainTransport
 from pipeline.context import Context
+from pipeline.dates import BadDate, check_day, check_span
 from pipeline.dirty import mark_days, mark_days_of_model
 from pipeline.errors import BrandmonError
 from pipeline.runlog import recorded_run, window_lock
@@ -86,10 +88,11 @@ def _last_counted_model(conn) -> tuple[str | None, float | None] | None:
     return row.counts["model_version"], (float(thr) if thr is not None else None)
 
 
-def _prepare(ctx: Context) -> _Prepared:
-    """Mirror the catalogue and the class map, then read what every day's computation shares."""
-    brands = ctx.settings.brands
+def _prepare(ctx: Context, allow_empty_catalogue: bool = False) -> _Prepared:
+    """Mirror the catalogue and the class map, then read what every day's computation shares.
+    An absent or empty configuration never deletes the catalogue (see `catalogue_to_use`)."""
     with ctx.engine.begin() as conn:
+        brands = catalogue_to_use(conn, ctx.settings, allow_empty_catalogue)
         cat = sync_catalogue(conn, brands)
         model = active_model(conn)
         platforms = known_platforms(conn)
@@ -192,11 +195,12 @@ def _result(prep: _Prepared, totals: dict[str, Any]) -> dict[str, Any]:
             "unmatched_classes": len(prep.unmatched_classes), "model_change_days": prep.model_change_days}
 
 
-def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: PlainTransport | None = None) -> dict:
+def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: PlainTransport | None = None,
+                    allow_empty_catalogue: bool = False) -> dict:
     """Recompute exactly the days in `dirty_days` (and the signals that depend on them), then
     send the alerts those days raise (see pipeline.alerts.jobs; never fails the run)."""
     with window_lock(ctx.engine, LOCK_NAME, wait_s=LOCK_WAIT_S), recorded_run(ctx.engine, "aggregate", "dirty") as counts:
-        prep = _prepare(ctx)
+        prep = _prepare(ctx, allow_empty_catalogue)
         with ctx.engine.connect() as conn:
             days = [d for (d,) in conn.execute(select(dirty_days.c.day).order_by(dirty_days.c.day))]
         totals, touched = _run_days(ctx, prep, days, progress)
@@ -208,11 +212,17 @@ def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: Pl
 
 
 def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: bool = False,
-                    alert_transport: PlainTransport | None = None) -> dict:
+                    alert_transport: PlainTransport | None = None, allow_empty_catalogue: bool = False) -> dict:
     """Recompute every day from `start` to `end` inclusive, dirty or not, then send the alerts
     they raise that were not sent before."""
     if end < start:
         raise AggregateError(f"--end {end} is before --start {start}")
+    try:
+        check_day(start)
+        check_day(end)
+        check_span(start, end)
+    except BadDate as exc:
+        raise AggregateError(str(exc)) from None
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     w_start = dt.datetime(start.year, start.month, start.day, tzinfo=dt.UTC)
     w_end = dt.datetime(end.year, end.month, end.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
@@ -220,7 +230,7 @@ def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: boo
         window_lock(ctx.engine, LOCK_NAME, wait_s=LOCK_WAIT_S),
         recorded_run(ctx.engine, "aggregate", "range", w_start, w_end) as counts,
     ):
-        prep = _prepare(ctx)
+        prep = _prepare(ctx, allow_empty_catalogue)
         totals, touched = _run_days(ctx, prep, days, progress)
         counts.update(_result(prep, totals))
         counts.update(dispatch_alerts(ctx, touched, transport=alert_transport))

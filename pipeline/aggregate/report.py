@@ -20,6 +20,8 @@ from sqlalchemy import select
 from pipeline.aggregate.gallery import Evidence, day_evidence, thumbnail
 from pipeline.aggregate.trends import daily_series, plot_series
 from pipeline.context import Context
+from pipeline.dates import MIN_DAY, BadDate, check_day
+from pipeline.errors import BrandmonError
 from pipeline.schema import mention_daily
 
 WINDOW_DAYS = 56
@@ -121,8 +123,17 @@ def gallery_html(ctx: Context, day: dt.date, brands: list[str]) -> str:
 
 def render_report(ctx: Context, day: dt.date) -> str:
     """The report's HTML text."""
-    start = day - dt.timedelta(days=WINDOW_DAYS - 1)
+    try:
+        check_day(day)
+    except BadDate as exc:
+        raise BrandmonError(f"report day: {exc}") from None
+    start = max(day - dt.timedelta(days=WINDOW_DAYS - 1), MIN_DAY)
     brands = [b.name for b in ctx.settings.brands]
+    if not brands and ctx.settings.config_path is None:  # no BRANDMON_CONFIG: the stored catalogue
+        from pipeline.aggregate.catalogue import stored_catalogue
+
+        with ctx.engine.connect() as conn:
+            brands = [b.name for b in stored_catalogue(conn)]
     esc = html.escape
     summary_rows, charts = [], []
     for b in brands:

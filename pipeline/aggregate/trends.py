@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from pipeline.aggregate.daily import SOURCES
 from pipeline.context import Context
+from pipeline.dates import BadDate, check_day, check_span
 from pipeline.errors import BrandmonError
 from pipeline.schema import brands as brands_t
 from pipeline.schema import mention_daily
@@ -65,8 +66,12 @@ def daily_series(
     source: str = "any",
 ) -> list[dict]:
     """One dict per day from `start` to `end` inclusive (keys: `FIELDS`)."""
-    if end < start:
-        raise TrendsError(f"--end {end} is before --start {start}")
+    try:
+        check_day(start)
+        check_day(end)
+        check_span(start, end)
+    except BadDate as exc:
+        raise TrendsError(str(exc)) from None
     if (end - start).days >= MAX_DAYS:
         raise TrendsError(f"range too long ({(end - start).days + 1} days); ask for at most {MAX_DAYS}")
     if source not in SOURCES:
@@ -165,7 +170,8 @@ def plot_series(series: Sequence[dict[str, Any]], path: str | Path | io.BytesIO,
     if spikes:
         ax.scatter([d for d, _ in spikes], [p for _, p in spikes], color="#d62728", zorder=3, s=40,
                    label="spike")
-    ax.set_title(title, fontsize=11)
+    # parse_math=False: a brand named `$Acme$` or `a$b$c` is a name, not matplotlib mathtext
+    ax.set_title(title, fontsize=11, parse_math=False)
     ax.set_ylabel("posts")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, frameon=False)

@@ -150,6 +150,8 @@ def cmd_review_import(args: argparse.Namespace) -> int:
     result = import_labels(_ctx(), args.dir, into=args.into)
     print(f"{result['labelled']} labelled ({result['copied']} new files), {result['unlabelled']} still unlabelled; "
           f"training data in {result['training_dir']} (brandmon train --data {result['training_dir']})")
+    for r in result["refused"]:
+        print(f"refused row {r['sha256'][:12]}: {r['reason']}", file=sys.stderr)
     return 0
 
 

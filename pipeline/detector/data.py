@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.detector import NO_LOGO
 from pipeline.errors import BrandmonError
+from pipeline.safepath import UnsafePath, check_part, inside
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,28 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
 
 
+def class_name(raw: str, where: str) -> str:
+    """A class name from training data: canonical, and usable as a folder name (classes become
+    folders in exports and review folders), else DataError with the reason."""
+    name = canonical_class(raw)
+    try:
+        return check_part(name, "class name")
+    except UnsafePath as exc:
+        raise DataError(f"{where}: {exc}") from None
+
+
+def _images_under(root: Path, base: Path) -> tuple[list[Path], int]:
+    """Images under `base` that really lie inside `root` (a symlink out of it is skipped)."""
+    found, outside = [], 0
+    for p in sorted(base.rglob("*")):
+        if _is_image(p):
+            if inside(root, p):
+                found.append(p)
+            else:
+                outside += 1
+    return found, outside
+
+
 # --- loaders ---------------------------------------------------------------------------------
 
 
@@ -110,10 +133,15 @@ def load_folders(root: Path | str) -> list[SourceImage]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; --data needs one sub-folder per class")
     out: list[SourceImage] = []
+    outside = 0
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        label = canonical_class(sub.name)
-        for path in sorted(p for p in sub.rglob("*") if _is_image(p)):
+        label = class_name(sub.name, str(sub))
+        paths, skipped = _images_under(root, sub)
+        outside += skipped
+        for path in paths:
             out.append(SourceImage(sha256_bytes(path.read_bytes()), path, label=label, origin="folders"))
+    if outside:
+        log.warning("%d images under %s are symlinks to files outside it; skipped", outside, root)
     if not out:
         raise DataError(f"{root} has no images in class sub-folders (expected {root}/<Class>/*.jpg)")
     return out
@@ -133,7 +161,7 @@ def parse_fl27_annotations(text: str) -> dict[str, list[Box]]:
         if not m:
             raise DataError(f"annotation line {lineno} is not `filename class subset x1 y1 x2 y2`: {line[:80]!r}")
         fname, cls, _subset, x1, y1, x2, y2 = m.groups()
-        box = Box(canonical_class(cls), int(x1), int(y1), int(x2), int(y2))
+        box = Box(class_name(cls, f"annotation line {lineno}"), int(x1), int(y1), int(x2), int(y2))
         if (fname, box) in seen:
             continue
         seen.add((fname, box))
@@ -155,7 +183,7 @@ def parse_json_boxes(doc: object, where: str) -> list[Box]:
             raise DataError(f"{where}: item {i} needs numeric xmin, ymin, xmax, ymax") from None
         if name is None or not str(name).strip():
             raise DataError(f"{where}: item {i} has no classtxt/class")
-        box = Box(canonical_class(str(name)), x1, y1, x2, y2)
+        box = Box(class_name(str(name), f"{where}: item {i}"), x1, y1, x2, y2)
         if box not in out:
             out.append(box)
     return out
@@ -180,18 +208,20 @@ def load_boxes(root: Path | str) -> list[SourceImage]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; --format boxes needs images plus annotations")
     by_name: dict[str, Path] = {}
-    for p in sorted(root.rglob("*")):
-        if _is_image(p):
-            by_name.setdefault(p.name, p)
+    paths, outside = _images_under(root, root)
+    for p in paths:
+        by_name.setdefault(p.name, p)
+    if outside:
+        log.warning("%d images under %s are symlinks to files outside it; skipped", outside, root)
     boxes: dict[str, list[Box]] = {}
     for txt in sorted(root.glob("*.txt")):
-        if _looks_like_fl27(txt):
+        if inside(root, txt) and _looks_like_fl27(txt):
             for fname, bs in parse_fl27_annotations(txt.read_text(encoding="utf-8", errors="replace")).items():
                 dest = boxes.setdefault(fname, [])
                 dest.extend(b for b in bs if b not in dest)
     for name, path in by_name.items():
         sidecar = path.with_suffix(".json")
-        if sidecar.is_file():
+        if sidecar.is_file() and inside(root, sidecar):
             try:
                 doc = json.loads(sidecar.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:

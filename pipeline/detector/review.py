@@ -22,6 +22,7 @@ from pipeline.context import Context
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import IMAGE_EXTS, canonical_class
 from pipeline.errors import BrandmonError
+from pipeline.safepath import UnsafePath, check_part, inside, safe_join
 from pipeline.schema import images, model_versions, review_queue, utcnow
 
 MANIFEST = "manifest.csv"
@@ -53,15 +54,18 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         for (cls_list,) in conn.execute(select(model_versions.c.classes).where(model_versions.c.active.is_(True))):
             classes.update(cls_list or [])
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for c in {*classes, *(r.class_name for r in rows)}:
-        (out / c).mkdir(exist_ok=True)
+    for c in sorted({*classes, *(r.class_name for r in rows)}):
+        try:
+            safe_join(out, c, what="class").mkdir(exist_ok=True)
+        except UnsafePath as exc:  # a class name from a model's training data
+            log.warning("review export: no folder for class %r: %s", c[:80], exc)
     existing = _read_manifest(out) if (out / MANIFEST).exists() else {}
     written = 0
     missing: set[str] = set()
     for r in rows:
         name = f"{r.image_sha256}{_EXT.get(r.mime, '.jpg')}"
         target = out / "images" / name
-        moved = any((out / c / name).exists() for c in classes)  # already sorted by the labeller
+        moved = any((out / c / name).exists() for c in classes if _plain(c))  # already sorted by the labeller
         if not target.exists() and not moved:
             try:
                 data = ctx.store.get(r.storage_key)
@@ -91,6 +95,14 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
     return {"queued": len(rows), "written": written, "missing": len(missing), "out": str(out)}
 
 
+def _plain(name: str) -> bool:
+    try:
+        check_part(name)
+    except UnsafePath:
+        return False
+    return True
+
+
 def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:
     try:
         with (folder / MANIFEST).open(newline="", encoding="utf-8") as fh:
@@ -99,33 +111,54 @@ def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:
         raise ReviewError(f"{folder / MANIFEST}: cannot read the review manifest ({exc})") from None
 
 
+def _refuse(refused: list[dict[str, str]], sha: str, reason: str) -> None:
+    refused.append({"sha256": sha[:64], "reason": reason})
+    log.warning("review import: row %s refused: %s", sha[:12], reason)
+
+
 def import_labels(ctx: Context, folder: str | Path, into: str | Path | None = None) -> dict[str, Any]:
-    """Labelled images from a review folder -> `into/<Class>/` training data; queue rows labelled."""
+    """Labelled images from a review folder -> `into/<Class>/` training data; queue rows labelled.
+
+    The manifest and the folder are the labeller's, so their labels and file names are data: a
+    row whose label or file is not a plain name (`..`, `/`, NUL, a drive), or whose source or
+    destination resolves outside its folder (a symlinked label folder), is refused with its
+    reason (`refused` in the result) and the other rows go in.
+    """
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
         raise ReviewError(f"{folder} has no {MANIFEST}; point at a folder written by `brandmon review export`")
     manifest = _read_manifest(folder)
     into = Path(into) if into else Path(ctx.settings.home) / "training" / "review"
-    # where the labeller put each file: DIR/<Class>/<file>
+    # where the labeller put each file: DIR/<Class>/<file>; a class folder that is a symlink
+    # (it could point anywhere) is not read
     placed: dict[str, str] = {}
-    for sub in folder.iterdir():
-        if sub.is_dir() and sub.name != "images":
-            for f in sub.iterdir():
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                    placed[f.name] = sub.name
+    for sub in sorted(folder.iterdir()):
+        if sub.is_symlink() or not sub.is_dir() or sub.name == "images":
+            continue
+        for f in sub.iterdir():
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTS and inside(sub, f):
+                placed[f.name] = sub.name
     labelled: dict[str, str] = {}
+    refused: list[dict[str, str]] = []
     copied = 0
     for sha, row in manifest.items():
-        label = (row.get("label") or "").strip() or placed.get(row["file"], "")
-        if not label:
+        name = row.get("file") or ""
+        raw_label = (row.get("label") or "").strip() or placed.get(name, "")
+        if not raw_label:
             continue
-        label = canonical_class(label)
-        src = folder / "images" / row["file"]
-        if not src.exists():
-            src = folder / placed.get(row["file"], "") / row["file"]
-        if not src.exists():
+        label = canonical_class(raw_label)
+        try:
+            check_part(label, "label")
+            check_part(name, "file")
+            src = safe_join(folder, "images", name, what="file")
+            if not src.is_file() and name in placed:
+                src = safe_join(folder, placed[name], name, what="file")
+            if not src.is_file():
+                continue
+            dest = safe_join(into, label, name, what="label/file")
+        except UnsafePath as exc:
+            _refuse(refused, sha, str(exc))
             continue
-        dest = into / label / row["file"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists():
             shutil.copyfile(src, dest)
@@ -137,4 +170,5 @@ def import_labels(ctx: Context, folder: str | Path, into: str | Path | None = No
                 update(review_queue).where(review_queue.c.image_sha256 == sha)
                 .values(status="labelled", label=label, updated_at=utcnow())
             )
-    return {"labelled": len(labelled), "copied": copied, "unlabelled": len(manifest) - len(labelled), "training_dir": str(into)}
+    return {"labelled": len(labelled), "copied": copied, "unlabelled": len(manifest) - len(labelled) - len(refused),
+            "refused": refused, "training_dir": str(into)}

@@ -746,9 +746,11 @@ def export_split(samples: list[Sample], out: Path) -> Path:
     """Write samples as `out/<Class>/<file>`: whole images byte for byte, regions as JPEG."""
     from PIL import Image
 
+    from pipeline.safepath import safe_join
+
     out.mkdir(parents=True, exist_ok=True)
     for s in samples:
-        d = out / s.label
+        d = safe_join(out, s.label, what="class")  # class names come from training data
         d.mkdir(exist_ok=True)
         if s.region is None:
             suffix = s.source.path.suffix.lower() if s.source.path else ".jpg"

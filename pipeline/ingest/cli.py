@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 
+from pipeline.dates import BadDate, parse_day, parse_instant
 from pipeline.errors import ConfigError
 
 ORDER = ("fetched", "new", "updated", "unchanged", "rejected", "duplicates", "out_of_window",
@@ -14,17 +15,16 @@ ORDER = ("fetched", "new", "updated", "unchanged", "rejected", "duplicates", "ou
 def parse_time_arg(value: str) -> dt.datetime:
     """`2026-10-01`, `2026-10-01T06:00`, `...Z` or with an offset; no zone means UTC."""
     try:
-        when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r} (e.g. 2026-10-01 or 2026-10-01T06:00Z)") from None
-    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+        return parse_instant(value)
+    except BadDate as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_date_arg(value: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(value.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date: {value!r} (e.g. 2026-10-01)") from None
+        return parse_day(value)
+    except BadDate as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_counts(counts: dict[str, int]) -> str:

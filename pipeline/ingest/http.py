@@ -37,8 +37,10 @@ class FeedError(BrandmonError):
 
 def safe_url(url: str) -> str:
     """The URL without query values or userinfo: enough to locate a failure, nothing secret."""
+    from pipeline.redact import redact_url
+
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(redact_url(url))
     except ValueError:
         return "<unparseable url>"
     netloc = parts.netloc.rsplit("@", 1)[-1]

@@ -269,17 +269,31 @@ def content_hash(post: Post, posted_iso: str | None = None) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
 
 
-# Keys whose values name an account, at any depth: dropped from excerpts.
-EXCERPT_DROP = AUTHOR_FIELDS | {"acct", "display_name", "displayName", "mentions", "owner", "submitter"}
+# Excerpts keep an ALLOW-list of fields (a block-list of author keys let `name`, `email`,
+# `screen_name` and whatever a new export calls its authors through). Kept, at any depth:
+# ids, platform, times, language, texts (cut short, account names taken out), the host of
+# URLs, counts and a few flags; lists of media become their length. Records nest (a Reddit
+# listing's `data`, a Bluesky view's `record`, a Mastodon `reblog`), so those keys are followed.
+EXCERPT_IDS = frozenset(ID_KEYS) | {"cid", "name_id", "parent_id", "in_reply_to_id", "link_id"}
+EXCERPT_PLAIN = frozenset(PLATFORM_KEYS) | frozenset(TIME_KEYS) | frozenset(LANG_KEYS) | {
+    "edited_at", "indexedAt", "indexed_at", "updated_at", "created", "kind", "type", "$type", "visibility",
+    "sensitive", "over_18", "subreddit", "subreddit_name_prefixed", "is_self", "stickied"}
+EXCERPT_TEXTS = frozenset(TEXT_KEYS) | {"title", "selftext", "spoiler_text", "alt", "alt_text", "description"}
+EXCERPT_URLS = frozenset(URL_KEYS) | frozenset(SINGLE_IMAGE_KEYS) | {"remote_url", "preview_url"}
+EXCERPT_MEDIA = frozenset(IMAGES_KEYS) | {"embed", "mentions", "tags", "emojis"}
+EXCERPT_NESTED = frozenset({"data", "record", "post", "reblog", "status", "value", "children", "reply", "parent", "root"})
+EXCERPT_COUNTS = frozenset({"score", "ups", "downs", "num_comments"})
 # Account names inside strings: profile paths (Mastodon /@u and /users/u, Reddit /u/u and
-# /user/u, Bluesky /profile/h), DIDs, @mentions, Reddit u/ and u_ names, and the values of
-# author-like keys in JSON text (a raw line that did not parse).
+# /user/u, Bluesky /profile/h), DIDs, @mentions, Reddit u/ and u_ names, e-mail addresses, and
+# the values of author-like keys in JSON text (a raw line that did not parse).
 _ACCOUNT_PATH = re.compile(r"(?i)(/@|/users/|/user/|/u/|/profile/|/accounts/)[^/\s\"'?#<>&]+")
 _DID = re.compile(r"did:[a-z0-9]+:[A-Za-z0-9._:%-]+")
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _MENTION = re.compile(r"(?<![\w@/.])@[A-Za-z0-9_][A-Za-z0-9_.-]*(?:@[A-Za-z0-9.-]+)?")
 _REDDIT_USER = re.compile(r"\bu[_/][A-Za-z0-9_-]{2,}")
 _AUTHOR_JSON = re.compile(
-    r'"((?:author|user|account|acct|username|handle|did|display_?name|creator|owner)[A-Za-z_]*)"\s*:\s*'
+    r'"((?:author|user|account|acct|username|handle|did|display_?name|creator|owner|name|e-?mail|screen_?name|'
+    r'full_?name|first_?name|last_?name|phone|login|nick)[A-Za-z_]*)"\s*:\s*'
     r'(?:"(?:[^"\\]|\\.)*"?|[^,}\]]*)', re.I)
 _EXCERPT_DEPTH = 8
 _EXCERPT_ITEMS = 40
@@ -293,50 +307,81 @@ def scrub_accounts(text: str) -> str:
     text = _AUTHOR_JSON.sub(lambda m: f'"{m.group(1)}": "…"', text)
     text = _ACCOUNT_PATH.sub(lambda m: f"{m.group(1)}…", text)
     text = _DID.sub("did:…", text)
+    text = _EMAIL.sub("…@…", text)
     text = _MENTION.sub("@…", text)
     return _REDDIT_USER.sub("u/…", text)
 
 
-def _account_key(key: str) -> bool:
-    return key in EXCERPT_DROP or key.startswith("author")
+def _url_host(value: Any) -> str:
+    """Only the scheme and host of a URL (its path may name an account)."""
+    from urllib.parse import urlsplit
+
+    text = str(value)[:_EXCERPT_CHARS]
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname
+    except ValueError:
+        return "…"
+    return f"{parts.scheme}://{host}/…" if parts.scheme and host else "…"
 
 
-def _scrub_value(value: Any, depth: int = 0) -> Any:
-    """A bounded copy of `value` without account-naming keys or names, for an excerpt: depth,
-    items and string lengths are capped (an excerpt is 300 characters; the record may be a
-    100,000-deep nesting or a 10 MB text)."""
-    if isinstance(value, dict):
-        if depth >= _EXCERPT_DEPTH:
-            return "…"
-        out: dict[str, Any] = {}
-        for i, (key, item) in enumerate(value.items()):
-            if i >= _EXCERPT_ITEMS:
-                out["…"] = "…"
-                break
-            name = str(key)
-            if not _account_key(name):
-                out[scrub_accounts(name[:_EXCERPT_CHARS])] = _scrub_value(item, depth + 1)
-        return out
-    if isinstance(value, list | tuple):
-        if depth >= _EXCERPT_DEPTH:
-            return "…"
-        items = [_scrub_value(v, depth + 1) for v in value[:_EXCERPT_ITEMS]]
-        return items + ["…"] if len(value) > _EXCERPT_ITEMS else items
+def _scalar(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return scrub_accounts(str(value)[:_EXCERPT_CHARS])
 
 
+def _allowed(value: Any, depth: int = 0) -> Any:
+    """A bounded copy of a record with only the allowed fields (see above); depth, items and
+    string lengths are capped (the record may be a 100,000-deep nesting or a 10 MB text)."""
+    if depth >= _EXCERPT_DEPTH:
+        return "…"
+    if isinstance(value, list | tuple):  # a list of records
+        items = [_allowed(v, depth + 1) for v in value[:_EXCERPT_ITEMS]]
+        return items + ["…"] if len(value) > _EXCERPT_ITEMS else items
+    if not isinstance(value, dict):
+        return _scalar(value)
+    out: dict[str, Any] = {}
+    dropped = 0
+    for i, (key, item) in enumerate(value.items()):
+        if i >= 4 * _EXCERPT_ITEMS:
+            dropped += len(value) - i
+            break
+        name = key if isinstance(key, str) else None
+        if name is None:
+            dropped += 1
+        elif name in EXCERPT_IDS or name in EXCERPT_TEXTS or name in EXCERPT_PLAIN:
+            out[name] = _scalar(item) if not isinstance(item, dict | list) else _allowed(item, depth + 1)
+        elif name in EXCERPT_URLS:
+            out[name] = _url_host(item) if isinstance(item, str) else "…"
+        elif name in EXCERPT_MEDIA:
+            out[name] = len(item) if isinstance(item, list | dict) else "…"
+        elif name in EXCERPT_NESTED:
+            out[name] = _allowed(item, depth + 1)
+        elif (name in EXCERPT_COUNTS or name.lower().endswith("count")) and isinstance(item, int | float) \
+                and not isinstance(item, bool):
+            out[name] = item
+        else:
+            dropped += 1
+        if len(out) >= _EXCERPT_ITEMS:
+            dropped += len(value) - i - 1
+            break
+    if dropped:
+        out["…"] = f"{dropped} other field(s) not kept"
+    return out
+
+
 def excerpt(record: Any, limit: int = 300) -> str:
-    """A short view of a bad record for the quarantine table, without the accounts in it:
-    author-like keys are dropped at every depth (Reddit's `data.author`, a Mastodon reblog's
-    `account`) and account names are cut out of strings (`uri`/`url` paths, DIDs, mentions).
-    A str is taken as the raw text of a record that did not parse."""
+    """A short view of a bad record for the quarantine table, without the accounts in it: only
+    allowed fields are kept (ids, platform, times, language, texts, URL hosts, counts), and
+    account names are cut out of the strings kept (`uri` paths, DIDs, mentions, e-mail
+    addresses). A str is taken as the raw text of a record that did not parse: its author-like
+    JSON values and account names are cut out."""
     try:
         if isinstance(record, str):
             text = scrub_accounts(record[: limit * 4])
         else:
-            text = json.dumps(_scrub_value(record), ensure_ascii=False, default=str)
+            text = json.dumps(_allowed(record), ensure_ascii=False, default=str)
     except (TypeError, ValueError, RecursionError):
         text = scrub_accounts(repr(type(record)))
     text = clean_text(text[: limit * 2], "excerpt", 10**9)

@@ -201,6 +201,24 @@ def test_excerpt_of_a_raw_line_and_of_hostile_shapes():
     for _ in range(100_000):
         node.append([])
         node = node[0]
-    assert excerpt({"a": deep}) == '{"a": [[[[[[["…"]]]]]]]}'
-    assert len(excerpt({"t": "x" * 10_000_000})) == 300
-    assert excerpt({str(i): i for i in range(1000)}, limit=10_000).endswith('"39": 39, "…": "…"}')
+    assert excerpt({"data": deep}) == '{"data": [[[[[[["…"]]]]]]]}'
+    assert excerpt({"a": deep}) == '{"…": "1 other field(s) not kept"}'  # not on the allow-list
+    assert len(excerpt({"text": "x" * 10_000_000})) == 300
+    assert excerpt({str(i): i for i in range(1000)}, limit=10_000) == '{"…": "1000 other field(s) not kept"}'
+    many = {**{f"{i}_count": i for i in range(1000)}, "id": "x"}
+    assert excerpt(many, limit=10_000).endswith('"39_count": 39, "…": "961 other field(s) not kept"}')
+
+
+def test_excerpt_keeps_an_allow_list_of_fields():
+    """Author data under any name (name, email, screen_name, a new export's own words) is not
+    kept: only ids, times, platform, language, texts, URL hosts and counts are."""
+    record = {"id": "p1", "created_at": "2026-10-02T06:00:00Z", "platform": "x", "lang": "en",
+              "text": "mail zqx1@example.org or @zqx2", "url": "https://social.example/@zqx3/1",
+              "name": "zqx4", "email": "zqx5@example.org", "screen_name": "zqx6", "poster": {"nick": "zqx7"},
+              "like_count": 3, "images": [{"url": "https://cdn/zqx8.jpg"}], "data": {"title": "t", "zqx9": 1}}
+    ex = excerpt(record, limit=10_000)
+    assert "zqx" not in ex, ex
+    doc = json.loads(ex)
+    assert doc["id"] == "p1" and doc["created_at"] == "2026-10-02T06:00:00Z" and doc["lang"] == "en"
+    assert doc["url"] == "https://social.example/…" and doc["like_count"] == 3 and doc["images"] == 1
+    assert doc["data"] == {"title": "t", "…": "1 other field(s) not kept"}
