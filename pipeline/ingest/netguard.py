@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from pipeline.ingest.bounded import pool_classes
 
 # Cloud metadata endpoints, refused even if some resolver maps them oddly.
 METADATA_ADDRESSES = frozenset(
@@ -106,7 +106,8 @@ class _PeerCheck:
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose connections refuse non-public peers (see module doc)."""
+    """A requests adapter whose connections refuse non-public peers (see module doc) and obey
+    the running request's total deadline (`bounded.watchdog`)."""
 
     def __init__(self, allowed: frozenset[str], **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._allowed = allowed
@@ -114,9 +115,4 @@ class GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().init_poolmanager(*args, **kwargs)
-        allowed = self._allowed
-        http_conn = type("GuardedHTTPConnection", (_PeerCheck, HTTPConnection), {"allowed": allowed})
-        https_conn = type("GuardedHTTPSConnection", (_PeerCheck, HTTPSConnection), {"allowed": allowed})
-        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
-        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
-        self.poolmanager.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+        self.poolmanager.pool_classes_by_scheme = pool_classes(_PeerCheck, allowed=self._allowed)
