@@ -25,6 +25,8 @@ from pipeline.ingest.replay import (
 )
 from pipeline.settings import NetworkConfig
 
+pytestmark = pytest.mark.timeout(60)  # a regression must fail, not hang
+
 MB = 1024 * 1024
 JSON = {"Content-Type": "application/json"}
 
