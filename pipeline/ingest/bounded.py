@@ -69,6 +69,11 @@ class Watchdog:
         left = max(0.05, self.remaining())
         return (min(connect_s, read_s, left), min(read_s, left))
 
+    @property
+    def expired(self) -> bool:
+        """Fired, or so close that a socket timeout just now was really the deadline."""
+        return self.fired or self.remaining() <= 0.1
+
     def add(self, sock: Any) -> None:
         if sock is None:
             return

@@ -262,12 +262,12 @@ class HttpClient:
                     raise _Retry(str(exc)) from None
                 raise self._fail(method, url, f"response refused: {exc}") from None
             except (requests.Timeout, requests.ConnectionError) as exc:
-                raise _Retry(_deadline(wd) if wd.fired else "timed out" if isinstance(exc, requests.Timeout)
+                raise _Retry(_deadline(wd) if wd.expired else "timed out" if isinstance(exc, requests.Timeout)
                              else "connection failed") from None
             except requests.RequestException as exc:  # an invalid URL or header: not transient
                 raise self._fail(method, url, type(exc).__name__) from None
             except (urllib3.exceptions.HTTPError, OSError, bounded.CorruptBody) as exc:
-                if wd.fired:
+                if wd.expired:
                     raise _Retry(_deadline(wd)) from None
                 if isinstance(exc, bounded.CorruptBody):
                     raise _Retry(str(exc)[:120]) from None

@@ -179,7 +179,7 @@ class Downloader:
             except netguard.Refused as exc:
                 raise ImageProblem("quarantined", f"refused: {exc}") from None
             except requests.RequestException as exc:
-                if wd.fired:
+                if wd.expired:
                     raise ImageProblem("failed", f"download exceeded the {total:g} s deadline") from None
                 if isinstance(exc, requests.Timeout):
                     raise ImageProblem("failed", "timed out") from None
@@ -203,7 +203,7 @@ class Downloader:
                         raise ImageProblem("quarantined", f"too large: {exc}") from None
                     raise ImageProblem("quarantined", str(exc)) from None
                 except bounded.TRANSIENT as exc:
-                    if wd.fired:
+                    if wd.expired:
                         raise ImageProblem("failed", f"download exceeded the {total:g} s deadline") from None
                     if isinstance(exc, bounded.CorruptBody):
                         raise ImageProblem("failed", str(exc)[:200]) from None
