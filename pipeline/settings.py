@@ -90,8 +90,10 @@ class SourceConfig:
 @dataclass(frozen=True)
 class NetworkConfig:
     allowed_private_hosts: tuple[str, ...] = ()
-    timeout_s: float = 20.0
-    max_image_bytes: int = 20 * 1024 * 1024
+    timeout_s: float = 20.0  # connect / silence between two reads
+    deadline_s: float = 60.0  # wall clock for a whole request (an image: all its redirect hops)
+    max_response_bytes: int = 32 * 1024 * 1024  # decoded bytes of one feed response
+    max_image_bytes: int = 20 * 1024 * 1024  # decoded bytes of one image
     user_agent: str = "brandmon/0.1 (brand-monitoring pipeline; +https://github.com/brandmon/brandmon)"
     image_workers: int = 8
     per_host_connections: int = 4
@@ -202,11 +204,11 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
 # Source options the connectors read, by the type they need. Checked here so that a wrong type
 # (`max_pages: lots`) is one clear line at start-up, not a traceback from inside a connector.
 _INT_OPTIONS = {"max_pages": 1, "limit": 1, "part_pages": 1, "days": 1, "seed": None}
-_FLOAT_OPTIONS = ("backoff_s", "max_wait_s", "timeout_s")
+_FLOAT_OPTIONS = ("backoff_s", "max_wait_s", "timeout_s", "time_slack_s")
 _BOOL_OPTIONS = ("fetch_images", "snowflake_ids")
 _STR_OPTIONS = ("base_url", "oauth_base_url", "auth_url", "path", "platform", "user_agent", "identifier", "start")
 _LIST_OPTIONS = ("hashtags", "accounts", "queries", "subreddits")
-_CHOICE_OPTIONS = {"html": ("auto", "always", "never")}
+_CHOICE_OPTIONS = {"html": ("auto", "always", "never"), "id_mode": ("auto", "snowflake", "time")}
 
 
 def _check_option(source: str, key: str, value: Any) -> Any:

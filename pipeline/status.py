@@ -81,6 +81,13 @@ def _model_warnings(settings: Any, active: Any) -> list[str]:
     return [warning] if warning else []
 
 
+def _warning(run: dict[str, Any]) -> str:
+    """A succeeded run's warning (e.g. an ingest window that stored nothing from what it fetched)."""
+    counts = run.get("counts")
+    warning = counts.get("warning") if isinstance(counts, dict) else None
+    return f"WARNING: {warning}" if warning else ""
+
+
 def format_status(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -97,7 +104,7 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"model    : {report.get('active_model') or '(no active model)'}")
     for run in report.get("recent_runs", []):
         window = run["window_start"].date().isoformat() if run["window_start"] else "-"
-        lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} {run['error'] or ''}")
+        lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} {run['error'] or _warning(run)}")
     for warning in report.get("warnings", []):
         lines.append(f"WARNING  : {warning}")
     for problem in report["problems"]:

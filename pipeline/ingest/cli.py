@@ -28,8 +28,14 @@ def parse_date_arg(value: str) -> dt.date:
 
 
 def format_counts(counts: dict[str, int]) -> str:
-    keys = [k for k in ORDER if k in counts] + sorted(k for k in counts if k not in ORDER)
-    return " ".join(f"{k}={counts[k]}" for k in keys)
+    keys = [k for k in ORDER if k in counts] + sorted(k for k in counts if k not in ORDER and k != "warning")
+    line = " ".join(f"{k}={counts[k]}" for k in keys)
+    if counts.get("warning"):
+        line += f"\nWARNING: {counts['warning']}"
+    elif counts.get("silent_zero"):
+        line += (f"\nWARNING: {counts['silent_zero']} window(s) fetched items but stored and quarantined none; "
+                 "see `brandmon status` or the log")
+    return line
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

@@ -3,8 +3,13 @@
 Polite: a descriptive User-Agent, and it waits when the API says so (`Retry-After` on 429/503,
 `X-RateLimit-Remaining: 0` until `X-RateLimit-Reset`; Bluesky's unprefixed `RateLimit-*` too). Stubborn: 5xx answers, timeouts,
 dropped connections and truncated JSON bodies are retried with exponential backoff and
-jitter, up to `network.max_retries` times. Errors name the method, the URL without its query
-values and the status, never a token: every registered secret is scrubbed from messages.
+jitter, up to `network.max_retries` times. Bounded: each attempt runs under a total deadline
+(`network.deadline_s`: connect + headers + body, even when the server drips bytes) and its body
+is read with a cap on DECODED bytes (`network.max_response_bytes`), see `bounded`. A deadline is
+retried like a timeout; a body over the cap, an unsupported Content-Encoding or JSON nested too
+deeply is not (it would be the same next time) and fails the window at once with the reason.
+Errors name the method, the URL without its query values and the status, never a token: every
+registered secret is scrubbed from messages.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
 
 from pipeline.errors import BrandmonError
+from pipeline.ingest import bounded
 from pipeline.settings import NetworkConfig
 
 log = logging.getLogger(__name__)
@@ -128,7 +135,7 @@ class HttpClient:
         self.max_retries = max(0, int(network.max_retries))
         self.sleep = sleep
         self.jitter = jitter
-        self.session = session or requests.Session()
+        self.session = session or bounded.mount(requests.Session(), bounded.BoundedAdapter(max_retries=0))
         self.session.headers["User-Agent"] = user_agent or network.user_agent
         self.session.headers.setdefault("Accept", "application/json")
         self.stats = HttpStats()
@@ -201,24 +208,12 @@ class HttpClient:
                 self.stats.retries += 1
             self.stats.requests += 1
             try:
-                resp = self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    headers=headers,
-                    json=json_body,
-                    data=data,
-                    auth=auth,
-                    timeout=(min(10.0, self.timeout_s), self.timeout_s),
-                    allow_redirects=False,
-                )
-            except (requests.Timeout, requests.ConnectionError) as exc:
-                last = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
+                resp, content = self._send(method, url, params=params, headers=headers, json=json_body, data=data, auth=auth)
+            except _Retry as exc:
+                last = str(exc)
                 if attempt + 1 < attempts:
                     self._wait(self._backoff(attempt), f"{last} on {safe_url(url)}")
                 continue
-            except requests.RequestException as exc:
-                raise self._fail(method, url, type(exc).__name__) from None
             self.stats.statuses[resp.status_code] = self.stats.statuses.get(resp.status_code, 0) + 1
             self._note_rate_limit(resp)
             if resp.status_code == 429 or resp.status_code in RETRY_STATUSES:
@@ -240,7 +235,9 @@ class HttpClient:
                 err.response = resp  # type: ignore[attr-defined]
                 raise err
             try:
-                return json.loads(resp.content), resp
+                return json.loads(content), resp
+            except RecursionError:
+                raise self._fail(method, url, "response refused: JSON nested too deeply to parse") from None
             except (ValueError, UnicodeDecodeError):
                 last = "the response is not valid JSON (truncated?)"
                 if attempt + 1 < attempts:
@@ -248,8 +245,47 @@ class HttpClient:
                 continue
         raise self._fail(method, url, f"{last} after {attempts} attempts")
 
+    def _send(self, method: str, url: str, **kwargs: Any) -> tuple[requests.Response, bytes]:
+        """One attempt under the total deadline and the decoded-size cap (see `bounded`).
+
+        Raises `_Retry(why)` for what may pass (deadline, timeout, dropped connection, a corrupt
+        compressed body) and `FeedError` for what will not (too large, unknown encoding, bad URL).
+        """
+        with bounded.watchdog(self.network.deadline_s) as wd:
+            try:
+                resp = self.session.request(method, url, timeout=wd.timeouts(self.timeout_s), allow_redirects=False,
+                                            stream=True, **kwargs)
+                try:
+                    return resp, bounded.read_body(resp, int(self.network.max_response_bytes), wd)
+                finally:
+                    resp.close()
+            except bounded.LimitExceeded as exc:
+                if exc.kind == "deadline":
+                    raise _Retry(str(exc)) from None
+                raise self._fail(method, url, f"response refused: {exc}") from None
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                raise _Retry(_deadline(wd) if wd.expired else "timed out" if isinstance(exc, requests.Timeout)
+                             else "connection failed") from None
+            except requests.RequestException as exc:  # an invalid URL or header: not transient
+                raise self._fail(method, url, type(exc).__name__) from None
+            except (urllib3.exceptions.HTTPError, OSError, bounded.CorruptBody) as exc:
+                if wd.expired:
+                    raise _Retry(_deadline(wd)) from None
+                if isinstance(exc, bounded.CorruptBody):
+                    raise _Retry(str(exc)[:120]) from None
+                raise _Retry("timed out" if isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
+                             else "connection failed while reading the body") from None
+
     def get_json(self, url: str, **kwargs: Any) -> tuple[Any, requests.Response]:
         return self.request_json("GET", url, **kwargs)
+
+
+class _Retry(Exception):
+    """An attempt failed in a way the next attempt may not; str() says how."""
+
+
+def _deadline(wd: bounded.Watchdog) -> str:
+    return f"exceeded the {wd.seconds:g} s deadline for the whole request"
 
 
 def _header(resp: requests.Response, name: str) -> str | None:

@@ -2,7 +2,9 @@
 
 Each pending `post_images` row is fetched at most once per URL per run by a bounded thread
 pool with a per-host connection limit, through the private-address guard (`netguard`,
-re-checked on every redirect hop and on the connected socket), with timeouts and a byte cap.
+re-checked on every redirect hop and on the connected socket), under a total deadline for all
+hops and a cap on decoded bytes (`bounded`: a server dripping headers or body cannot hold a
+worker past `network.deadline_s`, a gzip-encoded bomb stops at `network.max_image_bytes`).
 The bytes must sniff as JPEG, PNG, WebP or GIF and decode with Pillow (first frame; its
 decompression-bomb guard plus our own pixel cap) before they are stored once, at
 `images/sha256/ab/cd/<sha256>`, so a reposted image is one object and one `images` row.
@@ -32,7 +34,7 @@ from PIL import Image
 from sqlalchemy import bindparam, select, update
 
 from pipeline.database import chunks, upsert
-from pipeline.ingest import netguard
+from pipeline.ingest import bounded, netguard
 from pipeline.schema import images, post_images, posts, utcnow
 from pipeline.settings import NetworkConfig
 
@@ -127,8 +129,7 @@ class Downloader:
         self.session = requests.Session()
         self.session.trust_env = False  # direct connections: the guard must see the real peer
         adapter = netguard.GuardedAdapter(self.allowed, pool_connections=32, pool_maxsize=max(4, network.image_workers * 2), max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        bounded.mount(self.session, adapter)
         self.session.headers["User-Agent"] = network.user_agent
         self.session.headers["Accept"] = "image/webp,image/png,image/jpeg,image/gif;q=0.9,*/*;q=0.1"
         self._host_locks: dict[str, threading.BoundedSemaphore] = {}
@@ -143,9 +144,12 @@ class Downloader:
             return sem
 
     def get(self, url: str) -> bytes:
+        """The image's bytes, following redirects; every hop guarded and all of them together
+        bounded by `network.deadline_s` of network time (waiting for a host slot not counted)
+        and `network.max_image_bytes` decoded bytes."""
         cap = int(self.network.max_image_bytes)
         timeout = float(self.network.timeout_s)
-        deadline = time.monotonic() + timeout * 3
+        budget = float(self.network.deadline_s)
         for _hop in range(MAX_REDIRECTS + 1):
             try:
                 netguard.check_url(url, self.allowed)
@@ -153,39 +157,59 @@ class Downloader:
                 raise ImageProblem("quarantined", f"refused: {exc}") from None
             except OSError as exc:
                 raise ImageProblem("failed", str(exc)[:200]) from None
+            if budget <= 0:
+                raise ImageProblem("failed", f"download exceeded the {self.network.deadline_s:g} s deadline (redirects included)")
             with self._host_slot(url):
+                began = time.monotonic()
                 try:
-                    resp = self.session.get(url, stream=True, timeout=(min(10.0, timeout), timeout), allow_redirects=False)
-                except netguard.Refused as exc:
-                    raise ImageProblem("quarantined", f"refused: {exc}") from None
-                except requests.Timeout:
-                    raise ImageProblem("failed", "timed out") from None
-                except requests.RequestException as exc:
-                    raise ImageProblem("failed", f"connection failed: {type(exc).__name__}") from None
-                with resp:
-                    if resp.is_redirect:
-                        location = resp.headers.get("Location", "")
-                        if not location:
-                            raise ImageProblem("failed", f"HTTP {resp.status_code} redirect without Location")
-                        url = urljoin(url, location)
-                        continue
-                    if resp.status_code != 200:
-                        raise ImageProblem("failed", f"HTTP {resp.status_code}")
-                    length = resp.headers.get("Content-Length")
-                    if length and length.isdigit() and int(length) > cap:
-                        raise ImageProblem("quarantined", f"too large: {int(length)} bytes (cap {cap})")
-                    buf = bytearray()
-                    try:
-                        for chunk in resp.iter_content(64 * 1024):
-                            buf += chunk
-                            if len(buf) > cap:
-                                raise ImageProblem("quarantined", f"too large: more than {cap} bytes")
-                            if time.monotonic() > deadline:
-                                raise ImageProblem("failed", "download too slow (deadline exceeded)")
-                    except requests.RequestException as exc:
-                        raise ImageProblem("failed", f"download interrupted: {type(exc).__name__}") from None
-                    return bytes(buf)
+                    location = self._hop(url, cap, timeout, budget)
+                finally:
+                    budget -= time.monotonic() - began
+            if isinstance(location, bytes):
+                return location
+            url = urljoin(url, location)
         raise ImageProblem("quarantined", f"more than {MAX_REDIRECTS} redirects")
+
+    def _hop(self, url: str, cap: int, timeout: float, budget: float) -> bytes | str:
+        """One request: the body (bytes) or a redirect's Location (str)."""
+        total = float(self.network.deadline_s)
+        with bounded.watchdog(budget) as wd:
+            try:
+                resp = self.session.get(url, stream=True, timeout=wd.timeouts(timeout), allow_redirects=False)
+            except netguard.Refused as exc:
+                raise ImageProblem("quarantined", f"refused: {exc}") from None
+            except requests.RequestException as exc:
+                if wd.expired:
+                    raise ImageProblem("failed", f"download exceeded the {total:g} s deadline") from None
+                if isinstance(exc, requests.Timeout):
+                    raise ImageProblem("failed", "timed out") from None
+                if isinstance(exc.__context__, netguard.Refused) or "non-public address" in str(exc):
+                    raise ImageProblem("quarantined", "refused: connected to a non-public address") from None
+                raise ImageProblem("failed", f"connection failed: {type(exc).__name__}") from None
+            try:
+                if resp.is_redirect:
+                    location = resp.headers.get("Location", "")
+                    if not location:
+                        raise ImageProblem("failed", f"HTTP {resp.status_code} redirect without Location")
+                    return location
+                if resp.status_code != 200:
+                    raise ImageProblem("failed", f"HTTP {resp.status_code}")
+                try:
+                    return bounded.read_body(resp, cap, wd)
+                except bounded.LimitExceeded as exc:
+                    if exc.kind == "deadline":
+                        raise ImageProblem("failed", f"download exceeded the {total:g} s deadline") from None
+                    if exc.kind == "too_large":
+                        raise ImageProblem("quarantined", f"too large: {exc}") from None
+                    raise ImageProblem("quarantined", str(exc)) from None
+                except bounded.TRANSIENT as exc:
+                    if wd.expired:
+                        raise ImageProblem("failed", f"download exceeded the {total:g} s deadline") from None
+                    if isinstance(exc, bounded.CorruptBody):
+                        raise ImageProblem("failed", str(exc)[:200]) from None
+                    raise ImageProblem("failed", f"download interrupted: {type(exc).__name__}") from None
+            finally:
+                resp.close()
 
     def close(self) -> None:
         self.session.close()

@@ -172,6 +172,22 @@ def _normalise(ctx: Any, connector: Connector, records: list[tuple[Any, str | No
     return items, list(rejects.values())
 
 
+def silent_zero(counts: dict[str, Any]) -> str | None:
+    """The warning for a window whose requests returned items but which stored no post and
+    quarantined nothing (every item out of window or a duplicate), else None.
+
+    Why: that is how a source breaks without an error (ids the connector misreads, a clock or
+    time zone off, a server that ignores the window): the run would succeed with zero rows.
+    """
+    fetched = int(counts.get("fetched", 0))
+    stored = int(counts.get("new", 0)) + int(counts.get("updated", 0)) + int(counts.get("unchanged", 0))
+    if not fetched or stored or counts.get("rejected", 0):
+        return None
+    return (f"fetched {fetched} items, stored 0, quarantined 0: {int(counts.get('out_of_window', 0))} outside the window, "
+            f"{int(counts.get('duplicates', 0))} duplicates; check the source's clock and time zone, its ids "
+            "(Mastodon-API sources: id_mode) and that the window is the one you meant")
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector off for a block that builds many small objects.
@@ -210,6 +226,11 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
     counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
     counts["rejected"] += len(rejects)
     counts["dirty_days"] = len(result.days)
+    warning = silent_zero(counts)
+    if warning:
+        counts["silent_zero"] = 1
+        counts["warning"] = warning
+        log.warning("%s %s .. %s: %s", name, start.isoformat(), end.isoformat(), warning)
     if connector.source.get("fetch_images", True):
         with ctx.engine.connect() as conn:
             rows = image_fetch.pending_rows(conn, sources_in=[name], window=(start, end))
@@ -221,6 +242,9 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
 def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
                   progress: bool = False, connector: Connector | None = None) -> dict[str, int]:
     """Ingest one half-open window [start, end) of `source`; returns the run's counts.
+
+    Counts are integers, except `warning` (text; with `silent_zero: 1`) when the window fetched
+    items but stored and quarantined none (see `silent_zero`); the run log row keeps it too.
 
     A window already ingested successfully is skipped (`{"skipped": 1}`) unless `force`.
     Raises `WindowBusy` if another run holds the window, a `BrandmonError` if the run fails.
@@ -250,7 +274,7 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
                                    [*conn_obj.secrets, ctx.settings.author_salt.get()])
                     raise IngestError(f"ingest of {source} {start.isoformat()} .. {end.isoformat()} failed: {detail}; "
                                       "re-run the same window to complete it") from exc
-                return {k: int(v) for k, v in counts.items()}
+                return {k: v if k == "warning" else int(v) for k, v in counts.items()}
         finally:
             if own:
                 conn_obj.close()
@@ -300,7 +324,9 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
 def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, force: bool, progress: bool = False) -> dict[str, int]:
     s = dt.datetime.combine(day, dt.time(), dt.UTC)
     try:
-        return ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, progress=progress, connector=connector)
+        counts = ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, progress=progress, connector=connector)
+        counts.pop("warning", None)  # logged and in the run log; backfill totals count `silent_zero` windows
+        return counts
     except BrandmonError as exc:
         raise type(exc)(f"backfill of {source} stopped at {day}: {exc}") from None
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from pipeline.ingest.bounded import pool_classes
 
 # Cloud metadata endpoints, refused even if some resolver maps them oddly.
 METADATA_ADDRESSES = frozenset(
@@ -43,18 +43,35 @@ def is_public_address(address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and not is_public_address(str(embedded)):
+            return False  # e.g. ::ffff:10.0.0.1, NAT64 64:ff9b::a00:1 or 6to4 2002:a00:1::: a private target
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     if str(ip) in METADATA_ADDRESSES:
         return False
     return ip.is_global and not ip.is_multicast
 
 
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one forwards to: IPv4-mapped, IPv4-compatible (::a.b.c.d),
+    NAT64 (RFC 6052/8215), 6to4."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == 0 or any(ip in net for net in NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
 def resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise OSError(f"cannot resolve host {host!r}: {exc}") from None
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # ValueError: e.g. a NUL in the name
+        raise OSError(f"cannot resolve host {host[:80]!r}: {str(exc)[:80]}") from None
     return sorted({info[4][0] for info in infos})
 
 
@@ -78,6 +95,8 @@ def check_url(url: str, allowed: frozenset[str]) -> None:
     host = _normalise_host(host)
     if host in allowed:
         return
+    if "%" in host:  # an IPv6 zone id (fe80::1%eth0) names a local interface
+        raise Refused(f"host {host[:80]!r} carries an IPv6 zone id (link-local)")
     port = port or (443 if parts.scheme == "https" else 80)
     addresses = resolve(host, port)
     bad = [a for a in addresses if not is_public_address(a)]
@@ -106,7 +125,8 @@ class _PeerCheck:
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose connections refuse non-public peers (see module doc)."""
+    """A requests adapter whose connections refuse non-public peers (see module doc) and obey
+    the running request's total deadline (`bounded.watchdog`)."""
 
     def __init__(self, allowed: frozenset[str], **kwargs) -> None:  # type: ignore[no-untyped-def]
         self._allowed = allowed
@@ -114,9 +134,4 @@ class GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().init_poolmanager(*args, **kwargs)
-        allowed = self._allowed
-        http_conn = type("GuardedHTTPConnection", (_PeerCheck, HTTPConnection), {"allowed": allowed})
-        https_conn = type("GuardedHTTPSConnection", (_PeerCheck, HTTPSConnection), {"allowed": allowed})
-        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
-        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
-        self.poolmanager.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+        self.poolmanager.pool_classes_by_scheme = pool_classes(_PeerCheck, allowed=self._allowed)

@@ -10,7 +10,10 @@ it over real HTTP exactly as they talk to the real services (point `base_url` at
   optional Retry-After, a slow answer that trips client timeouts, a truncated body, a
   dropped connection, a repeated previous answer, a cursor sent backwards).
 - `FakeMastodon`: tag timelines and account statuses with `max_id`/`min_id`/`since_id`
-  paging and `Link` headers, time-based (snowflake) ids, `accounts/lookup`.
+  paging and `Link` headers, `accounts/lookup`; ids of any server of the API (`status_id`:
+  Mastodon snowflakes, pre-2.0 serial integers, GoToSocial ULIDs, Akkoma/Pleroma flake ids).
+- `HostileServer`: byte-level misbehaviour (drip headers or body, Content-Length lies, endless
+  chunks, slow or looping redirects) and `gzip_bomb` bodies, for the deadline and size caps.
 - `FakeBluesky`: `com.atproto.server.createSession` (app password -> JWTs, expiry) and
   `app.bsky.feed.searchPosts` (`q`, `since`, `until`, `cursor`, bearer auth).
 - `FakeReddit`: `/r/<sub>/new.json`, `/r/<sub>/search.json`, `/search.json` listings with
@@ -277,13 +280,52 @@ def snowflake(when: dt.datetime, seq: int = 0) -> str:
     return str((int(when.timestamp() * 1000) << 16) | (seq & 0xFFFF))
 
 
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _encode(number: int, alphabet: str, width: int) -> str:
+    out = []
+    for _ in range(width):
+        number, digit = divmod(number, len(alphabet))
+        out.append(alphabet[digit])
+    return "".join(reversed(out))
+
+
+def ulid(when: dt.datetime, seq: int = 0) -> str:
+    """A GoToSocial id: a ULID, 48-bit ms time then 80 bits (here `seq`, not random), 26 chars
+    of Crockford base32; sorts as text in time order."""
+    return _encode((int(when.timestamp() * 1000) << 80) | (seq & ((1 << 80) - 1)), CROCKFORD, 26)
+
+
+def flake(when: dt.datetime, seq: int = 0, worker: int = 0x5EED) -> str:
+    """An Akkoma/Pleroma id: a 128-bit flake (64-bit ms time, 48-bit worker, 16-bit sequence) in
+    base62, 18 chars for today's times; sorts as text in time order."""
+    return _encode((int(when.timestamp() * 1000) << 64) | ((worker & 0xFFFFFFFFFFFF) << 16) | (seq & 0xFFFF), BASE62, 18)
+
+
+def status_id(scheme: str, when: dt.datetime, seq: int = 0) -> str:
+    """An id of `scheme`: snowflake (Mastodon), ulid (GoToSocial), flake (Akkoma/Pleroma) or
+    serial (statuses from before Mastodon 2.0: small integers, here 1000 + seq)."""
+    if scheme == "snowflake":
+        return snowflake(when, seq)
+    if scheme == "ulid":
+        return ulid(when, seq)
+    if scheme == "flake":
+        return flake(when, seq)
+    if scheme == "serial":
+        return str(1000 + seq)
+    raise ValueError(f"unknown id scheme {scheme!r}")
+
+
 def mastodon_status(
     when: dt.datetime, text: str, *, seq: int = 0, account: str = "alice", tags: tuple[str, ...] = (),
     media: list[dict[str, Any]] | None = None, lang: str | None = "en", reblog: dict[str, Any] | None = None,
-    instance: str = "https://social.example",
+    instance: str = "https://social.example", sid: str | None = None,
 ) -> dict[str, Any]:
-    """A Status entity as Mastodon's REST API returns it (the fields connectors read, and more)."""
-    sid = snowflake(when, seq)
+    """A Status entity as Mastodon's REST API returns it (the fields connectors read, and more);
+    `sid` overrides the snowflake id (see `status_id` for the other servers' schemes)."""
+    sid = sid or snowflake(when, seq)
     return {
         "id": sid,
         "created_at": iso_ms(when),
@@ -320,16 +362,33 @@ class FakeMastodon(FakeServer):
         self.route("GET", r"/api/v1/accounts/lookup", self._lookup)
         self.route("GET", r"/api/v1/accounts/(?P<aid>[^/]+)/statuses", self._account)
 
+    def _key(self, value: str, numeric: bool) -> Any:
+        return int(value) if numeric else value
+
     def _page(self, req: Request, items: list[dict[str, Any]]) -> Response:
-        items = sorted(items, key=lambda s: int(s["id"]), reverse=True)
+        """A page as Mastodon-API servers serve it: ids compared as numbers when every id is
+        numeric (Mastodon's bigints), else as strings (GoToSocial's ULIDs, Pleroma's flake ids
+        are fixed-length and sort as text); `max_id`/`since_id`/`min_id` are exclusive bounds."""
+        numeric = all(str(s["id"]).isdigit() for s in self.statuses)
+
+        def bound(name: str) -> Any:
+            value = req.query.get(name)
+            if not value:
+                return None
+            if numeric and not value.isdigit():
+                return None  # Mastodon ignores a bound it cannot read as an id
+            return self._key(value, numeric)
+
+        key = lambda s: self._key(str(s["id"]), numeric)  # noqa: E731
+        items = sorted(items, key=key, reverse=True)
         q = req.query
-        if q.get("max_id"):
-            items = [s for s in items if int(s["id"]) < int(q["max_id"])]
-        if q.get("since_id"):
-            items = [s for s in items if int(s["id"]) > int(q["since_id"])]
+        if (hi := bound("max_id")) is not None:
+            items = [s for s in items if key(s) < hi]
+        if (lo := bound("since_id")) is not None:
+            items = [s for s in items if key(s) > lo]
         limit = min(int(q.get("limit") or 20), self.max_limit)
-        if q.get("min_id"):
-            items = sorted((s for s in items if int(s["id"]) > int(q["min_id"])), key=lambda s: int(s["id"]))[:limit]
+        if (mn := bound("min_id")) is not None:
+            items = sorted((s for s in items if key(s) > mn), key=key)[:limit]
             items.reverse()
         else:
             items = items[:limit]
@@ -553,3 +612,152 @@ class FakeReddit(FakeServer):
         if sub is not None and req.query.get("restrict_sr") in ("1", "true", "on"):
             items = [c for c in items if c["data"]["subreddit"].lower() == sub.lower()]
         return self._listing(req, items)
+
+
+# --- hostile servers -------------------------------------------------------------------------------
+
+
+def gzip_bomb(decoded_bytes: int, encoding: str = "gzip") -> bytes:
+    """A small gzip (or zlib `deflate`) body that expands to `decoded_bytes` zero bytes."""
+    obj = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    block = b"\0" * (1 << 20)
+    parts, left = [], decoded_bytes
+    while left > 0:
+        parts.append(obj.compress(block[: min(left, len(block))]))
+        left -= len(block)
+    parts.append(obj.flush())
+    return b"".join(parts)
+
+
+Behaviour = Callable[[BaseHTTPRequestHandler, threading.Event], None]
+
+
+class HostileServer:
+    """An HTTP server on 127.0.0.1 whose routes misbehave at the byte level: drip headers or a
+    body one byte at a time, lie about Content-Length, stream chunks for ever, redirect in a loop.
+
+    `add(path, behaviour)` where `behaviour(handler, stopping)` writes raw bytes to
+    `handler.wfile`; the helpers below build the usual ones. Loops end when the client goes
+    away or the server stops (`stopping` is set), so a test never leaves a thread dripping.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.routes: dict[str, Behaviour] = {}
+        self.hits: dict[str, int] = {}
+        self.stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+
+    def start(self) -> HostileServer:
+        outer = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = urlsplit(self.path).path
+                outer.hits[path] = outer.hits.get(path, 0) + 1
+                behaviour = outer.routes.get(path)
+                self.close_connection = True
+                try:
+                    if behaviour is None:
+                        self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    else:
+                        behaviour(self, outer.stopping)
+                except OSError:  # the client gave up: that is the point
+                    pass
+
+            do_POST = do_GET  # noqa: N815
+
+        self._httpd = ThreadingHTTPServer((self.host, 0), _Handler)
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        threading.Thread(target=self._httpd.serve_forever, name="hostile-http", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> HostileServer:
+        return self.start()
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://{self.host}:{self._httpd.server_address[1]}"
+
+    def add(self, path: str, behaviour: Behaviour) -> str:
+        self.routes[path] = behaviour
+        return f"{self.url}{path}" if self._httpd else path
+
+
+def _head(status: str, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def drip_headers(every_s: float = 1.0, status: str = "200 OK") -> Behaviour:
+    """The status line, then one header byte every `every_s`, for ever (slowloris in reverse)."""
+
+    def run(h: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+        h.wfile.write(f"HTTP/1.1 {status}\r\nX-Slow: ".encode())
+        while not stopping.wait(every_s):
+            h.wfile.write(b"a")
+
+    return run
+
+
+def drip_body(body: bytes, every_s: float = 1.0, headers: dict[str, str] | None = None, status: str = "200 OK") -> Behaviour:
+    """Honest headers (with Content-Length), then the body one byte every `every_s`."""
+
+    def run(h: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+        h.wfile.write(_head(status, {"Content-Length": str(len(body)), **(headers or {})}))
+        for i in range(len(body)):
+            h.wfile.write(body[i : i + 1])
+            if stopping.wait(every_s):
+                return
+
+    return run
+
+
+def send(body: bytes, headers: dict[str, str] | None = None, status: str = "200 OK", delay_s: float = 0.0,
+         length: int | None = None, then_hold: bool = False) -> Behaviour:
+    """Headers (Content-Length: `length` if given, a lie, else the truth) and `body` at once,
+    after `delay_s`; `then_hold` keeps the connection open afterwards without a byte more."""
+
+    def run(h: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+        if delay_s and stopping.wait(delay_s):
+            return
+        h.wfile.write(_head(status, {"Content-Length": str(len(body) if length is None else length), **(headers or {})}) + body)
+        if then_hold:
+            stopping.wait(600)
+
+    return run
+
+
+def chunked_forever(chunk: bytes = b" " * 65536, headers: dict[str, str] | None = None, every_s: float = 0.0) -> Behaviour:
+    """`Transfer-Encoding: chunked`, the same chunk again and again, never the last chunk."""
+
+    def run(h: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+        h.wfile.write(_head("200 OK", {"Transfer-Encoding": "chunked", "Content-Type": "application/json", **(headers or {})}))
+        framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+        while not stopping.is_set():
+            h.wfile.write(framed)
+            if every_s and stopping.wait(every_s):
+                return
+
+    return run
+
+
+def redirect(location: str, delay_s: float = 0.0, status: str = "302 Found") -> Behaviour:
+    return send(b"", {"Location": location}, status=status, delay_s=delay_s)

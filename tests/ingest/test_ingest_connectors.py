@@ -53,15 +53,18 @@ def test_mastodon_pages_the_window_with_link_headers():
     with FakeMastodon(statuses, max_limit=10) as srv:
         c = connector("mastodon", base_url=srv.url, hashtags=["acme"], limit=10)
         pages, recs = records(c)
-        # The window is an id range: max_id = id(end) first, since_id = id(start) - 1 on every
-        # request (the Link URLs carry only max_id), so nothing outside the window comes back.
+        # The window is an id range: max_id = id(end) first, since_id = id(start - slack) - 1 on
+        # every request (the Link URLs carry only max_id), so nothing outside the window comes back.
         assert [r["id"] for r in recs] == sorted(in_window, key=int, reverse=True)
-        since = int(DAY.timestamp() * 1000) << 16
-        assert all(int(q.query["since_id"]) == since - 1 for q in srv.requests)
+        since = int((DAY.timestamp() - 600) * 1000) << 16
+        assert all(int(q.query["since_id"]) == since - 1 for q in srv.requests[:-1])
         assert int(srv.requests[0].query["max_id"]) >> 16 == int(END.timestamp() * 1000)
-        # 32 statuses in 10s, then the empty page after the last Link ends the walk.
-        assert len(pages) == srv.hits("/api/v1/timelines/tag/acme") == 5 and pages[-1].records == []
-        for p, req in zip(pages[1:], srv.requests[1:], strict=True):
+        # 32 statuses in 10s, then the empty page after the last Link, then the tail check: one
+        # page just below the range, whose statuses are all older than the window, ends the walk.
+        assert srv.hits("/api/v1/timelines/tag/acme") == 6 and len(pages) == 5 and pages[-1].records == []
+        assert srv.requests[-1].query["max_id"] == str(since) and "since_id" not in srv.requests[-1].query
+        assert pages[-1].request["tail_check"] and c.modes == {"tag:acme": "snowflake"}
+        for p, req in zip(pages[1:-1], srv.requests[1:-2], strict=True):
             assert p.request["params"]["max_id"] == req.query["max_id"]
 
 
@@ -135,7 +138,7 @@ def test_mastodon_resume_from_a_stored_cursor():
         pages, recs = records(c)
         before = srv.hits("/api/v1/timelines/tag/acme")
         _, rest = records(c, resume=pages[1].state)
-        assert srv.hits("/api/v1/timelines/tag/acme") - before == len(pages) - 2
+        assert srv.hits("/api/v1/timelines/tag/acme") - before == len(pages) - 2 + 1  # + the tail check
         assert [r["id"] for r in rest] == [r["id"] for p in pages[2:] for r in p.records]
 
 
