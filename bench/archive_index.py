@@ -25,7 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingest import generate  # noqa: E402
 
-from pipeline.ingest.connectors.archive import ArchiveConnector, file_blocks, iter_json_lines, read_ahead  # noqa: E402
+from pipeline.ingest.connectors.archive import (  # noqa: E402
+    ArchiveConnector,
+    file_blocks,
+    iter_json_lines,
+    read_ahead,
+)
 from pipeline.settings import NetworkConfig, SourceConfig  # noqa: E402
 
 
