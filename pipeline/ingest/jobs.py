@@ -196,18 +196,19 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
         records = _fetch(ctx, connector, name, start, end, force, counts)
         counts["fetched"] = len(records)
         items, rejects = _normalise(ctx, connector, records, start, end, counts)
-        unique = dedupe(items)
+        unique = dedupe(items, connector.ties)
         counts["duplicates"] = len(items) - len(unique)
         now = utcnow()
         with ctx.engine.begin() as conn:
             touch_source(conn, name, connector.kind)
-            result = load_posts(conn, name, unique, now, unique=True)
+            result = load_posts(conn, name, unique, now, unique=True, ties=connector.ties)
             record_rejects(conn, name, start, rejects, window_end=end)
             if result.days:
                 mark_days(conn, result.days, "ingest")
             _set_progress(conn, name, window_key(start, end), None, latest_end=end)
         del records, items, unique
     counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
+    counts["superseded"] = result.superseded
     counts["rejected"] += len(rejects)
     counts["dirty_days"] = len(result.days)
     if connector.source.get("fetch_images", True):
@@ -237,7 +238,7 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
         conn_obj = connector or make_connector(ctx.settings, src)
         try:
             with recorded_run(ctx.engine, "ingest", source, start, end) as counts:
-                counts.update(dict.fromkeys(COUNT_KEYS, 0), pages=0, duplicates=0, out_of_window=0)
+                counts.update(dict.fromkeys(COUNT_KEYS, 0), pages=0, duplicates=0, out_of_window=0, superseded=0)
                 try:
                     _run_window(ctx, conn_obj, source, start, end, force, progress, counts)
                 except BrandmonError as exc:

@@ -550,8 +550,9 @@ def test_archive_backfill(make_ctx, backend, archive_path):
     assert forced["unchanged"] == 60 and forced["new"] == forced["updated"] == 0
     assert snapshot(ctx, volatile=True) == before
 
-    # The archive grows: one new file with a new row and an edited one -> re-indexed.
-    extra = [{"id": "a5", "platform": "mastodon", "author_id": "u5", "text": "edited acme", "created_at": "2026-10-01T06:00:00Z"},
+    # The archive grows: one new file with a new row and a later copy of one -> re-indexed (the
+    # copy with the later posted time wins, whichever window runs first).
+    extra = [{"id": "a5", "platform": "mastodon", "author_id": "u5", "text": "edited acme", "created_at": "2026-10-01T06:30:00Z"},
              {"id": "b1", "platform": "mastodon", "author_id": "u1", "text": "new acme", "created_at": "2026-10-02T06:00:00Z"}]
     put("zz-export-3.jsonl", "\n".join(json.dumps(r) for r in extra).encode())
     third = backfill(ctx, "arch", first, last, force=True, progress=False)

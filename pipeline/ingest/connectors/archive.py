@@ -726,6 +726,7 @@ class ArchiveConnector(Connector):
     kind = "archive"
     platform = "archive"
     writes_raw = False  # its day partitions are the raw lake
+    ties = "content"  # copies with one posted time in different exports: the greater content hash wins
 
     def __init__(self, source, network, *, endpoint_url: str | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(source, network, **kwargs)
