@@ -617,7 +617,7 @@ def _array_items(text: io.TextIOBase, name: str, max_row: int) -> Iterator[tuple
                     raise ArchiveFileError(f"JSON array item #{i + 1} longer than max_row_bytes ({max_row:,} characters)") from None
                 if more(len(buf) - pos):  # maybe only cut off by the end of the buffer: read on
                     continue
-                raise ArchiveFileError(f"invalid JSON array at item #{i + 1}: {exc}") from None
+                raise ArchiveFileError(f"invalid or unfinished JSON array at item #{i + 1} (cut short?): {exc}") from None
             if end == len(buf) and more(len(buf) - pos):  # a number at the end of the buffer may go on
                 continue
             break
