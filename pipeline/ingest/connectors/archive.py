@@ -107,10 +107,11 @@ def safe_name(name: str, limit: int = 400) -> str:
 
 
 def _format_of(name: str) -> str | None:
+    """"csv", "lines" (`.jsonl`, `.ndjson`), "json" (`.json`: JSON lines or one array), or None."""
     base = name[:-3] if name.endswith(".gz") else name
     for suffix in SUFFIXES:
         if base.endswith(suffix):
-            return "csv" if suffix == ".csv" else "json"
+            return {".csv": "csv", ".json": "json"}.get(suffix, "lines")
     return None
 
 
@@ -824,7 +825,8 @@ class ArchiveConnector(Connector):
         gz = name.endswith(".gz")
         lim = self.limits
         with self.files.open_raw(name) as raw:
-            lines = fmt == "json" and not _head(raw, gz).lstrip().startswith(b"[")  # before the reader thread starts
+            # `.json`: one array if it starts with "[" (read before the reader thread starts)
+            lines = fmt == "lines" or fmt == "json" and not _head(raw, gz).lstrip().startswith(b"[")
             done = [0]
             blocks = read_ahead(file_blocks(raw, gz, done, limits=lim))
             try:
