@@ -219,6 +219,19 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
             counts[k] += v
 
 
+def _retry_hint(exc: BaseException) -> str:
+    """What to do about an unexpected failure: re-run only if a re-run can help (a dropped
+    connection, an I/O error, a timeout); otherwise say so (bad input is quarantined, never
+    raised, so what is left is a bug or the environment)."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, OSError | TimeoutError | OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "re-run the same window to complete it"
+    if isinstance(exc, MemoryError):
+        return "out of memory: re-run with fewer backfill workers or on a larger worker"
+    return "re-running will fail the same way until the cause is fixed (please report it with the log)"
+
+
 def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
                   progress: bool = False, connector: Connector | None = None) -> dict[str, int]:
     """Ingest one half-open window [start, end) of `source`; returns the run's counts.
@@ -250,7 +263,7 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
                     detail = scrub(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
                                    [*conn_obj.secrets, ctx.settings.author_salt.get()])
                     raise IngestError(f"ingest of {source} {start.isoformat()} .. {end.isoformat()} failed: {detail}; "
-                                      "re-run the same window to complete it") from exc
+                                      f"{_retry_hint(exc)}") from exc
                 return {k: int(v) for k, v in counts.items()}
         finally:
             if own:

@@ -891,3 +891,15 @@ def test_no_username_reaches_quarantine(make_ctx, tmp_path, monkeypatch, platfor
     text = repr(rows)
     assert "zqx" not in text.replace("did:plc:zqxdid", ""), text  # a Bluesky record_ref is its at:// URI (the DID)
     assert all("zqx" not in (r["excerpt"] or "") for r in rows)
+
+
+def test_retry_hint_says_re_run_only_when_it_can_help():
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.ingest.jobs import _retry_hint
+
+    assert "re-run the same window" in _retry_hint(OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    assert "re-run the same window" in _retry_hint(ConnectionResetError())
+    assert "re-run the same window" in _retry_hint(TimeoutError())
+    for exc in (ValueError("bad"), KeyError("x"), RuntimeError("bug"), MemoryError()):
+        assert "re-run the same window" not in _retry_hint(exc)
