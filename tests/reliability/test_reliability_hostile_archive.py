@@ -31,6 +31,7 @@ from pipeline.ingest.jobs import backfill, ingest_window
 from pipeline.schema import post_images, posts, quarantine
 
 GOOD = 12
+pytestmark = pytest.mark.timeout(300)  # a hang is a failure
 
 
 def cfg(**options: Any) -> dict[str, Any]:
@@ -110,7 +111,6 @@ def file_row(q: dict[str, str], name: str) -> str:
 # --- class 2: silent loss -------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(300)
 def test_index_files_rows_by_the_normalisers_time(make_ctx, backend, export, tally):
     """The index and the normaliser read a row's time by one function: a top-level time with a
     JSON escape, an epoch number or an escaped key, beside a nested `user.created_at` on another
@@ -150,7 +150,6 @@ def test_index_files_rows_by_the_normalisers_time(make_ctx, backend, export, tal
 # --- class 6: one bad file must not block a source ---------------------------------------------------
 
 
-@pytest.mark.timeout(300)
 def test_bad_files_quarantined_and_the_rest_goes_in(make_ctx, backend, export, tally):
     """A gzip bomb, a truncated gzip, a plain file named .gz, an empty .gz, a JSON array that
     never closes, an over-long JSON line and an over-long CSV field, beside good files: each bad

@@ -2,9 +2,10 @@
 
 Options: `path` (a file, a folder, or `s3://bucket/prefix`; required), `platform` (default
 `archive`; a row's own `platform` column wins), `html` (`auto`|`always`|`never`: convert the
-text from HTML), `fetch_images` (default true). Accepted files: `*.jsonl`, `*.ndjson`,
-`*.json` (JSON lines, or one JSON array), `*.csv`, each optionally `.gz`. The accepted
-columns are documented in `pipeline.ingest.normalize` (README copies them).
+text from HTML), `fetch_images` (default true), and the caps `max_file_bytes`, `max_row_bytes`,
+`max_gzip_ratio` (see `Limits`). Accepted files: `*.jsonl`, `*.ndjson` (JSON lines), `*.json`
+(JSON lines, or one JSON array), `*.csv`, each optionally `.gz`. The accepted columns are
+documented in `pipeline.ingest.normalize` (README copies them).
 
 Why an index: a backfill asks for one day at a time, and re-reading a million-row export per
 day would be quadratic. The first window of a run reads every file once and writes each row
@@ -15,8 +16,12 @@ fingerprint (names, sizes, mtimes or ETags). Windows then read only their day pa
 A changed archive (new, grown or replaced files) is re-indexed on the next window; `--force`
 re-ingests windows already complete and rebuilds the index first (once per run), e.g. after
 a partition was lost from the lake. Rows without a usable timestamp cannot be placed in a
-day: they are quarantined while indexing (with `window_start` empty). Indexing reports its
-progress (a bar on a terminal, else a log line every 30 s).
+day: they are quarantined while indexing (with `window_start` empty). A row's day is the one
+`normalize.row_time` gives, the call its window's normaliser makes, so no row falls between two
+windows. A file that cannot be read (on) is quarantined with the reason (ref: its name) and the
+rest of the export goes in; every read is bounded (`Limits`), and nothing outside the export
+folder is read (symlinks out of it, S3 keys with `..`). Indexing reports its progress (a bar on
+a terminal, else a log line every 30 s).
 """
 
 from __future__ import annotations
@@ -543,22 +548,25 @@ def _csv_rows(text: io.TextIOBase, name: str, max_row: int) -> Iterator[tuple[st
     field over `CSV_FIELD_LIMIT`, often a stray quote that swallowed the lines after it, or a
     line over `max_row`) is one error row, and reading goes on with the next line: one bad
     row must not cost the rest of the file. Refs number physical lines."""
-    csv.field_size_limit(min(CSV_FIELD_LIMIT, max_row))
     lines = _CappedLines(text, max_row)
     reader = csv.DictReader(lines)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except _LineTooLong:
-            yield f"{name}:{lines.n}", None, f"CSV line longer than max_row_bytes ({max_row:,} characters)"
-            continue
-        except csv.Error as exc:
-            yield f"{name}:{lines.n}", None, f"CSV error: {exc}"
-            continue
-        clean = {k: v for k, v in row.items() if k is not None and v is not None}
-        yield f"{name}:{lines.n}", clean, None
+    old_limit = csv.field_size_limit(min(CSV_FIELD_LIMIT, max_row))  # process-wide: put back after the file
+    try:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except _LineTooLong:
+                yield f"{name}:{lines.n}", None, f"CSV line longer than max_row_bytes ({max_row:,} characters)"
+                continue
+            except csv.Error as exc:
+                yield f"{name}:{lines.n}", None, f"CSV error: {exc}"
+                continue
+            clean = {k: v for k, v in row.items() if k is not None and v is not None}
+            yield f"{name}:{lines.n}", clean, None
+    finally:
+        csv.field_size_limit(old_limit)
 
 
 def _array_items(text: io.TextIOBase, name: str, max_row: int) -> Iterator[tuple[str, Any, str | None]]:
