@@ -203,7 +203,8 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
 
 # Source options the connectors read, by the type they need. Checked here so that a wrong type
 # (`max_pages: lots`) is one clear line at start-up, not a traceback from inside a connector.
-_INT_OPTIONS = {"max_pages": 1, "limit": 1, "part_pages": 1, "days": 1, "seed": None}
+_INT_OPTIONS = {"max_pages": 1, "limit": 1, "part_pages": 1, "days": 1, "seed": None,
+                "max_file_bytes": 1, "max_row_bytes": 1, "max_gzip_ratio": 1}  # the archive caps
 _FLOAT_OPTIONS = ("backoff_s", "max_wait_s", "timeout_s", "time_slack_s")
 _BOOL_OPTIONS = ("fetch_images", "snowflake_ids")
 _STR_OPTIONS = ("base_url", "oauth_base_url", "auth_url", "path", "platform", "user_agent", "identifier", "start")

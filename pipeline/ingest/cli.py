@@ -8,7 +8,7 @@ import datetime as dt
 from pipeline.dates import BadDate, parse_day, parse_instant
 from pipeline.errors import ConfigError
 
-ORDER = ("fetched", "new", "updated", "unchanged", "rejected", "duplicates", "out_of_window",
+ORDER = ("fetched", "new", "updated", "unchanged", "rejected", "duplicates", "superseded", "out_of_window",
          "images_stored", "images_failed", "images_quarantined", "windows", "skipped")
 
 

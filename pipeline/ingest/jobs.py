@@ -212,18 +212,19 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
         records = _fetch(ctx, connector, name, start, end, force, counts)
         counts["fetched"] = len(records)
         items, rejects = _normalise(ctx, connector, records, start, end, counts)
-        unique = dedupe(items)
+        unique = dedupe(items, connector.ties)
         counts["duplicates"] = len(items) - len(unique)
         now = utcnow()
         with ctx.engine.begin() as conn:
             touch_source(conn, name, connector.kind)
-            result = load_posts(conn, name, unique, now, unique=True)
+            result = load_posts(conn, name, unique, now, unique=True, ties=connector.ties)
             record_rejects(conn, name, start, rejects, window_end=end)
             if result.days:
                 mark_days(conn, result.days, "ingest")
             _set_progress(conn, name, window_key(start, end), None, latest_end=end)
         del records, items, unique
     counts["new"], counts["updated"], counts["unchanged"] = result.new, result.updated, result.unchanged
+    counts["superseded"] = result.superseded
     counts["rejected"] += len(rejects)
     counts["dirty_days"] = len(result.days)
     warning = silent_zero(counts)
@@ -237,6 +238,19 @@ def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, e
         got = image_fetch.process(ctx, rows, {name: connector.image_bytes}, progress=progress)
         for k, v in got.items():
             counts[k] += v
+
+
+def _retry_hint(exc: BaseException) -> str:
+    """What to do about an unexpected failure: re-run only if a re-run can help (a dropped
+    connection, an I/O error, a timeout); otherwise say so (bad input is quarantined, never
+    raised, so what is left is a bug or the environment)."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, OSError | TimeoutError | OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return "re-run the same window to complete it"
+    if isinstance(exc, MemoryError):
+        return "out of memory: re-run with fewer backfill workers or on a larger worker"
+    return "re-running will fail the same way until the cause is fixed (please report it with the log)"
 
 
 def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
@@ -261,7 +275,7 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
         conn_obj = connector or make_connector(ctx.settings, src)
         try:
             with recorded_run(ctx.engine, "ingest", source, start, end) as counts:
-                counts.update(dict.fromkeys(COUNT_KEYS, 0), pages=0, duplicates=0, out_of_window=0)
+                counts.update(dict.fromkeys(COUNT_KEYS, 0), pages=0, duplicates=0, out_of_window=0, superseded=0)
                 try:
                     _run_window(ctx, conn_obj, source, start, end, force, progress, counts)
                 except BrandmonError as exc:
@@ -273,7 +287,7 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
                     detail = scrub(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500],
                                    [*conn_obj.secrets, ctx.settings.author_salt.get()])
                     raise IngestError(f"ingest of {source} {start.isoformat()} .. {end.isoformat()} failed: {detail}; "
-                                      "re-run the same window to complete it") from exc
+                                      f"{_retry_hint(exc)}") from exc
                 return {k: v if k == "warning" else int(v) for k, v in counts.items()}
         finally:
             if own:

@@ -6,6 +6,14 @@ whose RETURNING rows (`xmax = 0` tells inserts from updates) drive the image row
 dirty days (a batch that can only hold new posts takes a plain INSERT, see `_insert_new`). SQLite: look up the keys that exist, then executemany inserts and updates.
 Either way an unchanged post is not touched at all (same row, same `updated_at`), so a re-run
 of a window leaves the tables identical. The caller owns the transaction (one per window).
+
+Which copy of a (platform, external_id) is kept does not depend on the order windows run in
+(Airflow runs them in any order; `--force` re-runs one): the copy with the LATEST posted time
+wins, a stored copy is never replaced by an earlier one (the loser counts as `superseded`).
+Copies with the same posted time: with `ties="content"` (archive exports, where two exports
+can hold different copies of one post) the greater content hash wins; with
+`ties="incoming"` (feeds) the copy being loaded wins, because a re-fetch is the post's current
+version (an edit keeps its posted time). `dedupe` applies the same rule inside a window.
 """
 
 from __future__ import annotations
@@ -29,11 +37,15 @@ POST_COLUMNS = ("platform", "external_id", "author_hash", "text", "lang", "poste
 IMAGE_COLUMNS = ("platform", "external_id", "position", "url", "alt_text")
 
 
+TIES = ("incoming", "content")
+
+
 @dataclass
 class LoadResult:
     new: int = 0
     updated: int = 0
     unchanged: int = 0
+    superseded: int = 0  # not stored: the stored copy has a later posted time (or wins the tie)
     days: set[dt.date] = field(default_factory=set)
 
 
@@ -43,34 +55,53 @@ def _day(ts: dt.datetime) -> dt.date:
     return ts.astimezone(dt.UTC).date()
 
 
-def dedupe(items: Iterable[tuple[Post, str | None]]) -> list[tuple[Post, str | None]]:
-    """One entry per (platform, external_id); the last one seen wins (the freshest copy)."""
+def _as_utc(ts: dt.datetime) -> dt.datetime:
+    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts
+
+
+def wins(new: Post, old: Post, ties: str = "incoming") -> bool:
+    """`new` replaces `old` (same key) under the module's rule."""
+    if new.posted_at != old.posted_at:
+        return new.posted_at > old.posted_at
+    return ties == "incoming" or content_hash(new) >= content_hash(old)
+
+
+def dedupe(items: Iterable[tuple[Post, str | None]], ties: str = "incoming") -> list[tuple[Post, str | None]]:
+    """One entry per (platform, external_id), chosen by `wins` (the latest posted time; on a
+    tie the later item, or the greater content hash with `ties="content"`)."""
     out: dict[tuple[str, str], tuple[Post, str | None]] = {}
     for item in items:
         post = item[0]
-        out[(post.platform, post.external_id)] = item
+        key = (post.platform, post.external_id)
+        old = out.get(key)
+        if old is None or wins(post, old[0], ties):
+            out[key] = item
     return list(out.values())
 
 
 def load_posts(conn: Connection, source: str, items: Sequence[tuple[Post, str | None]], now: dt.datetime | None = None,
-               *, unique: bool = False) -> LoadResult:
-    """Upsert posts (+ image rows) of one window inside the caller's transaction.
+               *, unique: bool = False, ties: str = "incoming") -> LoadResult:
+    """Upsert posts (+ image rows) of one window inside the caller's transaction; a stored copy
+    is replaced only by one that wins under the module's rule (`ties`: see there).
 
     `unique=True`: the caller already removed duplicate keys (see `dedupe`).
     """
-    items = list(items) if unique else dedupe(items)
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    items = list(items) if unique else dedupe(items, ties)
     if not items:
         return LoadResult()
     now = now or utcnow()
     if conn.dialect.name == "postgresql":
-        return _load_postgres(conn, source, items, now)
-    return _load_generic(conn, source, items, now)
+        return _load_postgres(conn, source, items, now, ties)
+    return _load_generic(conn, source, items, now, ties)
 
 
 # --- Postgres: COPY + set-based upsert --------------------------------------------------------
 
 
-def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime) -> LoadResult:
+def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime,
+                   ties: str = "incoming") -> LoadResult:
     # Session temp tables, emptied at every commit (`ON COMMIT DELETE ROWS`): created once per
     # connection instead of created and dropped per window (~0.7 ms of catalog work per 1,000
     # posts). A window that fails rolls back their rows too; the caller commits once per window.
@@ -88,7 +119,8 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
                 "  text = EXCLUDED.text, lang = EXCLUDED.lang, posted_at = EXCLUDED.posted_at, url = EXCLUDED.url,"
                 "  repost_of = EXCLUDED.repost_of, content_hash = EXCLUDED.content_hash, raw_key = EXCLUDED.raw_key,"
                 "  updated_at = EXCLUDED.updated_at"
-                " WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash"
+                " WHERE p.content_hash IS DISTINCT FROM EXCLUDED.content_hash AND (p.posted_at < EXCLUDED.posted_at"
+                "  OR p.posted_at = EXCLUDED.posted_at" + (" AND p.content_hash COLLATE \"C\" < EXCLUDED.content_hash)" if ties == "content" else ")") +
                 " RETURNING p.id, p.platform, p.external_id, p.posted_at, (p.xmax = 0) AS inserted,"
                 # An updated row's previous posted_at: the sub-select runs under the statement's
                 # snapshot, so it still sees the old version (an index probe, updated rows only).
@@ -101,6 +133,12 @@ def _load_postgres(conn: Connection, source: str, items: list[tuple[Post, str | 
         "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM _changed"
     )).one()
     result = LoadResult(new=int(new), updated=int(updated), unchanged=len(items) - int(new) - int(updated))
+    if result.unchanged:  # a staged copy that still differs from the stored one lost to it
+        result.superseded = int(conn.execute(text(
+            "SELECT count(*) FROM _stage_posts s JOIN posts p ON p.platform = s.platform AND p.external_id = s.external_id"
+            " WHERE p.content_hash <> s.content_hash"
+        )).scalar())
+        result.unchanged -= result.superseded
     if new or updated:
         result.days = {d for (d,) in conn.execute(text(
             "SELECT DISTINCT (posted_at AT TIME ZONE 'UTC')::date FROM _changed UNION "
@@ -235,7 +273,8 @@ def _copy_text(conn: Connection, table: str, columns: Sequence[str], lines: list
 # --- SQLite (and any other dialect): key lookup + executemany ----------------------------------
 
 
-def _load_generic(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime) -> LoadResult:
+def _load_generic(conn: Connection, source: str, items: list[tuple[Post, str | None]], now: dt.datetime,
+                  ties: str = "incoming") -> LoadResult:
     by_ext: dict[str, list[int]] = {}
     for i, (post, _) in enumerate(items):
         by_ext.setdefault(post.external_id, []).append(i)
@@ -264,6 +303,10 @@ def _load_generic(conn: Connection, source: str, items: list[tuple[Post, str | N
             new_rows.append({**row, "source": source, "ingested_at": now, "updated_at": now})
             new_posts.append(post)
         elif found[1] != chash:
+            old_at = _as_utc(found[2])
+            if post.posted_at < old_at or post.posted_at == old_at and ties == "content" and chash < found[1]:
+                result.superseded += 1  # the stored copy wins (see the module doc)
+                continue
             changed.append((found[0], post, row))
             result.days.add(_day(found[2]))
         else:

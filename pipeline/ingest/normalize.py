@@ -201,6 +201,20 @@ def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
         raise Reject(f"{what} out of range: {text[:40]!r}") from None
 
 
+def row_time(values: Any) -> dt.datetime:
+    """An archive row's posted time from the values of its `TIME_KEYS` columns, in that order
+    (`map(row.get, TIME_KEYS)`): the first present and non-empty one, parsed; Reject if none.
+
+    The ONE definition of an archive row's time: the normaliser calls it on the parsed row and
+    the index on the same columns decoded from the row's bytes, so a row is always filed under
+    the day its window will judge it by (a nested `user.created_at`, an escaped `\\u002B`
+    offset or an epoch number cannot make the two disagree)."""
+    for value in values:
+        if value is not None and value != "":
+            return parse_time(value, "created_at")
+    raise Reject("missing created_at")
+
+
 def check_time(when: dt.datetime, now: dt.datetime, what: str = "created_at") -> dt.datetime:
     if when < MIN_TIME:
         raise Reject(f"{what} out of range ({when.date().isoformat()} is before {MIN_TIME.year})")
@@ -602,7 +616,7 @@ class Normalizer:
         if not isinstance(row, dict):
             raise Reject(f"row is a {type(row).__name__}, expected an object")
         plan, pick = _archive_plan(tuple(row))
-        raw_id, raw_platform, raw_time, raw_author, raw_text, reblog, raw_lang, raw_url = pick(row)
+        raw_id, raw_platform, raw_author, raw_text, reblog, raw_lang, raw_url = pick(row)
         external_id = clean_id(raw_id, "id")
         if raw_platform is None:
             platform = self.default_platform
@@ -610,7 +624,7 @@ class Normalizer:
             platform = _platform(raw_platform) if isinstance(raw_platform, str) else ""
             if not platform:
                 raise Reject(f"bad platform {str(raw_platform)[:32]!r}")
-        posted_at = parse_time(raw_time, "created_at")
+        posted_at = row_time(map(row.get, TIME_KEYS))  # the index files the row by the same call
         author_hash = self.author(platform, raw_author)
         if raw_text is None and row.get("title") is not None:
             title = clean_text(row.get("title"), "title")
@@ -640,7 +654,7 @@ def _plan(keys: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return {f: tuple(k for k in aliases if k in present) for f, aliases in _FIELDS.items()}
 
 
-_PICKED = ("id", "platform", "time", "author", "text", "reblog", "lang", "url")
+_PICKED = ("id", "platform", "author", "text", "reblog", "lang", "url")  # the time: `row_time`
 
 
 @functools.lru_cache(maxsize=512)

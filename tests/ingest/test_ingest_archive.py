@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import sys
 import threading
-import zlib
 
 import pytest
 
 from pipeline.ingest.connectors.archive import (
+    ArchiveFileError,
+    Limits,
     file_blocks,
     iter_json_lines,
     quick_gil_handoffs,
@@ -37,13 +39,38 @@ def test_file_blocks_gunzips_like_gzip():
 
 
 def test_file_blocks_errors():
+    """Every way a gzip file can be bad is one `ArchiveFileError` with the reason (the caller
+    quarantines the file)."""
     data = gzip.compress(b'{"id": 1}\n' * 1000)
-    with pytest.raises(EOFError):
-        b"".join(file_blocks(io.BytesIO(data[:-20]), True, [0]))
-    with pytest.raises(gzip.BadGzipFile):
-        b"".join(file_blocks(io.BytesIO(b'{"id": 1}\n'), True, [0]))
-    with pytest.raises(zlib.error):
-        b"".join(file_blocks(io.BytesIO(data[:-8] + b"\x00\x00\x00\x00" + data[-4:]), True, [0]))  # bad CRC
+    cases = {
+        "truncated gzip file": data[:-20],
+        "not a gzip file": b'{"id": 1}\n',
+        "corrupt gzip data": data[:-8] + b"\x00\x00\x00\x00" + data[-4:],  # bad CRC
+        "not a gzip file (empty)": b"",
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(ArchiveFileError, match=re.escape(reason)):
+            b"".join(file_blocks(io.BytesIO(bad), True, [0]))
+
+
+def test_file_blocks_caps():
+    text = b'{"id": 1}\n' * 100_000  # 1 MB
+    with pytest.raises(ArchiveFileError, match="over max_file_bytes"):
+        b"".join(file_blocks(io.BytesIO(text), False, [0], size=65_536, limits=Limits(max_file_bytes=500_000)))
+    with pytest.raises(ArchiveFileError, match="over max_file_bytes"):
+        b"".join(file_blocks(io.BytesIO(gzip.compress(text)), True, [0], limits=Limits(max_file_bytes=500_000)))
+    assert b"".join(file_blocks(io.BytesIO(text), False, [0], limits=Limits(max_file_bytes=len(text)))) == text
+    bomb = gzip.compress(b"\n" * (100 << 20))  # 1000x
+    with pytest.raises(ArchiveFileError, match="gzip expands more than 200x"):
+        for _ in file_blocks(io.BytesIO(bomb), True, [0]):
+            pass
+
+
+def test_iter_json_lines_caps_long_lines():
+    text = b'{"a": 1}\n' + b"x" * 5000 + b"\n" + b'{"b": 2}\n' + b"y" * 3000
+    for size in (1, 7, 100, 4096, 10**6):
+        got = list(iter_json_lines((text[i : i + size] for i in range(0, len(text), size)), max_row=1000))
+        assert got == [(1, b'{"a": 1}'), (2, None), (3, b'{"b": 2}'), (4, None)], size
 
 
 def test_iter_json_lines_over_blocks_of_any_size():

@@ -550,8 +550,9 @@ def test_archive_backfill(make_ctx, backend, archive_path):
     assert forced["unchanged"] == 60 and forced["new"] == forced["updated"] == 0
     assert snapshot(ctx, volatile=True) == before
 
-    # The archive grows: one new file with a new row and an edited one -> re-indexed.
-    extra = [{"id": "a5", "platform": "mastodon", "author_id": "u5", "text": "edited acme", "created_at": "2026-10-01T06:00:00Z"},
+    # The archive grows: one new file with a new row and a later copy of one -> re-indexed (the
+    # copy with the later posted time wins, whichever window runs first).
+    extra = [{"id": "a5", "platform": "mastodon", "author_id": "u5", "text": "edited acme", "created_at": "2026-10-01T06:30:00Z"},
              {"id": "b1", "platform": "mastodon", "author_id": "u1", "text": "new acme", "created_at": "2026-10-02T06:00:00Z"}]
     put("zz-export-3.jsonl", "\n".join(json.dumps(r) for r in extra).encode())
     third = backfill(ctx, "arch", first, last, force=True, progress=False)
@@ -890,3 +891,15 @@ def test_no_username_reaches_quarantine(make_ctx, tmp_path, monkeypatch, platfor
     text = repr(rows)
     assert "zqx" not in text.replace("did:plc:zqxdid", ""), text  # a Bluesky record_ref is its at:// URI (the DID)
     assert all("zqx" not in (r["excerpt"] or "") for r in rows)
+
+
+def test_retry_hint_says_re_run_only_when_it_can_help():
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.ingest.jobs import _retry_hint
+
+    assert "re-run the same window" in _retry_hint(OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    assert "re-run the same window" in _retry_hint(ConnectionResetError())
+    assert "re-run the same window" in _retry_hint(TimeoutError())
+    for exc in (ValueError("bad"), KeyError("x"), RuntimeError("bug"), MemoryError()):
+        assert "re-run the same window" not in _retry_hint(exc)

@@ -138,3 +138,36 @@ def test_two_loads_in_one_transaction(make_ctx, backend):
         assert len(conn.execute(select(post_images.c.id)).all()) == 2
     for _ in range(2):  # later windows on the same pooled connection
         assert load(ctx, [post(1, images=img), post(2), post(3, T + dt.timedelta(days=1), images=img)]).unchanged == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ties", ["incoming", "content"])
+def test_the_later_copy_wins_in_any_order(make_ctx, backend, ties):
+    """Two copies of a post at different times: whichever is loaded first, the later one is kept
+    and the earlier one counts as superseded. Same time: `incoming` keeps the copy loaded last
+    (a feed's edit), `content` the greater content hash (the same whatever the order)."""
+    from pipeline.ingest.normalize import content_hash
+
+    early, late = post(1, T, "acme early"), post(1, T + dt.timedelta(days=1), "acme late")
+    x, y = post(2, T, "acme x"), post(2, T, "acme y")
+    big = max(x, y, key=content_hash)
+    outcomes = []
+    for order in ([early, late], [late, early]):
+        for pair in ([x, y], [y, x]):
+            ctx = make_ctx(config([{"name": "src", "kind": "archive", "path": "/nonexistent"}]), backend)
+            results = []
+            for one in zip(order, pair, strict=True):
+                with ctx.engine.begin() as conn:
+                    touch_source(conn, "src", "archive")
+                    results.append(load_posts(conn, "src", [(p, "raw/k") for p in one], ties=ties))
+            with ctx.engine.connect() as conn:
+                texts = dict(conn.execute(select(posts.c.external_id, posts.c.text)).all())
+            assert texts["1"] == "acme late"
+            assert texts["2"] == (pair[1].text if ties == "incoming" else big.text)
+            superseded = results[1].superseded
+            assert superseded == (order[1] is early) + (ties == "content" and pair[1] is not big)
+            outcomes.append(texts)
+    if ties == "content":
+        assert all(o == outcomes[0] for o in outcomes)
+    with pytest.raises(ValueError, match="ties"):
+        load_posts(None, "src", [], ties="newest")  # type: ignore[arg-type]

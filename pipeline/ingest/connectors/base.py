@@ -97,6 +97,7 @@ class Connector:
     kind = "base"
     platform = "base"
     writes_raw = True  # pages go to the lake (the archive connector reads the lake instead)
+    ties = "incoming"  # two copies with one posted time: the one loaded last wins (`loader` module doc)
 
     def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
         self.source = source
