@@ -181,7 +181,8 @@ def silent_zero(counts: dict[str, Any]) -> str | None:
     """
     fetched = int(counts.get("fetched", 0))
     stored = int(counts.get("new", 0)) + int(counts.get("updated", 0)) + int(counts.get("unchanged", 0))
-    if not fetched or stored or counts.get("rejected", 0):
+    # A superseded item lost to a later copy of the same post stored by another window: accounted for.
+    if not fetched or stored or counts.get("rejected", 0) or counts.get("superseded", 0):
         return None
     return (f"fetched {fetched} items, stored 0, quarantined 0: {int(counts.get('out_of_window', 0))} outside the window, "
             f"{int(counts.get('duplicates', 0))} duplicates; check the source's clock and time zone, its ids "
