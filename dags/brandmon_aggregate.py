@@ -1,7 +1,12 @@
 """brandmon_aggregate: recompute the days touched since the last run, then write the report.
 
 Scheduled on the `brandmon://detections` asset, so it runs after each detection run (which
-follows each ingest run). `aggregate_dirty` recomputes `mention_daily` for every day in the
+follows each ingest run), or on `brandmon://aggregate-backlog`, its own tail event: one run
+at a time, and Airflow's scheduler consumes only the events older than the queue entry a run
+is made from, so detections events that arrive while a run is being created would wait for
+the next night. `requeue` looks for events newer than this run (through the Task SDK's
+`inlet_events`) and, if there are any, emits the backlog event: the next run starts at once
+and consumes them. `aggregate_dirty` recomputes `mention_daily` for every day in the
 dirty-day queue (new posts, new scores) and clears it: a re-run finds an empty queue and
 changes nothing. The report is for the last day of the ingest windows that led to this run,
 or the `day` param of a manual run, or yesterday (UTC).
@@ -16,17 +21,19 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
-from brandmon_common import default_args
 
-DETECTIONS = Asset("brandmon://detections")
+from pipeline import dag_support
+
+DETECTIONS = Asset(dag_support.DETECTIONS)
+BACKLOG = Asset(dag_support.AGGREGATE_BACKLOG)
 
 
-DEFAULT_ARGS = default_args()
+DEFAULT_ARGS = dag_support.default_args()
 
 
 @dag(
     dag_id="brandmon_aggregate",
-    schedule=[DETECTIONS],
+    schedule=(DETECTIONS | BACKLOG),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -68,7 +75,22 @@ def brandmon_aggregate() -> None:
         with task_context() as ctx:
             return str(write_report(ctx, day))
 
-    aggregate() >> report()
+    @task(outlets=[BACKLOG], inlets=[DETECTIONS, BACKLOG])
+    def requeue(
+        _report: str, inlet_events: Any = None, outlet_events: Any = None, dag_run: Any = None
+    ) -> int:
+        """Events newer than this run (a tail nobody consumed): emit the backlog event; else skip."""
+        from pipeline.airflow_support import late_events, late_or_skip
+
+        late = late_events(inlet_events, [DETECTIONS, BACKLOG], getattr(dag_run, "run_after", None))
+        late_or_skip(late)  # raises AirflowSkipException: no event
+        if outlet_events is not None:
+            outlet_events[BACKLOG].extra = {"late_events": late}
+        return late
+
+    written = report()
+    aggregate() >> written
+    requeue(written)
 
 
 brandmon_aggregate()

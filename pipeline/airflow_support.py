@@ -353,12 +353,47 @@ def activated_or_skip(summary: Mapping[str, Any]) -> str:
     return version
 
 
-def backlog_or_skip(batches_left: int, totals: Mapping[str, Any]) -> None:
-    """Let `requeue` emit the backlog event only when work is left AND this run made progress.
+LATE_EVENTS_LIMIT = 10  # enough to know there is a tail; never a long list over the API
+
+
+def late_events(inlet_events: Any, assets: Iterable[Any], run_after: Any) -> int:
+    """How many events of `assets` (at most LATE_EVENTS_LIMIT each) are newer than this run.
+
+    Why: with one run at a time, Airflow's scheduler makes the next run from the queue entry
+    of the first waiting event and consumes only events up to it; events that arrive while
+    that run is being created are consumed by no run until something triggers the DAG again.
+    A run that sees events newer than its own `run_after` re-triggers itself (the backlog
+    event) so the next run consumes them. The events are read through the Task SDK's
+    `inlet_events` (the assets must be the task's inlets), so no database access is needed.
+    Terminates: the next run's `run_after` is later than every event it consumed.
+    """
+    if inlet_events is None or run_after is None:
+        return 0
+    since = as_utc(run_after)
+    late = 0
+    for asset in assets:
+        for event in inlet_events[asset].after(since.isoformat()).limit(LATE_EVENTS_LIMIT):
+            stamp = getattr(event, "timestamp", None)
+            if stamp is not None and as_utc(stamp) > since:
+                late += 1
+    return late
+
+
+def late_or_skip(late: int) -> None:
+    """Let `requeue` emit the backlog event only when events newer than this run exist."""
+    if late <= 0:
+        _skip("no asset event newer than this run: no backlog event")
+
+
+def backlog_or_skip(batches_left: int, totals: Mapping[str, Any], late: int = 0) -> None:
+    """Let `requeue` emit the backlog event when work is left AND this run made progress, or
+    when asset events newer than this run exist (`late_events`: they must be consumed).
 
     Requiring progress (images scored or found corrupt) means images that can never be scored
     cannot make the detect DAG trigger itself forever; they wait for the next ingest or model.
     """
+    if late > 0:
+        return
     if batches_left <= 0:
         _skip("no image left to score: no backlog event")
     if int(totals.get("scored", 0) or 0) + int(totals.get("corrupt", 0) or 0) <= 0:
