@@ -139,6 +139,10 @@ class Settings:
     # a boto3 Session for the lake (from an Airflow AWS connection); None: boto3's default chain
     s3_session: Any = field(default=None, repr=False, compare=False)
     s3_source: str = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    # Airflow's REST API, for the events the CLI emits (`brandmon model activate`); None: off
+    airflow_api_url: str | None = None
+    airflow_api_user: str = ""
+    airflow_api_password: Secret = Secret("")
 
     def source(self, name: str) -> SourceConfig:
         for src in self.sources:
@@ -458,5 +462,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         detector=_detector_env(parts["detector"], env),
         author_salt=_salt(home, env),
         extra=extra,
+        airflow_api_url=env.get("BRANDMON_AIRFLOW_API_URL") or None,
+        airflow_api_user=env.get("BRANDMON_AIRFLOW_USER") or "",
+        airflow_api_password=Secret(env.get("BRANDMON_AIRFLOW_PASSWORD") or ""),
     )
     return settings.with_overrides(**overrides) if overrides else settings
