@@ -67,13 +67,18 @@ def api_token(base_url: str, username: str, password: str) -> str:
 
 
 def asset_id(base_url: str, token: str, uri: str) -> int:
-    """The id of the asset with exactly this URI (a DAG that uses it must have been parsed)."""
-    query = urllib.parse.urlencode({"uri_pattern": uri, "limit": 100})
+    """The id of the asset `Asset(uri)` declares (a DAG that uses it must have been parsed).
+
+    Looked up by name: Airflow keeps the URI as given for the name but normalises the stored
+    `uri` (`brandmon://model` becomes `brandmon://model/`)."""
+    query = urllib.parse.urlencode({"name_pattern": uri, "limit": 100})
     answer = _request("GET", f"{base_url}/api/v2/assets?{query}", token=token)
-    for asset in (answer or {}).get("assets", []):
-        if asset.get("uri") == uri:
+    assets = (answer or {}).get("assets", []) if isinstance(answer, dict) else []
+    for asset in assets:
+        if asset.get("name") == uri or str(asset.get("uri") or "").rstrip("/") == uri.rstrip("/"):
             return int(asset["id"])
-    raise AirflowApiError(f"Airflow knows no asset {uri}; are the brandmon DAGs deployed and parsed?")
+    seen = ", ".join(str(a.get("uri")) for a in assets[:10]) or "none"
+    raise AirflowApiError(f"Airflow knows no asset {uri} (matching: {seen}); are the brandmon DAGs deployed and parsed?")
 
 
 def emit_asset_event(base_url: str, username: str, password: str, uri: str, extra: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,8 @@ class FakeAirflow(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._send(401, {"detail": "Not authenticated"})
         if self.path.startswith("/api/v2/assets?"):
-            return self._send(200, {"assets": [{"id": 3, "uri": "brandmon://model-old"}, {"id": 7, "uri": "brandmon://model"}],
+            return self._send(200, {"assets": [{"id": 3, "name": "brandmon://model-old", "uri": "brandmon://model-old/"},
+                                               {"id": 7, "name": "brandmon://model", "uri": "brandmon://model/"}],
                                     "total_entries": 2})
         return self._send(404, {"detail": "Not Found"})
 
