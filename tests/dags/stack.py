@@ -138,7 +138,7 @@ class Stack:
         raise AssertionError(f"DAGs not parsed in {timeout}s:\n{self.log_tail('dag-processor')}")
 
     def runs(self, dag_id: str) -> list[dict[str, Any]]:
-        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=1000&order_by=id")["dag_runs"]
+        return self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=5000&order_by=id")["dag_runs"]
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 300) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -169,6 +169,7 @@ def stack_env(base: Path, *, metadata_url: str, redis_port: int, api_port: int, 
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__MAXIMUM_PAGE_LIMIT": "5000",  # the test reads every run, event and task in one page
         "AIRFLOW__API_AUTH__JWT_SECRET": "stack-test-jwt-secret-0123456789abcdef",
         "AIRFLOW__API__SECRET_KEY": "stack-test-secret-key",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "true",

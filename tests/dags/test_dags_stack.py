@@ -48,15 +48,21 @@ AGGREGATE_ASSETS = {"brandmon://detections", "brandmon://aggregate-backlog"}
 COMPARED = [t for t in schema.metadata.sorted_tables if t.name not in ("runs", "locks")]
 
 
+def _cell(value: Any) -> Any:
+    """Hashable and exact enough: floats to 9 digits, JSON columns as sorted JSON text."""
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
 def snapshot(url: str, tables: list[Any] = COMPARED) -> dict[str, set[tuple]]:
     engine = create_engine(url)
     out = {}
     with engine.connect() as conn:
         for table in tables:
-            out[table.name] = {
-                tuple(round(v, 9) if isinstance(v, float) else v for v in row)
-                for row in conn.execute(select(table))
-            }
+            out[table.name] = {tuple(_cell(v) for v in row) for row in conn.execute(select(table))}
     engine.dispose()
     return out
 
@@ -149,7 +155,7 @@ def consumed(s: Stack, dag_id: str) -> set[int]:
 
 def all_events(s: Stack) -> list[dict[str, Any]]:
     """Every asset event, its `uri` as the DAGs wrote it (Airflow stores `brandmon://x/`)."""
-    events = s.request("GET", "/api/v2/assets/events?limit=1000&order_by=id")["asset_events"]
+    events = s.request("GET", "/api/v2/assets/events?limit=5000&order_by=timestamp")["asset_events"]
     return [{**e, "uri": e["uri"].rstrip("/")} for e in events]
 
 
@@ -163,7 +169,7 @@ def queued_events(s: Stack, dag_id: str) -> int:
 
 
 def task_instances(s: Stack) -> list[dict[str, Any]]:
-    return s.request("GET", "/api/v2/dags/~/dagRuns/~/taskInstances?limit=1000")["task_instances"]
+    return s.request("GET", "/api/v2/dags/~/dagRuns/~/taskInstances?limit=5000")["task_instances"]
 
 
 def wait_settled(s: Stack, ingest_runs: int, timeout: float) -> float:
