@@ -327,6 +327,15 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
     s.run(BRANDMON, "aggregate", "--quiet", env=cli_env, timeout=600)
     daily = [schema.mention_daily]
     airflow_daily, cli_daily = snapshot(s.urls["data"], daily)["mention_daily"], snapshot(s.urls["cli"], daily)["mention_daily"]
-    assert airflow_daily and airflow_daily == cli_daily
+    if airflow_daily != cli_daily:  # say which cells differ, by primary key
+        columns = [c.name for c in schema.mention_daily.columns]
+        width = len(schema.mention_daily.primary_key.columns)
+        a = {r[:width]: r for r in airflow_daily}
+        c = {r[:width]: r for r in cli_daily}
+        diffs = [(k, {columns[i]: (a[k][i], c[k][i]) for i in range(width, len(columns)) if a[k][i] != c[k][i]})
+                 for k in sorted(set(a) & set(c), key=str) if a[k] != c[k]]
+        raise AssertionError(f"mention_daily differs: only Airflow {len(set(a) - set(c))} keys, only CLI "
+                             f"{len(set(c) - set(a))}, differing {len(diffs)}: {diffs[:10]}")
+    assert airflow_daily
     timings["cli"] = time.monotonic() - started
     print("stack timings (cumulative s): " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
