@@ -2,7 +2,12 @@
 and refresh each brand's forecast of daily mentions (`demand_signal`, read by `v_forecast`).
 
 Scheduled on the `brandmon://detections` asset, so it runs after each detection run (which
-follows each ingest run). `aggregate_dirty` recomputes `mention_daily` for every day in the
+follows each ingest run), or on `brandmon://aggregate-backlog`, its own tail event: one run
+at a time, and Airflow's scheduler consumes only the events older than the queue entry a run
+is made from, so detections events that arrive while a run is being created would wait for
+the next night. `requeue` looks for events newer than this run (through the Task SDK's
+`inlet_events`) and, if there are any, emits the backlog event: the next run starts at once
+and consumes them. `aggregate_dirty` recomputes `mention_daily` for every day in the
 dirty-day queue (new posts, new scores) and clears it: a re-run finds an empty queue and
 changes nothing. The alerts those days raise go out once each (the `alert_ledger` table;
 Slack/SMTP destinations with a `conn_id` use the providers' hooks). The report is for the last day of the ingest windows that led to this run,
@@ -18,17 +23,19 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
-from brandmon_common import default_args
 
-DETECTIONS = Asset("brandmon://detections")
+from pipeline import dag_support
+
+DETECTIONS = Asset(dag_support.DETECTIONS)
+BACKLOG = Asset(dag_support.AGGREGATE_BACKLOG)
 
 
-DEFAULT_ARGS = default_args()
+DEFAULT_ARGS = dag_support.default_args()
 
 
 @dag(
     dag_id="brandmon_aggregate",
-    schedule=[DETECTIONS],
+    schedule=(DETECTIONS | BACKLOG),
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -79,9 +86,24 @@ def brandmon_aggregate() -> None:
         with task_context() as ctx:
             return refresh_forecasts(ctx)
 
+    @task(outlets=[BACKLOG], inlets=[DETECTIONS, BACKLOG])
+    def requeue(
+        _report: str, inlet_events: Any = None, outlet_events: Any = None, dag_run: Any = None
+    ) -> int:
+        """Events newer than this run (a tail nobody consumed): emit the backlog event; else skip."""
+        from pipeline.airflow_support import late_events, late_or_skip
+
+        late = late_events(inlet_events, [DETECTIONS, BACKLOG], getattr(dag_run, "run_after", None))
+        late_or_skip(late)  # raises AirflowSkipException: no event
+        if outlet_events is not None:
+            outlet_events[BACKLOG].extra = {"late_events": late}
+        return late
+
     done = aggregate()
-    done >> report()
+    written = report()
+    done >> written
     done >> forecast()
+    requeue(written)
 
 
 brandmon_aggregate()

@@ -7,11 +7,15 @@ images), maps `detect_pending` over them in the `brandmon_tf` pool so that howev
 workers run, only as many TensorFlow processes as the pool has slots load a model at once,
 then emits `brandmon://detections`.
 
-A run maps at most BRANDMON_DETECT_MAX_TASKS batches. If images are still pending when it
-ends (a backfill, a new model to score history with) and this run scored some, `requeue`
-emits `brandmon://detect-backlog`, so the next run starts as soon as this one ends (one run
-at a time) instead of waiting for the next ingest. A run that scored nothing never requeues,
-so a stuck batch cannot loop; with nothing pending `requeue` is skipped and emits nothing.
+A run maps at most BRANDMON_DETECT_MAX_TASKS batches. `requeue` emits
+`brandmon://detect-backlog`, so the next run starts as soon as this one ends (one run at a
+time) instead of waiting for the next ingest, when images are still pending (a backfill, a
+new model to score history with) and this run scored some, or when asset events newer than
+this run exist: Airflow's scheduler consumes only the events older than the queue entry a
+run is made from, so events arriving while a run is being created would otherwise wait
+for the next trigger (the tail of a catch-up). A run that scored nothing never requeues for
+pending images, so a stuck batch cannot loop; with nothing pending and no late event
+`requeue` is skipped and emits nothing.
 
 Create the pool once (docker-compose's airflow-init does it):
 `airflow pools set brandmon_tf 1 "TensorFlow inference and training"`; raise the slots to
@@ -31,25 +35,25 @@ per run), BRANDMON_TASK_RETRIES (default 3, at least 2), BRANDMON_RETRY_DELAY_S 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
-from brandmon_common import default_args, env_number
 
-POSTS = Asset("brandmon://posts")
-MODEL = Asset("brandmon://model")
-BACKLOG = Asset("brandmon://detect-backlog")
-DETECTIONS = Asset("brandmon://detections")
+from pipeline import dag_support
 
-
-TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
-BATCH_IMAGES = env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
-MAX_TASKS = env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
+POSTS = Asset(dag_support.POSTS)
+MODEL = Asset(dag_support.MODEL)
+BACKLOG = Asset(dag_support.DETECT_BACKLOG)
+DETECTIONS = Asset(dag_support.DETECTIONS)
 
 
-DEFAULT_ARGS = default_args()
+TF_POOL = dag_support.tf_pool()
+BATCH_IMAGES = dag_support.env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
+MAX_TASKS = dag_support.env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
+
+
+DEFAULT_ARGS = dag_support.default_args()
 
 
 @dag(
@@ -80,8 +84,7 @@ def brandmon_detect() -> None:
     )
     def detect(batch_key: str) -> dict[str, int]:
         """Score one batch of pending images with the active model; counts only."""
-        _version, first, last = (batch_key.split(":") + ["", "", ""])[:3]
-        get_current_context()["brandmon_batch"] = f"{first[:10]}..{last[:10]}"  # type: ignore[index]
+        get_current_context()["brandmon_batch"] = dag_support.batch_label(batch_key)  # type: ignore[index]
         from pipeline.airflow_support import counts_only, task_context
         from pipeline.detector.jobs import detect_pending
 
@@ -101,14 +104,20 @@ def brandmon_detect() -> None:
             outlet_events[DETECTIONS].extra = {**window, "scored": int(totals.get("scored", 0))}
         return totals
 
-    @task(outlets=[BACKLOG])
+    @task(outlets=[BACKLOG], inlets=[POSTS, MODEL, BACKLOG])
     def requeue(
-        totals: dict[str, int], triggering_asset_events: Any = None, outlet_events: Any = None
+        totals: dict[str, int],
+        triggering_asset_events: Any = None,
+        inlet_events: Any = None,
+        outlet_events: Any = None,
+        dag_run: Any = None,
     ) -> int:
-        """Work left and progress made: emit the backlog event (next run right away); else skip."""
+        """Work left and progress made, or late events: emit the backlog event (next run right
+        away); else skip."""
         from pipeline.airflow_support import (
             backlog_or_skip,
             event_windows,
+            late_events,
             merge_windows,
             task_context,
         )
@@ -116,10 +125,11 @@ def brandmon_detect() -> None:
 
         with task_context() as ctx:
             left = len(pending_batches(ctx, batch_size=BATCH_IMAGES))
-        backlog_or_skip(left, totals)  # raises AirflowSkipException: no event
+        late = late_events(inlet_events, [POSTS, MODEL, BACKLOG], getattr(dag_run, "run_after", None))
+        backlog_or_skip(left, totals, late)  # raises AirflowSkipException: no event
         if outlet_events is not None:
             window = merge_windows(event_windows(triggering_asset_events))
-            outlet_events[BACKLOG].extra = {**window, "batches_left": left}
+            outlet_events[BACKLOG].extra = {**window, "batches_left": left, "late_events": late}
         return left
 
     requeue(publish(detect.expand(batch_key=list_batches())))

@@ -23,9 +23,10 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
-from brandmon_common import default_args, env_number
 
-POSTS = Asset("brandmon://posts")
+from pipeline import dag_support
+
+POSTS = Asset(dag_support.POSTS)
 
 
 SCHEDULE = (
@@ -59,10 +60,10 @@ def _start_date(raw: str) -> Any:
 
 TIMETABLE = _timetable(SCHEDULE)
 START_DATE = _start_date(os.environ.get("BRANDMON_INGEST_START") or "2026-01-01")
-MAX_ACTIVE_RUNS = env_number("BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1)
+MAX_ACTIVE_RUNS = dag_support.env_number("BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1)
 
 
-DEFAULT_ARGS = default_args()
+DEFAULT_ARGS = dag_support.default_args()
 
 
 @dag(

@@ -2,7 +2,8 @@
 it only if it beats the active model (on the same held-out images; the `activate` param can
 also say `always` or `never`).
 
-Manual (no schedule): trigger it from the UI form or
+Manual (no schedule), and created unpaused (`is_paused_upon_creation=False`: a paused DAG's
+triggered run would wait in `queued`): trigger it from the UI form or
 `airflow dags trigger brandmon_train -c '{"dataset": "/data/logos", "epochs": 10}'`.
 Training runs in the `brandmon_tf` pool, so it never shares a worker's cores with
 detection batches beyond the pool's slots. A retry trains again from the same inputs; the
@@ -21,21 +22,21 @@ non-numeric value is an import error naming the variable).
 from __future__ import annotations
 
 import datetime as dt
-import os
 from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
-from brandmon_common import default_args
 
-MODEL = Asset("brandmon://model")
-TF_POOL = os.environ.get("BRANDMON_TF_POOL") or "brandmon_tf"
+from pipeline import dag_support
+
+MODEL = Asset(dag_support.MODEL)
+TF_POOL = dag_support.tf_pool()
 # What the UI form and `airflow dags trigger -c` validate before a run exists; the task
 # checks every option again (pipeline.airflow_support.check_train_options).
 TRAIN_MODES = r"^(auto|head|full|finetune:([1-9]|1[01]))$"  # N = 1..11 (check_mode)
 
 
-DEFAULT_ARGS = default_args()
+DEFAULT_ARGS = dag_support.default_args()
 
 
 @dag(
@@ -44,6 +45,9 @@ DEFAULT_ARGS = default_args()
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    # Manual only (no schedule), so nothing runs by itself when it is active; created unpaused
+    # so that a triggered run starts instead of waiting in `queued` for an unpause.
+    is_paused_upon_creation=False,
     default_args=DEFAULT_ARGS,
     tags=["brandmon", "train", "tensorflow"],
     params={

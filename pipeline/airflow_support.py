@@ -12,10 +12,14 @@ Connections (ids configurable by environment variable):
 - `BRANDMON_DB_CONN_ID` (default `brandmon_db`), a `postgres_default`-style connection
   (type postgres: host, port, login, password, schema = database; libpq options such as
   `sslmode` in extra) or type sqlite (host = the file path), becomes `Settings.database_url`.
-- `BRANDMON_AWS_CONN_ID` (default `brandmon_aws`), an `aws_default`-style connection
-  (login = access key id, password = secret key, extra `endpoint_url`, `region_name`,
-  `aws_session_token`), becomes `Settings.s3_endpoint_url`; the credentials go into the
-  task process environment where boto3 finds them, never into a log line.
+- `BRANDMON_AWS_CONN_ID` (default `brandmon_aws`), an `aws_default`-style connection, read by
+  the amazon provider's `AwsBaseHook`: its boto3 session (keys, or none for IAM roles and
+  profiles, `role_arn` for assumed roles) becomes `Settings.s3_session`, extra `endpoint_url`
+  `Settings.s3_endpoint_url`. Credentials stay in the session: never in the environment or
+  a log line.
+
+The postgres connection goes through the provider's `PostgresHook` (`sqlalchemy_url`), so the
+settings carry the connection id: a database that cannot be reached names it.
 
 Alert destinations name their own connections (`conn_id:` in the YAML `alerts:` section:
 a `slackwebhook`, `smtp` or `http` connection); see `pipeline.alerts.transport`.
@@ -30,7 +34,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -81,21 +85,24 @@ def _extra(conn: Any) -> dict[str, Any]:
 
 
 def database_url_from_connection(conn: Any) -> str:
-    """A SQLAlchemy URL for a postgres (or sqlite) Airflow connection."""
-    from sqlalchemy.engine import URL
-
+    """A SQLAlchemy URL for a postgres (through the provider's `PostgresHook`, so IAM tokens
+    and `sqlalchemy_query` work as for any Airflow task) or sqlite Airflow connection."""
     kind = (conn.conn_type or "").lower()
     if kind in ("postgres", "postgresql"):
-        query = {k: str(v) for k, v in _extra(conn).items() if k in LIBPQ_OPTIONS and v is not None}
-        url = URL.create(
-            "postgresql+psycopg2",
-            username=conn.login or None,
-            password=conn.password or None,
-            host=conn.host or None,
-            port=int(conn.port) if conn.port else None,
-            database=conn.schema or None,
-            query=query,
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        extra = _extra(conn)
+        hook = PostgresHook(
+            postgres_conn_id=conn.conn_id,
+            connection=conn,  # the connection already fetched: one secrets-backend lookup
+            # psycopg2 is what brandmon installs; a connection may name another driver
+            sqlalchemy_scheme=None if extra.get("sqlalchemy_scheme") else "postgresql+psycopg2",
         )
+        url = hook.sqlalchemy_url
+        # libpq options kept in the extra (the way the provider's own get_conn passes them)
+        libpq = {k: str(v) for k, v in extra.items() if k in LIBPQ_OPTIONS and v is not None}
+        if libpq:
+            url = url.update_query_dict({**libpq, **dict(url.query)})
         return url.render_as_string(hide_password=False)
     if kind == "sqlite":
         path = conn.host or conn.schema
@@ -110,27 +117,21 @@ def database_url_from_connection(conn: Any) -> str:
     )
 
 
-def aws_from_connection(conn: Any) -> tuple[str | None, dict[str, str]]:
-    """(endpoint_url, boto3 environment variables) of an aws-style Airflow connection."""
-    extra = _extra(conn)
-    service = extra.get("service_config")
-    s3_conf = service.get("s3") if isinstance(service, dict) else None
-    endpoint = extra.get("endpoint_url") or (
-        s3_conf.get("endpoint_url") if isinstance(s3_conf, dict) else None
-    )
-    key = conn.login or extra.get("aws_access_key_id")
-    secret = conn.password or extra.get("aws_secret_access_key")
-    env: dict[str, str] = {}
-    if key and secret:
-        env["AWS_ACCESS_KEY_ID"] = str(key)
-        env["AWS_SECRET_ACCESS_KEY"] = str(secret)
-        token = extra.get("aws_session_token")
-        if token:
-            env["AWS_SESSION_TOKEN"] = str(token)
-    region = extra.get("region_name")
-    if region:
-        env["AWS_DEFAULT_REGION"] = str(region)
-    return (str(endpoint) if endpoint else None), env
+def aws_from_connection(conn_id: str) -> tuple[str | None, Any, str | None]:
+    """(S3 endpoint URL, boto3 Session, region) from the amazon provider's `AwsBaseHook`.
+
+    The hook resolves the connection the way every Airflow AWS operator does: keys in the
+    connection, or none (boto3's default chain: instance/IAM roles, profiles), `role_arn`
+    assumed roles, `profile_name`, `region_name`, `endpoint_url` or
+    `service_config.s3.endpoint_url` (MinIO). Nothing is written into the environment.
+    """
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    hook = AwsBaseHook(aws_conn_id=conn_id, client_type="s3")
+    config = hook.conn_config
+    endpoint = config.get_service_endpoint_url("s3")
+    session = hook.get_session(region_name=hook.region_name)
+    return (str(endpoint) if endpoint else None), session, hook.region_name
 
 
 def _mask(values: Iterable[str]) -> None:
@@ -144,38 +145,39 @@ def _mask(values: Iterable[str]) -> None:
             mask_secret(value)
 
 
-def settings_from_airflow(
-    env: Mapping[str, str] | None = None, environ: MutableMapping[str, str] | None = None
-) -> Settings:
-    """`load_settings(env)` with the database and S3 endpoint taken from Airflow connections
-    when they exist. AWS credentials of the connection are written into `environ` (default:
-    this process's environment, where boto3 reads them)."""
+def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
+    """`load_settings(env)` with the database and the lake's S3 client taken from Airflow
+    connections (through the postgres and amazon providers' hooks) when they exist; the
+    settings remember the connection ids, so an error names the connection to fix."""
     env = dict(os.environ if env is None else env)
-    target = os.environ if environ is None else environ
     settings = load_settings(env=env)
     changes: dict[str, Any] = {}
 
     db_conn = get_connection(env.get("BRANDMON_DB_CONN_ID") or DEFAULT_DB_CONN_ID)
     if db_conn is not None:
         _mask([db_conn.password or ""])
+        source = f"the Airflow connection {db_conn.conn_id!r}"
         url = database_url_from_connection(db_conn)
         from pipeline.settings import check_database_url
 
-        changes["database_url"] = check_database_url(url)
+        changes["database_url"] = check_database_url(url, source)
+        changes["database_url_source"] = source
         log.info("database from Airflow connection %r: %s", db_conn.conn_id, redact_url(url))
 
     aws_conn = get_connection(env.get("BRANDMON_AWS_CONN_ID") or DEFAULT_AWS_CONN_ID)
     if aws_conn is not None:
-        endpoint, aws_env = aws_from_connection(aws_conn)
-        _mask([aws_env.get("AWS_SECRET_ACCESS_KEY", ""), aws_env.get("AWS_SESSION_TOKEN", "")])
-        target.update(aws_env)
+        _mask([aws_conn.password or "", str(_extra(aws_conn).get("aws_session_token") or "")])
+        endpoint, session, region = aws_from_connection(aws_conn.conn_id)
+        changes["s3_session"] = session
+        changes["s3_source"] = f"the Airflow connection {aws_conn.conn_id!r}"
         if endpoint:
             changes["s3_endpoint_url"] = endpoint
         log.info(
-            "S3 from Airflow connection %r: endpoint %s, credentials %s",
+            "S3 from Airflow connection %r: endpoint %s, region %s, credentials %s",
             aws_conn.conn_id,
             endpoint or "AWS default",
-            "from the connection" if "AWS_ACCESS_KEY_ID" in aws_env else "from the default chain",
+            region or "default",
+            "from the connection" if aws_conn.login else "from the hook's chain (role, profile, environment)",
         )
     return settings.with_overrides(**changes) if changes else settings
 
@@ -366,12 +368,47 @@ def activated_or_skip(summary: Mapping[str, Any]) -> str:
     return version
 
 
-def backlog_or_skip(batches_left: int, totals: Mapping[str, Any]) -> None:
-    """Let `requeue` emit the backlog event only when work is left AND this run made progress.
+LATE_EVENTS_LIMIT = 10  # enough to know there is a tail; never a long list over the API
+
+
+def late_events(inlet_events: Any, assets: Iterable[Any], run_after: Any) -> int:
+    """How many events of `assets` (at most LATE_EVENTS_LIMIT each) are newer than this run.
+
+    Why: with one run at a time, Airflow's scheduler makes the next run from the queue entry
+    of the first waiting event and consumes only events up to it; events that arrive while
+    that run is being created are consumed by no run until something triggers the DAG again.
+    A run that sees events newer than its own `run_after` re-triggers itself (the backlog
+    event) so the next run consumes them. The events are read through the Task SDK's
+    `inlet_events` (the assets must be the task's inlets), so no database access is needed.
+    Terminates: the next run's `run_after` is later than every event it consumed.
+    """
+    if inlet_events is None or run_after is None:
+        return 0
+    since = as_utc(run_after)
+    late = 0
+    for asset in assets:
+        for event in inlet_events[asset].after(since.isoformat()).limit(LATE_EVENTS_LIMIT):
+            stamp = getattr(event, "timestamp", None)
+            if stamp is not None and as_utc(stamp) > since:
+                late += 1
+    return late
+
+
+def late_or_skip(late: int) -> None:
+    """Let `requeue` emit the backlog event only when events newer than this run exist."""
+    if late <= 0:
+        _skip("no asset event newer than this run: no backlog event")
+
+
+def backlog_or_skip(batches_left: int, totals: Mapping[str, Any], late: int = 0) -> None:
+    """Let `requeue` emit the backlog event when work is left AND this run made progress, or
+    when asset events newer than this run exist (`late_events`: they must be consumed).
 
     Requiring progress (images scored or found corrupt) means images that can never be scored
     cannot make the detect DAG trigger itself forever; they wait for the next ingest or model.
     """
+    if late > 0:
+        return
     if batches_left <= 0:
         _skip("no image left to score: no backlog event")
     if int(totals.get("scored", 0) or 0) + int(totals.get("corrupt", 0) or 0) <= 0:

@@ -22,11 +22,16 @@ class Context:
 
     @cached_property
     def store(self) -> ObjectStore:
-        return open_store(self.settings.storage_url, self.settings.s3_endpoint_url)
+        return open_store(
+            self.settings.storage_url,
+            self.settings.s3_endpoint_url,
+            session=self.settings.s3_session,
+            credentials_hint=self.settings.s3_source,
+        )
 
     def ready(self) -> Context:
         """Check that the database schema is current and the lake is reachable."""
-        require_schema(self.engine)
+        require_schema(self.engine, self.settings.database_url_source)
         self.store.check()
         return self
 

@@ -51,8 +51,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
-def check_connection(engine: Engine) -> None:
-    """Fail with one clear line if the database cannot be reached."""
+def check_connection(engine: Engine, source: str = "BRANDMON_DATABASE_URL") -> None:
+    """Fail with one clear line if the database cannot be reached, naming `source` (the
+    variable or Airflow connection the URL came from) as what to fix."""
     try:
         with engine.connect() as conn:
             conn.execute(text("select 1"))
@@ -60,7 +61,7 @@ def check_connection(engine: Engine) -> None:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
         raise DatabaseError(
             f"cannot reach the database at {redact_url(str(engine.url.render_as_string(hide_password=False)))}: "
-            f"{_scrub(reason, engine)}; start it or fix BRANDMON_DATABASE_URL"
+            f"{_scrub(reason, engine)}; start it or fix {source}"
         ) from None
     except SADatabaseError as exc:  # e.g. sqlite: "file is not a database", raised by the pragmas
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "not a database"
@@ -117,9 +118,9 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def require_schema(engine: Engine) -> None:
+def require_schema(engine: Engine, source: str = "BRANDMON_DATABASE_URL") -> None:
     """Refuse to run against a database whose schema is missing or behind the code."""
-    check_connection(engine)
+    check_connection(engine, source)
     try:
         current = current_revision(engine)
     except (OperationalError, SAProgrammingError) as exc:

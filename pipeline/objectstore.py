@@ -12,7 +12,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import InvalidKeyError, StorageError
@@ -122,7 +122,17 @@ def _max_attempts() -> int:
 class S3Store:
     """An S3 bucket (optionally under a prefix), through boto3."""
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        session: Any = None,
+        credentials_hint: str = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)",
+    ) -> None:
+        """`session`: a boto3 Session to make the client with (e.g. from Airflow's AWS hook:
+        the connection's keys, role or profile); None: boto3's default credential chain.
+        `credentials_hint` is what an access-denied error tells the user to check."""
         import boto3
         from botocore.config import Config
 
@@ -131,7 +141,8 @@ class S3Store:
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
         self.max_attempts = _max_attempts()
-        self.client = boto3.client(
+        self.credentials_hint = credentials_hint
+        self.client = (session or boto3).client(
             "s3",
             endpoint_url=endpoint_url,
             config=Config(retries={"total_max_attempts": self.max_attempts, "mode": "adaptive"}, connect_timeout=10,
@@ -154,8 +165,8 @@ class S3Store:
                 )
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 return StorageError(
-                    f"S3 {what} on s3://{self.bucket} was refused ({code}); check AWS_ACCESS_KEY_ID / "
-                    "AWS_SECRET_ACCESS_KEY (or the aws_default connection) and the bucket policy"
+                    f"S3 {what} on s3://{self.bucket} was refused ({code}); check {self.credentials_hint} "
+                    "and the bucket policy"
                 )
             if code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "500", "503"):
                 return StorageError(
@@ -166,7 +177,7 @@ class S3Store:
         hint = ""
         name = type(exc).__name__
         if name == "NoCredentialsError":
-            hint = "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+            hint = f"; set {self.credentials_hint}"
         elif name in ("EndpointConnectionError", "ConnectTimeoutError"):
             hint = "; start the S3 server or fix BRANDMON_S3_ENDPOINT_URL"
         elif name in ("ConnectionClosedError", "ReadTimeoutError", "ResponseStreamingError", "IncompleteReadError",
@@ -239,11 +250,12 @@ class S3Store:
             raise self._fail(exc, "check") from None
 
 
-def open_store(url: str, endpoint_url: str | None = None) -> ObjectStore:
-    """Open the store named by BRANDMON_STORAGE_URL (file:///abs, a plain path, or s3://...)."""
+def open_store(url: str, endpoint_url: str | None = None, session: Any = None, **s3: Any) -> ObjectStore:
+    """Open the store named by BRANDMON_STORAGE_URL (file:///abs, a plain path, or s3://...);
+    `session` and `s3` (credentials_hint) are for S3 only."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
-        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url)
+        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url, session=session, **s3)
     if parts.scheme == "file":
         return LocalStore(Path(unquote(parts.path)))
     if parts.scheme == "":

@@ -2,8 +2,11 @@
 
 Why one object: every entry point (CLI, Airflow task, test) builds the same `Settings`, so a
 value has exactly one name and one default. Secrets are only ever read from the environment
-(or injected by Airflow connections, see `pipeline.airflow_conn`) and are wrapped in `Secret`
-so that a stray `print(settings)` or log line cannot show them.
+(or injected by Airflow connections, see `pipeline.airflow_support`) and are wrapped in `Secret`
+so that a stray `print(settings)` or log line cannot show them. Where the database URL came
+from (`database_url_source`: the variable, or an Airflow connection id) travels with it, so an
+error names the knob to fix; an S3 client built by Airflow's AWS hook (`s3_session`, a boto3
+session with the connection's credentials, role or profile) replaces boto3's default chain.
 """
 
 from __future__ import annotations
@@ -123,6 +126,15 @@ class Settings:
     author_salt: Secret = Secret("")
     alerts: AlertsConfig = AlertsConfig()
     extra: dict[str, Any] = field(default_factory=dict)
+    # what to fix when the database cannot be reached: the variable or the Airflow connection
+    database_url_source: str = "BRANDMON_DATABASE_URL"
+    # a boto3 Session for the lake (from an Airflow AWS connection); None: boto3's default chain
+    s3_session: Any = field(default=None, repr=False, compare=False)
+    s3_source: str = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    # Airflow's REST API, for the events the CLI emits (`brandmon model activate`); None: off
+    airflow_api_url: str | None = None
+    airflow_api_user: str = ""
+    airflow_api_password: Secret = Secret("")
 
     def source(self, name: str) -> SourceConfig:
         for src in self.sources:
@@ -352,10 +364,13 @@ def check_storage_url(url: str) -> str:
     )
 
 
-def check_database_url(url: str) -> str:
+def check_database_url(url: str, source: str = "BRANDMON_DATABASE_URL") -> str:
+    """The URL if SQLAlchemy can use it; else a ConfigError naming `source` (the variable, or
+    the Airflow connection the URL was built from)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    name = source if " " in source else f"{source}={redact_url(url)!r}"
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 - make_url may leave a bad port for later
@@ -368,24 +383,24 @@ def check_database_url(url: str) -> str:
         raise ConfigError(f"BRANDMON_DATABASE_URL={redact_url(url)!r} cannot be read as a database URL") from None
     except ArgumentError:
         raise ConfigError(
-            f"BRANDMON_DATABASE_URL={redact_url(url)!r} is not a SQLAlchemy URL; "
+            f"{name} is not a SQLAlchemy URL; "
             "use e.g. sqlite:///var/brandmon.db or postgresql+psycopg2://user:pass@host/db"
         ) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(
-            f"BRANDMON_DATABASE_URL uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"
+            f"{source} uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"
         )
     default_driver = "postgresql+psycopg2" if parsed.get_backend_name() == "postgresql" else "sqlite"
     try:
         parsed.get_dialect().import_dbapi()
     except NoSuchModuleError:
         raise ConfigError(
-            f"BRANDMON_DATABASE_URL names an unknown database driver {parsed.drivername!r}; "
+            f"{source} names an unknown database driver {parsed.drivername!r}; "
             f"use {default_driver}://..."
         ) from None
     except ImportError as exc:
         raise ConfigError(
-            f"BRANDMON_DATABASE_URL uses the driver {parsed.get_driver_name()!r}, whose module "
+            f"{source} uses the driver {parsed.get_driver_name()!r}, whose module "
             f"{getattr(exc, 'name', None) or parsed.get_driver_name()!r} is not installed; use {default_driver}://... "
             f"(installed) or pip install it"
         ) from None
@@ -467,5 +482,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         author_salt=_salt(home, env),
         alerts=parts["alerts"],
         extra=extra,
+        airflow_api_url=env.get("BRANDMON_AIRFLOW_API_URL") or None,
+        airflow_api_user=env.get("BRANDMON_AIRFLOW_USER") or "",
+        airflow_api_password=Secret(env.get("BRANDMON_AIRFLOW_PASSWORD") or ""),
     )
     return settings.with_overrides(**overrides) if overrides else settings

@@ -129,8 +129,30 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 def cmd_model_activate(args: argparse.Namespace) -> int:
     from pipeline.detector.registry import activate
 
-    activate(_ctx(), args.version)
+    ctx = _ctx()
+    activate(ctx, args.version)
     print(f"model {args.version} is now active; `brandmon detect` scores images it has not scored yet")
+    return _emit_model_event(ctx.settings, args.version)
+
+
+def _emit_model_event(settings: Any, version: str) -> int:
+    """Tell Airflow (when BRANDMON_AIRFLOW_API_URL is set): the brandmon://model asset event
+    schedules brandmon_detect to score the images with the new model now."""
+    from pipeline.airflow_api import AirflowApiError, emit_asset_event
+    from pipeline.dag_support import MODEL
+
+    fallback = "`airflow dags trigger brandmon_detect` starts the scoring by hand"
+    if not settings.airflow_api_url:
+        print(f"(on Airflow: set BRANDMON_AIRFLOW_API_URL to emit the {MODEL} event, or {fallback})")
+        return 0
+    try:
+        event = emit_asset_event(settings.airflow_api_url, settings.airflow_api_user,
+                                 settings.airflow_api_password.get(), MODEL,
+                                 {"version": version, "source": "brandmon model activate"})
+    except AirflowApiError as exc:
+        raise AirflowApiError(f"model {version} is active, but the {MODEL} event was not sent: {exc} "
+                              f"(or {fallback})") from None
+    print(f"{MODEL} event {event.get('id', '?')} sent to Airflow: brandmon_detect will score with {version}")
     return 0
 
 

@@ -27,10 +27,11 @@ import numpy as np
 from sqlalchemy import and_, select
 
 from pipeline.context import Context
+from pipeline.dag_support import BadBatchKey, make_batch_key, parse_batch_key  # noqa: F401 (re-exported)
 from pipeline.database import upsert
 from pipeline.detector import NO_LOGO
 from pipeline.dirty import mark_days_of_images
-from pipeline.errors import BrandmonError, StorageError
+from pipeline.errors import StorageError
 from pipeline.runlog import recorded_run
 from pipeline.schema import detections, image_scores, images, review_queue, utcnow
 
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 
 MAX_PIXELS = 80_000_000  # refuse to decode larger images (decompression bombs)
 READ_AHEAD = 64  # images fetched from the lake ahead of decoding
-
-
-class BadBatchKey(BrandmonError):
-    """A batch key that `pending_batches` did not produce."""
 
 
 # --- work lists ------------------------------------------------------------------------------
@@ -62,17 +59,6 @@ def _pending_select(version: str, lo: str | None = None, hi: str | None = None) 
     if hi is not None:
         q = q.where(images.c.sha256 <= hi)
     return q
-
-
-def make_batch_key(version: str, lo: str, hi: str) -> str:
-    return f"{version}:{lo}:{hi}"
-
-
-def parse_batch_key(key: str) -> tuple[str, str, str]:
-    parts = key.split(":")
-    if len(parts) != 3 or not all(parts):
-        raise BadBatchKey(f"bad detect batch key {key!r}; expected VERSION:FIRST_SHA:LAST_SHA from pending_batches")
-    return parts[0], parts[1], parts[2]
 
 
 def pending_batches(ctx: Context, version: str, batch_size: int) -> list[str]:

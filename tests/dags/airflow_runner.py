@@ -71,7 +71,13 @@ warmup_consumer()
 
 
 def _loaded(prefixes: tuple[str, ...]) -> set[str]:
-    return {m.split(".")[0] for m in sys.modules if m.split(".")[0] in prefixes}
+    """Top-level names of the watched modules loaded; `pipeline` by full module name (the DAG
+    files import the light `pipeline.dag_support`, nothing else of the package)."""
+    return {
+        m if m.split(".")[0] == "pipeline" else m.split(".")[0]
+        for m in sys.modules
+        if m.split(".")[0] in prefixes
+    }
 
 
 def parse() -> dict[str, Any]:
@@ -87,8 +93,8 @@ def parse() -> dict[str, Any]:
         assert not warm_bag.import_errors, warm_bag.import_errors
     before = _loaded(WATCHED_MODULES)
     t0 = time.perf_counter()
-    # The bundle-aware DagBag, as the dag-processor and task runner use: the DAGs folder is on
-    # sys.path, so DAG files can import brandmon_common beside them.
+    # The bundle-aware DagBag, as the dag-processor and task runner use (a plain DagBag, as
+    # `airflow dags list --local` uses, is tested by test_dags_integrity.py).
     folder = os.environ["AIRFLOW__CORE__DAGS_FOLDER"]
     bag = BundleDagBag(dag_folder=folder, bundle_path=Path(folder), safe_mode=False, known_pools={"default_pool"})
     parse_s = time.perf_counter() - t0
@@ -117,6 +123,7 @@ def parse() -> dict[str, Any]:
             "timetable_expression": getattr(dag.timetable, "expression", None),
             "start_date": str(dag.start_date) if dag.start_date else None,
             "max_active_runs": dag.max_active_runs,
+            "is_paused_upon_creation": dag.is_paused_upon_creation,
             "asset_condition": type(condition).__name__ if condition is not None else None,
             "asset_schedule": sorted(a.name for a in getattr(condition, "objects", []) or []),
             "params": {k: dag.params.get_param(k).schema for k in dag.params},

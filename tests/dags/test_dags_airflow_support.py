@@ -42,7 +42,7 @@ def test_without_connections_the_brandmon_env_applies(brandmon_env):
     assert settings.storage_url == "s3://lake/prefix"
 
 
-def test_postgres_and_aws_connections_win_and_credentials_reach_boto3_env(
+def test_postgres_and_aws_connections_win_through_the_provider_hooks_and_no_secret_reaches_the_env(
     brandmon_env, monkeypatch, caplog
 ):
     db = {
@@ -62,9 +62,12 @@ def test_postgres_and_aws_connections_win_and_credentials_reach_boto3_env(
     }
     monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", json.dumps(db))
     monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_AWS", json.dumps(aws))
-    environ: dict[str, str] = {}
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    environ_before = dict(os.environ)
     with caplog.at_level(logging.DEBUG):
-        settings = af.settings_from_airflow(environ=environ)
+        settings = af.settings_from_airflow()
+    assert dict(os.environ) == environ_before  # nothing written into the environment
     url = make_url(settings.database_url)
     assert (url.drivername, url.host, url.port, url.database) == (
         "postgresql+psycopg2",
@@ -78,11 +81,12 @@ def test_postgres_and_aws_connections_win_and_credentials_reach_boto3_env(
     )  # special characters survive quoting
     assert dict(url.query) == {"sslmode": "require"}  # provider-only extras are dropped
     assert settings.s3_endpoint_url == "http://minio:9000"
-    assert environ == {
-        "AWS_ACCESS_KEY_ID": "AKIATEST",
-        "AWS_SECRET_ACCESS_KEY": "s3cr3t-key-value",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }
+    assert settings.database_url_source == "the Airflow connection 'brandmon_db'"
+    # the AWS hook's boto3 session carries the connection's keys and region
+    credentials = settings.s3_session.get_credentials()
+    assert (credentials.access_key, credentials.secret_key) == ("AKIATEST", "s3cr3t-key-value")
+    assert settings.s3_session.region_name == "eu-west-1"
+    assert "s3cr3t-key-value" not in repr(settings)
     assert "p@ss:w/rd" not in caplog.text and "s3cr3t-key-value" not in caplog.text
     assert "db.internal" in caplog.text  # the log says where it connects, without the password
 
@@ -91,9 +95,10 @@ def test_connection_ids_are_configurable(brandmon_env, monkeypatch):
     monkeypatch.setenv("BRANDMON_DB_CONN_ID", "warehouse")
     monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", "postgres://ignored:x@nowhere/db")
     monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE", "postgres://u:pw@wh.example:5432/analytics")
-    settings = af.settings_from_airflow(environ={})
+    settings = af.settings_from_airflow()
     url = make_url(settings.database_url)
     assert (url.host, url.database, url.username) == ("wh.example", "analytics", "u")
+    assert settings.database_url_source == "the Airflow connection 'warehouse'"
 
 
 def test_uri_style_connection_and_sqlite(brandmon_env, monkeypatch, tmp_path):
@@ -110,17 +115,19 @@ def test_uri_style_connection_and_sqlite(brandmon_env, monkeypatch, tmp_path):
             }
         ),
     )
-    environ: dict[str, str] = {}
-    settings = af.settings_from_airflow(environ=environ)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-the-default-chain")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "chain-secret")
+    settings = af.settings_from_airflow()
     assert settings.database_url == f"sqlite:///{tmp_path / 'p.db'}"
     assert settings.s3_endpoint_url == "http://s3.local"
-    assert environ == {}  # no keys in the connection: boto3 keeps its default chain
+    # no keys in the connection: the hook's session uses boto3's chain (roles, profiles, env)
+    assert settings.s3_session.get_credentials().access_key == "from-the-default-chain"
 
 
 def test_wrong_connection_type_is_a_clear_config_error(brandmon_env, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_BRANDMON_DB", "mysql://u:topsecret@h/db")
     with pytest.raises(ConfigError) as err:
-        af.settings_from_airflow(environ={})
+        af.settings_from_airflow()
     assert "postgres" in str(err.value) and "topsecret" not in str(err.value)
 
 
@@ -293,3 +300,33 @@ def test_conditional_asset_events_skip_instead_of_emitting():
         af.backlog_or_skip(0, {"scored": 10})
     with pytest.raises(AirflowSkipException, match="no progress"):
         af.backlog_or_skip(5, {"scored": 0})
+
+
+def test_a_database_from_a_connection_that_cannot_be_reached_names_the_connection(
+    brandmon_env, monkeypatch, tmp_path
+):
+    """The error says which knob to turn: the connection id, not BRANDMON_DATABASE_URL."""
+    from pipeline.context import Context
+    from pipeline.errors import DatabaseError
+    from pipeline.testing import free_port
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BRANDMON_DB",
+        json.dumps({"conn_type": "postgres", "host": "127.0.0.1", "port": port, "login": "bm",
+                    "password": "wrong-pw-123", "schema": "brandmon", "extra": {"connect_timeout": 3}}),
+    )
+    ctx = Context(af.settings_from_airflow())
+    with pytest.raises(DatabaseError) as err:
+        ctx.ready()
+    message = str(err.value)
+    assert message.endswith("start it or fix the Airflow connection 'brandmon_db'"), message
+    assert "BRANDMON_DATABASE_URL" not in message and "wrong-pw-123" not in message
+    ctx.close()
+    # the same failure from the variable names the variable
+    monkeypatch.delenv("AIRFLOW_CONN_BRANDMON_DB")
+    monkeypatch.setenv("BRANDMON_DATABASE_URL", f"postgresql+psycopg2://bm:pw@127.0.0.1:{port}/brandmon")
+    ctx = Context(af.settings_from_airflow())
+    with pytest.raises(DatabaseError, match="fix BRANDMON_DATABASE_URL$"):
+        ctx.ready()
+    ctx.close()

@@ -1,0 +1,92 @@
+"""What the brandmon DAG files share at parse time: asset URIs, pool names, the detect batch-key
+format, numeric env settings, retries and the failure callback.
+
+Why here, in the installed package, and so light: every Airflow tool must import the DAG files
+as they are (`airflow dags list-import-errors --local`, a plain `DagBag(dag_folder="dags")`,
+the dag-processor, an IDE), and none of them puts the DAGs folder on `sys.path`. So the DAG
+files import this module at top level; it imports the standard library only (and
+`pipeline.errors`, itself standard library only), never the pipeline's settings, SQLAlchemy,
+boto3 or TensorFlow, so parsing stays cheap. Each asset URI is defined once here, for the DAG
+that emits it and the DAG scheduled on it (and for `brandmon model activate`, which emits the
+model event through Airflow's REST API).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+from pipeline.errors import BrandmonError
+
+# Assets: producer -> consumer.
+POSTS = "brandmon://posts"  # brandmon_ingest -> brandmon_detect
+MODEL = "brandmon://model"  # brandmon_train, `brandmon model activate` -> brandmon_detect
+DETECT_BACKLOG = "brandmon://detect-backlog"  # brandmon_detect -> brandmon_detect
+DETECTIONS = "brandmon://detections"  # brandmon_detect -> brandmon_aggregate
+AGGREGATE_BACKLOG = "brandmon://aggregate-backlog"  # brandmon_aggregate -> brandmon_aggregate
+
+DEFAULT_TF_POOL = "brandmon_tf"
+
+
+class BadBatchKey(BrandmonError):
+    """A detect batch key that `make_batch_key` did not make."""
+
+
+def tf_pool(env: Any = None) -> str:
+    """The pool TensorFlow tasks (detect batches, training) run in: BRANDMON_TF_POOL or brandmon_tf."""
+    return (os.environ if env is None else env).get("BRANDMON_TF_POOL") or DEFAULT_TF_POOL
+
+
+def make_batch_key(version: str, lo: str, hi: str) -> str:
+    """`VERSION:FIRST_SHA:LAST_SHA`: one detect batch (an XCom value of ~140 bytes)."""
+    return f"{version}:{lo}:{hi}"
+
+
+def parse_batch_key(key: str) -> tuple[str, str, str]:
+    parts = str(key).split(":")
+    if len(parts) != 3 or not all(parts):
+        raise BadBatchKey(f"bad detect batch key {key!r}; expected VERSION:FIRST_SHA:LAST_SHA from pending_batches")
+    return parts[0], parts[1], parts[2]
+
+
+def batch_label(key: str) -> str:
+    """The mapped task's label in the UI: the batch's first and last sha, shortened."""
+    _version, first, last = (str(key).split(":") + ["", "", ""])[:3]
+    return f"{first[:10]}..{last[:10]}"
+
+
+def env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+    """A numeric parse-time setting from the environment; a bad value fails the import with
+    one line naming the variable (not a bare `invalid literal for int()`)."""
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        example = f"e.g. {default}" if default is not None else "a positive number"
+        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def on_failure(context: Any) -> None:
+    """Failure callback: one scrubbed summary paragraph (DAG, task, interval, error)."""
+    from pipeline.airflow_support import log_failure
+
+    log_failure(context)
+
+
+def default_args() -> dict[str, Any]:
+    """Retries with exponential backoff (BRANDMON_TASK_RETRIES >= 2, BRANDMON_RETRY_DELAY_S)."""
+    return {
+        "owner": "brandmon",
+        "retries": max(2, env_number("BRANDMON_TASK_RETRIES", 3)),
+        "retry_delay": dt.timedelta(seconds=env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(hours=1),
+        "on_failure_callback": on_failure,
+    }

@@ -1,0 +1,122 @@
+"""pipeline.airflow_api against a real HTTP server on 127.0.0.1 that answers as Airflow 3's
+api-server does (token, asset lookup, event); the real api-server is in
+tests/dags/test_dags_stack.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from pipeline.airflow_api import AirflowApiError, emit_asset_event
+from pipeline.testing import free_port
+
+PASSWORD = "pw-9d8c7b"
+TOKEN = "jwt-token-abc"
+
+
+class FakeAirflow(BaseHTTPRequestHandler):
+    events: list[dict[str, Any]] = []
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+    def _send(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path == "/auth/token":
+            body = self._body()
+            if body == {"username": "admin", "password": PASSWORD}:
+                return self._send(201, {"access_token": TOKEN})
+            return self._send(401, {"detail": "Invalid credentials"})
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._send(401, {"detail": "Not authenticated"})
+        if self.path == "/api/v2/assets/events":
+            body = self._body()
+            self.events.append(body)
+            return self._send(200, {"id": len(self.events), "asset_id": body["asset_id"], "extra": body["extra"]})
+        return self._send(404, {"detail": "Not Found"})
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._send(401, {"detail": "Not authenticated"})
+        if self.path.startswith("/api/v2/assets?"):
+            return self._send(200, {"assets": [{"id": 3, "name": "brandmon://model-old", "uri": "brandmon://model-old/"},
+                                               {"id": 7, "name": "brandmon://model", "uri": "brandmon://model/"}],
+                                    "total_entries": 2})
+        return self._send(404, {"detail": "Not Found"})
+
+
+@pytest.fixture
+def api() -> Iterator[str]:
+    FakeAirflow.events = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAirflow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_event_goes_to_the_asset_with_exactly_that_uri(api):
+    event = emit_asset_event(api, "admin", PASSWORD, "brandmon://model", {"version": "v3"})
+    assert event["id"] == 1
+    assert FakeAirflow.events == [{"asset_id": 7, "extra": {"version": "v3"}}]
+
+
+def test_bad_credentials_and_no_server_are_one_line_without_secrets(api):
+    with pytest.raises(AirflowApiError) as err:
+        emit_asset_event(api, "admin", "wrong-secret-1", "brandmon://model", {})
+    assert "401" in str(err.value) and "BRANDMON_AIRFLOW_PASSWORD" in str(err.value)
+    assert "wrong-secret-1" not in str(err.value)
+    with pytest.raises(AirflowApiError, match="start the api-server or fix BRANDMON_AIRFLOW_API_URL"):
+        emit_asset_event(f"http://127.0.0.1:{free_port()}", "admin", PASSWORD, "brandmon://model", {})
+    with pytest.raises(AirflowApiError, match="not an http"):
+        emit_asset_event("ftp://x", "admin", PASSWORD, "brandmon://model", {})
+    with pytest.raises(AirflowApiError, match="knows no asset brandmon://nope"):
+        emit_asset_event(api, "admin", PASSWORD, "brandmon://nope", {})
+    assert FakeAirflow.events == []
+
+
+def test_model_activate_emits_the_event_when_an_api_is_configured(api, make_ctx, monkeypatch, capsys):
+    """`brandmon model activate V` on the command line: activation, then the model event."""
+    from pipeline import schema
+    from pipeline.cli import main
+
+    ctx = make_ctx()
+    with ctx.engine.begin() as conn:  # a registered version (what training writes), not active
+        conn.execute(schema.model_versions.insert().values(
+            version="v1", active=False, artifact_key="models/v1", classes=["A", "no_logo"], base="inception_v3",
+            weights="none", input_size=75, threshold=0.5, metrics={}, data_fingerprint="f" * 64))
+    s = ctx.settings
+    for key, value in {"BRANDMON_DATABASE_URL": s.database_url, "BRANDMON_STORAGE_URL": s.storage_url,
+                       "BRANDMON_HOME": str(s.home), "BRANDMON_AUTHOR_SALT": s.author_salt.get(),
+                       "BRANDMON_AIRFLOW_API_URL": api, "BRANDMON_AIRFLOW_USER": "admin",
+                       "BRANDMON_AIRFLOW_PASSWORD": PASSWORD}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("BRANDMON_CONFIG", raising=False)
+    assert main(["model", "activate", "v1"]) == 0
+    out = capsys.readouterr().out
+    assert "model v1 is now active" in out and "brandmon://model event 1 sent to Airflow" in out
+    assert FakeAirflow.events == [{"asset_id": 7, "extra": {"version": "v1", "source": "brandmon model activate"}}]
+    monkeypatch.setenv("BRANDMON_AIRFLOW_PASSWORD", "wrong")
+    assert main(["model", "activate", "v1"]) == 2
+    err = capsys.readouterr().err
+    assert "model v1 is active, but the brandmon://model event was not sent" in err
+    assert "airflow dags trigger brandmon_detect" in err
+    monkeypatch.delenv("BRANDMON_AIRFLOW_API_URL")
+    assert main(["model", "activate", "v1"]) == 0
+    assert "airflow dags trigger brandmon_detect" in capsys.readouterr().out
