@@ -702,6 +702,9 @@ class HostileServer:
 
 
 def _head(status: str, headers: dict[str, str]) -> bytes:
+    # The server closes every connection after one answer; saying so keeps a client from reusing
+    # the socket for the next redirect hop (under load that raced the FIN: a flaky ConnectionError).
+    headers = {"Connection": "close", **headers}
     lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
     return "\r\n".join(lines).encode()
 
