@@ -6,7 +6,8 @@ and prints the daily trend per brand. Every step is idempotent, so a re-run chan
 windows already ingested are skipped, images already scored are not re-scored, and the demo
 model is trained only if WORKDIR has no active model yet.
 
-The figures are the same on every machine a commit runs on, idle or busy: the demo model trains
+The figures of a commit are the same however busy the machine and whatever its core count (on
+one CPU instruction set: oneDNN's kernels differ between AVX2 and AVX-512): the demo model trains
 for a fixed number of epochs (never against the clock) with fixed seeds and TensorFlow's op
 determinism, TensorFlow runs on a fixed number of threads (`DEMO_THREADS`, whatever the core
 count), and the classifier computes in float32 everywhere (bf16 on CPUs that have it would
