@@ -60,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(workdir=args.workdir, seed=args.seed, days=args.days, quiet=args.quiet)
+    return run_demo(workdir=args.workdir, seed=args.seed, days=args.days, quiet=args.quiet, threads=args.threads)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7, help="generator seed (default: 7)")
     demo.add_argument("--days", type=int, default=30, help="days of synthetic history (default: 30)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=2, choices=range(1, 65), metavar="N",
+                      help="TensorFlow threads (default: 2, on any machine; the figures are quoted for 2)")
     demo.set_defaults(func=cmd_demo)
 
     status = sub.add_parser("status", help="settings (secrets hidden), schema revision, lake, recent runs")

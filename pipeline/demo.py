@@ -5,6 +5,13 @@ Airflow DAGs call (ingest → detect → aggregate) on SQLite and a local lake i
 and prints the daily trend per brand. Every step is idempotent, so a re-run changes nothing:
 windows already ingested are skipped, images already scored are not re-scored, and the demo
 model is trained only if WORKDIR has no active model yet.
+
+The figures of a commit are the same however busy the machine and whatever its core count (on
+one CPU instruction set: oneDNN's kernels differ between AVX2 and AVX-512): the demo model trains
+for a fixed number of epochs (never against the clock) with fixed seeds and TensorFlow's op
+determinism, TensorFlow runs on a fixed number of threads (`DEMO_THREADS`, whatever the core
+count), and the classifier computes in float32 everywhere (bf16 on CPUs that have it would
+move scores near the threshold).
 """
 
 from __future__ import annotations
@@ -21,8 +28,12 @@ from pipeline.context import Context
 from pipeline.database import upgrade
 from pipeline.settings import load_settings
 
+DEMO_THREADS = 2  # TensorFlow intra-op threads of the demo on any machine: results depend on it
+DEMO_PRECISION = "fp32"
 
-def demo_settings(workdir: Path, seed: int, days: int) -> tuple[Context, dict[str, Any]]:
+
+def demo_settings(workdir: Path, seed: int, days: int, threads: int = DEMO_THREADS,
+                  precision: str = DEMO_PRECISION) -> tuple[Context, dict[str, Any]]:
     """A Context on WORKDIR's own SQLite file and lake, whatever BRANDMON_* says."""
     from pipeline.synthetic import demo_config
 
@@ -31,6 +42,8 @@ def demo_settings(workdir: Path, seed: int, days: int) -> tuple[Context, dict[st
     for src in config["sources"]:
         if src["kind"] == "synthetic":
             src.update(seed=seed, days=days)
+    # In the written config too, so `brandmon detect` on WORKDIR later scores the same way.
+    config["detector"] = {"mixed_precision": precision, "threads": threads}
     cfg_path = workdir / "brandmon.yaml"
     text = yaml.safe_dump(config, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:
@@ -58,15 +71,20 @@ def _done(t0: float, counts: dict[str, Any], quiet: bool) -> None:
         print(f"    {shown} ({time.monotonic() - t0:.1f}s)", flush=True)
 
 
-def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, quiet: bool = False) -> int:
+def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, quiet: bool = False,
+             threads: int = DEMO_THREADS, precision: str = DEMO_PRECISION) -> int:
     from pipeline.aggregate.jobs import aggregate_dirty
     from pipeline.detector.jobs import active_model, detect_pending, train_model
+    from pipeline.detector.model import configure_threads, enable_determinism
     from pipeline.ingest.jobs import backfill
     from pipeline.synthetic import make_training_folders
 
     started = time.monotonic()
     workdir = Path(workdir).resolve()
-    ctx, config = demo_settings(workdir, seed, days)
+    ctx, config = demo_settings(workdir, seed, days, threads, precision)
+    # Before TensorFlow's runtime starts: the thread count cannot change afterwards.
+    configure_threads(threads)
+    enable_determinism(seed)
     source = next(s for s in config["sources"] if s["kind"] == "synthetic")
     first = dt.date.fromisoformat(str(source["start"]))
     last = first + dt.timedelta(days=days - 1)

@@ -1,8 +1,11 @@
 """`brandmon demo` end to end, through the installed command, as README's `make demo` runs it.
 
-The real default demo (30 days, ~2.5 minutes on 2 cores): it is what README promises, so the
-figures README quotes are checked here too. Then it runs again: every table and every lake
-object must be exactly as before (the run log only gains the new runs' rows).
+The real default demo (30 days, ~1.5 minutes on 2 idle cores): it is what README promises, so
+the figures README quotes are checked here too, exactly (each brand's total, every spike day).
+Then it runs again: every table and every lake object must be exactly as before (the run log
+only gains the new runs' rows). Last, a fresh demo in another workdir while two processes keep
+both cores busy must print the same table and write the same rows, score for score: the demo
+model trains for a fixed number of epochs, deterministically, not against the clock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ pytestmark = pytest.mark.integration
 
 BRANDS = ["Acme", "Globex", "Initech"]
 FIRST, DAYS = dt.date(2026, 10, 1), 30
+# What the demo prints (README quotes these): posts per brand over the 30 days, and the spike days.
+TOTALS = {"Acme": 1002, "Globex": 572, "Initech": 568}
+SPIKES = {("Globex", dt.date(2026, 10, 19)), ("Initech", dt.date(2026, 10, 28))}
+# Rows that must match between two demo runs in different workdirs (timestamps aside).
+COMPARED = ("mention_daily", "image_scores", "detections", "text_mentions", "review_queue")
+WHEN = {"scored_at", "created_at", "computed_at", "updated_at", "fetched_at", "ingested_at"}
 
 
 def run_demo(workdir: Path) -> str:
@@ -73,8 +82,9 @@ def test_demo_end_to_end_then_rerun_changes_nothing(tmp_path: Path) -> None:
     assert list(days) == [FIRST + dt.timedelta(days=i) for i in range(DAYS)]
     assert all(table["totals"][b] == sum(days[d][b][0] for d in days) > 0 for b in BRANDS)
     assert all(days[d][b][0] > 0 for d in days for b in BRANDS)  # every brand is talked about every day
-    # README: a spike for Globex on 2026-10-19, Initech rising
-    assert days[dt.date(2026, 10, 19)]["Globex"][1], "no spike marked for Globex on 2026-10-19"
+    # README: these totals, a spike for Globex on 2026-10-19 (and Initech on 2026-10-28), Initech rising
+    assert table["totals"] == TOTALS
+    assert {(b, d) for d in days for b in BRANDS if days[d][b][1]} == SPIKES
     initech = [days[d]["Initech"][0] for d in days]
     assert sum(initech[-10:]) > 2 * sum(initech[:10])
 
@@ -95,3 +105,37 @@ def test_demo_end_to_end_then_rerun_changes_nothing(tmp_path: Path) -> None:
     engine.dispose()
     assert all(s == "succeeded" for _k, s in statuses)
     assert [k for k, _s in statuses].count("train") == 1  # the model is not trained again
+
+
+def rows_without_times(workdir: Path) -> dict[str, list[tuple[str, ...]]]:
+    """The compared tables' rows, every column but the wall-clock ones, floats as repr (exact)."""
+    engine = create_engine(f"sqlite:///{workdir / 'brandmon.db'}")
+    tables = {t.name: t for t in metadata.sorted_tables}
+    out = {}
+    with engine.connect() as conn:
+        for name in COMPARED:
+            cols = [c for c in tables[name].c if c.name not in WHEN]
+            out[name] = sorted(tuple(map(repr, r)) for r in conn.execute(select(*cols)))
+    engine.dispose()
+    return out
+
+
+def test_demo_figures_are_the_same_with_both_cores_busy(tmp_path: Path) -> None:
+    """Two fresh demos, the second while two spinning processes compete for both cores."""
+    idle = tmp_path / "idle"
+    table = trend_table(run_demo(idle))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
+    try:
+        busy = tmp_path / "busy"
+        busy_table = trend_table(run_demo(busy))
+        assert all(p.poll() is None for p in spinners), "the spinners stopped: the run was not a busy one"
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert busy_table == table
+    assert table["totals"] == TOTALS
+    first, second = rows_without_times(idle), rows_without_times(busy)
+    assert len(first["image_scores"]) == 340 and first["detections"] and first["mention_daily"]
+    for name in COMPARED:
+        assert second[name] == first[name], f"{name} differs between the idle and the busy run"

@@ -64,6 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, s in m["per_signal_test"].items():
             print(f"  {name:8s} P {s['logo']['precision']:.3f}  R {s['logo']['recall']:.3f}  "
                   f"top-1 {s['brand_accuracy']:.3f}")
+        training = m.get("training") or {}
+        if training.get("cut_by_time_budget"):
+            from pipeline.detector.train import budget_cut_message
+
+            print(f"warning: {budget_cut_message(training)}")
         print(f"PR curve: {result['pr_curve']}")
         print(f"held-out split as folders: {result['eval_dir']}  (re-score: brandmon evaluate --data {result['eval_dir']} --model {result['version']})")
     return 0

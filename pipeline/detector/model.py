@@ -207,6 +207,22 @@ def configure_threads(threads: int) -> bool:
     return True
 
 
+def enable_determinism(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TensorFlow's ops deterministic.
+
+    Why: the demo must give the same model (and so the same figures) on every run of a commit,
+    on an idle or a busy machine. Op determinism fixes the order of floating-point sums within
+    an op for a given thread count, so callers also pin the thread count (`configure_threads`).
+    It is process-wide and cannot be switched off again, so only the demo and explicitly
+    deterministic training runs call it.
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
 # --- network ---------------------------------------------------------------------------------
 
 

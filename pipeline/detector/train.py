@@ -79,6 +79,7 @@ class TrainConfig:
     matcher: str = "auto"  # auto (when the data has boxes) | on | off
     matcher_workers: int = 2
     time_budget_s: float | None = None  # stop image training after this long (checked every step)
+    deterministic: bool = False  # seeded, op-deterministic, sequential augmentation (see `enable_determinism`)
     seed: int = 1234
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     samples: SampleSpec = field(default_factory=SampleSpec)
@@ -88,6 +89,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The shipped defaults: real photos, the 30-minute budget on 2 cores.
     "default": {"synthetic_negatives": 300, "upsample": 0.5, "time_budget_s": 17 * 60.0},
     # The demo: small input, from scratch, on synthetic training folders, in about a minute.
+    # Bounded by epochs, never by the clock, and deterministic: the same commit trains the same
+    # model (and the demo prints the same figures) on an idle or a busy machine.
     "demo": {
         "input_size": 96,
         "mode": "full",
@@ -96,7 +99,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "learning_rate": 2e-3,
         "augment": True,
         "dropout": 0.2,
-        "time_budget_s": 45.0,
+        "time_budget_s": None,
+        "deterministic": True,
         "matcher": "on",
     },
 }
@@ -250,9 +254,11 @@ class _KerasProgress:
                 self.started = time.monotonic()
                 self.stopped_by_budget = False
                 self.epochs_done = 0
+                self.steps_done = 0
 
             def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
                 self.bar.update(1)
+                self.steps_done += 1
                 if budget_s is not None and time.monotonic() - self.started > budget_s:
                     self.stopped_by_budget = True
                     self.model.stop_training = True
@@ -330,7 +336,12 @@ def train_head(
 
 
 def _image_dataset(pixels: np.ndarray, y: np.ndarray, order: list[int], cfg: TrainConfig, seed: int) -> Any:
-    """A tf.data stream over the (up-sampled) training order: shuffle, batch, augment, prefetch."""
+    """A tf.data stream over the (up-sampled) training order: shuffle, batch, augment, prefetch.
+
+    The shuffle is seeded (a new seeded order each epoch). With `cfg.deterministic` the
+    augmentation runs sequentially, so its random draws meet the batches in one fixed order
+    (a parallel map would hand the layers' shared seed state to whichever batch runs first).
+    """
     import keras
     import tensorflow as tf
 
@@ -350,8 +361,11 @@ def _image_dataset(pixels: np.ndarray, y: np.ndarray, order: list[int], cfg: Tra
         if cfg.augment_flip:
             layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 5))
         aug = keras.Sequential(layers, name="augment")
-        ds = ds.map(lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 255.0), b), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+        ds = ds.map(lambda a, b: (tf.clip_by_value(aug(a, training=True), 0.0, 255.0), b),
+                    num_parallel_calls=None if cfg.deterministic else tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def train_images(
@@ -363,7 +377,8 @@ def train_images(
     _compile(net.classifier, lr)
     ds = _image_dataset(pixels, y, order, cfg, cfg.seed)
     epochs = int(cfg.epochs or 0)
-    steps = math.ceil(len(order) / cfg.batch_size) * epochs
+    per_epoch = math.ceil(len(order) / cfg.batch_size)
+    steps = per_epoch * epochs
     cb = _KerasProgress.make(steps, progress, desc, cfg.time_budget_s)
     callbacks = [cb]
     if tb_dir is not None:
@@ -371,8 +386,10 @@ def train_images(
     started = time.monotonic()
     hist = net.classifier.fit(ds, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks, class_weight=class_weight)
     return {
-        "epochs": cb.epochs_done,
+        "epochs": cb.steps_done // per_epoch if per_epoch else 0,  # complete epochs (a cut one is not counted)
         "epochs_planned": epochs,
+        "steps": cb.steps_done,
+        "steps_planned": steps,
         "stopped_by_time_budget": cb.stopped_by_budget,
         "seconds": round(time.monotonic() - started, 1),
         "final_loss": round(float(hist.history["loss"][-1]), 4) if hist.history.get("loss") else None,
@@ -475,6 +492,7 @@ def train(
         adapt_feature_norm,
         build_network,
         configure_threads,
+        enable_determinism,
         recalibrate_batchnorm,
         resolve_weights,
         save_artifact,
@@ -497,11 +515,17 @@ def train(
         stages[name] = round(stages.get(name, 0.0) + now - last[0], 1)
         last[0] = now
 
-    configure_threads(ctx.settings.detector.threads)
+    threads = ctx.settings.detector.threads
+    configure_threads(threads)
     tag, wpath, note = resolve_weights(weights)
     if note:
         _say(True, f"note: {note}")
     cfg = resolve_config(profile, tag != "none", epochs, overrides)
+    if cfg.deterministic:
+        enable_determinism(cfg.seed)
+        if threads <= 0:
+            log.warning("deterministic training on all cores (detector.threads=0): the model depends on this "
+                        "machine's core count; set detector.threads (or BRANDMON_TF_THREADS) to pin it")
     run_stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     tb_root = Path(ctx.settings.home) / "tensorboard" / f"{run_stamp}-{uuid.uuid4().hex[:6]}"
 
@@ -631,6 +655,9 @@ def train(
             extra={"thresholds": {k: v["threshold"] for k, v in thresholds.items()}, "signal": main},
         )
         lap("evaluate")
+        training = training_summary(history, cfg)
+        if training["cut_by_time_budget"]:
+            warn_budget_cut(training, progress)
         artifact = save_artifact(spec, net, matcher)
         fp = fingerprint([*train_s, *val_s, *test_s])
         headline = test_metrics[main]
@@ -646,6 +673,7 @@ def train(
             "test": test_metrics,
             "val": {k: _summary(v) for k, v in val_metrics.items()},
             "per_signal_test": {k: _summary(v) for k, v in test_metrics.items()},
+            "training": training,
         }
         params = {
             "profile": profile,
@@ -678,6 +706,39 @@ def train(
          f"recall {metrics['recall']:.3f}, brand top-1 {metrics['brand_accuracy']:.3f}"
          + (" (activated)" if activated else ""))
     return {"version": version, "metrics": metrics, "activated": activated, "params": params, **files}
+
+
+def training_summary(history: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """How much training each stage got, and whether the time budget cut any stage short.
+
+    Why: with a time budget (the default profile) the epochs a model gets depend on how busy
+    the machine was, and a model cut short can look fine on paper while being much worse; the
+    registry keeps this next to the precision it reports.
+    """
+    stages = {name: {k: h[k] for k in ("epochs", "epochs_planned", "steps", "steps_planned") if k in h}
+              for name, h in history.items()}
+    cut = sorted(name for name, h in history.items() if h.get("stopped_by_time_budget"))
+    return {"stages": stages, "time_budget_s": cfg.time_budget_s, "cut_by_time_budget": bool(cut),
+            "cut_stages": cut, "deterministic": cfg.deterministic}
+
+
+def budget_cut_message(training: dict[str, Any]) -> str:
+    """One line: which stage the time budget stopped, after how many of its planned steps."""
+    parts = []
+    for name in training.get("cut_stages", []):
+        st = training["stages"][name]
+        parts.append(f"{name} stopped after {st.get('steps')} of {st.get('steps_planned')} steps "
+                     f"(epoch {st.get('epochs')} of {st.get('epochs_planned')})")
+    budget = training.get("time_budget_s")
+    return (f"the time budget of {budget:.0f} s cut training short: " + "; ".join(parts)
+            + " (a busy machine trains less; raise --time-budget or retrain when it is idle)")
+
+
+def warn_budget_cut(training: dict[str, Any], progress: bool) -> None:
+    message = budget_cut_message(training)
+    log.warning(message)
+    if progress:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _score_active_on(ctx: Context, eval_dir: str, activate: str, progress: bool) -> dict[str, Any] | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +114,26 @@ def test_augmentation_bypasses_the_feature_cache_and_says_so(make_ctx, tmp_path:
         assert conn.execute(select(func.count()).select_from(feature_cache)).scalar_one() == 0
 
 
-def test_full_training_stops_at_its_time_budget_and_recalibrates_batchnorm(make_ctx, tmp_path: Path):
+def test_full_training_stops_at_its_time_budget_and_recalibrates_batchnorm(make_ctx, tmp_path: Path, caplog):
     """The default offline path (whole network from scratch, augmentation, time budget)."""
     ctx = make_ctx()
     data = make_folders(tmp_path / "train", {"Reddisc": 16, "no_logo": 16}, seed=6)
     opts = {**FAST, "mode": "full", "epochs": 500, "time_budget_s": 3.0, "bn_momentum": 0.9}
-    result = train_model(ctx, data, weights="none", activate="always", progress=False, **opts)
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.train"):
+        result = train_model(ctx, data, weights="none", activate="always", progress=False, **opts)
     full = result["params"]["history"]["full"]
-    assert full["stopped_by_time_budget"] and 1 <= full["epochs"] < 500
+    per_epoch = 2  # 32 samples, batches of 16
+    assert full["stopped_by_time_budget"] and 1 <= full["steps"] < full["steps_planned"] == 500 * per_epoch
+    assert full["epochs"] == full["steps"] // per_epoch < 500  # complete epochs only
     assert full["batchnorm_recalibration_batches"] >= 1
+    # the model's metrics say how much training it got, and that the budget cut it short
+    training = active_model(ctx)["metrics"]["training"]
+    assert training["cut_by_time_budget"] and training["cut_stages"] == ["full"]
+    assert training["time_budget_s"] == 3.0 and not training["deterministic"]
+    assert training["stages"]["full"] == {k: full[k] for k in ("epochs", "epochs_planned", "steps", "steps_planned")}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "time budget" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"full stopped after {full['steps']} of 1000 steps" in warnings[0].getMessage()
     assert result["params"]["feature_cache"] is None  # the base itself learns: no cache
     assert result["params"]["config"]["augment"] is True  # on by default from scratch
     assert active_model(ctx)["version"] == result["version"]
@@ -195,3 +208,29 @@ def test_evaluate_with_no_decodable_image_is_one_clear_error(make_ctx, install_m
     (tmp_path / "eval" / "Reddisc" / "broken.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(DataError, match="none of the 1 images could be decoded"):
         evaluate_folder(ctx, tmp_path / "eval")
+
+
+def test_brandmon_train_warns_in_its_summary_when_the_budget_cut_training(make_ctx, monkeypatch, capsys, tmp_path: Path):
+    """`brandmon train --time-budget`: the summary carries a warning line; an uncut run has none."""
+    from pipeline.cli import main
+    from pipeline.detector import jobs
+
+    ctx = make_ctx()
+    s = ctx.settings
+    for key, value in (("DATABASE_URL", s.database_url), ("STORAGE_URL", s.storage_url), ("HOME", str(s.home)),
+                       ("AUTHOR_SALT", "cli-test")):
+        monkeypatch.setenv(f"BRANDMON_{key}", value)
+    monkeypatch.delenv("BRANDMON_CONFIG", raising=False)
+    real = jobs.train_model
+    # the real training, only on the tests' small settings (the CLI has no flag for each of them)
+    monkeypatch.setattr(jobs, "train_model", lambda *a, **kw: real(*a, **{**FAST, **kw}))
+    data = make_folders(tmp_path / "train", {"Reddisc": 12, "no_logo": 12}, seed=5)
+    args = ["train", "--data", str(data), "--weights", "none", "--quiet", "--mode", "full", "--input-size", "75"]
+    assert main([*args, "--epochs", "400", "--time-budget", "2"]) == 0
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith("warning: the time budget of 2 s cut training short")]
+    assert len(warning) == 1 and re.search(r"full stopped after \d+ of \d+ steps \(epoch \d+ of 400\)", warning[0])
+
+    assert main([*args, "--epochs", "1", "--activate", "never"]) == 0  # no budget: nothing to warn about
+    out = capsys.readouterr().out
+    assert "model v2" in out and "warning" not in out
