@@ -40,7 +40,7 @@ def run_demo(workdir: Path) -> str:
     exe = Path(sys.executable).parent / "brandmon"  # the [project.scripts] entry point
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRANDMON_")}
     proc = subprocess.run([str(exe), "demo", "--workdir", str(workdir), "--quiet"], env=env, cwd=workdir.parent,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     return proc.stdout
