@@ -77,6 +77,7 @@ MAX_FILE_BYTES = 16 << 30  # bytes of one file's content, after gunzip
 MAX_ROW_BYTES = 64 << 20  # bytes of one JSON line, CSV line or JSON array item
 MAX_GZIP_RATIO = 200  # content bytes per gzip byte; checked once RATIO_AFTER bytes came out
 RATIO_AFTER = 64 << 20
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark
 
 
 class ArchiveFileError(Exception):
@@ -509,7 +510,8 @@ def iter_rows(fh: BinaryIO, fmt: str, name: str, max_row: int = MAX_ROW_BYTES) -
     array (JSON lines go through `iter_json_lines`). Bounded by `max_row` per row; a file that
     cannot be read on (an array that breaks off or never closes) raises `ArchiveFileError`
     after the rows before the fault."""
-    text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")  # type: ignore[arg-type]
+    # utf-8-sig: a byte order mark at the start (Excel's "CSV UTF-8") is not part of the first column's name
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")  # type: ignore[arg-type]
     if fmt == "csv":
         yield from _csv_rows(text, name, max_row)
     else:
@@ -523,10 +525,12 @@ class _LineTooLong(Exception):
 class _CappedLines:
     """The physical lines of a text stream, each read with a bounded `readline`; a line over
     `max_row` characters is skipped to its end and raises `_LineTooLong` (a class, not a
-    generator: the csv reader asks again after the exception and reading goes on)."""
+    generator: the csv reader asks again after the exception and reading goes on).
+    `odd`: whether the lines read since it was last cleared hold an odd number of quote
+    characters, i.e. end inside a quoted field (counted in skipped parts too)."""
 
     def __init__(self, text: io.TextIOBase, max_row: int) -> None:
-        self.text, self.max_row, self.n = text, max_row, 0
+        self.text, self.max_row, self.n, self.odd = text, max_row, 0, False
 
     def __iter__(self) -> _CappedLines:
         return self
@@ -536,11 +540,24 @@ class _CappedLines:
         if not line:
             raise StopIteration
         self.n += 1
+        self.odd ^= bool(line.count('"') & 1)
         if len(line) > self.max_row:
             while line and not line.endswith(("\n", "\r")):
                 line = self.text.readline(1 << 20)
+                self.odd ^= bool(line.count('"') & 1)
             raise _LineTooLong
         return line
+
+    def skip_quoted(self) -> None:
+        """After a record that broke off inside a quoted field: read on (bounded per line) to
+        the line that closes it, so the field's later lines are not read as rows of their own."""
+        while self.odd:
+            try:
+                next(self)
+            except _LineTooLong:
+                continue
+            except StopIteration:
+                return
 
 
 def _csv_rows(text: io.TextIOBase, name: str, max_row: int) -> Iterator[tuple[str, Any, str | None]]:
@@ -553,15 +570,22 @@ def _csv_rows(text: io.TextIOBase, name: str, max_row: int) -> Iterator[tuple[st
     old_limit = csv.field_size_limit(min(CSV_FIELD_LIMIT, max_row))  # process-wide: put back after the file
     try:
         while True:
+            lines.odd = False  # a record starts outside quotes
             try:
                 row = next(reader)
             except StopIteration:
                 return
-            except _LineTooLong:
-                yield f"{name}:{lines.n}", None, f"CSV line longer than max_row_bytes ({max_row:,} characters)"
-                continue
-            except csv.Error as exc:
-                yield f"{name}:{lines.n}", None, f"CSV error: {exc}"
+            except (_LineTooLong, csv.Error) as exc:
+                # The csv reader starts afresh at the next line: if the bad record broke off
+                # inside a quoted field (a field over the limit, usually), skip to its closing
+                # quote first, or every later line of the field would be read as a junk row
+                # (and the row after it swallowed by the quote that closes the field).
+                first = lines.n
+                lines.skip_quoted()
+                where = f"{first}" if lines.n == first else f"{first}-{lines.n}"
+                reason = (f"CSV line longer than max_row_bytes ({max_row:,} characters)" if isinstance(exc, _LineTooLong)
+                          else f"CSV error: {exc}")
+                yield f"{name}:{where}", None, reason + (f" (skipped to the end of its quoted field, line {lines.n})" if lines.n != first else "")
                 continue
             clean = {k: v for k, v in row.items() if k is not None and v is not None}
             yield f"{name}:{lines.n}", clean, None
@@ -834,7 +858,7 @@ class ArchiveConnector(Connector):
         lim = self.limits
         with self.files.open_raw(name) as raw:
             # `.json`: one array if it starts with "[" (read before the reader thread starts)
-            lines = fmt == "lines" or fmt == "json" and not _head(raw, gz).lstrip().startswith(b"[")
+            lines = fmt == "lines" or fmt == "json" and not _head(raw, gz).lstrip().removeprefix(_BOM).lstrip().startswith(b"[")
             done = [0]
             blocks = read_ahead(file_blocks(raw, gz, done, limits=lim))
             try:

@@ -111,6 +111,20 @@ def snowflake_page(statuses: list[Any], slack_s: float = DEFAULT_SLACK_S) -> boo
     return bool(statuses) and all(is_snowflake(s, slack_s) for s in statuses)
 
 
+def lowest_id(statuses: list[Any]) -> str | None:
+    """The lowest status id of a page (the documented `max_id` of the next page), or None.
+    Why: some servers of the API send no `Link` header; the walk would stop after one page."""
+    ids = [str(s["id"]) for s in statuses if isinstance(s, dict) and isinstance(s.get("id"), str | int) and not isinstance(s.get("id"), bool)]
+    ids = [i for i in ids if i]
+    if not ids:
+        return None
+    low = ids[0]
+    for i in ids[1:]:
+        if _id_lt(i, low):
+            low = i
+    return low
+
+
 def _id_lt(a: str, b: str) -> bool:
     if a.isdigit() and b.isdigit():
         return int(a) < int(b)
@@ -188,7 +202,10 @@ class MastodonConnector(Connector):
             body, resp = self.client.get_json(url, params=params, headers=self._headers())
             if not isinstance(body, list):
                 raise FeedError(f"{self.source.name}: {safe_url(url)} returned a {type(body).__name__}, expected a list of statuses")
-            return body, {"url": safe_url(url), "params": params, "stream": name}, next_max_id(resp.headers.get("Link"))
+            nxt = next_max_id(resp.headers.get("Link"))
+            if nxt is None and len(body) >= self.limit:
+                nxt = lowest_id(body)  # a full page without a Link header: "older than" its last status
+            return body, {"url": safe_url(url), "params": params, "stream": name}, nxt
 
         def step(body: list[Any], request: dict[str, Any], nxt: str | None, mode: str) -> Step:
             """A page of the snowflake or time walk (`tail`: the snowflake walk still to check below)."""

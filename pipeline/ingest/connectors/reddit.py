@@ -115,14 +115,15 @@ class RedditConnector(Connector):
             children = data.get("children")
             if not isinstance(children, list):
                 raise FeedError(f"{self.source.name}: {safe_url(url)} returned a Listing without children")
-            stop = False
+            # Stop once a page is wholly older than the window (the rule of Mastodon's time walk):
+            # one stale child (a post approved late, a sticky) must not end the walk early.
+            times = []
             for child in children:
                 try:
-                    if parse_time(child["data"]["created_utc"]) < start:
-                        stop = True
-                        break
+                    times.append(parse_time(child["data"]["created_utc"]))
                 except (Reject, KeyError, TypeError):
                     continue
+            stop = bool(times) and all(t < start for t in times)
             after = data.get("after")
             return Step(
                 request={"url": safe_url(url), "params": params, "stream": name},
