@@ -181,7 +181,7 @@ def where_time_goes(ctx, version: str, runtimes: list[str], n: int) -> dict[str,
     out["stream_img_s"] = round(len(rows) / (time.perf_counter() - t0), 1)
     out["stream_cpu_ms"] = round(1000 * (time.process_time() - c0) / len(rows), 1)
     for rt in runtimes:
-        model = load_model(ctx, version, precision="bf16" if rt == "keras" else "fp32", with_matcher=False, runtime=rt)
+        model = load_model(ctx, version, precision="bf16", with_matcher=False, runtime=rt)
         score = model.scorer()
         score(batch)
         t0, c0, k = time.perf_counter(), time.process_time(), 0
@@ -201,7 +201,7 @@ def agreement(home: Path, runtimes: list[str]) -> dict:
     from pipeline.detector.metrics import evaluate_scores
     from pipeline.detector.model import matcher_view, resize_batch
     from pipeline.detector.registry import active_version, load_model
-    from pipeline.detector.runtimes import export_key
+    from pipeline.detector.runtimes import export_key, open_export
     from pipeline.detector.train import signal_matrices
     from pipeline.settings import load_settings
 
@@ -230,28 +230,54 @@ def agreement(home: Path, runtimes: list[str]) -> dict:
     main = (spec.extra or {}).get("signal") or ("fused" if match is not None else "cnn")
     thr = float(((spec.extra or {}).get("thresholds") or {}).get(main, spec.threshold))
 
-    def decide(probs: np.ndarray) -> tuple[list[str], dict]:
+    def decide(probs: np.ndarray) -> tuple[np.ndarray, list[str], dict]:
         mats = signal_matrices(spec.brands, probs, spec.classes, match, spec.combiner)
         m = mats[main]
         dec = [spec.brands[int(j)] if m[i, j] >= thr else NO_LOGO for i, j in enumerate(m.argmax(1))]
         ev = evaluate_scores(labels, m, spec.brands, thr)
-        return dec, {"precision": round(ev["logo"]["precision"], 3), "recall": round(ev["logo"]["recall"], 3),
-                     "brand_top1": round(ev["brand_accuracy"], 3)}
+        return m.argmax(1), dec, {"precision": round(ev["logo"]["precision"], 3), "recall": round(ev["logo"]["recall"], 3),
+                                  "brand_top1": round(ev["brand_accuracy"], 3)}
 
-    ref_dec, out["keras_fp32"] = decide(ref)
+    ref_top, ref_dec, out["keras_fp32"] = decide(ref)
     out["signal"], out["threshold"] = main, round(thr, 3)
+    s_ref = np.sort(ref, 1)
+    out["cnn_top_prob_median"] = round(float(np.median(s_ref[:, -1])), 3)
+    out["cnn_margin_median"] = round(float(np.median(s_ref[:, -1] - s_ref[:, -2])), 4)
+
+    def compare(got: np.ndarray, mode: str) -> dict:
+        top, dec, pr = decide(got)
+        return {"precision_mode": mode,
+                "top_class_agreement": round(float(np.mean(top == ref_top)), 4),
+                "decision_agreement": round(float(np.mean([a == b for a, b in zip(dec, ref_dec, strict=True)])), 4),
+                "cnn_top_class_agreement": round(float(np.mean(got.argmax(1) == ref.argmax(1))), 4),
+                "max_abs_prob_diff": round(float(np.abs(got - ref).max()), 4), **pr}
+
+    def scores(exported) -> np.ndarray:
+        return np.concatenate([exported.predict(x[i:i + 32]) for i in range(0, len(x), 32)])
+
+    bf = load_model(ctx, version, precision="bf16", runtime="keras")
+    out["keras_bf16"] = compare(np.concatenate([bf.predict_arrays(x[i:i + 32]) for i in range(0, len(x), 32)]), "bf16")
     for rt in runtimes:
-        if not ctx.store.exists(export_key(row["artifact_key"], rt)):
-            export_model(ctx, version, rt)  # int8, calibrated on the model's own training images
-        model = load_model(ctx, version, runtime=rt)
-        got = np.concatenate([model.predict_arrays(x[i:i + 32]) for i in range(0, len(x), 32)])
-        dec, pr = decide(got)
-        out[rt] = {"precision_mode": model.precision,
-                   "top_class_agreement": round(float(np.mean(got.argmax(1) == ref.argmax(1))), 4),
-                   "decision_agreement": round(float(np.mean([a == b for a, b in zip(dec, ref_dec, strict=True)])), 4),
-                   "max_abs_prob_diff": round(float(np.abs(got - ref).max()), 4), **pr}
+        export_model(ctx, version, rt)  # int8, calibrated on the model's own training images
+        out[rt] = compare(scores(open_export(ctx.store.get(export_key(row["artifact_key"], rt)), 2)), "int8")
+    if "openvino" in runtimes:  # the fp32 IR, run in bf16 on this CPU
+        export_model(ctx, version, "openvino", precision="fp32")
+        exp = open_export(ctx.store.get(export_key(row["artifact_key"], "openvino")), 2, precision="bf16")
+        out["openvino_bf16"] = compare(scores(exp), "bf16")
     ctx.close()
     return out
+
+
+def workers_needed(out: dict, runtimes: list[str], matcher_cpu_s: float) -> dict:
+    """2-core workers for 3M images/day from this run's CPU cost per image (2 CPU-s per second
+    per worker; CPU time is less sensitive to the other load on a shared machine than wall time)."""
+    import math
+
+    need = 3_000_000 / 86_400
+    best = f"batched_{runtimes[0]}_int8_cpu_ms_per_img" if runtimes else "batched_keras_bf16_cpu_ms_per_img"
+    cpu_s = out[best] / 1000
+    return {"pipeline": best, "cpu_s_per_img": round(cpu_s, 4), "without_matcher": math.ceil(need * cpu_s / 2),
+            "with_matcher": math.ceil(need * (cpu_s + matcher_cpu_s) / 2)}
 
 
 def cache_bench(root: Path, n_per_class: int, size: int) -> dict:
@@ -305,6 +331,12 @@ def main() -> int:
         version = register_random_model(ctx)
         out["exports"] = {k: {f: v[f] for f in ("precision", "bytes", "seconds", "runtime")}
                           for k, v in export_random(ctx, version, root, runtimes).items()}
+        out["where_time_goes"] = where_time_goes(ctx, version, [*runtimes, "keras"], min(256, args.images))
+        w = out["where_time_goes"]
+        print(f"where the time goes: input stream alone (lake read + decode + resize) {w['stream_img_s']} img/s, "
+              f"{w['stream_cpu_ms']} ms CPU/img; network alone: "
+              + ", ".join(f"{rt} {w[f'net_{rt}_img_s']} img/s ({w[f'net_{rt}_cpu_ms']} ms CPU/img)"
+                          for rt in [*runtimes, "keras"]), flush=True)
         # The loop runs before and after the pipeline (the cores are shared: load varies), and
         # the pipeline is compared with the mean of the two, in wall time and in CPU time.
         load0 = os.getloadavg()
@@ -313,10 +345,19 @@ def main() -> int:
         loops.append((n, t, c))
         print(f"per-image model.predict loop: {n} images in {t:.1f}s = {n / t:.2f} img/s; CPU {1000 * c / n:.0f} ms/img", flush=True)
         clear_scores(ctx)
-        pipelines = [(rt, rt) for rt in runtimes] + [("keras bf16", "bf16")] + ([("keras fp32", "fp32")] if args.keras_fp32 else [])
+        pipelines = [(f"{rt} int8", rt) for rt in runtimes] + [("keras bf16", "bf16")] + ([("keras fp32", "fp32")] if args.keras_fp32 else [])
+        if "openvino" in runtimes:
+            pipelines.append(("openvino bf16", "openvino-bf16"))
         for label, what in pipelines:
             if what in ("bf16", "fp32"):
                 n, t, c, warm = batched(ctx, what)
+            elif what == "openvino-bf16":  # the fp32 IR, run in bf16 (replaces the int8 export)
+                from pipeline.detector import registry
+                from pipeline.detector.export import export_model
+
+                export_model(ctx, version, "openvino", precision="fp32")
+                registry._LOADED.clear()  # a worker keeps its loaded export until it restarts
+                n, t, c, warm = runtime_pipeline(ctx, "openvino")
             else:
                 n, t, c, warm = runtime_pipeline(ctx, what)
             prec = label.replace(" ", "_")
@@ -341,12 +382,6 @@ def main() -> int:
             print(f"detect pipeline {label} vs the loop ({loop_rate:.2f} img/s, {loop_cpu:.0f} ms CPU/img): "
                   f"{out[f'batched_{prec}_vs_loop']:.2f}x in wall time, {out[f'batched_{prec}_cpu_vs_loop']:.2f}x per CPU-second",
                   flush=True)
-        out["where_time_goes"] = where_time_goes(ctx, version, [*runtimes, "keras"], min(256, args.images))
-        w = out["where_time_goes"]
-        print(f"where the time goes: input stream alone (lake read + decode + resize) {w['stream_img_s']} img/s, "
-              f"{w['stream_cpu_ms']} ms CPU/img; network alone: "
-              + ", ".join(f"{rt} {w[f'net_{rt}_img_s']} img/s ({w[f'net_{rt}_cpu_ms']} ms CPU/img)"
-                          for rt in [*runtimes, "keras"]), flush=True)
         load1 = os.getloadavg()
         out["load_avg_start_end"] = [round(load0[0], 2), round(load1[0], 2)]
         print(f"load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f}; {os.cpu_count()} cores", flush=True)
@@ -356,14 +391,19 @@ def main() -> int:
             print(f"FL27 test split ({a['images']} photos, {a['with_brand']} with a brand; model {a['model']} at "
                   f"{a['input_size']} px, signal {a['signal']} at {a['threshold']}): Keras fp32 P {a['keras_fp32']['precision']} "
                   f"R {a['keras_fp32']['recall']} top-1 {a['keras_fp32']['brand_top1']}", flush=True)
-            for rt in runtimes:
+            print(f"  (the CNN alone: median top probability {a['cnn_top_prob_median']}, median margin to the "
+                  f"second class {a['cnn_margin_median']})", flush=True)
+            for rt in ["keras_bf16", *runtimes, *(["openvino_bf16"] if "openvino" in runtimes else [])]:
                 r = a[rt]
-                print(f"  {rt} ({r['precision_mode']}): top-class agreement {100 * r['top_class_agreement']:.1f}%, "
-                      f"decision agreement {100 * r['decision_agreement']:.1f}%, P {r['precision']} R {r['recall']} "
+                print(f"  {rt} ({r['precision_mode']}) vs Keras fp32: top-class agreement {100 * r['top_class_agreement']:.1f}%, "
+                      f"decision agreement {100 * r['decision_agreement']:.1f}%, CNN-alone top class "
+                      f"{100 * r['cnn_top_class_agreement']:.1f}%; P {r['precision']} R {r['recall']} "
                       f"top-1 {r['brand_top1']} (max |prob diff| {r['max_abs_prob_diff']})", flush=True)
             if "matcher_s_per_img" in a:
                 print(f"  matcher: {a['matcher_s_per_img']} s/img wall with 2 threads, {a['matcher_cpu_s_per_img']} "
                       "CPU-s/img", flush=True)
+                out["workers_3m_per_day"] = workers_needed(out, runtimes, a["matcher_cpu_s_per_img"])
+                print(f"  2-core workers for 3M images/day (34.7 img/s): {out['workers_3m_per_day']}", flush=True)
         if not args.skip_cache:
             out["head_retrain"] = cache_bench(root, args.cache_per_class, args.cache_size)
             c = out["head_retrain"]

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,12 +163,23 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     # int8 exports keep their float remainder in f32 (measured no faster in bf16); fp32 ones
     # run in bf16 where the CPU has it, as the Keras path does.
     hint = "f32" if meta.get("precision") == "int8" or choose_precision(precision) == "fp32" else "bf16"
+    # Two streams sharing the threads, each scoring half of the batch: on 2 cores no barrier
+    # between the threads of one convolution (measured 30% faster on 2 shared cores than one
+    # 2-thread request, and a little less CPU per image).
+    streams = 2 if threads >= 2 else 1
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
-                                                 "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+                                                 "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+    requests = [compiled.create_infer_request() for _ in range(streams)]
+    lock = threading.Lock()  # the requests are reused: one batch at a time
 
     def run(x: np.ndarray) -> np.ndarray:
-        return request.infer({0: x})[0].copy()
+        parts = [p for p in np.array_split(x, min(len(requests), max(1, len(x)))) if len(p)]
+        with lock:
+            for req, part in zip(requests, parts, strict=False):
+                req.start_async({0: part})
+            for req in requests[: len(parts)]:
+                req.wait()
+            return np.concatenate([req.get_output_tensor(0).data.copy() for req in requests[: len(parts)]])
 
     return run, None
 
@@ -198,8 +210,6 @@ def _tflite_interpreter(content: bytes, threads: int) -> Any:
 
 
 def _open_tflite(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
-    import threading
-
     interp = _tflite_interpreter(files["model.tflite"], threads)
     inp = interp.get_input_details()[0]["index"]
     out = interp.get_output_details()[0]["index"]
