@@ -110,6 +110,7 @@ class DetectorConfig:
     review_margin: float = 0.1
     mixed_precision: str = "auto"  # auto | bf16 | fp32
     threads: int = 0  # TensorFlow intra-op threads (0: all cores); env BRANDMON_TF_THREADS wins
+    runtime: str = "auto"  # auto | keras | openvino | onnx | tflite | savedmodel; env BRANDMON_DETECT_RUNTIME wins
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,9 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
     detector = DetectorConfig(**_typed_section(doc.get("detector"), DetectorConfig, f"{where}: `detector`"))
     if detector.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"{where}: `detector`.mixed_precision must be auto, bf16 or fp32, got {detector.mixed_precision!r}")
+    if detector.runtime not in ("auto", "keras", "openvino", "onnx", "tflite", "savedmodel"):
+        raise ConfigError(f"{where}: `detector`.runtime must be auto, keras, openvino, onnx, tflite or savedmodel, "
+                          f"got {detector.runtime!r}")
     alerts = parse_alerts(doc.get("alerts"), f"{where}: alerts")
     extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector", "alerts")}
     return {"brands": brands, "sources": sources, "network": network, "detector": detector, "alerts": alerts,

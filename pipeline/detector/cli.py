@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
+
 
 def _ctx() -> Any:
     from pipeline.context import open_context
@@ -77,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.detector.evaluate import evaluate_folder, format_report
 
-    report = evaluate_folder(_ctx(), args.data, version=args.model, progress=_progress(args))
+    report = evaluate_folder(_ctx(), args.data, version=args.model, progress=_progress(args), runtime=args.runtime)
     if args.json:
         _print_json(report)
     else:
@@ -90,7 +92,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from pipeline.detector.registry import UnknownModel, active_version
 
     ctx = _ctx()
-    kwargs: dict[str, Any] = {"limit": args.limit, "progress": _progress(args), "precision": args.precision}
+    kwargs: dict[str, Any] = {"limit": args.limit, "progress": _progress(args), "precision": args.precision,
+                              "runtime": args.runtime}
     if args.batch_key:
         version, lo, hi = parse_batch_key(args.batch_key)
         kwargs.update(version=version, lo=lo, hi=hi)
@@ -161,6 +164,21 @@ def _emit_model_event(settings: Any, version: str) -> int:
     return 0
 
 
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from pipeline.detector.export import export_model
+
+    meta = export_model(_ctx(), args.version, args.format, precision=args.precision, calibration=args.calibration,
+                        calibration_images=args.calibration_images)
+    if args.json:
+        _print_json(meta)
+    else:
+        calib = f", calibrated on {meta['calibration_images']} images" if meta["calibration_images"] else ""
+        print(f"model {args.version} exported as {meta['format']} ({meta['precision']}, {meta['runtime']}{calib}): "
+              f"{meta['key']} ({meta['bytes'] / 1e6:.1f} MB, {meta['seconds']}s); `brandmon detect` uses it "
+              "when its runtime is installed (detector.runtime: auto)")
+    return 0
+
+
 def cmd_review_export(args: argparse.Namespace) -> int:
     from pipeline.detector.review import export_queue
 
@@ -216,6 +234,7 @@ def register(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="score a labelled folders layout with a model; P/R/F1 per signal")
     e.add_argument("--data", required=True, help="folders layout (class names case-insensitive, no_logo/)")
     e.add_argument("--model", help="model version (default: the active one)")
+    e.add_argument("--runtime", choices=RUNTIMES, help="override detector.runtime (default auto)")
     e.add_argument("--json", action="store_true", help="print the full JSON report")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -225,6 +244,8 @@ def register(sub: Any) -> None:
     d.add_argument("--batch-key", help="only the images of one key from pending_batches (Airflow)")
     d.add_argument("--model", help="score with this version instead of the active one")
     d.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="override detector.mixed_precision")
+    d.add_argument("--runtime", choices=RUNTIMES,
+                   help="override detector.runtime: auto = the fastest installed runtime with an export, else keras")
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_detect)
@@ -237,6 +258,19 @@ def register(sub: Any) -> None:
     ma = msub.add_parser("activate", help="make version V the active one")
     ma.add_argument("version")
     ma.set_defaults(func=cmd_model_activate)
+    mx = msub.add_parser(
+        "export", help="write version V as an OpenVINO / ONNX / TFLite / SavedModel artifact into the lake",
+        description=("The classifier (the matcher and fusion stay in Python) for a faster inference runtime; int8 "
+                     "post-training quantisation calibrated on the model's training images where the format has it."),
+    )
+    mx.add_argument("version")
+    mx.add_argument("--format", required=True, choices=["openvino", "onnx", "tflite", "savedmodel"])
+    mx.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
+                    help="auto: int8 for openvino/onnx/tflite, fp32 for savedmodel")
+    mx.add_argument("--calibration", metavar="DIR", help="calibration images (default: the model's training split)")
+    mx.add_argument("--calibration-images", type=int, default=64, metavar="N", help="calibration images used (default 64)")
+    mx.add_argument("--json", action="store_true")
+    mx.set_defaults(func=cmd_model_export)
 
     r = sub.add_parser("review", help="near-threshold images: export for labelling, import labels as training data")
     rsub = r.add_subparsers(dest="review_command", metavar="ACTION", required=True)

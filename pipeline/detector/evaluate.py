@@ -29,7 +29,6 @@ def _bar(total: int, enabled: bool, desc: str) -> Any:
 
 def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, batch_size: int = 32) -> dict[str, np.ndarray]:
     """Per-signal (n, n_brands) scores for decoded RGB images, the way `detect` scores them."""
-    import tensorflow as tf
 
     from pipeline.detector.model import matcher_view, resize_batch
     from pipeline.detector.train import signal_matrices
@@ -39,7 +38,7 @@ def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, b
     bar = _bar(len(arrays), progress, "classifier")
     for i in range(0, len(arrays), batch_size):
         part = resize_batch(arrays[i : i + batch_size], spec.input_size)
-        probs.append(np.asarray(model.net.classifier(tf.convert_to_tensor(part, tf.float32), training=False), np.float32))
+        probs.append(model.predict_arrays(part))
         bar.update(len(part))
     bar.close()
     cnn = np.concatenate(probs) if probs else np.zeros((0, len(spec.classes)), np.float32)
@@ -49,13 +48,17 @@ def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, b
     return signal_matrices(spec.brands, cnn, spec.classes, match, spec.combiner)
 
 
-def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """The evaluation report (JSON-ready) of model `version` (default: active) on `data`."""
+def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: bool = False,
+                    runtime: str | None = None, precision: str | None = None) -> dict[str, Any]:
+    """The evaluation report (JSON-ready) of model `version` (default: active) on `data`, scored
+    with the runtime `detect` would use (or `runtime`); the report names it."""
     from pipeline.detector.model import choose_precision, configure_threads
     from pipeline.detector.registry import load_model
+    from pipeline.detector.runtimes import runtime_setting
 
     configure_threads(ctx.settings.detector.threads)
-    model = load_model(ctx, version, precision=choose_precision(ctx.settings.detector.mixed_precision))
+    model = load_model(ctx, version, precision=choose_precision(precision or ctx.settings.detector.mixed_precision),
+                       runtime=runtime or runtime_setting(ctx))
     spec = model.spec
     by_fold = {c.casefold(): c for c in spec.classes}
     sources = load_folders(data)
@@ -88,6 +91,8 @@ def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, 
         per_signal[name] = evaluate_scores(labels, mat, spec.brands, thr)
     report = dict(per_signal[main])
     report["model"] = model.version
+    report["runtime"] = model.runtime
+    report["precision"] = model.precision
     report["signal"] = main
     report["signals"] = {
         name: {"logo": {k: m["logo"][k] for k in ("precision", "recall", "f1")}, "brand_accuracy": m["brand_accuracy"],

@@ -201,20 +201,25 @@ def write_batch(ctx: Context, scores: list[dict], dets: list[dict], reviews: lis
 def detect(
     ctx: Context, *, version: str | None = None, lo: str | None = None, hi: str | None = None,
     limit: int | None = None, progress: bool = False, batch_size: int | None = None,
-    precision: str | None = None, use_matcher: bool = True,
+    precision: str | None = None, use_matcher: bool = True, runtime: str | None = None,
 ) -> dict[str, int]:
-    """Score the unscored images (optionally of one sha range) with a model version."""
+    """Score the unscored images (optionally of one sha range) with a model version.
+
+    `runtime`: `auto` (default: `detector.runtime` / BRANDMON_DETECT_RUNTIME), `keras`, or an
+    export format; the run log records the runtime used and its precision.
+    """
     import tensorflow as tf
     from tqdm import tqdm
 
     from pipeline.detector.model import choose_precision, configure_threads
     from pipeline.detector.registry import load_model
+    from pipeline.detector.runtimes import runtime_setting
 
     det = ctx.settings.detector
     configure_threads(det.threads)
     batch_size = int(batch_size or det.batch_size)
     prec = choose_precision(precision or det.mixed_precision)
-    model = load_model(ctx, version, precision=prec, with_matcher=use_matcher)
+    model = load_model(ctx, version, precision=prec, with_matcher=use_matcher, runtime=runtime or runtime_setting(ctx))
     version = model.version
     spec = model.spec
     q = _pending_select(version, lo, hi)
@@ -226,7 +231,7 @@ def detect(
     if not rows:
         return counts
     with_view = model.matcher is not None
-    forward = model.traced_classifier()
+    forward = model.scorer()
     size = spec.input_size
     started = time.monotonic()
     bar = tqdm(total=len(rows), desc=f"detect {version}", unit="img", disable=not progress or not sys.stderr.isatty())
@@ -239,7 +244,7 @@ def detect(
             n = int(x.shape[0])
             if n < batch_size:  # fixed-size batches: one traced graph
                 x = tf.concat([x, tf.zeros((batch_size - n, size, size, 3), x.dtype)], 0)
-            probs = np.asarray(forward(x), np.float32)[:n]
+            probs = forward(x)[:n]
             matches: list[Any] = [None] * n
             scales = [(1.0, 1.0)] * n
             if with_view:
@@ -280,7 +285,7 @@ def detect(
         writer.drain()
         bar.close()
         elapsed = time.monotonic() - started
-        run_counts.update(counts, seconds=round(elapsed, 2), precision=prec)
+        run_counts.update(counts, seconds=round(elapsed, 2), precision=model.precision, runtime=model.runtime)
         if failed:
             run_counts["unreadable"] = len(failed)
             raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "

@@ -424,11 +424,21 @@ def matcher_view(arr: np.ndarray, max_side: int = MATCH_MAX_SIDE) -> np.ndarray:
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    net: Network
+    net: Network | None  # None when an exported runtime scores instead of Keras
     matcher: Any | None  # pipeline.detector.matching.LogoMatcher
     precision: str
     version: str = ""
+    runtime: str = "keras"  # keras | an export format (pipeline.detector.runtimes)
+    exported: Any | None = None  # runtimes.ExportedClassifier when runtime != keras
     _traced: Any = field(default=None, repr=False, compare=False)
+
+    def scorer(self) -> Any:
+        """A callable: uint8 (n, s, s, 3) batch (array or tensor) -> float32 probabilities."""
+        if self.exported is not None:
+            exported = self.exported
+            return lambda x: exported.predict(np.asarray(x))
+        traced = self.traced_classifier()
+        return lambda x: np.asarray(traced(x), np.float32)
 
     def traced_classifier(self) -> Any:
         """The classifier as a tf.function over uint8 batches, traced once per loaded model.
@@ -448,6 +458,9 @@ class LoadedModel:
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a uint8 (n, s, s, 3) batch."""
         import tensorflow as tf
+
+        if self.exported is not None:
+            return self.exported.predict(batch)
 
         out = self.net.classifier(tf.convert_to_tensor(batch, tf.float32), training=False)
         return np.asarray(out, np.float32)
@@ -480,15 +493,20 @@ def read_spec(data: bytes) -> ModelSpec:
     return ModelSpec(**{k: v for k, v in meta.items() if k in known})
 
 
-def load_artifact(data: bytes, precision: str = "fp32", with_matcher: bool = True) -> LoadedModel:
-    """Rebuild the network (under the chosen precision policy) and load its weights."""
+def load_artifact(data: bytes, precision: str = "fp32", with_matcher: bool = True, with_network: bool = True) -> LoadedModel:
+    """Rebuild the network (under the chosen precision policy) and load its weights.
+
+    `with_network=False` reads only the spec and the matcher (an exported runtime scores).
+    """
     spec = read_spec(data)
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(io.BytesIO(data)) as zf:
-        wpath = Path(tmp) / "classifier.weights.h5"
-        wpath.write_bytes(zf.read("classifier.weights.h5"))
-        with precision_policy(precision):
-            net = build_network(len(spec.classes), spec.input_size, None, spec.dropout)
-            net.classifier.load_weights(str(wpath))
+        net = None
+        if with_network:
+            wpath = Path(tmp) / "classifier.weights.h5"
+            wpath.write_bytes(zf.read("classifier.weights.h5"))
+            with precision_policy(precision):
+                net = build_network(len(spec.classes), spec.input_size, None, spec.dropout)
+                net.classifier.load_weights(str(wpath))
         matcher = None
         if with_matcher and "matcher.npz" in zf.namelist():
             from pipeline.detector.matching import LogoMatcher

@@ -123,21 +123,37 @@ def maybe_activate(ctx: Context, version: str, policy: str, baseline_f1: float |
 _LOADED: dict[tuple[str, str, str], Any] = {}
 
 
-def load_model(ctx: Context, version: str | None = None, precision: str = "fp32", with_matcher: bool = True) -> Any:
-    """The model of `version` (default: the active one), cached per process."""
+def load_model(
+    ctx: Context, version: str | None = None, precision: str = "fp32", with_matcher: bool = True, runtime: str = "keras"
+) -> Any:
+    """The model of `version` (default: the active one), cached per process.
+
+    `runtime`: `keras`, an export format, or `auto` (`runtimes.choose_runtime`: the fastest
+    installed runtime with an export of this model, else Keras). `loaded.runtime` says which.
+    """
     from pipeline.detector.model import load_artifact
+    from pipeline.detector.runtimes import choose_runtime, export_key, open_export
 
     row = get_version(ctx, version) if version else active_version(ctx)
     if row is None:
         raise UnknownModel("no active model; train one (`brandmon train`) or `brandmon model activate V`")
-    cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}")
+    runtime = choose_runtime(ctx, row["artifact_key"], runtime)
+    cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}:{runtime}")
     if cache not in _LOADED:
         try:
             data = ctx.store.get(row["artifact_key"])
         except KeyError:
             raise UnknownModel(f"model {row['version']}: artifact {row['artifact_key']} is missing from the lake") from None
         _LOADED.clear()  # one model in memory at a time is plenty
-        _LOADED[cache] = load_artifact(data, precision=precision, with_matcher=with_matcher)
+        if runtime == "keras":
+            _LOADED[cache] = load_artifact(data, precision=precision, with_matcher=with_matcher)
+        else:
+            loaded = load_artifact(data, precision=precision, with_matcher=with_matcher, with_network=False)
+            loaded.exported = open_export(ctx.store.get(export_key(row["artifact_key"], runtime)),
+                                          threads=ctx.settings.detector.threads, precision=precision)
+            loaded.runtime = runtime
+            loaded.precision = loaded.exported.precision
+            _LOADED[cache] = loaded
     loaded = _LOADED[cache]
     loaded.version = row["version"]
     # The registry row is authoritative for the decision threshold (an operator may adjust it).

@@ -84,3 +84,30 @@ def test_cli_evaluate_detect_and_model_list(make_ctx, install_model, monkeypatch
     assert "queued images" in capsys.readouterr().out and (out / "manifest.csv").exists()
     assert main(["review", "import", str(out), "--into", str(tmp_path / "training")]) == 0
     assert "labelled" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_cli_model_export_then_evaluate_and_detect_with_it(make_ctx, install_model, monkeypatch, capsys, tmp_path: Path):
+    """`brandmon model export` (SavedModel: TensorFlow only, so this runs without the optional
+    runtimes), then `evaluate` / `detect --runtime savedmodel` score with it."""
+    ctx = make_ctx()
+    version = install_model(ctx)
+    _env(monkeypatch, ctx)
+    assert main(["model", "export", version, "--format", "savedmodel", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["format"] == "savedmodel" and meta["precision"] == "fp32" and meta["model_version"] == version
+    assert ctx.store.exists(meta["key"])
+    data = tmp_path / "eval"
+    for cls, kind in (("Reddisc", "Reddisc"), ("no_logo", None)):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            (data / cls / f"{i}.jpg").write_bytes(jpeg_bytes(scene(kind, 600 + i)))
+    assert main(["evaluate", "--data", str(data), "--runtime", "savedmodel", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runtime"] == "savedmodel" and report["n_images"] == 6
+    store_images(ctx, [jpeg_bytes(scene("Reddisc", 950 + i)) for i in range(2)])
+    assert main(["detect", "--runtime", "savedmodel", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["scored"] == 2
+    assert main(["model", "export", version, "--format", "savedmodel", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "fp32 only" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,290 @@
+"""`brandmon model export V --format openvino|onnx|tflite|savedmodel`: a deployable classifier.
+
+The exported network is the Keras classifier in fp32 with its head folded into constants
+(feature standardisation, dense layer, softmax; dropout is the identity at inference), taking
+a uint8 (n, s, s, 3) batch. int8 post-training quantisation (the default where the format has
+it: ONNX and OpenVINO through ONNX Runtime's static QDQ quantisation, TFLite through its
+converter) is calibrated on the model's own training images: the training split of the data
+recorded with the version (`--calibration DIR` for another folder of images).
+
+The zip (see `runtimes.py`) is stored at `models/exports/<artifact sha>/<format>.zip`, so a
+re-export replaces it and a retrained model never picks up another model's export.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.context import Context
+from pipeline.detector.runtimes import EXPORT_FORMAT, FORMATS, export_key, runtime_importable
+from pipeline.errors import BrandmonError
+
+log = logging.getLogger(__name__)
+
+INT8_FORMATS = ("openvino", "onnx", "tflite")
+ONNX_OPSET = 17
+CALIBRATION_IMAGES = 64
+
+
+class ExportError(BrandmonError):
+    """A model cannot be exported as asked."""
+
+
+# --- the network to export -------------------------------------------------------------------
+
+
+def folded_head(net: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of the head with the feature standardisation folded in: probabilities =
+    softmax(features @ kernel + bias), as the Keras head computes at inference."""
+    norm = net.head.get_layer("feature_norm")
+    dense = net.head.get_layer("classes")
+    mean = np.asarray(norm.mean, np.float32).reshape(1, -1)
+    std = np.maximum(np.sqrt(np.asarray(norm.variance, np.float32)), 1e-7).reshape(1, -1)  # keras.backend.epsilon()
+    kernel = (np.asarray(dense.kernel, np.float32) / std.reshape(-1, 1)).astype(np.float32)
+    bias = (np.asarray(dense.bias, np.float32) - (mean / std) @ np.asarray(dense.kernel, np.float32)).reshape(-1)
+    return kernel, bias.astype(np.float32)
+
+
+def inference_function(net: Any, spec: Any, head: bool = True) -> Any:
+    """A tf.function: uint8 images -> class probabilities, equal to `net.classifier` at inference.
+
+    Why fold the head: converters (tf2onnx) turn tensors captured from Python into graph
+    inputs; constants built inside the function become weights instead. `head=False`: the
+    pooled features only (the TFLite int8 export, whose converter would quantise the head too).
+    """
+    import tensorflow as tf
+
+    kernel, bias = folded_head(net)
+    features = net.features
+
+    @tf.function(input_signature=[tf.TensorSpec([None, spec.input_size, spec.input_size, 3], tf.uint8, name="image")])
+    def classify(image: Any) -> Any:
+        h = features(tf.cast(image, tf.float32), training=False)
+        if not head:
+            return h
+        return tf.nn.softmax(tf.matmul(h, tf.constant(kernel)) + tf.constant(bias))
+
+    return classify
+
+
+# --- calibration images ----------------------------------------------------------------------
+
+
+def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int = CALIBRATION_IMAGES,
+                      folder: str | Path | None = None) -> np.ndarray:
+    """Up to `limit` whole images of the model's training split (or of `folder`), resized as
+    detection resizes them. Deterministic: sources sorted by content hash."""
+    from pipeline.detector.data import decode_rgb, load_boxes, load_folders
+    from pipeline.detector.model import resize_batch
+    from pipeline.detector.split import DEFAULT_FRACTIONS, split_of
+
+    params = row.get("params") or {}
+    if folder is not None:
+        root = Path(folder)
+        sources = [s for s in _any_images(root)]
+        chosen = sources
+    else:
+        data = params.get("data")
+        if not data or not Path(data).exists():
+            raise ExportError(f"model {row['version']}: its training data ({data or 'not recorded'}) is not on this machine "
+                              "for int8 calibration; pass --calibration DIR (images like the ones to score) or "
+                              "--precision fp32")
+        loader = load_boxes if params.get("format") == "boxes" else load_folders
+        sources = loader(data)
+        fractions = tuple((params.get("config") or {}).get("fractions") or DEFAULT_FRACTIONS)
+        chosen = [s for s in sources if split_of(s.sha256, fractions) == "train"]
+    chosen = sorted(chosen, key=lambda s: s.sha256)
+    arrays = []
+    for src in chosen:
+        if len(arrays) >= limit:
+            break
+        try:
+            arrays.append(decode_rgb(src.read()))
+        except Exception as exc:  # noqa: BLE001 - an unreadable photo is skipped, not fatal
+            log.warning("calibration: skipping %s: %s", src.name, exc)
+    if not arrays:
+        raise ExportError(f"model {row['version']}: no readable calibration images found")
+    return resize_batch(arrays, size)
+
+
+def _any_images(root: Path) -> list[Any]:
+    from pipeline.detector.data import IMAGE_EXTS, SourceImage, sha256_bytes
+
+    if not root.is_dir():
+        raise ExportError(f"--calibration {root}: not a folder")
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+            out.append(SourceImage(sha256=sha256_bytes(path.read_bytes()), path=path))
+    return out
+
+
+# --- per format ------------------------------------------------------------------------------
+
+
+def _onnx_bytes(fn: Any) -> bytes:
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ExportError("ONNX export needs tf2onnx and onnx (pip install 'brandmon[export]')") from None
+    try:  # Keras' own shim for tf2onnx on NumPy 2 (np.object, np.bool, ...)
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+        patch_tf2onnx()
+    except ImportError:
+        pass
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=ONNX_OPSET)
+    return proto.SerializeToString()
+
+
+def _quantize_onnx(model: bytes, calib: np.ndarray) -> bytes:
+    """Static int8 QDQ quantisation of the convolutions (per-channel weights, uint8 activations)
+    with ONNX Runtime. The head (standardisation, dense, softmax) stays float: standardised
+    features can hinge on differences far below an 8-bit step of their range."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter([{"image": calib[i : i + 1]} for i in range(len(calib))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (Path(tmp, n) for n in ("model.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(model)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+        return out.read_bytes()
+
+
+def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarray | None) -> dict[str, bytes]:
+    """The runtime files of one format (name -> bytes)."""
+    import tensorflow as tf
+
+    fn = inference_function(net, spec)
+    if fmt == "onnx":
+        model = _onnx_bytes(fn)
+        return {"model.onnx": _quantize_onnx(model, calib) if precision == "int8" else model}
+    if fmt == "openvino":
+        import openvino as ov
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if precision == "int8":  # OpenVINO runs ONNX Runtime's QDQ graph as int8
+                path = Path(tmp, "int8.onnx")
+                path.write_bytes(_quantize_onnx(_onnx_bytes(fn), calib))
+                model = ov.convert_model(str(path))
+            else:
+                model = ov.convert_model(fn.get_concrete_function())
+            ov.save_model(model, str(Path(tmp, "model.xml")), compress_to_fp16=False)
+            return {"model.xml": Path(tmp, "model.xml").read_bytes(), "model.bin": Path(tmp, "model.bin").read_bytes()}
+    if fmt == "tflite":
+        if precision != "int8":
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+            return {"model.tflite": converter.convert()}
+        # int8 would quantise the softmax output to 1/256 steps: the network ends at the pooled
+        # features and the runtime applies the float head (head.npz).
+        feat = inference_function(net, spec, head=False)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([feat.get_concrete_function()], feat)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([calib[i : i + 1]] for i in range(len(calib)))
+        kernel, bias = folded_head(net)
+        head = io.BytesIO()
+        np.savez(head, kernel=kernel, bias=bias)
+        return {"model.tflite": converter.convert(), "head.npz": head.getvalue()}
+    if fmt == "savedmodel":
+        module = tf.Module()
+        module.classify = fn
+        module.net = net.classifier  # tracks the variables
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp, "saved_model")
+            tf.saved_model.save(module, str(root), signatures={"serving_default": fn.get_concrete_function()})
+            return {str(p.relative_to(tmp)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    raise ExportError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+
+
+def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", calibration: str | Path | None = None,
+                 calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
+    """Export model `version` as `fmt` into the lake; returns what was written (JSON-ready).
+
+    `precision`: `auto` (int8 where the format has it, else fp32), `int8` or `fp32`.
+    """
+    from pipeline.detector.model import load_artifact
+    from pipeline.detector.registry import get_version
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if precision == "auto":
+        precision = "int8" if fmt in INT8_FORMATS else "fp32"
+    if precision not in ("int8", "fp32"):
+        raise ExportError(f"export precision must be auto, int8 or fp32, not {precision!r}")
+    if precision == "int8" and fmt not in INT8_FORMATS:
+        raise ExportError(f"{fmt} exports are fp32 only (int8: {', '.join(INT8_FORMATS)})")
+    needs = {"openvino": ["openvino"] + (["onnxruntime", "tf2onnx"] if precision == "int8" else []),
+             "onnx": ["tf2onnx"] + (["onnxruntime"] if precision == "int8" else [])}.get(fmt, [])
+    missing = [m for m in needs if not _importable(m)]
+    if missing:
+        raise ExportError(f"{fmt} export ({precision}) needs {', '.join(missing)} (pip install 'brandmon[runtimes]')")
+    row = get_version(ctx, version)
+    started = time.monotonic()
+    model = load_artifact(ctx.store.get(row["artifact_key"]), precision="fp32", with_matcher=False)
+    spec = model.spec
+    calib = None
+    if precision == "int8":
+        calib = calibration_batch(ctx, row, spec.input_size, calibration_images, calibration)
+    files = export_files(fmt, model.net, spec, precision, calib)
+    meta = {
+        "export_format": EXPORT_FORMAT, "format": fmt, "precision": precision, "model_version": version,
+        "model_artifact": row["artifact_key"], "classes": list(spec.classes), "input_size": spec.input_size,
+        "input": "uint8 (n, s, s, 3) RGB, squash-resized as detect does", "output": "class probabilities",
+        "runtime": _runtime_version(fmt), "calibration_images": 0 if calib is None else int(len(calib)),
+        "calibration_source": None if calib is None else str(calibration or (row.get("params") or {}).get("data")),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("export.json", json.dumps(meta, indent=2, sort_keys=True))
+        for name, blob in files.items():
+            zf.writestr(name, blob)
+    key = export_key(row["artifact_key"], fmt)
+    ctx.store.put(key, buf.getvalue(), content_type="application/zip")
+    meta.update(key=key, bytes=len(buf.getvalue()), seconds=round(time.monotonic() - started, 1))
+    return meta
+
+
+def _importable(name: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _runtime_version(fmt: str) -> str:
+    import importlib
+
+    name = {"openvino": "openvino", "onnx": "onnxruntime", "tflite": "tensorflow", "savedmodel": "tensorflow"}[fmt]
+    mod = importlib.import_module(name)
+    return f"{name} {getattr(mod, '__version__', '?')}"
+
+
+__all__ = ["ExportError", "calibration_batch", "export_model", "inference_function", "runtime_importable"]

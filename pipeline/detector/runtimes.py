@@ -1,0 +1,253 @@
+"""Inference runtimes for exported classifiers: which are installed, which to use, how to run one.
+
+An export (`brandmon model export`, `export.py`) is one zip in the lake beside the model's own
+artifact: `export.json` (format, precision, classes, input size, the runtime's version) plus the
+runtime's files. Every format computes the same function as the Keras classifier: a uint8
+(n, s, s, 3) batch in, class probabilities out. The matcher and the fusion stay in Python and
+come from the model's own artifact.
+
+`detector.runtime` (env `BRANDMON_DETECT_RUNTIME`) picks the runtime: `auto` takes the first of
+`PREFERENCE` whose export exists and whose Python package imports, else Keras; a named runtime
+must be usable, or the run stops with a one-line error saying why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import BrandmonError
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+FORMATS = ("openvino", "onnx", "tflite", "savedmodel")
+# Fastest first on this project's reference CPU (bench/detect.py, int8): OpenVINO, then ONNX
+# Runtime, then TFLite. The SavedModel is for TF Serving-style deployment, not faster than Keras.
+PREFERENCE = ("openvino", "onnx", "tflite")
+RUNTIME_CHOICES = ("auto", "keras", *FORMATS)
+# The Python package each format's runtime needs (tflite: LiteRT, else TensorFlow's own interpreter).
+RUNTIME_MODULES = {"openvino": "openvino", "onnx": "onnxruntime", "tflite": "ai_edge_litert", "savedmodel": "tensorflow"}
+MAX_EXPORT_BYTES = 512 * 1024 * 1024  # refuse to unpack larger export zips
+
+
+class RuntimeUnavailable(BrandmonError):
+    """The requested inference runtime cannot be used for this model."""
+
+
+def export_key(artifact_key: str, fmt: str) -> str:
+    """Where a model's export lives: beside its artifact, named by the artifact's content hash."""
+    stem = artifact_key.rsplit("/", 1)[-1].removesuffix(".zip")
+    return f"models/exports/{stem}/{fmt}.zip"
+
+
+def runtime_importable(fmt: str) -> bool:
+    """The runtime's package imports (a `sys.modules[name] = None` entry counts as missing)."""
+    names = [RUNTIME_MODULES[fmt]] + (["tensorflow"] if fmt == "tflite" else [])
+    for name in names:
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def runtime_setting(ctx: Any) -> str:
+    """`BRANDMON_DETECT_RUNTIME` over `detector.runtime`; checked against RUNTIME_CHOICES."""
+    value = (os.environ.get("BRANDMON_DETECT_RUNTIME") or ctx.settings.detector.runtime or "auto").strip().lower()
+    if value not in RUNTIME_CHOICES:
+        raise RuntimeUnavailable(f"detector.runtime / BRANDMON_DETECT_RUNTIME must be one of {', '.join(RUNTIME_CHOICES)}, "
+                                 f"not {value!r}")
+    return value
+
+
+def choose_runtime(ctx: Any, artifact_key: str, setting: str) -> str:
+    """The runtime to score with: `keras` or an export format (see the module doc)."""
+    if setting == "keras":
+        return "keras"
+    if setting != "auto":
+        if not ctx.store.exists(export_key(artifact_key, setting)):
+            raise RuntimeUnavailable(f"detector.runtime={setting}: this model has no {setting} export "
+                                     f"(run `brandmon model export VERSION --format {setting}`)")
+        if not runtime_importable(setting):
+            raise RuntimeUnavailable(f"detector.runtime={setting}: its Python package {RUNTIME_MODULES[setting]} "
+                                     "is not installed (pip install 'brandmon[runtimes]')")
+        return setting
+    for fmt in PREFERENCE:
+        if ctx.store.exists(export_key(artifact_key, fmt)):
+            if runtime_importable(fmt):
+                return fmt
+            log.info("model has a %s export but %s is not installed: trying the next runtime", fmt, RUNTIME_MODULES[fmt])
+    return "keras"
+
+
+# --- running an export -----------------------------------------------------------------------
+
+
+@dataclass
+class ExportedClassifier:
+    """A loaded export: `predict(uint8 batch) -> float32 probabilities`, like the Keras classifier."""
+
+    fmt: str
+    meta: dict[str, Any]
+    _run: Any = field(repr=False)
+    _tmp: Any = field(default=None, repr=False)  # keeps unpacked files alive (SavedModel, OpenVINO)
+
+    @property
+    def precision(self) -> str:
+        return str(self.meta.get("precision", "fp32"))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(np.ascontiguousarray(batch, np.uint8)), np.float32)
+
+
+def read_export(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(export.json, {file name: bytes}) of an export zip; a clear error for anything else."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            if sum(i.file_size for i in zf.infolist()) > MAX_EXPORT_BYTES:
+                raise RuntimeUnavailable(f"export unpacks to more than {MAX_EXPORT_BYTES} bytes; refusing it")
+            meta = json.loads(zf.read("export.json"))
+            files = {n: zf.read(n) for n in zf.namelist() if n != "export.json" and not n.endswith("/")}
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        raise RuntimeUnavailable(f"not a brandmon model export: {exc}") from None
+    if meta.get("export_format") != EXPORT_FORMAT:
+        raise RuntimeUnavailable("model export has an unknown format version; export it again with this brandmon")
+    return meta, files
+
+
+def open_export(data: bytes, threads: int = 0, precision: str = "auto") -> ExportedClassifier:
+    """Load an export zip into its runtime. `precision` is the float inference precision for
+    runtimes that choose one (OpenVINO: bf16 where the CPU has it); int8 exports stay int8."""
+    meta, files = read_export(data)
+    fmt = meta["format"]
+    loader = {"openvino": _open_openvino, "onnx": _open_onnx, "tflite": _open_tflite, "savedmodel": _open_savedmodel}.get(fmt)
+    if loader is None:
+        raise RuntimeUnavailable(f"unknown export format {fmt!r}")
+    if not runtime_importable(fmt):
+        raise RuntimeUnavailable(f"the {fmt} runtime ({RUNTIME_MODULES[fmt]}) is not installed")
+    run, tmp = loader(meta, files, threads or (os.cpu_count() or 1), precision)
+    return ExportedClassifier(fmt=fmt, meta=meta, _run=run, _tmp=tmp)
+
+
+def _unpack(files: dict[str, bytes]) -> tempfile.TemporaryDirectory:
+    tmp = tempfile.TemporaryDirectory(prefix="brandmon-export-")
+    for name, blob in files.items():
+        path = Path(tmp.name, name)
+        if not path.resolve().is_relative_to(Path(tmp.name).resolve()):
+            raise RuntimeUnavailable(f"export holds a path outside its folder: {name!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    return tmp
+
+
+def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    import openvino as ov
+
+    from pipeline.detector.model import choose_precision
+
+    core = ov.Core()
+    model = core.read_model(model=files["model.xml"], weights=ov.Tensor(np.frombuffer(files["model.bin"], np.uint8)))
+    # int8 exports keep their float remainder in f32 (measured no faster in bf16); fp32 ones
+    # run in bf16 where the CPU has it, as the Keras path does.
+    hint = "f32" if meta.get("precision") == "int8" or choose_precision(precision) == "fp32" else "bf16"
+    # Two streams sharing the threads, each scoring half of the batch: on 2 cores no barrier
+    # between the threads of one convolution (measured 30% faster on 2 shared cores than one
+    # 2-thread request, and a little less CPU per image).
+    streams = 2 if threads >= 2 else 1
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+                                                 "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+    requests = [compiled.create_infer_request() for _ in range(streams)]
+    lock = threading.Lock()  # the requests are reused: one batch at a time
+
+    def run(x: np.ndarray) -> np.ndarray:
+        parts = [p for p in np.array_split(x, min(len(requests), max(1, len(x)))) if len(p)]
+        with lock:
+            for req, part in zip(requests, parts, strict=False):
+                req.start_async({0: part})
+            for req in requests[: len(parts)]:
+                req.wait()
+            return np.concatenate([req.get_output_tensor(0).data.copy() for req in requests[: len(parts)]])
+
+    return run, None
+
+
+def _open_onnx(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(files["model.onnx"], opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return run, None
+
+
+def _tflite_interpreter(content: bytes, threads: int) -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806 - a class
+    return Interpreter(model_content=content, num_threads=threads)
+
+
+def _open_tflite(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    interp = _tflite_interpreter(files["model.tflite"], threads)
+    inp = interp.get_input_details()[0]["index"]
+    out = interp.get_output_details()[0]["index"]
+    state = {"n": None}
+    lock = threading.Lock()  # an interpreter is not thread-safe
+    head = None
+    if "head.npz" in files:  # int8: the network ends at the pooled features, the head is float
+        with np.load(io.BytesIO(files["head.npz"])) as z:
+            head = (z["kernel"].astype(np.float32), z["bias"].astype(np.float32))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with lock:
+            if state["n"] != len(x):
+                interp.resize_tensor_input(inp, list(x.shape))
+                interp.allocate_tensors()
+                state["n"] = len(x)
+            interp.set_tensor(inp, x)
+            interp.invoke()
+            y = interp.get_tensor(out).copy()
+        if head is None:
+            return y
+        logits = y.astype(np.float32) @ head[0] + head[1]
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    return run, None
+
+
+def _open_savedmodel(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    tmp = _unpack(files)
+    loaded = tf.saved_model.load(str(Path(tmp.name, "saved_model")))
+    fn = loaded.signatures["serving_default"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return next(iter(fn(image=tf.convert_to_tensor(x)).values())).numpy()
+
+    run.loaded = loaded  # type: ignore[attr-defined]  # keep the trackable alive
+    return run, tmp

@@ -1,0 +1,150 @@
+"""`brandmon model export` and the inference runtimes: export -> load -> score per format, the
+runtime `detect` picks, and the Keras fallback when a runtime's package is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from detector_helpers import jpeg_bytes, scene, store_images
+from sqlalchemy import select
+
+from pipeline.detector.runtimes import FORMATS, RUNTIME_MODULES, export_key
+
+pytestmark = pytest.mark.integration
+
+NEEDS = {"openvino": ["openvino", "onnxruntime", "tf2onnx"], "onnx": ["onnxruntime", "tf2onnx"], "tflite": [], "savedmodel": []}
+
+
+def _have(*mods: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+def _batch(size: int, n: int = 12) -> np.ndarray:
+    from pipeline.detector.data import decode_rgb
+    from pipeline.detector.model import resize_batch
+
+    kinds = ["Reddisc", "Bluesquare", None]
+    return resize_batch([decode_rgb(jpeg_bytes(scene(kinds[i % 3], 700 + i, size=110))) for i in range(n)], size)
+
+
+def _keras_probs(ctx, version: str, x: np.ndarray) -> np.ndarray:
+    from pipeline.detector.registry import load_model
+
+    return load_model(ctx, version, precision="fp32", runtime="keras").predict_arrays(x)
+
+
+CASES = [(fmt, "fp32") for fmt in FORMATS] + [(fmt, "auto") for fmt in FORMATS if fmt != "savedmodel"]
+
+
+@pytest.mark.parametrize(("fmt", "precision"), CASES)
+def test_export_load_and_score_reproduce_the_keras_classifier(make_ctx, install_model, fmt, precision):
+    """fp32 exports compute the Keras classifier's function (to 1e-4); int8 ones load, score
+    and stay calibrated. Their top-class agreement on real photos is bench/detect.py's: the
+    tiny test model's frozen random base separates classes by feature differences far below
+    an int8 step, so its int8 scores say nothing about a trained model's."""
+    if not _have(*NEEDS[fmt]) or (fmt == "onnx" and precision == "fp32" and not _have("onnxruntime", "tf2onnx")):
+        pytest.skip(f"{fmt} export needs {NEEDS[fmt]} (optional extra `runtimes`)")
+    from pipeline.detector.export import export_model
+    from pipeline.detector.runtimes import open_export
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    meta = export_model(ctx, version, fmt, precision=precision, calibration_images=8)
+    assert meta["key"] == export_key(meta["model_artifact"], fmt) and ctx.store.exists(meta["key"])
+    assert meta["precision"] == ("int8" if precision == "auto" else "fp32")
+    assert meta["calibration_images"] == (8 if meta["precision"] == "int8" else 0)  # the model's own training images
+
+    exported = open_export(ctx.store.get(meta["key"]), threads=2, precision="fp32")
+    x = _batch(meta["input_size"])
+    got = exported.predict(x)
+    want = _keras_probs(ctx, version, x)
+    assert got.shape == want.shape == (len(x), len(meta["classes"]))
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-3)
+    if meta["precision"] == "fp32":
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    else:  # int8: valid probabilities that depend on the image
+        assert np.isfinite(got).all() and (got >= 0).all()
+        assert np.abs(got - got[:1]).max() > 0 or np.abs(want - want[:1]).max() < 1e-6
+    # a different batch size works too (the runtimes reshape)
+    np.testing.assert_allclose(exported.predict(x[:3]), got[:3], atol=1e-5)
+
+
+@pytest.mark.skipif(not _have("onnxruntime", "tf2onnx"), reason="needs onnxruntime + tf2onnx (extra `runtimes`)")
+def test_detect_uses_the_export_and_falls_back_to_keras_when_its_runtime_is_missing(make_ctx, install_model, monkeypatch):
+    from pipeline.detector.export import export_model
+    from pipeline.detector.infer import detect
+    from pipeline.detector.registry import get_version
+    from pipeline.detector.runtimes import RuntimeUnavailable, choose_runtime
+    from pipeline.schema import image_scores, runs
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    kinds = ["Reddisc", "Bluesquare", None]
+    store_images(ctx, [jpeg_bytes(scene(kinds[i % 3], 900 + i, size=120)) for i in range(6)])
+    key = get_version(ctx, version)["artifact_key"]
+    assert choose_runtime(ctx, key, "auto") == "keras"  # no export yet
+    with pytest.raises(RuntimeUnavailable, match="no onnx export"):
+        choose_runtime(ctx, key, "onnx")
+    export_model(ctx, version, "onnx", calibration_images=8)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if OpenVINO were not installed
+    assert choose_runtime(ctx, key, "auto") == "onnx"
+
+    onnx_counts = detect(ctx, limit=3)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # now ONNX Runtime is missing too
+    assert choose_runtime(ctx, key, "auto") == "keras"
+    with pytest.raises(RuntimeUnavailable, match="onnxruntime"):
+        choose_runtime(ctx, key, "onnx")
+    keras_counts = detect(ctx)
+    assert onnx_counts["scored"] == 3 and keras_counts["scored"] == 3
+    with ctx.engine.connect() as conn:
+        done = [r.counts for r in conn.execute(select(runs).where(runs.c.kind == "detect", runs.c.status == "succeeded")
+                                               .order_by(runs.c.id))]
+        scored = list(conn.execute(select(image_scores)))
+    assert [c["runtime"] for c in done] == ["onnx", "keras"]
+    assert done[0]["precision"] == "int8"
+    assert len(scored) == 6 and all(r.status == "ok" and r.top_class for r in scored)
+
+
+def test_forcing_a_runtime_by_setting_and_bad_values(make_ctx, install_model, monkeypatch):
+    from pipeline.detector.infer import detect
+    from pipeline.detector.runtimes import RuntimeUnavailable, runtime_setting
+
+    ctx = make_ctx()
+    install_model(ctx)
+    assert runtime_setting(ctx) == "auto"
+    monkeypatch.setenv("BRANDMON_DETECT_RUNTIME", "tflite")
+    assert runtime_setting(ctx) == "tflite"
+    store_images(ctx, [jpeg_bytes(scene("Reddisc", 5, size=100))])
+    with pytest.raises(RuntimeUnavailable, match="no tflite export"):  # forced, not silently Keras
+        detect(ctx)
+    monkeypatch.setenv("BRANDMON_DETECT_RUNTIME", "tensorrt")
+    with pytest.raises(RuntimeUnavailable, match="must be one of"):
+        runtime_setting(ctx)
+
+
+def test_export_refuses_clearly(make_ctx, install_model, tmp_path):
+    from pipeline.detector import registry
+    from pipeline.detector.export import ExportError, export_model
+    from pipeline.detector.registry import UnknownModel
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    with pytest.raises(ExportError, match="fp32 only"):
+        export_model(ctx, version, "savedmodel", precision="int8")
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_model(ctx, version, "caffe")
+    with pytest.raises(UnknownModel):
+        export_model(ctx, "v99", "tflite")
+    # training data gone: int8 needs calibration images, and says how to give them
+    row = registry.get_version(ctx, version)
+    from pipeline.schema import model_versions
+
+    with ctx.engine.begin() as conn:
+        conn.execute(model_versions.update().where(model_versions.c.version == version)
+                     .values(params={**row["params"], "data": str(tmp_path / "gone")}))
+    with pytest.raises(ExportError, match="--calibration DIR"):
+        export_model(ctx, version, "tflite")
+    assert set(RUNTIME_MODULES) == set(FORMATS)
