@@ -134,6 +134,17 @@ def aws_from_connection(conn_id: str) -> tuple[str | None, Any, str | None]:
     return (str(endpoint) if endpoint else None), session, hook.region_name
 
 
+def _url_passwords(url: str) -> list[str]:
+    """The password of a URL's userinfo, as written and percent-decoded (none: [])."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        raw = urlsplit(url).password or ""
+    except ValueError:
+        return []
+    return [v for v in {raw, unquote(raw)} if v]
+
+
 def _mask(values: Iterable[str]) -> None:
     """Register values with Airflow's log masker (a no-op outside Airflow)."""
     try:
@@ -171,11 +182,14 @@ def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
         changes["s3_session"] = session
         changes["s3_source"] = f"the Airflow connection {aws_conn.conn_id!r}"
         if endpoint:
+            # userinfo in an endpoint_url is a secret too: masked in task logs, never logged
+            _mask(_url_passwords(endpoint))
             changes["s3_endpoint_url"] = endpoint
+            changes["s3_endpoint_source"] = f"the Airflow connection {aws_conn.conn_id!r} (extra endpoint_url)"
         log.info(
             "S3 from Airflow connection %r: endpoint %s, region %s, credentials %s",
             aws_conn.conn_id,
-            endpoint or "AWS default",
+            redact_url(endpoint) if endpoint else "AWS default",
             region or "default",
             "from the connection" if aws_conn.login else "from the hook's chain (role, profile, environment)",
         )

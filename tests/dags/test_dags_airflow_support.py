@@ -330,3 +330,45 @@ def test_a_database_from_a_connection_that_cannot_be_reached_names_the_connectio
     with pytest.raises(DatabaseError, match="fix BRANDMON_DATABASE_URL$"):
         ctx.ready()
     ctx.close()
+
+
+def test_an_endpoint_url_with_userinfo_is_never_logged_and_an_unreachable_one_names_the_connection(
+    brandmon_env, monkeypatch
+):
+    """An `endpoint_url` extra carrying `user:password@` (a MinIO behind a proxy) is a secret:
+    not in the settings log line, registered with Airflow's masker (task logs), not in the
+    error when the endpoint cannot be reached; that error names the connection to fix."""
+    from airflow.sdk._shared.secrets_masker import redact
+
+    from pipeline.context import Context
+    from pipeline.errors import StorageError
+    from pipeline.testing import free_port
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BRANDMON_AWS",
+        json.dumps({"conn_type": "aws", "login": "AKIAX", "password": "aws-secret-1",
+                    "extra": {"endpoint_url": f"http://proxy:Url%23Secret9@127.0.0.1:{port}",
+                              "region_name": "us-east-1"}}),
+    )
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    af.log.addHandler(handler)  # caplog misses it once Airflow has configured logging
+    monkeypatch.setattr(af.log, "level", logging.INFO)
+    try:
+        settings = af.settings_from_airflow()
+    finally:
+        af.log.removeHandler(handler)
+    text = "\n".join(records)
+    assert "Url%23Secret9" not in text and "Url#Secret9" not in text
+    assert f"endpoint http://proxy:***@127.0.0.1:{port}" in text, text
+    assert "Url#Secret9" not in str(redact("dropped Url#Secret9 and Url%23Secret9"))
+    ctx = Context(settings)
+    with pytest.raises(StorageError) as err:
+        ctx.store.check()
+    message = str(err.value)
+    assert "Secret9" not in message, message
+    assert message.endswith("fix the Airflow connection 'brandmon_aws' (extra endpoint_url)"), message
+    ctx.close()
