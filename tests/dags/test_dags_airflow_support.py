@@ -271,6 +271,9 @@ def test_train_options_are_checked_with_one_line_errors():
     assert af.check_train_options(None) == {}
     good = {"mode": "finetune:2", "input_size": 128, "learning_rate": 1e-4, "augment": None, "matcher": "off"}
     assert af.check_train_options(good) == good
+    edges = {"epochs": 500, "input_size": 1024, "time_budget_s": None, "seed": 0, "fractions": [0.8, 0.1, 0.1],
+             "samples": {"margin": 0.2, "whole_positive": False, "negatives_train": 3}}
+    assert af.check_train_options(edges) == edges
     for bad, message in [
         ({"mode": "finetune:x"}, "train option mode='finetune:x' is not valid; use auto, head, full or finetune:N"),
         ({"mode": "finetune:0"}, "mode='finetune:0' is not valid"),
@@ -280,6 +283,21 @@ def test_train_options_are_checked_with_one_line_errors():
         ({"matcher": "yes"}, "train option matcher='yes' is not valid; use auto, on or off"),
         ({"modes": "head"}, "unknown train option(s) modes; known: "),
         (["mode", "head"], "train options must be a JSON object of settings, got list"),
+        # hostile sizes: each would hold the TF pool slot and exhaust the worker's memory/time
+        ({"epochs": 10**9}, "train option epochs=1000000000 is out of range; use 0..500"),
+        ({"input_size": 100000}, "train option input_size=100000 is out of range; use 32..1024"),
+        ({"upsample": 1e9}, "train option upsample=1000000000.0 is out of range; use 0..10"),
+        ({"synthetic_negatives": 10**9}, "synthetic_negatives=1000000000 is out of range; use 0..10000"),
+        ({"batch_size": 0}, "train option batch_size=0 is out of range; use 1..1024"),
+        ({"seed": -1}, "train option seed=-1 is out of range; use 0..4294967295"),
+        ({"learning_rate": float("nan")}, "train option learning_rate=nan is out of range"),
+        ({"time_budget_s": float("inf")}, "train option time_budget_s=inf is out of range; use 1..43200"),
+        ({"samples": "lots"}, "train option samples='lots' must be an object"),
+        ({"samples": {"margin": 1e9}}, "train option samples.margin=1000000000.0 is out of range; use 0..2"),
+        ({"samples": {"negatives_train": 2.5}}, "samples.negatives_train=2.5 must be a whole number"),
+        ({"samples": {"evil": 1}}, "unknown samples option(s) evil; known: margin"),
+        ({"fractions": [0.5, 0.5]}, "train option fractions=[0.5, 0.5] must be [train, val, test] shares summing to 1"),
+        ({"fractions": [1.5, -0.25, -0.25]}, "must be [train, val, test] shares summing to 1"),
     ]:
         with pytest.raises(ConfigError) as err:
             af.check_train_options(bad)
