@@ -29,6 +29,17 @@ class AirflowApiError(BrandmonError):
     """The Airflow REST API refused or could not be reached."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The api-server answers these calls itself; following a redirect would carry the
+    `Authorization: Bearer` token (urllib keeps it) to whatever host the answer names."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError: one line, below
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _request(method: str, url: str, body: Any = None, token: str | None = None) -> Any:
     """One request, bounded in wall-clock time as a whole (TIMEOUT_S): the socket timeout
     alone bounds each read, and a server or proxy that trickles a byte at a time would hold
@@ -66,7 +77,7 @@ def _request_once(method: str, url: str, body: Any = None, token: str | None = N
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     where = f"{method} {urllib.parse.urlsplit(url).path}"
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 (http/https only, checked)
+        with _OPENER.open(request, timeout=TIMEOUT_S) as response:  # http/https only, checked
             raw = response.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.HTTPError as exc:
         detail = exc.read(2000).decode("utf-8", "replace")

@@ -181,3 +181,41 @@ def test_a_server_that_trickles_bytes_cannot_hold_model_activate_past_the_deadli
     message = str(err.value)
     assert "no complete answer within 2s" in message and "POST /auth/token" in message, message
     assert PASSWORD not in message and "\n" not in message
+
+
+def test_a_redirect_never_carries_the_token_to_another_server(api):
+    """The api-server answers these calls directly; urllib would follow a redirect of the
+    asset lookup with the `Authorization: Bearer` header to whatever host it names."""
+    seen: list[str] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization") or "")
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+
+    class Redirecting(FakeAirflow):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(AirflowApiError) as err:
+            emit_asset_event(f"http://127.0.0.1:{server.server_address[1]}", "admin", PASSWORD, "brandmon://model", {})
+    finally:
+        server.shutdown()
+        other.shutdown()
+    assert seen == []  # the token never left for the other server
+    assert "answered 302" in str(err.value) and TOKEN not in str(err.value)
