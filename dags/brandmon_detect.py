@@ -26,10 +26,11 @@ retried batch) finds nothing to do. Without an active model the run logs how to 
 (the brandmon_train DAG) and succeeds with nothing scored; aggregation still runs on text
 mentions.
 
-Parse-time settings (a non-numeric value is an import error naming the variable):
+Parse-time settings (a non-numeric or out-of-range value is an import error naming the variable):
 BRANDMON_TF_POOL (default brandmon_tf), BRANDMON_DETECT_BATCH_IMAGES (images per mapped
 task; default 32 x detector.batch_size), BRANDMON_DETECT_MAX_TASKS (default 256 mapped tasks
-per run), BRANDMON_TASK_RETRIES (default 3, at least 2), BRANDMON_RETRY_DELAY_S (default 120).
+per run, at most Airflow's max_map_length), BRANDMON_TASK_RETRIES (default 3, 2..100),
+BRANDMON_RETRY_DELAY_S (default 120, at most a day).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ DETECTIONS = Asset(dag_support.DETECTIONS)
 
 
 TF_POOL = dag_support.tf_pool()
-BATCH_IMAGES = dag_support.env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1)
-MAX_TASKS = dag_support.env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1)
+BATCH_IMAGES = dag_support.env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1, maximum=1_000_000)
+# more mapped tasks than [core] max_map_length: the api-server refuses the list at run time
+MAX_TASKS = dag_support.env_number(
+    "BRANDMON_DETECT_MAX_TASKS", 256, minimum=1, maximum=dag_support.max_map_length()
+)
 
 
 DEFAULT_ARGS = dag_support.default_args()

@@ -11,9 +11,9 @@ extra carries the interval (never data) so the report downstream knows which day
 
 Parse-time settings (environment, cheap to read): BRANDMON_INGEST_SCHEDULE (cron or preset,
 default @daily), BRANDMON_INGEST_START (ISO date, default 2026-01-01),
-BRANDMON_INGEST_MAX_ACTIVE_RUNS (default 4), BRANDMON_TASK_RETRIES (default 3, at least 2),
-BRANDMON_RETRY_DELAY_S (default 120); a non-numeric value is an import error naming the
-variable. The source list is read from BRANDMON_CONFIG at run time, never while parsing.
+BRANDMON_INGEST_MAX_ACTIVE_RUNS (default 4, at most 1024), BRANDMON_TASK_RETRIES (default 3,
+2..100), BRANDMON_RETRY_DELAY_S (default 120, at most a day); a non-numeric or out-of-range
+value is an import error naming the variable. The source list is read from BRANDMON_CONFIG at run time, never while parsing.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def _start_date(raw: str) -> Any:
 
 TIMETABLE = _timetable(SCHEDULE)
 START_DATE = _start_date(os.environ.get("BRANDMON_INGEST_START") or "2026-01-01")
-MAX_ACTIVE_RUNS = dag_support.env_number("BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1)
+MAX_ACTIVE_RUNS = dag_support.env_number(
+    "BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1, maximum=dag_support.MAX_ACTIVE_RUNS
+)
 
 
 DEFAULT_ARGS = dag_support.default_args()

@@ -14,7 +14,8 @@ When the new version is activated, `publish` emits `brandmon://model`, which sch
 images belong to for re-aggregation); a version that is not activated emits nothing.
 
 The `options` param is checked before anything loads (unknown keys, a `mode` other than
-auto/head/full/finetune:N, values of the wrong type): a bad one fails the run with one line.
+auto/head/full/finetune:N, values of the wrong type or out of range, e.g. more than 500
+epochs or an input over 1024 px): a bad one fails the run with one line.
 Parse-time settings: BRANDMON_TF_POOL, BRANDMON_TASK_RETRIES, BRANDMON_RETRY_DELAY_S (a
 non-numeric value is an import error naming the variable).
 """
@@ -97,10 +98,11 @@ DEFAULT_ARGS = dag_support.default_args()
             type="object",
             properties={
                 "mode": {"type": "string", "pattern": TRAIN_MODES},
-                "input_size": {"type": ["null", "integer"], "minimum": 32},
-                "epochs": {"type": ["null", "integer"], "minimum": 0},
-                "head_epochs": {"type": "integer", "minimum": 0},
-                "batch_size": {"type": "integer", "minimum": 1},
+                # the bounds of pipeline.airflow_support.TRAIN_OPTION_RANGES (checked again there)
+                "input_size": {"type": ["null", "integer"], "minimum": 32, "maximum": 1024},
+                "epochs": {"type": ["null", "integer"], "minimum": 0, "maximum": 500},
+                "head_epochs": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
                 "matcher": {"type": "string", "enum": ["auto", "on", "off"]},
             },
             description='Advanced settings overriding the profile, e.g. {"input_size": 128, "mode": "finetune:2"}',

@@ -5,14 +5,15 @@ Why: activating a model on the command line changes which images are unscored, b
 for the next ingest. When BRANDMON_AIRFLOW_API_URL is set (the api-server's base URL, e.g.
 http://localhost:8080), the CLI gets a JWT from `POST /auth/token` with
 BRANDMON_AIRFLOW_USER / BRANDMON_AIRFLOW_PASSWORD, looks the asset up by URI and posts the
-event to `POST /api/v2/assets/events`. Standard library HTTP, every request bounded in time
-and bytes; errors are one line that never contains the password or the token.
+event to `POST /api/v2/assets/events`. Standard library HTTP, every request bounded in wall-clock
+time (not only per read) and bytes; errors are one line that never contains the password or the token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +29,45 @@ class AirflowApiError(BrandmonError):
     """The Airflow REST API refused or could not be reached."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The api-server answers these calls itself; following a redirect would carry the
+    `Authorization: Bearer` token (urllib keeps it) to whatever host the answer names."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError: one line, below
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _request(method: str, url: str, body: Any = None, token: str | None = None) -> Any:
+    """One request, bounded in wall-clock time as a whole (TIMEOUT_S): the socket timeout
+    alone bounds each read, and a server or proxy that trickles a byte at a time would hold
+    `brandmon model activate` for ever. The request runs in a daemon thread; past the
+    deadline it is abandoned (the CLI exits) with a one-line error."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = _request_once(method, url, body, token)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name="airflow-api", daemon=True)
+    worker.start()
+    worker.join(TIMEOUT_S)
+    if worker.is_alive():
+        where = f"{method} {urllib.parse.urlsplit(url).path}"
+        raise AirflowApiError(
+            f"Airflow API {where}: no complete answer within {TIMEOUT_S:g}s; check that "
+            "BRANDMON_AIRFLOW_API_URL is the api-server and that it is healthy"
+        )
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def _request_once(method: str, url: str, body: Any = None, token: str | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     headers = {"Accept": "application/json"}
     if data is not None:
@@ -38,7 +77,7 @@ def _request(method: str, url: str, body: Any = None, token: str | None = None) 
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     where = f"{method} {urllib.parse.urlsplit(url).path}"
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 (http/https only, checked)
+        with _OPENER.open(request, timeout=TIMEOUT_S) as response:  # http/https only, checked
             raw = response.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.HTTPError as exc:
         detail = exc.read(2000).decode("utf-8", "replace")

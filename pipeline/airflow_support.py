@@ -134,6 +134,17 @@ def aws_from_connection(conn_id: str) -> tuple[str | None, Any, str | None]:
     return (str(endpoint) if endpoint else None), session, hook.region_name
 
 
+def _url_passwords(url: str) -> list[str]:
+    """The password of a URL's userinfo, as written and percent-decoded (none: [])."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        raw = urlsplit(url).password or ""
+    except ValueError:
+        return []
+    return [v for v in {raw, unquote(raw)} if v]
+
+
 def _mask(values: Iterable[str]) -> None:
     """Register values with Airflow's log masker (a no-op outside Airflow)."""
     try:
@@ -171,11 +182,14 @@ def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
         changes["s3_session"] = session
         changes["s3_source"] = f"the Airflow connection {aws_conn.conn_id!r}"
         if endpoint:
+            # userinfo in an endpoint_url is a secret too: masked in task logs, never logged
+            _mask(_url_passwords(endpoint))
             changes["s3_endpoint_url"] = endpoint
+            changes["s3_endpoint_source"] = f"the Airflow connection {aws_conn.conn_id!r} (extra endpoint_url)"
         log.info(
             "S3 from Airflow connection %r: endpoint %s, region %s, credentials %s",
             aws_conn.conn_id,
-            endpoint or "AWS default",
+            redact_url(endpoint) if endpoint else "AWS default",
             region or "default",
             "from the connection" if aws_conn.login else "from the hook's chain (role, profile, environment)",
         )
@@ -419,10 +433,82 @@ def backlog_or_skip(batches_left: int, totals: Mapping[str, Any], late: int = 0)
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
+# What a triggered run may ask for: a training run holds a TensorFlow pool slot and a worker's
+# memory, so each numeric option is bounded (a typo of 10**9 epochs, a 100000 px input or a
+# billion synthetic negatives fails the run at once instead of exhausting the worker).
+TRAIN_OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "input_size": (32, 1024),
+    "epochs": (0, 500),
+    "head_epochs": (0, 1000),
+    "batch_size": (1, 1024),
+    "learning_rate": (1e-8, 1.0),
+    "finetune_learning_rate": (1e-9, 1.0),
+    "dropout": (0.0, 0.95),
+    "bn_momentum": (0.0, 1.0),
+    "upsample": (0.0, 10.0),
+    "synthetic_negatives": (0, 10_000),
+    "synthetic_size": (32, 1024),
+    "matcher_workers": (1, 64),
+    "time_budget_s": (1.0, 12 * 3600.0),  # the train task's execution_timeout
+    "seed": (0, 2**32 - 1),  # numpy's seed range
+}
+SAMPLE_OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "margin": (0.0, 2.0),
+    "negatives_train": (0, 50),
+    "negatives_eval": (0, 50),
+    "min_region": (8, 4096),
+}
+
+
+def _check_range(name: str, value: Any, bounds: tuple[float, float]) -> None:
+    """A numeric option within `bounds` (and finite); None and bools are checked elsewhere."""
+    import math
+
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    lo, hi = bounds
+    if not math.isfinite(value) or not lo <= value <= hi:
+        shown = [str(int(b)) if float(b).is_integer() else f"{b:g}" for b in bounds]
+        raise ConfigError(f"train option {name}={value!r} is out of range; use {shown[0]}..{shown[1]}")
+
+
+def _check_samples(value: Any) -> None:
+    """The `samples` option: an object of SampleSpec fields with numbers in range."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"train option samples={str(value)[:40]!r} must be an object, e.g. {{\"margin\": 0.15}}")
+    known = {**SAMPLE_OPTION_RANGES, "whole_positive": None}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown samples option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, item in value.items():
+        if key == "whole_positive":
+            if not isinstance(item, bool):
+                raise ConfigError(f"train option samples.whole_positive={item!r} must be true or false")
+            continue
+        if isinstance(item, bool) or not isinstance(item, int | float) or (key != "margin" and not isinstance(item, int)):
+            raise ConfigError(f"train option samples.{key}={item!r} must be a {'number' if key == 'margin' else 'whole number'}")
+        _check_range(f"samples.{key}", item, SAMPLE_OPTION_RANGES[key])
+
+
+def _check_fractions(value: Any) -> None:
+    """The `fractions` option: three shares (train, val, test) in [0, 1] that sum to 1."""
+    import math
+
+    ok = (
+        isinstance(value, list | tuple)
+        and len(value) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1 for v in value)
+        and abs(sum(value) - 1.0) < 1e-6
+        and value[0] > 0
+    )
+    if not ok:
+        raise ConfigError(f"train option fractions={str(value)[:60]} must be [train, val, test] shares summing to 1, e.g. [0.7, 0.15, 0.15]")
+
 
 def check_train_options(options: Any) -> dict[str, Any]:
-    """The train DAG's `options` param, checked against `TrainConfig` before anything loads;
-    a bad one is a ConfigError of one line naming the option."""
+    """The train DAG's `options` param, checked against `TrainConfig` (types and ranges:
+    `TRAIN_OPTION_RANGES`) before anything loads; a bad one is a ConfigError of one line
+    naming the option."""
     if options is None:
         return {}
     if not isinstance(options, Mapping):
@@ -441,6 +527,13 @@ def check_train_options(options: Any) -> dict[str, Any]:
         allowed = tuple(t for n in names for t in _TYPES[n])
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise ConfigError(f"train option {key}={value!r} must be {' or '.join(names)}")
+    for key, value in options.items():
+        if key in TRAIN_OPTION_RANGES:
+            _check_range(key, value, TRAIN_OPTION_RANGES[key])
+    if "samples" in options:
+        _check_samples(options["samples"])
+    if "fractions" in options:
+        _check_fractions(options["fractions"])
     mode = options.get("mode")
     if mode is not None and mode != "auto":
         try:

@@ -27,6 +27,7 @@ class Context:
             self.settings.s3_endpoint_url,
             session=self.settings.s3_session,
             credentials_hint=self.settings.s3_source,
+            endpoint_hint=self.settings.s3_endpoint_source,
         )
 
     def ready(self) -> Context:

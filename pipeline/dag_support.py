@@ -14,6 +14,7 @@ model event through Airflow's REST API).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from typing import Any
 
@@ -27,6 +28,20 @@ DETECTIONS = "brandmon://detections"  # brandmon_detect -> brandmon_aggregate
 AGGREGATE_BACKLOG = "brandmon://aggregate-backlog"  # brandmon_aggregate -> brandmon_aggregate
 
 DEFAULT_TF_POOL = "brandmon_tf"
+
+# Upper bounds of the numeric parse-time settings. Airflow stores retries and
+# max_active_runs in 32-bit integer columns (a larger value is an `integer out of range` in
+# the scheduler, not an import error), backs off for at most an hour anyway, and its
+# api-server refuses a mapped task longer than [core] max_map_length (default 1024).
+MAX_RETRIES = 100
+MAX_RETRY_DELAY_S = 86400.0
+MAX_ACTIVE_RUNS = 1024
+
+
+def max_map_length() -> int:
+    """Airflow's [core] max_map_length as the environment sets it (default 1024): the most
+    mapped tasks a run may expand to."""
+    return int(env_number("AIRFLOW__CORE__MAX_MAP_LENGTH", 1024, minimum=1, maximum=2**31 - 1))
 
 
 class BadBatchKey(BrandmonError):
@@ -56,20 +71,26 @@ def batch_label(key: str) -> str:
     return f"{first[:10]}..{last[:10]}"
 
 
-def env_number(name: str, default: Any, kind: type = int, minimum: float = 0) -> Any:
+def env_number(name: str, default: Any, kind: type = int, minimum: float = 0, maximum: float | None = None) -> Any:
     """A numeric parse-time setting from the environment; a bad value fails the import with
-    one line naming the variable (not a bare `invalid literal for int()`)."""
+    one line naming the variable (not a bare `invalid literal for int()`, nor an
+    `OverflowError` from `timedelta` or a Postgres `integer out of range` in the scheduler
+    later: NaN, infinities and values above `maximum` are refused here)."""
     raw = (os.environ.get(name) or "").strip()
     if not raw:
         return default
+    what = "a whole number" if kind is int else "a number"
+    example = f"e.g. {default}" if default is not None else "a positive number"
     try:
         value = kind(raw)
     except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        example = f"e.g. {default}" if default is not None else "a positive number"
-        raise ValueError(f"{name}={raw!r} is not {what}; set {example}, or unset it for the default") from None
+        raise ValueError(f"{name}={raw[:40]!r} is not {what}; set {example}, or unset it for the default") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={raw[:40]!r} is not a finite number; set {example}, or unset it for the default")
     if value < minimum:
-        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+        raise ValueError(f"{name}={raw[:40]!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={raw[:40]!r} must be at most {maximum}; set {example}, or unset it for the default")
     return value
 
 
@@ -84,8 +105,10 @@ def default_args() -> dict[str, Any]:
     """Retries with exponential backoff (BRANDMON_TASK_RETRIES >= 2, BRANDMON_RETRY_DELAY_S)."""
     return {
         "owner": "brandmon",
-        "retries": max(2, env_number("BRANDMON_TASK_RETRIES", 3)),
-        "retry_delay": dt.timedelta(seconds=env_number("BRANDMON_RETRY_DELAY_S", 120.0, float)),
+        "retries": max(2, env_number("BRANDMON_TASK_RETRIES", 3, maximum=MAX_RETRIES)),
+        "retry_delay": dt.timedelta(
+            seconds=env_number("BRANDMON_RETRY_DELAY_S", 120.0, float, maximum=MAX_RETRY_DELAY_S)
+        ),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": dt.timedelta(hours=1),
         "on_failure_callback": on_failure,

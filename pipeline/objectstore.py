@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import InvalidKeyError, StorageError
+from pipeline.redact import redact_url, scrub_text
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -119,6 +120,14 @@ def _max_attempts() -> int:
     return int(raw)
 
 
+def _url_password(url: str | None) -> str:
+    """The password in a URL's userinfo ('' if none): a known secret to scrub from messages."""
+    try:
+        return unquote(urlsplit(url or "").password or "")
+    except ValueError:
+        return ""
+
+
 class S3Store:
     """An S3 bucket (optionally under a prefix), through boto3."""
 
@@ -129,10 +138,13 @@ class S3Store:
         endpoint_url: str | None = None,
         session: Any = None,
         credentials_hint: str = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)",
+        endpoint_hint: str = "BRANDMON_S3_ENDPOINT_URL",
     ) -> None:
         """`session`: a boto3 Session to make the client with (e.g. from Airflow's AWS hook:
         the connection's keys, role or profile); None: boto3's default credential chain.
-        `credentials_hint` is what an access-denied error tells the user to check."""
+        `credentials_hint` is what an access-denied error tells the user to check,
+        `endpoint_hint` what to fix when the endpoint cannot be reached (the variable, or the
+        Airflow connection it came from)."""
         import boto3
         from botocore.config import Config
 
@@ -142,6 +154,7 @@ class S3Store:
         self.endpoint_url = endpoint_url
         self.max_attempts = _max_attempts()
         self.credentials_hint = credentials_hint
+        self.endpoint_hint = endpoint_hint
         self.client = (session or boto3).client(
             "s3",
             endpoint_url=endpoint_url,
@@ -160,7 +173,7 @@ class S3Store:
             code = exc.response.get("Error", {}).get("Code", "?")
             if code in ("NoSuchBucket", "404") and what == "check":
                 return StorageError(
-                    f"S3 bucket {self.bucket!r} does not exist at {self.endpoint_url or 'AWS'}; create it "
+                    f"S3 bucket {self.bucket!r} does not exist at {redact_url(self.endpoint_url) if self.endpoint_url else 'AWS'}; create it "
                     f"(aws s3 mb s3://{self.bucket}) or fix BRANDMON_STORAGE_URL"
                 )
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -179,13 +192,14 @@ class S3Store:
         if name == "NoCredentialsError":
             hint = f"; set {self.credentials_hint}"
         elif name in ("EndpointConnectionError", "ConnectTimeoutError"):
-            hint = "; start the S3 server or fix BRANDMON_S3_ENDPOINT_URL"
+            hint = f"; start the S3 server or fix {self.endpoint_hint}"
         elif name in ("ConnectionClosedError", "ReadTimeoutError", "ResponseStreamingError", "IncompleteReadError",
                       "ProtocolError", "ConnectionError", "HTTPClientError"):
             hint = "; the S3 server dropped the connection or sent a short answer: re-run the same command"
         else:
-            hint = "; check BRANDMON_STORAGE_URL and BRANDMON_S3_ENDPOINT_URL, then re-run the same command"
-        detail = " ".join(str(exc).split())[:300]
+            hint = f"; check BRANDMON_STORAGE_URL and {self.endpoint_hint}, then re-run the same command"
+        # botocore puts the endpoint URL (userinfo and all) into its messages
+        detail = scrub_text(" ".join(str(exc).split()), [_url_password(self.endpoint_url)])[:300]
         return StorageError(f"S3 {what} on s3://{self.bucket} failed: {name}: {detail}{hint}")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:

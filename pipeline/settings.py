@@ -132,6 +132,8 @@ class Settings:
     # a boto3 Session for the lake (from an Airflow AWS connection); None: boto3's default chain
     s3_session: Any = field(default=None, repr=False, compare=False)
     s3_source: str = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    # what to fix when the S3 endpoint cannot be reached: the variable or the Airflow connection
+    s3_endpoint_source: str = "BRANDMON_S3_ENDPOINT_URL"
     # Airflow's REST API, for the events the CLI emits (`brandmon model activate`); None: off
     airflow_api_url: str | None = None
     airflow_api_user: str = ""

@@ -4,6 +4,7 @@ tests/dags/test_dags_stack.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -120,3 +121,101 @@ def test_model_activate_emits_the_event_when_an_api_is_configured(api, make_ctx,
     monkeypatch.delenv("BRANDMON_AIRFLOW_API_URL")
     assert main(["model", "activate", "v1"]) == 0
     assert "airflow dags trigger brandmon_detect" in capsys.readouterr().out
+
+
+def _trickle_server(head: bytes) -> tuple[int, threading.Event]:
+    """A real server on 127.0.0.1 that sends `head` and then one byte every 0.3 s, forever
+    (a hung proxy or a broken api-server): each read succeeds, so a socket timeout never fires."""
+    import socket
+
+    stop = threading.Event()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+
+    def serve() -> None:
+        conns = []
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+                conn.sendall(head)
+                conns.append(conn)
+            except OSError:
+                pass
+            for c in conns:
+                with contextlib.suppress(OSError):
+                    c.sendall(b" ")
+            stop.wait(0.3)
+        for c in conns:
+            c.close()
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1], stop
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{",  # a body that never ends
+        b"HTTP/1.1 200 OK\r\nX-Slow: ",  # headers that never end
+    ],
+    ids=["body", "headers"],
+)
+def test_a_server_that_trickles_bytes_cannot_hold_model_activate_past_the_deadline(monkeypatch, head):
+    import time
+
+    from pipeline import airflow_api
+
+    monkeypatch.setattr(airflow_api, "TIMEOUT_S", 2.0)
+    port, stop = _trickle_server(head)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(AirflowApiError) as err:
+            emit_asset_event(f"http://127.0.0.1:{port}", "admin", PASSWORD, "brandmon://model", {})
+    finally:
+        stop.set()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 6, elapsed
+    message = str(err.value)
+    assert "no complete answer within 2s" in message and "POST /auth/token" in message, message
+    assert PASSWORD not in message and "\n" not in message
+
+
+def test_a_redirect_never_carries_the_token_to_another_server(api):
+    """The api-server answers these calls directly; urllib would follow a redirect of the
+    asset lookup with the `Authorization: Bearer` header to whatever host it names."""
+    seen: list[str] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization") or "")
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+
+    class Redirecting(FakeAirflow):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(AirflowApiError) as err:
+            emit_asset_event(f"http://127.0.0.1:{server.server_address[1]}", "admin", PASSWORD, "brandmon://model", {})
+    finally:
+        server.shutdown()
+        other.shutdown()
+    assert seen == []  # the token never left for the other server
+    assert "answered 302" in str(err.value) and TOKEN not in str(err.value)

@@ -271,6 +271,9 @@ def test_train_options_are_checked_with_one_line_errors():
     assert af.check_train_options(None) == {}
     good = {"mode": "finetune:2", "input_size": 128, "learning_rate": 1e-4, "augment": None, "matcher": "off"}
     assert af.check_train_options(good) == good
+    edges = {"epochs": 500, "input_size": 1024, "time_budget_s": None, "seed": 0, "fractions": [0.8, 0.1, 0.1],
+             "samples": {"margin": 0.2, "whole_positive": False, "negatives_train": 3}}
+    assert af.check_train_options(edges) == edges
     for bad, message in [
         ({"mode": "finetune:x"}, "train option mode='finetune:x' is not valid; use auto, head, full or finetune:N"),
         ({"mode": "finetune:0"}, "mode='finetune:0' is not valid"),
@@ -280,6 +283,21 @@ def test_train_options_are_checked_with_one_line_errors():
         ({"matcher": "yes"}, "train option matcher='yes' is not valid; use auto, on or off"),
         ({"modes": "head"}, "unknown train option(s) modes; known: "),
         (["mode", "head"], "train options must be a JSON object of settings, got list"),
+        # hostile sizes: each would hold the TF pool slot and exhaust the worker's memory/time
+        ({"epochs": 10**9}, "train option epochs=1000000000 is out of range; use 0..500"),
+        ({"input_size": 100000}, "train option input_size=100000 is out of range; use 32..1024"),
+        ({"upsample": 1e9}, "train option upsample=1000000000.0 is out of range; use 0..10"),
+        ({"synthetic_negatives": 10**9}, "synthetic_negatives=1000000000 is out of range; use 0..10000"),
+        ({"batch_size": 0}, "train option batch_size=0 is out of range; use 1..1024"),
+        ({"seed": -1}, "train option seed=-1 is out of range; use 0..4294967295"),
+        ({"learning_rate": float("nan")}, "train option learning_rate=nan is out of range"),
+        ({"time_budget_s": float("inf")}, "train option time_budget_s=inf is out of range; use 1..43200"),
+        ({"samples": "lots"}, "train option samples='lots' must be an object"),
+        ({"samples": {"margin": 1e9}}, "train option samples.margin=1000000000.0 is out of range; use 0..2"),
+        ({"samples": {"negatives_train": 2.5}}, "samples.negatives_train=2.5 must be a whole number"),
+        ({"samples": {"evil": 1}}, "unknown samples option(s) evil; known: margin"),
+        ({"fractions": [0.5, 0.5]}, "train option fractions=[0.5, 0.5] must be [train, val, test] shares summing to 1"),
+        ({"fractions": [1.5, -0.25, -0.25]}, "must be [train, val, test] shares summing to 1"),
     ]:
         with pytest.raises(ConfigError) as err:
             af.check_train_options(bad)
@@ -329,4 +347,46 @@ def test_a_database_from_a_connection_that_cannot_be_reached_names_the_connectio
     ctx = Context(af.settings_from_airflow())
     with pytest.raises(DatabaseError, match="fix BRANDMON_DATABASE_URL$"):
         ctx.ready()
+    ctx.close()
+
+
+def test_an_endpoint_url_with_userinfo_is_never_logged_and_an_unreachable_one_names_the_connection(
+    brandmon_env, monkeypatch
+):
+    """An `endpoint_url` extra carrying `user:password@` (a MinIO behind a proxy) is a secret:
+    not in the settings log line, registered with Airflow's masker (task logs), not in the
+    error when the endpoint cannot be reached; that error names the connection to fix."""
+    from airflow.sdk._shared.secrets_masker import redact
+
+    from pipeline.context import Context
+    from pipeline.errors import StorageError
+    from pipeline.testing import free_port
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_BRANDMON_AWS",
+        json.dumps({"conn_type": "aws", "login": "AKIAX", "password": "aws-secret-1",
+                    "extra": {"endpoint_url": f"http://proxy:Url%23Secret9@127.0.0.1:{port}",
+                              "region_name": "us-east-1"}}),
+    )
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    af.log.addHandler(handler)  # caplog misses it once Airflow has configured logging
+    monkeypatch.setattr(af.log, "level", logging.INFO)
+    try:
+        settings = af.settings_from_airflow()
+    finally:
+        af.log.removeHandler(handler)
+    text = "\n".join(records)
+    assert "Url%23Secret9" not in text and "Url#Secret9" not in text
+    assert f"endpoint http://proxy:***@127.0.0.1:{port}" in text, text
+    assert "Url#Secret9" not in str(redact("dropped Url#Secret9 and Url%23Secret9"))
+    ctx = Context(settings)
+    with pytest.raises(StorageError) as err:
+        ctx.store.check()
+    message = str(err.value)
+    assert "Secret9" not in message, message
+    assert message.endswith("fix the Airflow connection 'brandmon_aws' (extra endpoint_url)"), message
     ctx.close()

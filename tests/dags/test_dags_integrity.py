@@ -276,3 +276,43 @@ def test_bad_settings_are_import_errors_that_name_the_variable(tmp_path_factory)
     assert "BRANDMON_RETRY_DELAY_S='2m' is not a number" in errors["brandmon_aggregate.py"]
     assert "BRANDMON_DETECT_BATCH_IMAGES='0' must be at least 1" in errors["brandmon_detect.py"]
     assert "BRANDMON_INGEST_START='yesterday' is not a date; use YYYY-MM-DD" in errors["brandmon_ingest.py"]
+
+
+def test_out_of_range_and_non_finite_settings_are_import_errors_that_name_the_variable(tmp_path_factory):
+    """NaN, infinities and values no Airflow column or api-server accepts fail the import with
+    one line naming the variable, instead of an `OverflowError` from timedelta (no variable
+    named) or an import that passes and breaks the scheduler later (`integer out of range`
+    for retries / max_active_runs in Postgres, a map longer than max_map_length refused at
+    run time)."""
+    result = parse_with(
+        tmp_path_factory,
+        BRANDMON_RETRY_DELAY_S="1e99",
+        BRANDMON_DETECT_MAX_TASKS="99999999999999999999999",
+        BRANDMON_INGEST_MAX_ACTIVE_RUNS="99999999999999999999",
+    )
+    errors = {Path(k).name: v for k, v in result["import_errors"].items()}
+    assert set(errors) == {f"{d}.py" for d in EXPECTED_DAGS}
+    assert "BRANDMON_RETRY_DELAY_S='1e99' must be at most 86400.0" in errors["brandmon_train.py"]
+    assert "OverflowError" not in "".join(errors.values())
+    for value in ("nan", "inf", "-inf"):
+        errors = {Path(k).name: v for k, v in parse_with(tmp_path_factory, BRANDMON_RETRY_DELAY_S=value)["import_errors"].items()}
+        assert f"BRANDMON_RETRY_DELAY_S='{value}' is not a finite number" in errors["brandmon_ingest.py"], errors
+    more = parse_with(
+        tmp_path_factory,
+        BRANDMON_TASK_RETRIES="999999999999",
+        BRANDMON_DETECT_MAX_TASKS="2000",
+        BRANDMON_INGEST_MAX_ACTIVE_RUNS="99999999999999999999",
+    )
+    errors = {Path(k).name: v for k, v in more["import_errors"].items()}
+    assert "BRANDMON_TASK_RETRIES='999999999999' must be at most 100" in errors["brandmon_aggregate.py"]
+    retries_ok = parse_with(
+        tmp_path_factory, BRANDMON_DETECT_MAX_TASKS="2000", BRANDMON_INGEST_MAX_ACTIVE_RUNS="99999999999999999999"
+    )
+    errors = {Path(k).name: v for k, v in retries_ok["import_errors"].items()}
+    assert set(errors) == {"brandmon_detect.py", "brandmon_ingest.py"}
+    assert "BRANDMON_DETECT_MAX_TASKS='2000' must be at most 1024" in errors["brandmon_detect.py"]
+    assert "BRANDMON_INGEST_MAX_ACTIVE_RUNS='99999999999999999999' must be at most 1024" in errors["brandmon_ingest.py"]
+    # a larger [core] max_map_length raises the bound with it
+    raised = parse_with(tmp_path_factory, BRANDMON_DETECT_MAX_TASKS="2000", AIRFLOW__CORE__MAX_MAP_LENGTH="4096")
+    assert raised["import_errors"] == {}
+    assert raised["dags"]["brandmon_detect"]["tasks"]["detect"]["mapped"]
