@@ -267,3 +267,26 @@ def test_evidence_default_folder_and_top_are_safe(make_ctx, monkeypatch, tmp_pat
     assert main(["evidence", "--brand", "Acme", "--date", DAY.isoformat(), "--top", "1"]) == 0
     assert "1 counted and 1 review image(s)" in capsys.readouterr().out
     assert [p.name for p in cwd.iterdir()] == ["evidence-Acme-2026-10-12"]
+
+
+def test_report_placeholder_for_a_corrupt_or_huge_image_says_why_and_fits(make_ctx, tmp_path):
+    """A photo whose original is corrupt, a bomb or gone gets a placeholder that says so; its text
+    wraps inside the grey box (a fixed 120px line height pushed the second line over the caption)."""
+    ctx = gallery_ctx(make_ctx)
+    ctx.store.put(f"images/{sha('A')}", b"\xff\xd8\xff\xe0 not a jpeg")
+    ctx.store.put(f"images/{sha('B')}", _bomb_png())
+    page = render_report(ctx, DAY)
+    assert page.count("no preview: the image is missing from the lake, too large or unreadable") == 2
+    css = re.search(r"\.missing \{([^}]*)\}", page).group(1)
+    assert "line-height: 120px" not in css and "align-items: center" in css
+    report = tmp_path / "r.html"
+    report.write_text(page)
+    shot = tmp_path / "r.png"
+    res = _run_chromium(tmp_path, "--window-size=1000,1400", f"--screenshot={shot}", report.as_uri())
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")  # 400 Mpixel, a few kB compressed
+    return buf.getvalue()
