@@ -218,7 +218,9 @@ def make_forecast(ctx: Context, brand: str, product: str = "*", platform: str = 
     brand, product, series = history(ctx, brand, product, platform, end)
     fc = Forecast(brand, product, platform, "no_data", "")
     if not series:
-        fc.message = f"no aggregated mentions of {brand} yet (run `brandmon aggregate`)"
+        where = (f" / {product}" if product != "*" else "") + (f" on platform {platform!r}" if platform != "*" else "")
+        fc.message = (f"no aggregated mentions of {brand}{where}" + (f" up to {end}" if end else "")
+                      + " (check the names, or run `brandmon aggregate`)")
         return fc
     y = np.array([float(r["posts"]) for r in series])
     fc.history_days, fc.first_day, fc.issued_on = len(y), series[0]["day"], series[-1]["day"]

@@ -166,3 +166,17 @@ def test_sql_readme_documents_v_forecast():
     for col in ("issued_on", "horizon_days", "expected", "lower_95", "upper_95", "actual_posts", "method",
                 "history_days", "backtest_mae", "baseline_mae", "mase", "beats_baseline"):
         assert col in body and f"`{col}`" in readme, col
+
+
+def test_no_history_names_the_filter_that_matched_nothing(make_ctx):
+    """An unknown platform or an --end before the history used to say 'no mentions yet (run
+    `brandmon aggregate`)', sending the analyst to re-aggregate instead of fixing the name."""
+    ctx, ds = demo_history_ctx(make_ctx)
+    fc = make_forecast(ctx, "Globex", platform="<x>")
+    assert fc.status == "no_data" and "Globex on platform '<x>'" in fc.message
+    fc = make_forecast(ctx, "Globex", end=dt.date(2020, 1, 1))
+    assert fc.status == "no_data" and "of Globex up to 2020-01-01" in fc.message and "check the names" in fc.message
+    from pipeline.aggregate.sales import SalesError, read_sales_table
+
+    with pytest.raises(SalesError, match="bad table name"):
+        read_sales_table(ctx.engine, "posts\n")
