@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def _done(t0: float, counts: dict[str, Any], quiet: bool) -> None:
 
 def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, quiet: bool = False,
              threads: int = DEMO_THREADS, precision: str = DEMO_PRECISION) -> int:
+    from pipeline.aggregate.forecast import refresh_forecasts
     from pipeline.aggregate.jobs import aggregate_dirty
     from pipeline.detector.jobs import active_model, detect_pending, train_model
     from pipeline.detector.model import configure_threads, enable_determinism
@@ -115,12 +117,19 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     t0 = _step("aggregate: recompute touched days", quiet)
     _done(t0, aggregate_dirty(ctx, progress=progress), quiet)
 
+    t0 = _step("forecast: each brand's expected mentions into demand_signal (v_forecast)", quiet)
+    _done(t0, refresh_forecasts(ctx), quiet)
+
     print()
     print(format_trend_table(ctx, [b.name for b in ctx.settings.brands], first, last))
     print(demo_sales_line(workdir, seed, days, first))
     print(f"\ndemo finished in {time.monotonic() - started:.0f}s; data in {workdir}")
-    print(f"try: BRANDMON_CONFIG={workdir / 'brandmon.yaml'} BRANDMON_DATABASE_URL=sqlite:///{workdir / 'brandmon.db'} "
-          f"brandmon trends --brand {ctx.settings.brands[0].name} --start {first} --end {last}")
+    # Every command needs the demo's database AND lake (the report's photos, evidence): one export.
+    env = {"BRANDMON_CONFIG": str(workdir / "brandmon.yaml"), "BRANDMON_DATABASE_URL": ctx.settings.database_url,
+           "BRANDMON_STORAGE_URL": ctx.settings.storage_url}
+    print("try, in this shell:\n  export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+    print(f"  brandmon trends --brand {ctx.settings.brands[0].name} --start {first} --end {last}")
+    print(f"  brandmon report --date {last}")
     ctx.close()
     return 0
 

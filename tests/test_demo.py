@@ -92,6 +92,8 @@ def test_demo_end_to_end_then_rerun_changes_nothing(tmp_path: Path) -> None:
     assert len(first["posts"]) == 2905 and len(first["images"]) == 340  # README's figures
     assert len(first["image_scores"]) == 340 and first["mention_daily"] and first["text_mentions"]
     assert len(first["model_versions"]) == 1 and not first["dirty_days"] and not first["locks"]
+    # v_forecast is filled by the demo (it was empty until a later `brandmon aggregate`).
+    assert len(first["demand_signal"]) == 3 * 28
 
     again = run_demo(workdir)
     assert trend_table(again) == table
@@ -105,6 +107,27 @@ def test_demo_end_to_end_then_rerun_changes_nothing(tmp_path: Path) -> None:
     engine.dispose()
     assert all(s == "succeeded" for _k, s in statuses)
     assert [k for k, _s in statuses].count("train") == 1  # the model is not trained again
+    check_try_lines(out, workdir)
+
+
+def check_try_lines(out: str, workdir: Path) -> None:
+    """The printed `export ...` line points at the demo's database AND lake: the report run with it
+    shows the photos (without BRANDMON_STORAGE_URL it read ./var/lake and showed none)."""
+    import shlex
+
+    export = next(line for line in out.splitlines() if line.strip().startswith("export "))
+    env = dict(kv.split("=", 1) for kv in shlex.split(export.strip())[1:])
+    assert env["BRANDMON_STORAGE_URL"] == (workdir / "lake").as_uri()
+    assert env["BRANDMON_DATABASE_URL"] == f"sqlite:///{workdir / 'brandmon.db'}"
+    report = next(line.split("brandmon ", 1)[1] for line in out.splitlines() if "brandmon report --date" in line)
+    exe = Path(sys.executable).parent / "brandmon"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRANDMON_")}
+    proc = subprocess.run([str(exe), *report.split()], env={**clean, **env}, cwd=workdir.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "missing from the lake" not in proc.stderr, proc.stderr[-2000:]
+    day = report.split()[-1]
+    page = (workdir / "lake" / "reports" / "daily" / f"{day}.html").read_text()
+    assert page.count("data:image/jpeg;base64,") >= 3
 
 
 def rows_without_times(workdir: Path) -> dict[str, list[tuple[str, ...]]]:

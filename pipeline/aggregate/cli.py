@@ -149,14 +149,16 @@ def cmd_demand(args: argparse.Namespace) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:
-    from pipeline.aggregate.gallery import export_evidence
+    from pipeline.aggregate.gallery import default_out, export_evidence
     from pipeline.aggregate.trends import resolve_key
     from pipeline.context import open_context
 
+    if args.top < 1:
+        raise BrandmonError(f"--top must be at least 1, got {args.top}")
     ctx = open_context()
     try:
         brand, _ = resolve_key(ctx, args.brand)
-        out = args.out or f"evidence-{brand}-{args.date.isoformat()}".replace("/", "_")
+        out = args.out or default_out(brand, args.date)
         res = export_evidence(ctx, brand, args.date, out, top=args.top, top_review=args.top)
     finally:
         ctx.close()

@@ -116,12 +116,38 @@ def permutation_p(m: np.ndarray, s: np.ndarray, lags: list[int], observed: float
     return (hits + 1) / (n_perm + 1)
 
 
+def _unit(values: np.ndarray) -> float:
+    """The largest finite absolute value (1 if none): series are divided by it before any sum of
+    squares, so revenue of 1e300 or 1e-300 gives the same answer as units, not an overflow."""
+    finite = np.abs(values[np.isfinite(values)])
+    top = float(finite.max()) if finite.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def _round(v: float, digits: int) -> float:
+    """Rounded to `digits` decimals, or to 4 significant digits when that would lose the value
+    (a slope in revenue of 1e-9 units would otherwise print as 0)."""
+    return round(v, digits) if v == 0 or abs(v) >= 10 ** -digits else float(f"{v:.4g}")
+
+
+def _window(mentions: dict[dt.date, float], sales: dict[dt.date, float], max_lag: int) -> tuple[dt.date, dt.date]:
+    """The days on which a pair (mentions on t, sales on t + L, 0 <= L <= max_lag) can fall.
+
+    Why: days outside it pair with nothing, and a sales file spanning centuries (or holding
+    0001-01-01 and 9999-12-31) would put millions of empty days under the permutation test."""
+    lo = max(min(mentions).toordinal(), min(sales).toordinal() - max_lag)
+    hi = min(max(mentions).toordinal() + max_lag, max(sales).toordinal())
+    inside = [d for series in (mentions, sales) for d in series if lo <= d.toordinal() <= hi]
+    return (min(inside), max(inside)) if inside else (min(mentions), min(mentions) - dt.timedelta(days=1))
+
+
 def lag_regression(mentions: np.ndarray, sales: np.ndarray, lag: int, test_share: float = 1 / 3) -> dict[str, Any]:
     """sales_t = a + b * mentions_{t-lag}: in-sample fit, expanding-window out-of-sample MAE vs naive."""
+    unit = _unit(sales)  # fit in units of the largest sale (no overflow), report in the sales' own
     x = mentions[:-lag] if lag else mentions
-    y = sales[lag:]
+    y = sales[lag:] / unit
     naive_lag = max(lag, 1)
-    ys_prev = np.concatenate([np.full(naive_lag, np.nan), sales[:-naive_lag]])[lag:]  # sales naive_lag days before
+    ys_prev = np.concatenate([np.full(naive_lag, np.nan), sales[:-naive_lag] / unit])[lag:]  # naive_lag days before
     ok = np.isfinite(x) & np.isfinite(y)
     idx = np.flatnonzero(ok)
     if len(idx) < 8:
@@ -138,10 +164,11 @@ def lag_regression(mentions: np.ndarray, sales: np.ndarray, lag: int, test_share
         naive.append(abs(ys_prev[j] - y[j]))
     resid = y[idx] - (a + b * x[idx])
     r2 = 1 - float((resid ** 2).sum()) / max(1e-12, float(((y[idx] - y[idx].mean()) ** 2).sum()))
-    out = {"intercept": round(float(a), 3), "slope": round(float(b), 4), "r2": round(r2, 3), "n": int(len(idx))}
+    out = {"intercept": _round(float(a) * unit, 3), "slope": _round(float(b) * unit, 4), "r2": round(r2, 3),
+           "n": int(len(idx))}
     if errs:
-        mae, nmae = float(np.mean(errs)), float(np.mean(naive))
-        out.update(test_days=len(errs), mae=round(mae, 3), naive_mae=round(nmae, 3), naive_lag_days=naive_lag,
+        mae, nmae = float(np.mean(errs)) * unit, float(np.mean(naive)) * unit
+        out.update(test_days=len(errs), mae=_round(mae, 3), naive_mae=_round(nmae, 3), naive_lag_days=naive_lag,
                    beats_naive=mae < nmae)
     return out
 
@@ -152,16 +179,25 @@ def analyse(mentions: dict[dt.date, float], sales: dict[dt.date, float], brand: 
         raise DemandError(f"--max-lag must be between 0 and 366, got {max_lag}")
     if not mentions:
         raise DemandError(f"no aggregated mentions of {brand} (run `brandmon aggregate`)")
-    first, last = min(min(mentions), min(sales)), max(max(mentions), max(sales))
+    if not sales:
+        raise DemandError("no sales rows")
+    first, last = _window(mentions, sales, max_lag)
+    no_overlap = DemandError(
+        f"mentions ({min(mentions)} .. {max(mentions)}) and sales ({min(sales)} .. {max(sales)}) overlap on "
+        f"fewer than {MIN_PAIRS} days at every lag 0..{max_lag}; give a longer sales history")
+    if (last - first).days + 1 < MIN_PAIRS:
+        raise no_overlap
     days = [first + dt.timedelta(days=k) for k in range((last - first).days + 1)]
     m = np.array([mentions.get(d, np.nan) for d in days], float)
     s = np.array([sales.get(d, np.nan) for d in days], float)
-    m_res, s_res = detrend(m, days), detrend(s, days)
+    for name, v in (("sales", s), (f"mentions of {brand}", m)):
+        if np.isfinite(v).sum() >= MIN_PAIRS and np.nanmax(v) == np.nanmin(v):
+            raise DemandError(f"the {name} never change ({np.nanmax(v):g} every day from {first} to {last}): "
+                              "nothing to correlate")
+    m_res, s_res = detrend(m, days), detrend(s / _unit(s), days)
     lags, rs, ns, skipped = cross_correlation(m_res, s_res, max_lag)
     if not lags:
-        raise DemandError(
-            f"mentions ({min(mentions)} .. {max(mentions)}) and sales ({min(sales)} .. {max(sales)}) overlap on "
-            f"fewer than {MIN_PAIRS} days at every lag 0..{max_lag}; give a longer sales history")
+        raise no_overlap
     k = int(np.argmax(rs))
     p = permutation_p(m_res, s_res, lags, rs[k], n_perm)
     band = [1.96 / math.sqrt(n) for n in ns]
@@ -226,6 +262,8 @@ def plot_leadlag(mentions: dict[dt.date, float], sales: dict[dt.date, float], re
     from matplotlib.figure import Figure
 
     lag = dt.timedelta(days=res.best_lag)
+    mentions = {d: v for d, v in mentions.items() if res.first_day <= d <= res.last_day}  # the analysed days
+    sales = {d: v for d, v in sales.items() if res.first_day <= d <= res.last_day}
     fig = Figure(figsize=(9, 3.4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     md = sorted(mentions)

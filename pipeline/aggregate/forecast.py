@@ -132,8 +132,10 @@ def predict(res: Any, n: int, horizon: int, level: float = LEVEL) -> tuple[np.nd
 
 
 def backtest(y: np.ndarray, start: dt.date, trend: bool, horizon: int = BACKTEST_HORIZON,
-             origins: int = BACKTEST_ORIGINS) -> dict[str, Any]:
-    """Rolling-origin errors of the model (spec fixed, refitted per origin) vs seasonal naive."""
+             origins: int = BACKTEST_ORIGINS, fit_y: np.ndarray | None = None) -> dict[str, Any]:
+    """Rolling-origin errors of the model (spec fixed, refitted per origin on `fit_y`, default
+    `y`) vs seasonal naive, both scored against the actual `y`."""
+    fit_y = y if fit_y is None else fit_y
     n = len(y)
     h = min(horizon, n - MIN_TRAIN)
     if h < 1:
@@ -142,7 +144,7 @@ def backtest(y: np.ndarray, start: dt.date, trend: bool, horizon: int = BACKTEST
     err_m, err_b = [], []
     for o in cut:
         try:
-            res = _fit(y[:o], start, trend)
+            res = _fit(fit_y[:o], start, trend)
             f = np.maximum(np.asarray(res.forecast(h), float), 0.0)
         except (ValueError, np.linalg.LinAlgError):
             f = np.full(h, np.nan)
@@ -164,18 +166,39 @@ def backtest(y: np.ndarray, start: dt.date, trend: bool, horizon: int = BACKTEST
     }
 
 
-def forecast_series(y: np.ndarray, start: dt.date, horizon: int = DEFAULT_HORIZON) -> dict[str, Any]:
-    """Model choice, forecast, intervals and backtest of a daily count series starting on `start`."""
+def despiked(y: np.ndarray, spike: list[bool], half_width: int = 3) -> np.ndarray:
+    """`y` with each spike day replaced by the median of its non-spike neighbours (3 days each
+    side): local, so a spike on a rising series is put back near the level of its week, not at
+    the trailing 28-day mean."""
+    out = y.copy()
+    for i in np.flatnonzero(spike):
+        near = [y[j] for j in range(max(0, i - half_width), min(len(y), i + half_width + 1)) if j != i and not spike[j]]
+        if near:
+            out[i] = float(np.median(near))
+    return out
+
+
+def forecast_series(y: np.ndarray, start: dt.date, horizon: int = DEFAULT_HORIZON,
+                    fit_y: np.ndarray | None = None) -> dict[str, Any]:
+    """Model choice, forecast, intervals and backtest of a daily count series starting on `start`.
+
+    `fit_y`: the series the model is fitted on, if not `y` (spike days despiked: an
+    additive weekly season otherwise learns a one-off spike as a weekday effect and forecasts it
+    again every week); the backtest still scores against `y`."""
+    fit_y = y if fit_y is None else fit_y
     n = len(y)
     if np.ptp(y) == 0:  # a constant series: ETS is degenerate, the forecast is the constant
         mean = np.full(horizon, float(y[-1]))
         return {"method": "constant (the history never varies)", "expected": mean, "lower": mean, "upper": mean,
                 "backtest": {"origins": 0, "horizon": 0, "mae": 0.0, "baseline_mae": 0.0, "mase": None,
                              "baseline_mase": None, "beats_baseline": False}}
-    trend, res = choose_model(y, start)
+    trend, res = choose_model(fit_y, start)
     mean, lo, hi = predict(res, n, horizon)
     method = f"ETS(A,{'Ad' if trend else 'N'},A) weekly, statsmodels"
-    return {"method": method, "expected": mean, "lower": lo, "upper": hi, "backtest": backtest(y, start, trend)}
+    if (adjusted := int((fit_y != y).sum())):
+        method += f"; {adjusted} spike day(s) despiked"
+    return {"method": method, "expected": mean, "lower": lo, "upper": hi,
+            "backtest": backtest(y, start, trend, fit_y=fit_y)}
 
 
 # --- reading the history and explaining the result ---------------------------------------------
@@ -218,7 +241,9 @@ def make_forecast(ctx: Context, brand: str, product: str = "*", platform: str = 
     brand, product, series = history(ctx, brand, product, platform, end)
     fc = Forecast(brand, product, platform, "no_data", "")
     if not series:
-        fc.message = f"no aggregated mentions of {brand} yet (run `brandmon aggregate`)"
+        where = (f" / {product}" if product != "*" else "") + (f" on platform {platform!r}" if platform != "*" else "")
+        fc.message = (f"no aggregated mentions of {brand}{where}" + (f" up to {end}" if end else "")
+                      + " (check the names, or run `brandmon aggregate`)")
         return fc
     y = np.array([float(r["posts"]) for r in series])
     fc.history_days, fc.first_day, fc.issued_on = len(y), series[0]["day"], series[-1]["day"]
@@ -232,7 +257,7 @@ def make_forecast(ctx: Context, brand: str, product: str = "*", platform: str = 
     if known is not None and known(fc):
         fc.status, fc.message = "unchanged", "already forecast from the same history"
         return fc
-    out = forecast_series(y, fc.first_day, horizon)
+    out = forecast_series(y, fc.first_day, horizon, fit_y=despiked(y, [bool(r.get("spike")) for r in series]))
     fc.status, fc.method, fc.backtest = "ok", out["method"], out["backtest"]
     fc.days = [fc.issued_on + dt.timedelta(days=k + 1) for k in range(horizon)]
     fc.expected = [round(float(v), 3) for v in out["expected"]]

@@ -215,6 +215,19 @@ _EXT = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/w
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def csv_cell(value: str) -> str:
+    """Text from data as a CSV cell a spreadsheet shows and never evaluates: a leading = + - @
+    (or tab / CR) makes Excel and LibreOffice read a formula (`=HYPERLINK(...)`, `=cmd|...`), so
+    such a cell gets a leading apostrophe, the spreadsheets' own mark for text (OWASP's advice)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def default_out(brand: str, day: Any) -> str:
+    """`evidence-BRAND-DATE` with anything but letters, digits, . _ - replaced (a brand named
+    `$x "y"` or `../z` must not become a folder name a shell or a path misreads)."""
+    return _SAFE.sub("_", f"evidence-{brand}-{day.isoformat()}")
+
+
 def _inside(root: Path, *parts: str) -> Path:
     """root/parts, refusing any path that resolves outside root (names come from data)."""
     target = root.joinpath(*parts).resolve()
@@ -254,10 +267,11 @@ def export_evidence(ctx: Context, brand: str, day: Any, out: str | Path, top: in
             _inside(root, "annotated", ann).write_bytes(box_on(thumb, ev))
             ann_file = f"annotated/{ann}"
         rows.append({
-            "kind": ev.kind, "file": file, "annotated_file": ann_file, "sha256": ev.sha256, "brand": ev.brand,
-            "product": ev.product, "class_name": ev.class_name, "score": f"{ev.score:.4f}",
-            "box": "" if ev.box is None else " ".join(map(str, ev.box)), "model_version": ev.model_version,
-            "review_status": ev.review_status, "platform": ev.platform, "post_url": ev.post_url or "",
+            "kind": ev.kind, "file": file, "annotated_file": ann_file, "sha256": ev.sha256,
+            "brand": csv_cell(ev.brand), "product": csv_cell(ev.product), "class_name": csv_cell(ev.class_name),
+            "score": f"{ev.score:.4f}", "box": "" if ev.box is None else " ".join(map(str, ev.box)),
+            "model_version": csv_cell(ev.model_version), "review_status": csv_cell(ev.review_status),
+            "platform": csv_cell(ev.platform), "post_url": csv_cell(ev.post_url or ""),
             "posted_at": ev.posted_at.isoformat() if ev.posted_at else "", "posts_that_day": ev.posts_that_day,
         })
     with _inside(root, "evidence.csv").open("w", newline="", encoding="utf-8") as fh:

@@ -68,7 +68,7 @@ def _figure(ctx: Context, ev: Evidence) -> str:
     thumb = thumbnail(ctx, ev)
     box_note = ""
     if thumb is None:
-        pic = "<div class='missing'>image not available in the lake</div>"
+        pic = "<div class='missing'>no preview: the image is missing from the lake, too large or unreadable</div>"
     else:
         overlay = ""
         if ev.box is not None and ev.width and ev.height:
@@ -175,7 +175,8 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 .frame svg.box {{ position: absolute; left: 0; top: 0; width: 100%; height: 100%; }}
 .frame svg.box rect {{ fill: none; stroke: #e41a1c; stroke-width: 3; }}
 figure.review .frame {{ outline: 2px dashed #e6a000; }}
-.missing {{ width: 200px; height: 120px; background: #eee; line-height: 120px; text-align: center; }}
+.missing {{ width: 200px; height: 120px; background: #eee; display: flex; align-items: center;
+  justify-content: center; text-align: center; padding: 0 12px; box-sizing: border-box; color: #666; }}
 </style></head><body>
 <h1>Brand mentions on {day.isoformat()} (UTC)</h1>
 {no_brands}

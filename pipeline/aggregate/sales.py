@@ -126,7 +126,7 @@ def read_sales_file(path: str | Path, column_name: str | None = None) -> tuple[s
 
 def read_sales_table(engine: Engine, name: str, column_name: str | None = None) -> tuple[str, dict[dt.date, float]]:
     """(value column, {date: value}) from table `name` (columns date and units or revenue)."""
-    if not _IDENT.match(name):
+    if not _IDENT.fullmatch(name):  # fullmatch: `$` alone lets a trailing newline through
         raise SalesError(f"bad table name {name!r} (letters, digits and _ only)")
     insp = inspect(engine)
     if not insp.has_table(name):

@@ -174,3 +174,58 @@ def test_demand_recovers_the_demo_lead(make_ctx, monkeypatch, capsys, tmp_path):
     assert "table 'nope' not found" in capsys.readouterr().err
     with pytest.raises(SalesError, match="missing column"):
         read_sales_table(ctx.engine, "posts")
+
+
+# --- hostile sales (outside checker) ------------------------------------------------------------------
+
+
+def test_analyse_with_sales_at_the_calendar_ends_is_fast_and_finds_the_lead():
+    """Sales on 0001-01-01 and 9999-12-31 (or any long history) used to put every day between on
+    one calendar: the permutation test then ran for hours. Only days that can pair count."""
+    import time
+
+    mentions, sales = _series(90, 11, seed=1)
+    res0 = analyse(mentions, sales, "X", "units", n_perm=199)
+    sales = {dt.date(1, 1, 1): 5.0, dt.date(9999, 12, 31): 7.0, **sales}
+    t0 = time.monotonic()
+    res = analyse(mentions, sales, "X", "units", n_perm=199)
+    assert time.monotonic() - t0 < 30
+    assert res.best_lag == res0.best_lag == 11 and res.significant
+    assert res.first_day >= min(mentions) and res.last_day <= max(mentions) + dt.timedelta(days=42)
+
+
+def test_demand_cli_with_sales_at_the_calendar_ends(tmp_path, make_ctx, monkeypatch, capsys):
+    ctx, ds = demo_history_ctx(make_ctx)
+    s = ctx.settings
+    for k, v in (("BRANDMON_DATABASE_URL", s.database_url), ("BRANDMON_STORAGE_URL", s.storage_url),
+                 ("BRANDMON_CONFIG", str(s.config_path)), ("BRANDMON_HOME", str(s.home))):
+        monkeypatch.setenv(k, v)
+    rows = {dt.date(1, 1, 1): 1.0, **sales_series(ds), dt.date(9999, 12, 31): 2.0}
+    p = tmp_path / "ends.csv"
+    p.write_text("date,units\n" + "".join(f"{d.isoformat()},{v:g}\n" for d, v in rows.items()))
+    assert main(["demand", "--brand", "Globex", "--sales", str(p), "--plot", str(tmp_path / "d.png"), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["best_lag"] - DEMO_LEAD_DAYS) <= 1
+
+
+@pytest.mark.parametrize("factor", [1e-300, 1e6, 1e150, 1e300])
+def test_analyse_does_not_depend_on_the_sales_unit(factor):
+    """Revenue in any currency: the same lead and correlation, the regression in the same unit
+    (huge values used to overflow: r = 0 at lag 0, an infinite intercept)."""
+    mentions, sales = _series(90, 11, seed=1)
+    ref = analyse(mentions, sales, "X", "units", n_perm=99)
+    with np.errstate(all="raise"):  # no overflow on the way
+        res = analyse(mentions, {d: v * factor for d, v in sales.items()}, "X", "units", n_perm=99)
+    assert (res.best_lag, res.best_r, res.p_value, res.ccf) == (ref.best_lag, ref.best_r, ref.p_value, ref.ccf)
+    for k in ("slope", "intercept", "mae", "naive_mae"):
+        assert res.regression[k] == pytest.approx(ref.regression[k] * factor, rel=1e-3), k
+    assert res.regression["r2"] == ref.regression["r2"]
+    json.dumps(res.regression, allow_nan=False)
+
+
+def test_analyse_refuses_sales_that_never_change():
+    from pipeline.aggregate.demand import DemandError
+
+    mentions, sales = _series(60, 3, seed=1)
+    for v in (0.0, 1e308):
+        with pytest.raises(DemandError, match="never change"):
+            analyse(mentions, dict.fromkeys(sales, v), "X", "units", n_perm=19)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import numpy as np
 import pytest
 from agg_helpers import CONFIG, FakePost, add_posts, ts
 from demo_history import demo_history_ctx
@@ -166,3 +167,37 @@ def test_sql_readme_documents_v_forecast():
     for col in ("issued_on", "horizon_days", "expected", "lower_95", "upper_95", "actual_posts", "method",
                 "history_days", "backtest_mae", "baseline_mae", "mase", "beats_baseline"):
         assert col in body and f"`{col}`" in readme, col
+
+
+def test_no_history_names_the_filter_that_matched_nothing(make_ctx):
+    """An unknown platform or an --end before the history used to say 'no mentions yet (run
+    `brandmon aggregate`)', sending the analyst to re-aggregate instead of fixing the name."""
+    ctx, ds = demo_history_ctx(make_ctx)
+    fc = make_forecast(ctx, "Globex", platform="<x>")
+    assert fc.status == "no_data" and "Globex on platform '<x>'" in fc.message
+    fc = make_forecast(ctx, "Globex", end=dt.date(2020, 1, 1))
+    assert fc.status == "no_data" and "of Globex up to 2020-01-01" in fc.message and "check the names" in fc.message
+    from pipeline.aggregate.sales import SalesError, read_sales_table
+
+    with pytest.raises(SalesError, match="bad table name"):
+        read_sales_table(ctx.engine, "posts\n")
+
+
+def test_a_one_off_spike_is_not_forecast_to_recur_every_week(make_ctx):
+    """ETS's additive weekly season learnt the demo's Globex spike (94 posts on Monday 2026-10-19,
+    ~18 on other Mondays) as a Monday effect: every Monday ahead was forecast at 38. Spike days
+    are fitted at the median of their neighbours; the backtest still scores the actual posts."""
+    from pipeline.aggregate.forecast import despiked, forecast_series
+
+    ctx, ds = demo_history_ctx(make_ctx)
+    fc = make_forecast(ctx, "Globex", horizon=28)
+    mondays = [e for d, e in zip(fc.days, fc.expected, strict=True) if d.weekday() == 0]
+    others = [e for d, e in zip(fc.days, fc.expected, strict=True) if d.weekday() in (1, 2, 3, 4)]
+    assert max(mondays) < 1.5 * max(others), (mondays, others)
+    assert "despiked" in fc.method and fc.backtest["beats_baseline"]
+    y = np.array([10.0, 12, 14, 11, 10, 5, 4] * 5)
+    y[22] = 200  # one Tuesday
+    clean = despiked(y, [k == 22 for k in range(len(y))])
+    assert clean[22] == np.median([5, 4, 10, 14, 11, 10]) and (np.delete(clean, 22) == np.delete(y, 22)).all()
+    out = forecast_series(y, dt.date(2026, 1, 5), 14, fit_y=clean)
+    assert max(out["expected"]) < 30 and out["backtest"]["origins"] == 10

@@ -226,3 +226,67 @@ def test_evidence_cli_exports_images_and_csv(make_ctx, monkeypatch, tmp_path, ca
     assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))
     assert main(["evidence", "--brand", "Nobody", "--date", DAY.isoformat(), "--out", str(out)]) == 2
     assert "unknown brand 'Nobody'" in capsys.readouterr().err
+
+
+def test_evidence_csv_cells_never_run_as_spreadsheet_formulas(make_ctx, backend, tmp_path):
+    """Post URLs and platforms come from outside data: a cell starting with = + - @ is a formula
+    in Excel/LibreOffice (`=HYPERLINK(...)`, `=cmd|...`); it is written as text ('-prefixed)."""
+    from pipeline.aggregate.gallery import export_evidence
+
+    ctx = gallery_ctx(make_ctx, backend)
+    with ctx.engine.begin() as conn:
+        conn.execute(update(posts).where(posts.c.id == 1).values(url='=HYPERLINK("http://evil.example","x")',
+                                                                 platform="@SUM(1+1)"))
+        conn.execute(update(posts).where(posts.c.id == 3).values(url="-2+3", platform="+cmd|' /C calc'!A0"))
+    export_evidence(ctx, "Acme", DAY, tmp_path / "ev")
+    rows = list(csv.DictReader((tmp_path / "ev" / "evidence.csv").open(encoding="utf-8")))
+    by_sha = {r["sha256"]: r for r in rows}
+    assert by_sha[sha("A")]["post_url"] == "'=HYPERLINK(\"http://evil.example\",\"x\")"
+    assert by_sha[sha("A")]["platform"] == "'@SUM(1+1)"
+    assert by_sha[sha("B")]["post_url"] == "'-2+3" and by_sha[sha("B")]["platform"] == "'+cmd|' /C calc'!A0"
+    assert not any(v[:1] in "=+-@\t\r" for r in rows for v in r.values() if v)
+
+
+def test_evidence_default_folder_and_top_are_safe(make_ctx, monkeypatch, tmp_path, capsys):
+    from pipeline.aggregate.gallery import default_out
+
+    assert default_out('$O\'Brien "q" <b>', DAY) == "evidence-_O_Brien_q_b_-2026-10-12"
+    assert default_out("../../etc", DAY) == "evidence-.._.._etc-2026-10-12"  # one name, inside the cwd
+    ctx = gallery_ctx(make_ctx)
+    s = ctx.settings
+    for k, v in (("BRANDMON_DATABASE_URL", s.database_url), ("BRANDMON_STORAGE_URL", s.storage_url),
+                 ("BRANDMON_CONFIG", str(s.config_path)), ("BRANDMON_HOME", str(s.home))):
+        monkeypatch.setenv(k, v)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for top in ("0", "-5"):
+        assert main(["evidence", "--brand", "Acme", "--date", DAY.isoformat(), "--top", top]) == 2
+        assert "--top must be at least 1" in capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
+    assert main(["evidence", "--brand", "Acme", "--date", DAY.isoformat(), "--top", "1"]) == 0
+    assert "1 counted and 1 review image(s)" in capsys.readouterr().out
+    assert [p.name for p in cwd.iterdir()] == ["evidence-Acme-2026-10-12"]
+
+
+def test_report_placeholder_for_a_corrupt_or_huge_image_says_why_and_fits(make_ctx, tmp_path):
+    """A photo whose original is corrupt, a bomb or gone gets a placeholder that says so; its text
+    wraps inside the grey box (a fixed 120px line height pushed the second line over the caption)."""
+    ctx = gallery_ctx(make_ctx)
+    ctx.store.put(f"images/{sha('A')}", b"\xff\xd8\xff\xe0 not a jpeg")
+    ctx.store.put(f"images/{sha('B')}", _bomb_png())
+    page = render_report(ctx, DAY)
+    assert page.count("no preview: the image is missing from the lake, too large or unreadable") == 2
+    css = re.search(r"\.missing \{([^}]*)\}", page).group(1)
+    assert "line-height: 120px" not in css and "align-items: center" in css
+    report = tmp_path / "r.html"
+    report.write_text(page)
+    shot = tmp_path / "r.png"
+    res = _run_chromium(tmp_path, "--window-size=1000,1400", f"--screenshot={shot}", report.as_uri())
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")  # 400 Mpixel, a few kB compressed
+    return buf.getvalue()
