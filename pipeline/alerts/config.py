@@ -9,6 +9,7 @@ Secrets are never in the YAML: a destination names the environment variable (`ur
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +133,7 @@ def _num(raw: dict[str, Any], key: str, where: str, default: Any, kind: type, lo
     if value is None:
         return None
     ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)  # NaN compares false with everything: a rule that never fires
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok or value < low:
