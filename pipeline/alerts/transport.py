@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import requests
 from urllib3.util import Timeout
@@ -48,6 +49,7 @@ from pipeline.alerts.config import AlertsConfig, Destination
 log = logging.getLogger(__name__)
 
 USER_AGENT = "brandmon-alerts/1"
+_CONVENTIONAL_ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 class DeliveryError(Exception):
@@ -273,15 +275,20 @@ class PlainTransport:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.env = os.environ if env is None else env
 
-    def _env(self, name: str, what: str) -> str:
+    def _env(self, name: str, what: str, dest: Destination, key: str) -> str:
         value = (self.env.get(name) or "").strip()
         if not value:
-            raise DeliveryError(f"environment variable {name} is not set (it should hold {what})")
+            # a name that does not look like one (lower case, digits) may be the secret itself
+            # pasted into the YAML: the error (logged, stored) then says where, not what
+            shown = name if _CONVENTIONAL_ENV.match(name) else f"named by {key} of destination {dest.name}"
+            raise DeliveryError(f"environment variable {shown} is not set (it should hold {what})")
         return value
 
     def url(self, dest: Destination) -> str:
         if dest.url_env:
-            return _http_url(self._env(dest.url_env, f"the {dest.kind} URL"), f"${dest.url_env}")
+            url = self._env(dest.url_env, f"the {dest.kind} URL", dest, "url_env")
+            shown = f"${dest.url_env}" if _CONVENTIONAL_ENV.match(dest.url_env) else f"url_env of {dest.name}"
+            return _http_url(url, shown)
         conn = _connection(str(dest.conn_id))
         url = slack_url_from_connection(conn) if dest.kind == "slack" else webhook_url_from_connection(conn)
         return _http_url(url, f"the URL of Airflow connection {dest.conn_id!r}")
@@ -297,7 +304,7 @@ class PlainTransport:
                         starttls=not bool(extra.get("disable_tls", False)), username=conn.login or None,
                         password=conn.password or None, sender=str(sender),
                         timeout_s=float(extra["timeout"]) if extra.get("timeout") else None)
-        password = self._env(dest.password_env, "the SMTP password") if dest.password_env else None
+        password = self._env(dest.password_env, "the SMTP password", dest, "password_env") if dest.password_env else None
         return Smtp(host=str(dest.host), port=dest.port, starttls=dest.starttls, username=dest.username,
                     password=password, sender=str(dest.sender))
 
@@ -322,6 +329,12 @@ class PlainTransport:
             if "://" in value:
                 parts = urlsplit(value)
                 out += [p for p in (parts.path, parts.query, parts.path.rsplit("/", 1)[-1]) if p and len(p) >= 6]
+                # a receiver's error may echo one query value (?sig=...) or the basic-auth password
+                out += [v for _, v in parse_qsl(parts.query) if len(v) >= 6]
+                with contextlib.suppress(ValueError):
+                    if parts.password:
+                        out.append(unquote(parts.password))
+                        out.append(parts.password)
         return sorted({v for v in out if v}, key=len, reverse=True)
 
     def send_once(self, dest: Destination, out: Outgoing, cfg: AlertsConfig, timeout_s: float) -> None:

@@ -7,6 +7,7 @@ thread and stop on leaving the `with` block.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -16,6 +17,7 @@ from email import message_from_bytes, policy
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 
 def free_port() -> int:
@@ -38,7 +40,8 @@ class Received:
 @dataclass
 class _State:
     # ok | error (HTTP 500) | slow (answers after `delay_s`) | slack-error (400 invalid_token) |
-    # huge (200 with a 20 MB body) | drip (200, then one body byte every 0.2 s for `delay_s`)
+    # huge (200 with a 20 MB body) | drip (200, then one body byte every 0.2 s for `delay_s`) |
+    # echo (403 whose body repeats the query values and the basic-auth password it was sent)
     mode: str = "ok"
     delay_s: float = 5.0
     ok_delay_s: float = 0.0  # "ok" mode: answer after this long (concurrency tests)
@@ -71,6 +74,14 @@ class HttpSink:
                     time.sleep(state.delay_s)
                 if mode == "error":
                     self._answer(state.status, b"internal error")
+                    return
+                if mode == "echo":
+                    query = urlsplit(self.path).query
+                    said = [v for _, v in parse_qsl(query)]
+                    auth = self.headers.get("Authorization") or ""
+                    if auth.startswith("Basic "):
+                        said.append(base64.b64decode(auth[6:]).decode().partition(":")[2])
+                    self._answer(403, ("bad credentials: " + " ".join(said)).encode())
                     return
                 if mode == "slack-error":
                     self._answer(400, b"invalid_token")

@@ -1,0 +1,62 @@
+"""Alerts against hostile servers and hostile configuration (found by an outside check): every
+outcome is a clear one-line error or the right behaviour, no hang past the documented bound,
+and no secret in any log, error, ledger row or `brandmon alerts list` output."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from support.alert_data import add_history, alerts_config
+from support.servers import HttpSink
+
+from pipeline.aggregate.jobs import aggregate_dirty
+from pipeline.alerts.cli import format_rows
+from pipeline.alerts.jobs import list_alerts
+from pipeline.schema import alert_ledger
+
+SIG = "sigS3cretQueryValue77"
+BASIC_PW = "b4sicS3cretPassw0rd"
+SECRET_AS_NAME = "hunter2SMTPpassw0rd"  # the password itself pasted where a variable name goes
+URL_AS_NAME = "T0FAKEB0FAKEsl4ckS3cret"
+
+
+def test_no_part_of_a_webhook_url_nor_a_secret_pasted_as_a_variable_name_is_ever_shown(
+        make_ctx, monkeypatch, caplog, backend):
+    caplog.set_level(logging.INFO)
+    with HttpSink() as echo:
+        echo.mode = "echo"  # 403 whose body repeats the query values and the basic-auth password
+        host = echo.url("").removeprefix("http://")
+        monkeypatch.setenv("TEST_ECHO_URL", f"http://user:{BASIC_PW}@{host}/in?sig={SIG}&v=1")
+        dests = {"echo": {"kind": "webhook", "url_env": "TEST_ECHO_URL"},
+                 "pasted": {"kind": "email", "host": "127.0.0.1", "port": 25, "starttls": False, "username": "u",
+                            "password_env": SECRET_AS_NAME, "from": "a@example.org", "to": "b@example.org"},
+                 "pasted-url": {"kind": "slack", "url_env": URL_AS_NAME}}
+        cfg = alerts_config("", "", 25, extra_dests=dests, retries=1)
+        cfg["alerts"]["rules"] = [{"name": "acme-spike", "kind": "spike", "brand": "Acme",
+                                   "destinations": ["echo", "pasted", "pasted-url"]}]
+        ctx = make_ctx(cfg, backend=backend)
+        add_history(ctx)
+        result = aggregate_dirty(ctx)
+        assert result["alerts_failed"] == 3 and len(echo.attempts) == 1
+    with ctx.engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(alert_ledger)).mappings()]
+    errors = {r["destination"]: r["last_error"] for r in rows}
+    assert errors["echo"].startswith("HTTP 403: bad credentials: *** ")
+    assert "is not set" in errors["pasted"] and "password_env of destination pasted" in errors["pasted"]
+    assert "url_env of destination pasted-url" in errors["pasted-url"]
+    shown = caplog.text + repr(rows) + format_rows(list_alerts(ctx), "table") + format_rows(list_alerts(ctx), "json")
+    assert not [s for s in (SIG, BASIC_PW, SECRET_AS_NAME, URL_AS_NAME) if s in shown]
+
+
+def test_a_conventional_variable_name_is_still_named_in_the_error(monkeypatch):
+    from pipeline.alerts.config import Destination
+    from pipeline.alerts.transport import DeliveryError, PlainTransport
+
+    dest = Destination(name="team", kind="slack", url_env="SLACK_WEBHOOK_URL")
+    try:
+        PlainTransport({}).url(dest)
+    except DeliveryError as exc:
+        assert str(exc) == "environment variable SLACK_WEBHOOK_URL is not set (it should hold the slack URL)"
+    else:
+        raise AssertionError("no error")
