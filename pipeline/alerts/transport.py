@@ -150,14 +150,14 @@ def post_json(url: str, body: Mapping[str, Any], *, timeout_s: float, max_bytes:
                         break  # the answer's content does not matter beyond its status
             except Exception:
                 if late.is_set():
-                    raise DeliveryError(f"answer not complete within {timeout_s:g} s") from None
+                    raise DeliveryError(f"answer not complete within {timeout_s:.3g} s") from None
                 raise
             finally:
                 watchdog.cancel()
             if late.is_set():
-                raise DeliveryError(f"answer not complete within {timeout_s:g} s")
+                raise DeliveryError(f"answer not complete within {timeout_s:.3g} s")
     except requests.Timeout:
-        raise DeliveryError(f"no answer within {timeout_s:g} s") from None
+        raise DeliveryError(f"no answer within {timeout_s:.3g} s") from None
     except requests.ConnectionError as exc:
         raise DeliveryError(f"cannot connect: {_reason(exc)}") from None
     except requests.RequestException as exc:
@@ -194,34 +194,70 @@ def build_email(smtp: Smtp, to: Iterable[str], out: Outgoing) -> EmailMessage:
 
 
 def send_smtp(smtp: Smtp, to: Iterable[str], out: Outgoing, timeout_s: float) -> None:
-    """One plain-text email through smtplib (STARTTLS when asked, login when a password is given)."""
+    """One plain-text email through smtplib (STARTTLS when asked, login when a password is given).
+
+    Time: `timeout_s` per socket operation, and a watchdog that shuts the socket at `timeout_s`
+    for the whole exchange (a server dripping its greeting a byte at a time would otherwise
+    reset the per-read timeout for an hour)."""
     to = list(to)
     msg = build_email(smtp, to, out)
+    client = smtplib.SMTP(timeout=timeout_s)
+    late = threading.Event()
+
+    def cut() -> None:
+        late.set()
+        sock = getattr(client, "sock", None)
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout_s, cut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with smtplib.SMTP(smtp.host, smtp.port, timeout=timeout_s) as client:
+        client.connect(smtp.host, smtp.port)
+        client.ehlo()
+        if smtp.starttls:
+            client.starttls(context=ssl.create_default_context())
             client.ehlo()
-            if smtp.starttls:
-                client.starttls(context=ssl.create_default_context())
-                client.ehlo()
-            if smtp.username and smtp.password:
-                client.login(smtp.username, smtp.password)
-            client.send_message(msg, to_addrs=to)
-    except smtplib.SMTPNotSupportedError:
+        if smtp.username and smtp.password:
+            client.login(smtp.username, smtp.password)
+        client.send_message(msg, to_addrs=to)
+        with contextlib.suppress(smtplib.SMTPException, OSError):  # sent: a failed goodbye does not matter
+            client.quit()
+    except Exception as exc:
+        if late.is_set():
+            raise DeliveryError(f"SMTP exchange not complete within {timeout_s:.3g} s") from None
+        _smtp_error(exc, timeout_s)
+        raise
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def _smtp_error(exc: Exception, timeout_s: float) -> None:
+    """Raise the DeliveryError saying in a few words what `exc` (from smtplib) means."""
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
         raise DeliveryError("the SMTP server does not offer STARTTLS (or login); set starttls: false "
                             "only for a trusted local relay") from None
-    except smtplib.SMTPAuthenticationError as exc:
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
         raise DeliveryError(f"SMTP login refused (code {exc.smtp_code})") from None
-    except smtplib.SMTPResponseException as exc:
+    if isinstance(exc, smtplib.SMTPResponseException):
         raise DeliveryError(f"SMTP server answered {exc.smtp_code}") from None
-    except smtplib.SMTPRecipientsRefused:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
         raise DeliveryError("SMTP server refused every recipient") from None
-    except smtplib.SMTPServerDisconnected:
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        if _reason(exc) == "timed out":  # smtplib reports a read timeout as a disconnect
+            raise DeliveryError(f"no answer from the SMTP server within {timeout_s:.3g} s") from None
         raise DeliveryError("SMTP server closed the connection") from None
-    except smtplib.SMTPException as exc:
+    if isinstance(exc, smtplib.SMTPException):
         raise DeliveryError(f"SMTP error: {type(exc).__name__}") from None
-    except ssl.SSLError as exc:
+    if isinstance(exc, ssl.SSLError):
         raise DeliveryError(f"TLS failed: {exc.reason or type(exc).__name__}") from None
-    except OSError as exc:
+    if isinstance(exc, OSError):
+        if _reason(exc) == "timed out":
+            raise DeliveryError(f"no answer from the SMTP server within {timeout_s:.3g} s") from None
         raise DeliveryError(f"cannot connect: {_reason(exc)}") from None
 
 

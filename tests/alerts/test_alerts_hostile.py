@@ -5,20 +5,26 @@ and no secret in any log, error, ledger row or `brandmon alerts list` output."""
 from __future__ import annotations
 
 import logging
+import re
+import time
 
+import pytest
 from sqlalchemy import select
 from support.alert_data import add_history, alerts_config
-from support.servers import HttpSink
+from support.servers import HttpSink, RawTcpServer
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.alerts.cli import format_rows
 from pipeline.alerts.jobs import list_alerts
+from pipeline.alerts.transport import DeliveryError, Outgoing, Smtp, send_smtp
 from pipeline.schema import alert_ledger
 
 SIG = "sigS3cretQueryValue77"
 BASIC_PW = "b4sicS3cretPassw0rd"
 SECRET_AS_NAME = "hunter2SMTPpassw0rd"  # the password itself pasted where a variable name goes
 URL_AS_NAME = "T0FAKEB0FAKEsl4ckS3cret"
+OUT = Outgoing(alert_id="r|2026-10-15|Acme|*|*|any", subject="s", text="t", slack={"text": "t"},
+               webhook={"schema": "brandmon.alert/1"})
 
 
 def test_no_part_of_a_webhook_url_nor_a_secret_pasted_as_a_variable_name_is_ever_shown(
@@ -60,3 +66,20 @@ def test_a_conventional_variable_name_is_still_named_in_the_error(monkeypatch):
         assert str(exc) == "environment variable SLACK_WEBHOOK_URL is not set (it should hold the slack URL)"
     else:
         raise AssertionError("no error")
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("drip", "SMTP exchange not complete within 1 s"),  # a greeting dripping a byte at a time
+    # was "closed the connection"; the per-read timeout and the watchdog end it at the same time
+    ("silent", "(no answer from the SMTP server|SMTP exchange not complete) within 1 s"),
+    ("drop", "SMTP server closed the connection"),
+])
+def test_an_smtp_server_that_drips_stalls_or_drops_is_cut_at_the_time_bound(mode, message):
+    smtp = Smtp(host="127.0.0.1", port=0, starttls=False, username=None, password=None, sender="a@example.org")
+    with RawTcpServer(mode) as srv:
+        smtp.port = srv.port
+        t0 = time.monotonic()
+        with pytest.raises(DeliveryError) as err:
+            send_smtp(smtp, ["b@example.org"], OUT, timeout_s=1)
+        assert time.monotonic() - t0 < 3
+    assert re.fullmatch(message, str(err.value))

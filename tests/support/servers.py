@@ -227,3 +227,47 @@ class SmtpSink:
 
     def __exit__(self, *exc: Any) -> None:
         self.controller.stop()
+
+
+class RawTcpServer:
+    """`with RawTcpServer("drip") as srv:` a TCP server on 127.0.0.1 that misbehaves below any
+    protocol: `drip` sends one byte every 0.2 s and never a line end, `silent` accepts and says
+    nothing, `drop` closes each connection at once."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="raw-tcp", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if self.mode == "drop":
+                    return
+                while not self._stop.is_set():
+                    if self.mode == "drip":
+                        conn.sendall(b"2")
+                    time.sleep(0.2)
+            except OSError:  # the client hung up: what the test wants
+                pass
+
+    def __enter__(self) -> RawTcpServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
