@@ -45,6 +45,7 @@ from urllib3.util import Timeout
 
 from pipeline.airflow_support import scrub
 from pipeline.alerts.config import AlertsConfig, Destination
+from pipeline.alerts.message import one_line
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,12 @@ def _socket_of(resp: requests.Response) -> socket.socket | None:
 
 def build_email(smtp: Smtp, to: Iterable[str], out: Outgoing) -> EmailMessage:
     msg = EmailMessage(policy=_MAIL_POLICY)
-    msg["Subject"] = out.subject
+    msg["Subject"] = one_line(out.subject)
     msg["From"] = smtp.sender
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid(domain="brandmon.alerts")
-    msg["X-Brandmon-Alert"] = out.alert_id
+    msg["X-Brandmon-Alert"] = one_line(out.alert_id)
     msg.set_content(out.text)
     return msg
 
@@ -403,7 +404,7 @@ class AirflowTransport(PlainTransport):
                     # SmtpHook sends HTML: the plain text, preformatted
                     hook.send_email_smtp(to=list(dest.to), subject=out.subject, from_email=dest.sender,
                                          html_content=f"<pre>{html.escape(out.text)}</pre>",
-                                         custom_headers={"X-Brandmon-Alert": out.alert_id})
+                                         custom_headers={"X-Brandmon-Alert": one_line(out.alert_id)})
             except Exception as exc:
                 raise DeliveryError(self._hook_error("SMTP", exc)) from None
             return

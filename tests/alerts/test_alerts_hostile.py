@@ -4,6 +4,7 @@ and no secret in any log, error, ledger row or `brandmon alerts list` output."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import time
@@ -11,12 +12,21 @@ import time
 import pytest
 from sqlalchemy import select
 from support.alert_data import add_history, alerts_config
-from support.servers import HttpSink, RawTcpServer
+from support.servers import HttpSink, RawTcpServer, SmtpSink
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.alerts.cli import format_rows
-from pipeline.alerts.jobs import list_alerts
-from pipeline.alerts.transport import DeliveryError, Outgoing, Smtp, send_smtp
+from pipeline.alerts.config import AlertsConfig, Destination
+from pipeline.alerts.jobs import list_alerts, render
+from pipeline.alerts.rules import Alert
+from pipeline.alerts.transport import (
+    DeliveryError,
+    Outgoing,
+    PlainTransport,
+    Smtp,
+    deliver,
+    send_smtp,
+)
 from pipeline.schema import alert_ledger
 
 SIG = "sigS3cretQueryValue77"
@@ -83,3 +93,36 @@ def test_an_smtp_server_that_drips_stalls_or_drops_is_cut_at_the_time_bound(mode
             send_smtp(smtp, ["b@example.org"], OUT, timeout_s=1)
         assert time.monotonic() - t0 < 3
     assert re.fullmatch(message, str(err.value))
+
+
+HOSTILE_BRAND = "Acme <!channel> <@U0123> <http://evil.example|click>"
+HOSTILE_PRODUCT = "One\r\nBcc: victim@example.org\nSubject: injected"
+
+
+def test_brand_names_with_mentions_markup_and_newlines_neither_ping_nor_inject(monkeypatch):
+    alert = Alert(rule="r", kind="spike", day=dt.date(2026, 10, 15), brand=HOSTILE_BRAND, product=HOSTILE_PRODUCT,
+                  platform="*", source="any", figures={"posts": 30, "baseline": 2.0, "zscore": 28.0},
+                  threshold={"min_zscore": None, "min_posts": 5})
+    out = render(alert, test=False, late=False, report_url=None, now=dt.datetime(2026, 10, 16, tzinfo=dt.UTC))
+    cfg = AlertsConfig(retries=1, timeout_s=5, max_total_s=5)
+    with HttpSink() as slack, SmtpSink() as smtp:
+        monkeypatch.setenv("TEST_SLACK_URL", slack.url("/services/T/B/x"))
+        ok = [deliver(PlainTransport(), Destination(name="s", kind="slack", url_env="TEST_SLACK_URL"), out, cfg),
+              deliver(PlainTransport(), Destination(name="m", kind="email", host="127.0.0.1", port=smtp.port,
+                                                    starttls=False, sender="a@example.org", to=("b@example.org",)),
+                      out, cfg)]
+        assert [o.ok for o in ok] == [True, True], [o.error for o in ok]  # was: ValueError on every try
+        (body,) = [r.json() for r in slack.received]
+        (mail,) = smtp.messages
+        envelopes = smtp.envelopes
+    # Slack: no mention or link syntax survives in the mrkdwn fields (text is what notifies)
+    parts = [b["text"] for b in body["blocks"] if "text" in b] + [e for b in body["blocks"] for e in b.get("elements", [])]
+    mrkdwn = [body["text"]] + [p["text"] for p in parts if p["type"] == "mrkdwn"]
+    assert not [t for t in mrkdwn if "<!channel>" in t or "<@U0123>" in t or "<http://evil" in t]
+    assert "&lt;!channel&gt;" in body["text"]
+    assert "\n" not in body["blocks"][0]["text"]["text"]  # the header is one line
+    # email: one recipient, one subject, the names on one line
+    assert envelopes == [("a@example.org", ["b@example.org"])]
+    assert mail["Bcc"] is None and len(mail.get_all("Subject")) == 1
+    assert mail["Subject"] == ("[brandmon] Spike: Acme <!channel> <@U0123> <http://evil.example|click> "
+                               "(One Bcc: victim@example.org Subject: injected) on all platforms, 2026-10-15")
