@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from pipeline.alerts.config import AlertsConfig, parse_alerts
+from pipeline.alerts.config import AlertsConfig, check_catalogue, parse_alerts
 from pipeline.errors import ConfigError
 
 SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
@@ -307,6 +307,7 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
     if detector.mixed_precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"{where}: `detector`.mixed_precision must be auto, bf16 or fp32, got {detector.mixed_precision!r}")
     alerts = parse_alerts(doc.get("alerts"), f"{where}: alerts")
+    alerts = check_catalogue(alerts, {b.name: [p.name for p in b.products] for b in brands}, f"{where}: alerts")
     extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector", "alerts")}
     return {"brands": brands, "sources": sources, "network": network, "detector": detector, "alerts": alerts,
             "extra": extra}

@@ -27,7 +27,9 @@ from pipeline.alerts.transport import (
     deliver,
     send_smtp,
 )
+from pipeline.errors import ConfigError
 from pipeline.schema import alert_ledger
+from pipeline.settings import load_settings
 
 SIG = "sigS3cretQueryValue77"
 BASIC_PW = "b4sicS3cretPassw0rd"
@@ -126,3 +128,40 @@ def test_brand_names_with_mentions_markup_and_newlines_neither_ping_nor_inject(m
     assert mail["Bcc"] is None and len(mail.get_all("Subject")) == 1
     assert mail["Subject"] == ("[brandmon] Spike: Acme <!channel> <@U0123> <http://evil.example|click> "
                                "(One Bcc: victim@example.org Subject: injected) on all platforms, 2026-10-15")
+
+
+_CATALOGUE = """
+brands:
+  - {name: Acme, keywords: [acme], products: [{name: Acme One, keywords: [acme one]}]}
+  - {name: Globex, keywords: [globex]}
+alerts:
+  destinations: {team: {kind: slack, url_env: SLACK_WEBHOOK_URL}}
+  rules: [%s]
+"""
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ("{name: r, kind: spike, brand: Globx}", "alerts.rules[0] (r).brand 'Globx' is not in the catalogue "
+                                             "(brands: Acme, Globex; or `each`)"),
+    ("{name: r, kind: spike, brand: '*'}", "brand '*' is not in the catalogue"),
+    ("{name: r, kind: spike, brand: Acme, product: Acme Tw0}", "product 'Acme Tw0' is not a product of Acme "
+                                                              "(products: Acme One; or `each`, or `*` for the total)"),
+    ("{name: r, kind: spike, brand: Globex, product: Acme One}", "product 'Acme One' is not a product of Globex"),
+    ("{name: r, kind: spike, product: Nope}", "product 'Nope' is not a product of any brand"),
+])
+def test_a_rule_naming_a_brand_or_product_not_in_the_catalogue_is_one_line_at_start(tmp_path, rule, message):
+    """It could never fire (the day's rows carry catalogue names); it used to be a warning per run
+    for a brand, nothing at all for a product, and `alerts test` sent a sample of another brand."""
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(_CATALOGUE % rule)
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"BRANDMON_CONFIG": str(cfg), "BRANDMON_HOME": str(tmp_path), "BRANDMON_AUTHOR_SALT": "x"})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rule_names_are_matched_ignoring_case_and_stored_as_the_catalogue_spells_them(tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(_CATALOGUE % "{name: r, kind: spike, brand: acme, product: ACME ONE}")
+    s = load_settings(env={"BRANDMON_CONFIG": str(cfg), "BRANDMON_HOME": str(tmp_path), "BRANDMON_AUTHOR_SALT": "x"})
+    rule = s.alerts.rule("r")
+    assert (rule.brand, rule.product) == ("Acme", "Acme One")  # mention_daily.product is compared as stored
