@@ -25,7 +25,11 @@ def _date(value: str) -> dt.date:
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    brand, product, platform, source = (row["key"].split("|") + ["", "", "", ""])[:4]
+    payload = row.get("payload") if isinstance(row.get("payload"), dict) else {}
+    if all(k in payload for k in ("brand", "product", "platform", "source")):  # a name may hold a '|'
+        brand, product, platform, source = (payload[k] for k in ("brand", "product", "platform", "source"))
+    else:
+        brand, product, platform, source = (row["key"].split("|") + ["", "", "", ""])[:4]
     return {"day": row["day"].isoformat(), "rule": row["rule"], "brand": brand, "product": product,
             "platform": platform, "source": source, "destination": row["destination"], "status": row["status"],
             "late": bool(row["late"]), "attempts": row["attempts"],
@@ -34,6 +38,8 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
+    from pipeline.alerts.message import one_line
+
     flat = [_flat(r) for r in rows]
     if fmt == "json":
         return json.dumps(flat, indent=2)
@@ -47,7 +53,7 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
     if not flat:
         return "no alerts recorded"
     cols = ("day", "rule", "brand", "product", "platform", "destination", "status", "late", "attempts", "sent_at")
-    cells = [[("late" if r[c] else "") if c == "late" else ("" if r[c] is None else str(r[c])) for c in cols]
+    cells = [[("late" if r[c] else "") if c == "late" else ("" if r[c] is None else one_line(str(r[c]))) for c in cols]
              for r in flat]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

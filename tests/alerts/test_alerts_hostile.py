@@ -5,16 +5,18 @@ and no secret in any log, error, ledger row or `brandmon alerts list` output."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import re
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from support.alert_data import add_history, alerts_config
 from support.servers import HttpSink, RawTcpServer, SmtpSink
 
 from pipeline.aggregate.jobs import aggregate_dirty
+from pipeline.alerts import ledger
 from pipeline.alerts.cli import format_rows
 from pipeline.alerts.config import AlertsConfig, Destination
 from pipeline.alerts.jobs import list_alerts, render
@@ -27,6 +29,7 @@ from pipeline.alerts.transport import (
     deliver,
     send_smtp,
 )
+from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.schema import alert_ledger
 from pipeline.settings import load_settings
@@ -68,9 +71,6 @@ def test_no_part_of_a_webhook_url_nor_a_secret_pasted_as_a_variable_name_is_ever
 
 
 def test_a_conventional_variable_name_is_still_named_in_the_error(monkeypatch):
-    from pipeline.alerts.config import Destination
-    from pipeline.alerts.transport import DeliveryError, PlainTransport
-
     dest = Destination(name="team", kind="slack", url_env="SLACK_WEBHOOK_URL")
     try:
         PlainTransport({}).url(dest)
@@ -165,3 +165,38 @@ def test_rule_names_are_matched_ignoring_case_and_stored_as_the_catalogue_spells
     s = load_settings(env={"BRANDMON_CONFIG": str(cfg), "BRANDMON_HOME": str(tmp_path), "BRANDMON_AUTHOR_SALT": "x"})
     rule = s.alerts.rule("r")
     assert (rule.brand, rule.product) == ("Acme", "Acme One")  # mention_daily.product is compared as stored
+
+
+def test_alerts_list_shows_names_with_pipes_and_newlines_in_their_own_columns_on_one_line(make_ctx, backend):
+    ctx = make_ctx({"brands": [{"name": "Pipe|Co", "keywords": ["pipe"]}]}, backend=backend)
+    brand, product = "Pipe|Co", "Line\nBreak"
+    row = {"rule": "r", "day": dt.date(2026, 10, 15), "key": f"{brand}|{product}|*|any", "destination": "hook",
+           "late": False, "status": "skipped", "last_error": "day older than alerts.max_age_days (60)",
+           "payload": {"kind": "spike", "brand": brand, "product": product, "platform": "*", "source": "any",
+                       "figures": {}, "threshold": {}}}
+    with ctx.engine.begin() as conn:
+        assert ledger.claim_new(conn, [row], ledger.new_token(), dt.datetime(2026, 10, 16, tzinfo=dt.UTC)) == 1
+    rows = list_alerts(ctx)
+    (flat,) = json.loads(format_rows(rows, "json"))
+    assert (flat["brand"], flat["product"], flat["platform"], flat["source"]) == (brand, product, "*", "any")
+    table = format_rows(rows, "table").splitlines()
+    assert len(table) == 5 and "Pipe|Co  Line Break  *" in table[1]  # header, row, blank, "errors:", error
+
+
+def test_the_aggregate_summary_says_when_alerts_could_not_be_dispatched(make_ctx, monkeypatch, capsys):
+    """The ledger unusable (here: dropped): the aggregation succeeds, and its summary line no
+    longer reads '0 sent, 0 failed' as if nothing had been due."""
+    with HttpSink() as hook:
+        monkeypatch.setenv("TEST_ALERT_HOOK_URL", hook.url("/hook"))
+        ctx = make_ctx(alerts_config("", "", 25, retries=1))
+        s = ctx.settings
+        for k, v in {"BRANDMON_DATABASE_URL": s.database_url, "BRANDMON_STORAGE_URL": s.storage_url,
+                     "BRANDMON_CONFIG": str(s.config_path), "BRANDMON_HOME": str(s.home),
+                     "BRANDMON_AUTHOR_SALT": s.author_salt.get()}.items():
+            monkeypatch.setenv(k, v)
+        add_history(ctx)
+        with ctx.engine.begin() as conn:
+            conn.execute(text("DROP TABLE alert_ledger"))
+        assert main(["aggregate", "--quiet", "--no-forecast"]) == 0
+    out = capsys.readouterr().out
+    assert "1 error(s) stopped sending (logged above; the next run retries)" in out
