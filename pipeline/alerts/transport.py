@@ -57,6 +57,11 @@ class DeliveryError(Exception):
     """One failed send; the message is safe to log and store (scrubbed)."""
 
 
+class SetupError(DeliveryError):
+    """The destination is not usable as set up (a variable unset, not a URL, no such connection):
+    no request was made, and trying again within the same round cannot help."""
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One alert rendered for every kind of destination."""
@@ -108,7 +113,7 @@ def _reason(exc: BaseException) -> str:
 def _http_url(value: str, what: str) -> str:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DeliveryError(f"{what} is not an http(s) URL")
+        raise SetupError(f"{what} is not an http(s) URL")
     return value.strip()
 
 
@@ -270,7 +275,7 @@ def _connection(conn_id: str) -> Any:
     except Exception as exc:  # Airflow not configured, secrets backend down
         raise DeliveryError(f"cannot read Airflow connection {conn_id!r}: {type(exc).__name__}") from None
     if conn is None:
-        raise DeliveryError(f"Airflow connection {conn_id!r} does not exist")
+        raise SetupError(f"Airflow connection {conn_id!r} does not exist")
     return conn
 
 
@@ -286,7 +291,7 @@ def slack_url_from_connection(conn: Any) -> str:
     """The webhook URL of a `slackwebhook` connection, read the way SlackWebhookHook reads it."""
     token = (conn.password or "").strip()
     if not token:
-        raise DeliveryError(f"Airflow connection {conn.conn_id!r} has no webhook token/URL in its password")
+        raise SetupError(f"Airflow connection {conn.conn_id!r} has no webhook token/URL in its password")
     if "://" in token:
         return token
     base = conn.host if conn.host and "://" in conn.host else f"{conn.schema or 'https'}://{conn.host or 'hooks.slack.com/services'}"
@@ -299,7 +304,7 @@ def webhook_url_from_connection(conn: Any) -> str:
     if "://" in host:
         return host
     if not host:
-        raise DeliveryError(f"Airflow connection {conn.conn_id!r} has no host")
+        raise SetupError(f"Airflow connection {conn.conn_id!r} has no host")
     scheme = _extra(conn).get("scheme") or "https"
     port = f":{conn.port}" if conn.port else ""
     path = "/" + conn.schema.lstrip("/") if conn.schema else ""
@@ -318,7 +323,7 @@ class PlainTransport:
             # a name that does not look like one (lower case, digits) may be the secret itself
             # pasted into the YAML: the error (logged, stored) then says where, not what
             shown = name if _CONVENTIONAL_ENV.match(name) else f"named by {key} of destination {dest.name}"
-            raise DeliveryError(f"environment variable {shown} is not set (it should hold {what})")
+            raise SetupError(f"environment variable {shown} is not set (it should hold {what})")
         return value
 
     def url(self, dest: Destination) -> str:
@@ -336,7 +341,7 @@ class PlainTransport:
             extra = _extra(conn)
             sender = dest.sender or extra.get("from_email")
             if not sender:
-                raise DeliveryError(f"no sender: set `from:` or the connection's extra from_email ({dest.conn_id})")
+                raise SetupError(f"no sender: set `from:` or the connection's extra from_email ({dest.conn_id})")
             return Smtp(host=conn.host or "localhost", port=int(conn.port or 587),
                         starttls=not bool(extra.get("disable_tls", False)), username=conn.login or None,
                         password=conn.password or None, sender=str(sender),
@@ -450,6 +455,9 @@ def deliver(transport: PlainTransport, dest: Destination, out: Outgoing, cfg: Al
         try:
             transport.send_once(dest, out, cfg, max(0.1, min(cfg.timeout_s, remaining)))
             return Outcome(True, tries, None, clock() - start, errors)
+        except SetupError as exc:
+            errors.append(scrub(str(exc), secrets))
+            return Outcome(False, 0, errors[-1], clock() - start, errors)
         except DeliveryError as exc:
             errors.append(scrub(str(exc), secrets))
         except Exception as exc:  # a bug or an unexpected library error: still never fatal

@@ -200,3 +200,16 @@ def test_the_aggregate_summary_says_when_alerts_could_not_be_dispatched(make_ctx
         assert main(["aggregate", "--quiet", "--no-forecast"]) == 0
     out = capsys.readouterr().out
     assert "1 error(s) stopped sending (logged above; the next run retries)" in out
+
+
+def test_a_destination_not_set_up_is_not_retried_within_the_round_nor_said_to_have_been_requested():
+    """An unset variable or a value that is not a URL: no request is made, so no backoff either
+    (it was 3 'requests' and 1 + 2 s of sleep per destination and run)."""
+    waits: list[float] = []
+    cfg = AlertsConfig(retries=3, backoff_s=1, max_total_s=30)
+    for env, message in (({}, "environment variable SLACK_WEBHOOK_URL is not set (it should hold the slack URL)"),
+                         ({"SLACK_WEBHOOK_URL": "hooks.slack.com/x"}, "$SLACK_WEBHOOK_URL is not an http(s) URL")):
+        r = deliver(PlainTransport(env), Destination(name="s", kind="slack", url_env="SLACK_WEBHOOK_URL"), OUT, cfg,
+                    sleep=waits.append)
+        assert (r.ok, r.requests, r.error) == (False, 0, message)
+    assert waits == []
