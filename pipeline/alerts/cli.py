@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.errors import BrandmonError
 
+LIST_LIMIT = 10000  # rows `alerts list` prints (newest first)
 FIELDS = ("day", "rule", "brand", "product", "platform", "source", "destination", "status", "late", "attempts",
           "sent_at", "last_error")
 
@@ -93,10 +94,12 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
     ctx = open_context(check=False)  # the lake is not needed to read the ledger
     require_schema(ctx.engine)
     try:
-        rows = list_alerts(ctx, since=args.since, status=args.status)
+        rows = list_alerts(ctx, since=args.since, status=args.status, limit=LIST_LIMIT)
     finally:
         ctx.close()
     print(format_rows(rows, args.format))
+    if len(rows) >= LIST_LIMIT:
+        print(f"note: only the newest {LIST_LIMIT} alerts are shown; narrow with --since or --status", file=sys.stderr)
     return 0
 
 

@@ -213,3 +213,25 @@ def test_a_destination_not_set_up_is_not_retried_within_the_round_nor_said_to_ha
                     sleep=waits.append)
         assert (r.ok, r.requests, r.error) == (False, 0, message)
     assert waits == []
+
+
+def test_alerts_list_says_when_it_shows_only_the_newest_rows(make_ctx, monkeypatch, capsys, backend):
+    """Thousands of rules fill the ledger fast; the list used to stop at 10,000 rows silently."""
+    monkeypatch.setattr("pipeline.alerts.cli.LIST_LIMIT", 3)
+    ctx = make_ctx({"brands": [{"name": "Acme", "keywords": ["acme"]}]}, backend=backend)
+    rows = [{"rule": f"r{i}", "day": dt.date(2026, 10, 15), "key": "Acme|*|*|any", "destination": "hook",
+             "late": False, "status": "skipped", "last_error": None,
+             "payload": {"kind": "spike", "brand": "Acme", "product": "*", "platform": "*", "source": "any"}}
+            for i in range(4)]
+    with ctx.engine.begin() as conn:
+        ledger.claim_new(conn, rows, ledger.new_token(), dt.datetime(2026, 10, 16, tzinfo=dt.UTC))
+    s = ctx.settings
+    for k, v in {"BRANDMON_DATABASE_URL": s.database_url, "BRANDMON_STORAGE_URL": s.storage_url,
+                 "BRANDMON_HOME": str(s.home), "BRANDMON_CONFIG": str(s.config_path), "BRANDMON_AUTHOR_SALT": s.author_salt.get()}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["alerts", "list", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 1 + 3
+    assert "note: only the newest 3 alerts are shown; narrow with --since or --status" in err
+    assert main(["alerts", "list", "--status", "sent"]) == 0
+    assert "note:" not in capsys.readouterr().err
