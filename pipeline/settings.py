@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline.alerts.config import AlertsConfig, parse_alerts
+from pipeline.alerts.config import AlertsConfig, check_catalogue, parse_alerts
 from pipeline.errors import ConfigError
 from pipeline.redact import redact_url
 
@@ -316,6 +316,7 @@ def parse_config_document(doc: Any, where: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{where}: `detector`.runtime must be auto, keras, openvino, onnx, tflite or savedmodel, "
                           f"got {detector.runtime!r}")
     alerts = parse_alerts(doc.get("alerts"), f"{where}: alerts")
+    alerts = check_catalogue(alerts, {b.name: [p.name for p in b.products] for b in brands}, f"{where}: alerts")
     extra = {k: v for k, v in doc.items() if k not in ("brands", "sources", "network", "detector", "alerts")}
     return {"brands": brands, "sources": sources, "network": network, "detector": detector, "alerts": alerts,
             "extra": extra}

@@ -47,8 +47,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
           + (f"; forecasts: {result['forecast']['forecasts']} new, {result['forecast']['unchanged']} unchanged, "
              f"{result['forecast']['too_short']} too short" if "forecast" in result else ""))
     if "alerts_fired" in result and not args.json:
+        broken = (f"; {result['alerts_errors']} error(s) stopped sending (logged above; the next run retries)"
+                  if result.get("alerts_errors") else "")
         print(f"alerts: {result['alerts_sent']} sent, {result['alerts_failed'] + result['alerts_not_tried']} failed "
-              f"(retried by the next run), {result['alerts_skipped']} too old to send; `brandmon alerts list` shows them")
+              f"(retried by the next run), {result['alerts_skipped']} too old to send{broken}; "
+              "`brandmon alerts list` shows them")
     if result.get("unmatched_classes") and not args.json:
         print(f"warning: {result['unmatched_classes']} class(es) of the active model match no catalogue "
               "brand or product (see `brandmon status`)", file=sys.stderr)

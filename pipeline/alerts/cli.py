@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.errors import BrandmonError
 
+LIST_LIMIT = 10000  # rows `alerts list` prints (newest first)
 FIELDS = ("day", "rule", "brand", "product", "platform", "source", "destination", "status", "late", "attempts",
           "sent_at", "last_error")
 
@@ -25,7 +26,11 @@ def _date(value: str) -> dt.date:
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    brand, product, platform, source = (row["key"].split("|") + ["", "", "", ""])[:4]
+    payload = row.get("payload") if isinstance(row.get("payload"), dict) else {}
+    if all(k in payload for k in ("brand", "product", "platform", "source")):  # a name may hold a '|'
+        brand, product, platform, source = (payload[k] for k in ("brand", "product", "platform", "source"))
+    else:
+        brand, product, platform, source = (row["key"].split("|") + ["", "", "", ""])[:4]
     return {"day": row["day"].isoformat(), "rule": row["rule"], "brand": brand, "product": product,
             "platform": platform, "source": source, "destination": row["destination"], "status": row["status"],
             "late": bool(row["late"]), "attempts": row["attempts"],
@@ -34,6 +39,8 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
+    from pipeline.alerts.message import one_line
+
     flat = [_flat(r) for r in rows]
     if fmt == "json":
         return json.dumps(flat, indent=2)
@@ -47,7 +54,7 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
     if not flat:
         return "no alerts recorded"
     cols = ("day", "rule", "brand", "product", "platform", "destination", "status", "late", "attempts", "sent_at")
-    cells = [[("late" if r[c] else "") if c == "late" else ("" if r[c] is None else str(r[c])) for c in cols]
+    cells = [[("late" if r[c] else "") if c == "late" else ("" if r[c] is None else one_line(str(r[c]))) for c in cols]
              for r in flat]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
@@ -87,10 +94,12 @@ def cmd_alerts_list(args: argparse.Namespace) -> int:
     ctx = open_context(check=False)  # the lake is not needed to read the ledger
     require_schema(ctx.engine)
     try:
-        rows = list_alerts(ctx, since=args.since, status=args.status)
+        rows = list_alerts(ctx, since=args.since, status=args.status, limit=LIST_LIMIT)
     finally:
         ctx.close()
     print(format_rows(rows, args.format))
+    if len(rows) >= LIST_LIMIT:
+        print(f"note: only the newest {LIST_LIMIT} alerts are shown; narrow with --since or --status", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,10 @@ Secrets are never in the YAML: a destination names the environment variable (`ur
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +135,7 @@ def _num(raw: dict[str, Any], key: str, where: str, default: Any, kind: type, lo
     if value is None:
         return None
     ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)  # NaN compares false with everything: a rule that never fires
     if kind is int:
         ok = ok and float(value).is_integer()
     if not ok or value < low:
@@ -285,3 +289,30 @@ def parse_alerts(raw: Any, where: str = "alerts") -> AlertsConfig:
         lease_s=_num(raw, "lease_s", where, d.lease_s, float, 1),
         report_base_url=base.rstrip("/") if base else None,
     )
+
+
+def check_catalogue(cfg: AlertsConfig, catalogue: Mapping[str, Sequence[str]], where: str = "alerts") -> AlertsConfig:
+    """`cfg` with each rule's brand and product spelled as in the catalogue (brand -> product
+    names). A rule naming a brand or product the catalogue does not have would never fire (the
+    day's rows carry catalogue names): one ConfigError line instead of silence."""
+    brands = {b.casefold(): b for b in catalogue}
+    rules = []
+    for i, rule in enumerate(cfg.rules):
+        at = f"{where}.rules[{i}] ({rule.name})"
+        brand = rule.brand
+        if brand != EACH:
+            if brand.casefold() not in brands:
+                raise ConfigError(f"{at}.brand {brand!r} is not in the catalogue (brands: "
+                                  f"{', '.join(catalogue) or 'none'}; or `each`)")
+            brand = brands[brand.casefold()]
+        product = rule.product
+        if product not in ("*", EACH):
+            owners = catalogue if brand == EACH else {brand: catalogue[brand]}
+            names = {p.casefold(): p for ps in owners.values() for p in ps}
+            if product.casefold() not in names:
+                known = ", ".join(sorted(names.values())) or "none"
+                raise ConfigError(f"{at}.product {product!r} is not a product of {brand if brand != EACH else 'any brand'} "
+                                  f"(products: {known}; or `each`, or `*` for the total)")
+            product = names[product.casefold()]
+        rules.append(dataclasses.replace(rule, brand=brand, product=product))
+    return dataclasses.replace(cfg, rules=tuple(rules))

@@ -180,6 +180,7 @@ def send_test(ctx: Context, rule_name: str, *, transport: PlainTransport | None 
     return results
 
 
-def list_alerts(ctx: Context, since: dt.date | None = None, status: str | None = None) -> list[dict[str, Any]]:
+def list_alerts(ctx: Context, since: dt.date | None = None, status: str | None = None,
+                limit: int = 10000) -> list[dict[str, Any]]:
     with ctx.engine.connect() as conn:
-        return ledger.list_rows(conn, since=since, status=status)
+        return ledger.list_rows(conn, since=since, status=status, limit=limit)

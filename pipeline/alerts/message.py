@@ -13,6 +13,7 @@ expected_mentions, previous?}, "threshold" {...}, "report_url" (or null), "title
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 from pipeline.alerts.rules import Alert
@@ -31,10 +32,27 @@ def _pct(v: Any, signed: bool = False) -> str:
     return f"{float(v) * 100:+.0f}%" if signed else f"{float(v) * 100:.1f}%"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def one_line(value: str) -> str:
+    """`value` with line breaks and other control characters as one space: names from the
+    catalogue go into mail headers (where a newline is refused, or would add a header) and
+    one-line titles."""
+    return _CONTROL.sub(" ", value)
+
+
+def slack_escape(value: str) -> str:
+    """Slack's mrkdwn escaping: `<!channel>`, `<@U123>` or `<http://x|y>` in a brand name are
+    shown as typed, never a mention that pings everyone or a disguised link."""
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def subject_of(alert: Alert) -> str:
     product = "all products" if alert.product == "*" else alert.product
     platform = "all platforms" if alert.platform == "*" else alert.platform
-    return f"{KIND_TITLES.get(alert.kind, alert.kind)}: {alert.brand} ({product}) on {platform}, {alert.day.isoformat()}"
+    return one_line(f"{KIND_TITLES.get(alert.kind, alert.kind)}: {alert.brand} ({product}) on {platform}, "
+                    f"{alert.day.isoformat()}")
 
 
 def figure_line(alert: Alert) -> str:
@@ -86,10 +104,10 @@ def slack_body(alert: Alert, *, test: bool = False, late: bool = False, report_u
     if test:
         context.append("test message, not a real alert")
     return {
-        "text": f"{head}: {figure_line(alert)}",
+        "text": slack_escape(f"{head}: {figure_line(alert)}"),
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": head[:150]}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": figure_line(alert)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": slack_escape(figure_line(alert))}},
             {"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(context)}]},
         ],
     }

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import smtplib
 import socket
 import ssl
@@ -37,21 +38,28 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import requests
 from urllib3.util import Timeout
 
 from pipeline.airflow_support import scrub
 from pipeline.alerts.config import AlertsConfig, Destination
+from pipeline.alerts.message import one_line
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "brandmon-alerts/1"
+_CONVENTIONAL_ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 class DeliveryError(Exception):
     """One failed send; the message is safe to log and store (scrubbed)."""
+
+
+class SetupError(DeliveryError):
+    """The destination is not usable as set up (a variable unset, not a URL, no such connection):
+    no request was made, and trying again within the same round cannot help."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ def _reason(exc: BaseException) -> str:
 def _http_url(value: str, what: str) -> str:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DeliveryError(f"{what} is not an http(s) URL")
+        raise SetupError(f"{what} is not an http(s) URL")
     return value.strip()
 
 
@@ -148,14 +156,14 @@ def post_json(url: str, body: Mapping[str, Any], *, timeout_s: float, max_bytes:
                         break  # the answer's content does not matter beyond its status
             except Exception:
                 if late.is_set():
-                    raise DeliveryError(f"answer not complete within {timeout_s:g} s") from None
+                    raise DeliveryError(f"answer not complete within {timeout_s:.3g} s") from None
                 raise
             finally:
                 watchdog.cancel()
             if late.is_set():
-                raise DeliveryError(f"answer not complete within {timeout_s:g} s")
+                raise DeliveryError(f"answer not complete within {timeout_s:.3g} s")
     except requests.Timeout:
-        raise DeliveryError(f"no answer within {timeout_s:g} s") from None
+        raise DeliveryError(f"no answer within {timeout_s:.3g} s") from None
     except requests.ConnectionError as exc:
         raise DeliveryError(f"cannot connect: {_reason(exc)}") from None
     except requests.RequestException as exc:
@@ -181,45 +189,81 @@ def _socket_of(resp: requests.Response) -> socket.socket | None:
 
 def build_email(smtp: Smtp, to: Iterable[str], out: Outgoing) -> EmailMessage:
     msg = EmailMessage(policy=_MAIL_POLICY)
-    msg["Subject"] = out.subject
+    msg["Subject"] = one_line(out.subject)
     msg["From"] = smtp.sender
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(usegmt=True)
     msg["Message-ID"] = make_msgid(domain="brandmon.alerts")
-    msg["X-Brandmon-Alert"] = out.alert_id
+    msg["X-Brandmon-Alert"] = one_line(out.alert_id)
     msg.set_content(out.text)
     return msg
 
 
 def send_smtp(smtp: Smtp, to: Iterable[str], out: Outgoing, timeout_s: float) -> None:
-    """One plain-text email through smtplib (STARTTLS when asked, login when a password is given)."""
+    """One plain-text email through smtplib (STARTTLS when asked, login when a password is given).
+
+    Time: `timeout_s` per socket operation, and a watchdog that shuts the socket at `timeout_s`
+    for the whole exchange (a server dripping its greeting a byte at a time would otherwise
+    reset the per-read timeout for an hour)."""
     to = list(to)
     msg = build_email(smtp, to, out)
+    client = smtplib.SMTP(timeout=timeout_s)
+    late = threading.Event()
+
+    def cut() -> None:
+        late.set()
+        sock = getattr(client, "sock", None)
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout_s, cut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with smtplib.SMTP(smtp.host, smtp.port, timeout=timeout_s) as client:
+        client.connect(smtp.host, smtp.port)
+        client.ehlo()
+        if smtp.starttls:
+            client.starttls(context=ssl.create_default_context())
             client.ehlo()
-            if smtp.starttls:
-                client.starttls(context=ssl.create_default_context())
-                client.ehlo()
-            if smtp.username and smtp.password:
-                client.login(smtp.username, smtp.password)
-            client.send_message(msg, to_addrs=to)
-    except smtplib.SMTPNotSupportedError:
+        if smtp.username and smtp.password:
+            client.login(smtp.username, smtp.password)
+        client.send_message(msg, to_addrs=to)
+        with contextlib.suppress(smtplib.SMTPException, OSError):  # sent: a failed goodbye does not matter
+            client.quit()
+    except Exception as exc:
+        if late.is_set():
+            raise DeliveryError(f"SMTP exchange not complete within {timeout_s:.3g} s") from None
+        _smtp_error(exc, timeout_s)
+        raise
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(Exception):
+            client.close()
+
+
+def _smtp_error(exc: Exception, timeout_s: float) -> None:
+    """Raise the DeliveryError saying in a few words what `exc` (from smtplib) means."""
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
         raise DeliveryError("the SMTP server does not offer STARTTLS (or login); set starttls: false "
                             "only for a trusted local relay") from None
-    except smtplib.SMTPAuthenticationError as exc:
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
         raise DeliveryError(f"SMTP login refused (code {exc.smtp_code})") from None
-    except smtplib.SMTPResponseException as exc:
+    if isinstance(exc, smtplib.SMTPResponseException):
         raise DeliveryError(f"SMTP server answered {exc.smtp_code}") from None
-    except smtplib.SMTPRecipientsRefused:
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
         raise DeliveryError("SMTP server refused every recipient") from None
-    except smtplib.SMTPServerDisconnected:
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        if _reason(exc) == "timed out":  # smtplib reports a read timeout as a disconnect
+            raise DeliveryError(f"no answer from the SMTP server within {timeout_s:.3g} s") from None
         raise DeliveryError("SMTP server closed the connection") from None
-    except smtplib.SMTPException as exc:
+    if isinstance(exc, smtplib.SMTPException):
         raise DeliveryError(f"SMTP error: {type(exc).__name__}") from None
-    except ssl.SSLError as exc:
+    if isinstance(exc, ssl.SSLError):
         raise DeliveryError(f"TLS failed: {exc.reason or type(exc).__name__}") from None
-    except OSError as exc:
+    if isinstance(exc, OSError):
+        if _reason(exc) == "timed out":
+            raise DeliveryError(f"no answer from the SMTP server within {timeout_s:.3g} s") from None
         raise DeliveryError(f"cannot connect: {_reason(exc)}") from None
 
 
@@ -231,7 +275,7 @@ def _connection(conn_id: str) -> Any:
     except Exception as exc:  # Airflow not configured, secrets backend down
         raise DeliveryError(f"cannot read Airflow connection {conn_id!r}: {type(exc).__name__}") from None
     if conn is None:
-        raise DeliveryError(f"Airflow connection {conn_id!r} does not exist")
+        raise SetupError(f"Airflow connection {conn_id!r} does not exist")
     return conn
 
 
@@ -247,7 +291,7 @@ def slack_url_from_connection(conn: Any) -> str:
     """The webhook URL of a `slackwebhook` connection, read the way SlackWebhookHook reads it."""
     token = (conn.password or "").strip()
     if not token:
-        raise DeliveryError(f"Airflow connection {conn.conn_id!r} has no webhook token/URL in its password")
+        raise SetupError(f"Airflow connection {conn.conn_id!r} has no webhook token/URL in its password")
     if "://" in token:
         return token
     base = conn.host if conn.host and "://" in conn.host else f"{conn.schema or 'https'}://{conn.host or 'hooks.slack.com/services'}"
@@ -260,7 +304,7 @@ def webhook_url_from_connection(conn: Any) -> str:
     if "://" in host:
         return host
     if not host:
-        raise DeliveryError(f"Airflow connection {conn.conn_id!r} has no host")
+        raise SetupError(f"Airflow connection {conn.conn_id!r} has no host")
     scheme = _extra(conn).get("scheme") or "https"
     port = f":{conn.port}" if conn.port else ""
     path = "/" + conn.schema.lstrip("/") if conn.schema else ""
@@ -273,15 +317,20 @@ class PlainTransport:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.env = os.environ if env is None else env
 
-    def _env(self, name: str, what: str) -> str:
+    def _env(self, name: str, what: str, dest: Destination, key: str) -> str:
         value = (self.env.get(name) or "").strip()
         if not value:
-            raise DeliveryError(f"environment variable {name} is not set (it should hold {what})")
+            # a name that does not look like one (lower case, digits) may be the secret itself
+            # pasted into the YAML: the error (logged, stored) then says where, not what
+            shown = name if _CONVENTIONAL_ENV.match(name) else f"named by {key} of destination {dest.name}"
+            raise SetupError(f"environment variable {shown} is not set (it should hold {what})")
         return value
 
     def url(self, dest: Destination) -> str:
         if dest.url_env:
-            return _http_url(self._env(dest.url_env, f"the {dest.kind} URL"), f"${dest.url_env}")
+            url = self._env(dest.url_env, f"the {dest.kind} URL", dest, "url_env")
+            shown = f"${dest.url_env}" if _CONVENTIONAL_ENV.match(dest.url_env) else f"url_env of {dest.name}"
+            return _http_url(url, shown)
         conn = _connection(str(dest.conn_id))
         url = slack_url_from_connection(conn) if dest.kind == "slack" else webhook_url_from_connection(conn)
         return _http_url(url, f"the URL of Airflow connection {dest.conn_id!r}")
@@ -292,12 +341,12 @@ class PlainTransport:
             extra = _extra(conn)
             sender = dest.sender or extra.get("from_email")
             if not sender:
-                raise DeliveryError(f"no sender: set `from:` or the connection's extra from_email ({dest.conn_id})")
+                raise SetupError(f"no sender: set `from:` or the connection's extra from_email ({dest.conn_id})")
             return Smtp(host=conn.host or "localhost", port=int(conn.port or 587),
                         starttls=not bool(extra.get("disable_tls", False)), username=conn.login or None,
                         password=conn.password or None, sender=str(sender),
                         timeout_s=float(extra["timeout"]) if extra.get("timeout") else None)
-        password = self._env(dest.password_env, "the SMTP password") if dest.password_env else None
+        password = self._env(dest.password_env, "the SMTP password", dest, "password_env") if dest.password_env else None
         return Smtp(host=str(dest.host), port=dest.port, starttls=dest.starttls, username=dest.username,
                     password=password, sender=str(dest.sender))
 
@@ -322,6 +371,12 @@ class PlainTransport:
             if "://" in value:
                 parts = urlsplit(value)
                 out += [p for p in (parts.path, parts.query, parts.path.rsplit("/", 1)[-1]) if p and len(p) >= 6]
+                # a receiver's error may echo one query value (?sig=...) or the basic-auth password
+                out += [v for _, v in parse_qsl(parts.query) if len(v) >= 6]
+                with contextlib.suppress(ValueError):
+                    if parts.password:
+                        out.append(unquote(parts.password))
+                        out.append(parts.password)
         return sorted({v for v in out if v}, key=len, reverse=True)
 
     def send_once(self, dest: Destination, out: Outgoing, cfg: AlertsConfig, timeout_s: float) -> None:
@@ -354,7 +409,7 @@ class AirflowTransport(PlainTransport):
                     # SmtpHook sends HTML: the plain text, preformatted
                     hook.send_email_smtp(to=list(dest.to), subject=out.subject, from_email=dest.sender,
                                          html_content=f"<pre>{html.escape(out.text)}</pre>",
-                                         custom_headers={"X-Brandmon-Alert": out.alert_id})
+                                         custom_headers={"X-Brandmon-Alert": one_line(out.alert_id)})
             except Exception as exc:
                 raise DeliveryError(self._hook_error("SMTP", exc)) from None
             return
@@ -400,6 +455,9 @@ def deliver(transport: PlainTransport, dest: Destination, out: Outgoing, cfg: Al
         try:
             transport.send_once(dest, out, cfg, max(0.1, min(cfg.timeout_s, remaining)))
             return Outcome(True, tries, None, clock() - start, errors)
+        except SetupError as exc:
+            errors.append(scrub(str(exc), secrets))
+            return Outcome(False, 0, errors[-1], clock() - start, errors)
         except DeliveryError as exc:
             errors.append(scrub(str(exc), secrets))
         except Exception as exc:  # a bug or an unexpected library error: still never fatal

@@ -75,6 +75,16 @@ alerts:
     ({"destinations": DESTS, "retries": 0}, "retries must be a whole number of at least 1"),
     ({"destinations": DESTS, "rules": [{"name": "r", "kind": "spike", "min_posts": "many"}]}, "min_posts must be"),
     ({"rules": [{"name": "r", "kind": "spike"}]}, "has no destination"),
+    # YAML .nan / .inf: NaN compares false with every figure (a rule that silently never fires),
+    # an infinite lease or timeout overflows the clock arithmetic at dispatch time
+    ({"destinations": DESTS, "rules": [{"name": "r", "kind": "share_of_voice", "above": float("nan")}]},
+     "above must be a number of at least 0, got nan"),
+    ({"destinations": DESTS, "rules": [{"name": "r", "kind": "spike", "min_zscore": float("nan")}]},
+     "min_zscore must be a number"),
+    ({"destinations": DESTS, "rules": [{"name": "r", "kind": "wow", "below": float("inf")}]}, "below must be a number"),
+    ({"destinations": DESTS, "lease_s": float("inf")}, "lease_s must be a number"),
+    ({"destinations": DESTS, "timeout_s": float("nan")}, "timeout_s must be a number"),
+    ({"destinations": DESTS, "max_total_s": float("inf")}, "max_total_s must be a number"),
     ("yes", "must be a mapping"),
 ])
 def test_bad_sections_are_one_clear_line(alerts, message):

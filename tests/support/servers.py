@@ -7,6 +7,7 @@ thread and stop on leaving the `with` block.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -16,6 +17,7 @@ from email import message_from_bytes, policy
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 
 def free_port() -> int:
@@ -38,7 +40,8 @@ class Received:
 @dataclass
 class _State:
     # ok | error (HTTP 500) | slow (answers after `delay_s`) | slack-error (400 invalid_token) |
-    # huge (200 with a 20 MB body) | drip (200, then one body byte every 0.2 s for `delay_s`)
+    # huge (200 with a 20 MB body) | drip (200, then one body byte every 0.2 s for `delay_s`) |
+    # echo (403 whose body repeats the query values and the basic-auth password it was sent)
     mode: str = "ok"
     delay_s: float = 5.0
     ok_delay_s: float = 0.0  # "ok" mode: answer after this long (concurrency tests)
@@ -71,6 +74,14 @@ class HttpSink:
                     time.sleep(state.delay_s)
                 if mode == "error":
                     self._answer(state.status, b"internal error")
+                    return
+                if mode == "echo":
+                    query = urlsplit(self.path).query
+                    said = [v for _, v in parse_qsl(query)]
+                    auth = self.headers.get("Authorization") or ""
+                    if auth.startswith("Basic "):
+                        said.append(base64.b64decode(auth[6:]).decode().partition(":")[2])
+                    self._answer(403, ("bad credentials: " + " ".join(said)).encode())
                     return
                 if mode == "slack-error":
                     self._answer(400, b"invalid_token")
@@ -216,3 +227,47 @@ class SmtpSink:
 
     def __exit__(self, *exc: Any) -> None:
         self.controller.stop()
+
+
+class RawTcpServer:
+    """`with RawTcpServer("drip") as srv:` a TCP server on 127.0.0.1 that misbehaves below any
+    protocol: `drip` sends one byte every 0.2 s and never a line end, `silent` accepts and says
+    nothing, `drop` closes each connection at once."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="raw-tcp", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if self.mode == "drop":
+                    return
+                while not self._stop.is_set():
+                    if self.mode == "drip":
+                        conn.sendall(b"2")
+                    time.sleep(0.2)
+            except OSError:  # the client hung up: what the test wants
+                pass
+
+    def __enter__(self) -> RawTcpServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
