@@ -235,3 +235,23 @@ def test_alerts_list_says_when_it_shows_only_the_newest_rows(make_ctx, monkeypat
     assert "note: only the newest 3 alerts are shown; narrow with --since or --status" in err
     assert main(["alerts", "list", "--status", "sent"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["silent", "drip", "drop"])
+def test_the_airflow_smtp_hook_is_held_to_the_rounds_time_bound(monkeypatch, mode):
+    """SmtpHook's own defaults are a 30 s timeout per socket operation and 5 reconnects, and no
+    bound on a dripping greeting: a round could take minutes to forever, not max_total_s."""
+    from pipeline.alerts.transport import AirflowTransport
+
+    with RawTcpServer(mode) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_BAD", json.dumps(
+            {"conn_type": "smtp", "host": "127.0.0.1", "port": srv.port,
+             "extra": {"disable_tls": True, "disable_ssl": True, "from_email": "a@example.org"}}))
+        dest = Destination(name="m", kind="email", conn_id="smtp_bad", to=("b@example.org",))
+        AirflowTransport().secrets(dest)  # Airflow's first import (seconds on a busy machine) is not the point
+        from airflow.providers.smtp.hooks.smtp import SmtpHook  # noqa: F401
+        t0 = time.monotonic()
+        r = deliver(AirflowTransport(), dest, OUT, AlertsConfig(retries=2, backoff_s=0.1, timeout_s=1, max_total_s=3))
+        elapsed = time.monotonic() - t0
+    assert not r.ok and elapsed < 5, (elapsed, r.error)
+    assert r.error.startswith("SMTP hook: ") and "\n" not in r.error
