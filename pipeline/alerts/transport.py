@@ -423,10 +423,18 @@ class AirflowTransport(PlainTransport):
         if dest.conn_id and dest.kind == "slack":
             from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
 
+            # The hook reads the connection into the webhook URL (token, host, schema as the
+            # provider defines them); the POST itself is the bounded one every webhook gets:
+            # slack_sdk's client reads any answer whole, however large or slowly it drips.
             try:
-                SlackWebhookHook(slack_webhook_conn_id=dest.conn_id, timeout=max(1, math.ceil(timeout_s))).send_dict(out.slack)
+                url = SlackWebhookHook(slack_webhook_conn_id=dest.conn_id).get_conn().url
             except Exception as exc:
                 raise DeliveryError(self._hook_error("Slack", exc)) from None
+            try:
+                post_json(_http_url(url, f"the URL of Airflow connection {dest.conn_id!r}"), out.slack,
+                          timeout_s=timeout_s, max_bytes=cfg.max_response_bytes)
+            except DeliveryError as exc:
+                raise type(exc)(f"Slack hook: {exc}") from None
             return
         if dest.conn_id and dest.kind == "email" and not dest.host:
             clients: list[smtplib.SMTP] = []

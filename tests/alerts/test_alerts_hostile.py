@@ -255,3 +255,25 @@ def test_the_airflow_smtp_hook_is_held_to_the_rounds_time_bound(monkeypatch, mod
         elapsed = time.monotonic() - t0
     assert not r.ok and elapsed < 5, (elapsed, r.error)
     assert r.error.startswith("SMTP hook: ") and "\n" not in r.error
+
+
+@pytest.mark.parametrize("mode", ["drip", "huge"])
+def test_a_slack_connection_in_airflow_gets_the_same_time_and_byte_bounds(monkeypatch, mode):
+    """SlackWebhookHook's client (slack_sdk) reads the whole answer with a per-read timeout: a
+    dripping endpoint held the round for as long as it dripped (40 s measured for timeout_s 1)."""
+    from pipeline.alerts.transport import AirflowTransport
+
+    with HttpSink() as sink:
+        sink.mode, sink.delay_s = mode, 30
+        monkeypatch.setenv("AIRFLOW_CONN_SLACK_BAD", json.dumps(
+            {"conn_type": "slackwebhook", "password": sink.url("/services/T0/B0/dr1pS3cretT0ken")}))
+        dest = Destination(name="s", kind="slack", conn_id="slack_bad")
+        AirflowTransport().secrets(dest)  # Airflow's first import is not the point
+        t0 = time.monotonic()
+        r = deliver(AirflowTransport(), dest, OUT, AlertsConfig(retries=2, backoff_s=0.1, timeout_s=1, max_total_s=3))
+        elapsed = time.monotonic() - t0
+    assert elapsed < 5, (elapsed, r.error)
+    if mode == "drip":
+        assert r.error == "Slack hook: answer not complete within 1 s (after 2 request(s))"
+    else:  # 200 with 20 MB: delivered, 64 KiB of the answer read
+        assert r.ok and r.requests == 1
