@@ -25,6 +25,7 @@ EACH = "each"  # brand/product/platform: one alert key per value instead of the 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SECRET_KEYS = {"url": "url_env", "webhook_url": "url_env", "password": "password_env", "token": "url_env"}
 
 
@@ -170,7 +171,9 @@ def _parse_destination(name: Any, raw: Any, where: str) -> Destination:
         headers = raw.get("headers") or {}
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise ConfigError(f"{where}.headers must be a mapping of header names to strings")
-        for h in headers:
+        for h, v in headers.items():
+            if _CONTROL.search(h + v):
+                raise ConfigError(f"{where}.headers.{h.strip()}: a header name or value cannot hold a line break")
             if h.lower() in ("authorization", "cookie", "x-api-key") or "token" in h.lower():
                 raise ConfigError(f"{where}.headers.{h} looks like a secret; secrets do not go in the YAML")
         return Destination(name=name, kind=kind, url_env=url_env, conn_id=conn_id, headers=dict(headers))
@@ -181,6 +184,10 @@ def _parse_destination(name: Any, raw: Any, where: str) -> Destination:
         to = [to]
     if not isinstance(to, list) or not to or not all(isinstance(t, str) and "@" in t for t in to):
         raise ConfigError(f"{where}.to must be an email address or a list of them")
+    # a line break in an address would be a header of its own (`Bcc: ...`); mail refuses it at send
+    for key, value in (("to", " ".join(to)), ("from", raw.get("from")), ("username", raw.get("username"))):
+        if isinstance(value, str) and _CONTROL.search(value.strip()):
+            raise ConfigError(f"{where}.{key} cannot hold a line break or other control character")
     host = _str(raw, "host", where)
     if not host and not conn_id:
         raise ConfigError(f"{where} needs `host:` (the SMTP server) or `conn_id:` (an Airflow smtp connection)")

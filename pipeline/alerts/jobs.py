@@ -172,12 +172,12 @@ def send_test(ctx: Context, rule_name: str, *, transport: PlainTransport | None 
     with ctx.engine.connect() as conn:
         alert = sample_alert(conn, rule, [b.name for b in ctx.settings.brands], now.date())
     out = render(alert, test=True, late=False, report_url=_ReportLinks(ctx, cfg)(alert.day), now=now)
-    results = []
-    for dest in cfg.rule_destinations(rule):
-        r = deliver(transport, dest, out, cfg)
-        results.append({"destination": dest.name, "kind": dest.kind, "ok": r.ok, "requests": r.requests,
-                        "seconds": round(r.seconds, 3), "error": r.error})
-    return results
+    dests = cfg.rule_destinations(rule)
+    # in parallel, as dispatch does: the command takes one round (max_total_s), not one per destination
+    with ThreadPoolExecutor(max_workers=min(8, len(dests)), thread_name_prefix="alerts-test") as pool:
+        outcomes = list(pool.map(lambda d: deliver(transport, d, out, cfg), dests))
+    return [{"destination": d.name, "kind": d.kind, "ok": r.ok, "requests": r.requests,
+             "seconds": round(r.seconds, 3), "error": r.error} for d, r in zip(dests, outcomes, strict=True)]
 
 
 def list_alerts(ctx: Context, since: dt.date | None = None, status: str | None = None,

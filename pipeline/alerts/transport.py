@@ -389,6 +389,33 @@ class PlainTransport:
                   headers=dest.headers if dest.kind == "webhook" else None)
 
 
+def _bounded_smtp_hook(conn_id: str, timeout_s: float, clients: list[smtplib.SMTP]) -> Any:
+    """The SMTP provider's SmtpHook held to one request of a delivery round: `timeout_s` per
+    socket operation instead of the connection's (default 30 s), no reconnect loop of its own
+    (default 5; `deliver` retries within the round), and each client it builds put in `clients`
+    before it connects, so a watchdog can cut a greeting that drips."""
+    from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+    class BoundedSmtpHook(SmtpHook):
+        @property
+        def timeout(self) -> int:
+            return max(1, min(super().timeout, math.ceil(timeout_s)))
+
+        @property
+        def smtp_retry_limit(self) -> int:
+            return 0
+
+        def _build_client(self) -> smtplib.SMTP:
+            kwargs = self._build_client_kwargs(is_async=False)
+            host, port = kwargs.pop("host"), kwargs.pop("port", 0)
+            client = (smtplib.SMTP_SSL if self.use_ssl else smtplib.SMTP)(**kwargs)
+            clients.append(client)
+            client.connect(host, port)
+            return client
+
+    return BoundedSmtpHook(smtp_conn_id=conn_id)
+
+
 class AirflowTransport(PlainTransport):
     """Inside an Airflow task: the providers' hooks for Slack and SMTP connections."""
 
@@ -396,22 +423,45 @@ class AirflowTransport(PlainTransport):
         if dest.conn_id and dest.kind == "slack":
             from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
 
+            # The hook reads the connection into the webhook URL (token, host, schema as the
+            # provider defines them); the POST itself is the bounded one every webhook gets:
+            # slack_sdk's client reads any answer whole, however large or slowly it drips.
             try:
-                SlackWebhookHook(slack_webhook_conn_id=dest.conn_id, timeout=max(1, math.ceil(timeout_s))).send_dict(out.slack)
+                url = SlackWebhookHook(slack_webhook_conn_id=dest.conn_id).get_conn().url
             except Exception as exc:
                 raise DeliveryError(self._hook_error("Slack", exc)) from None
+            try:
+                post_json(_http_url(url, f"the URL of Airflow connection {dest.conn_id!r}"), out.slack,
+                          timeout_s=timeout_s, max_bytes=cfg.max_response_bytes)
+            except DeliveryError as exc:
+                raise type(exc)(f"Slack hook: {exc}") from None
             return
         if dest.conn_id and dest.kind == "email" and not dest.host:
-            from airflow.providers.smtp.hooks.smtp import SmtpHook
+            clients: list[smtplib.SMTP] = []
+            late = threading.Event()
 
+            def cut() -> None:  # as in send_smtp: the whole exchange within timeout_s
+                late.set()
+                for client in clients:
+                    with contextlib.suppress(OSError, AttributeError):
+                        if client.sock is not None:
+                            client.sock.shutdown(socket.SHUT_RDWR)
+
+            watchdog = threading.Timer(timeout_s, cut)
+            watchdog.daemon = True
+            watchdog.start()
             try:
-                with SmtpHook(smtp_conn_id=dest.conn_id) as hook:
+                with _bounded_smtp_hook(dest.conn_id, timeout_s, clients) as hook:
                     # SmtpHook sends HTML: the plain text, preformatted
                     hook.send_email_smtp(to=list(dest.to), subject=out.subject, from_email=dest.sender,
                                          html_content=f"<pre>{html.escape(out.text)}</pre>",
                                          custom_headers={"X-Brandmon-Alert": one_line(out.alert_id)})
             except Exception as exc:
+                if late.is_set():
+                    raise DeliveryError(f"SMTP hook: exchange not complete within {timeout_s:.3g} s") from None
                 raise DeliveryError(self._hook_error("SMTP", exc)) from None
+            finally:
+                watchdog.cancel()
             return
         super().send_once(dest, out, cfg, timeout_s)
 

@@ -85,6 +85,14 @@ alerts:
     ({"destinations": DESTS, "lease_s": float("inf")}, "lease_s must be a number"),
     ({"destinations": DESTS, "timeout_s": float("nan")}, "timeout_s must be a number"),
     ({"destinations": DESTS, "max_total_s": float("inf")}, "max_total_s must be a number"),
+    # a line break in an address or header would add a header of its own; mail refused it at
+    # send time, so every alert to the destination failed with a ValueError
+    ({"destinations": {"m": {**DESTS["mail"], "to": ["b@example.org\nBcc: evil@example.org"]}}},
+     "destinations.m.to cannot hold a line break"),
+    ({"destinations": {"m": {**DESTS["mail"], "from": "a@example.org\r\nBcc: evil@example.org"}}},
+     "destinations.m.from cannot hold a line break"),
+    ({"destinations": {"w": {"kind": "webhook", "url_env": "U", "headers": {"X-Team": "a\r\nX-Evil: 1"}}}},
+     "headers.X-Team: a header name or value cannot hold a line break"),
     ("yes", "must be a mapping"),
 ])
 def test_bad_sections_are_one_clear_line(alerts, message):

@@ -235,3 +235,67 @@ def test_alerts_list_says_when_it_shows_only_the_newest_rows(make_ctx, monkeypat
     assert "note: only the newest 3 alerts are shown; narrow with --since or --status" in err
     assert main(["alerts", "list", "--status", "sent"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["silent", "drip", "drop"])
+def test_the_airflow_smtp_hook_is_held_to_the_rounds_time_bound(monkeypatch, mode):
+    """SmtpHook's own defaults are a 30 s timeout per socket operation and 5 reconnects, and no
+    bound on a dripping greeting: a round could take minutes to forever, not max_total_s."""
+    from pipeline.alerts.transport import AirflowTransport
+
+    with RawTcpServer(mode) as srv:
+        monkeypatch.setenv("AIRFLOW_CONN_SMTP_BAD", json.dumps(
+            {"conn_type": "smtp", "host": "127.0.0.1", "port": srv.port,
+             "extra": {"disable_tls": True, "disable_ssl": True, "from_email": "a@example.org"}}))
+        dest = Destination(name="m", kind="email", conn_id="smtp_bad", to=("b@example.org",))
+        AirflowTransport().secrets(dest)  # Airflow's first import (seconds on a busy machine) is not the point
+        from airflow.providers.smtp.hooks.smtp import SmtpHook  # noqa: F401
+        t0 = time.monotonic()
+        r = deliver(AirflowTransport(), dest, OUT, AlertsConfig(retries=2, backoff_s=0.1, timeout_s=1, max_total_s=3))
+        elapsed = time.monotonic() - t0
+    assert not r.ok and elapsed < 5, (elapsed, r.error)
+    assert r.error.startswith("SMTP hook: ") and "\n" not in r.error
+
+
+@pytest.mark.parametrize("mode", ["drip", "huge"])
+def test_a_slack_connection_in_airflow_gets_the_same_time_and_byte_bounds(monkeypatch, mode):
+    """SlackWebhookHook's client (slack_sdk) reads the whole answer with a per-read timeout: a
+    dripping endpoint held the round for as long as it dripped (40 s measured for timeout_s 1)."""
+    from pipeline.alerts.transport import AirflowTransport
+
+    with HttpSink() as sink:
+        sink.mode, sink.delay_s = mode, 30
+        monkeypatch.setenv("AIRFLOW_CONN_SLACK_BAD", json.dumps(
+            {"conn_type": "slackwebhook", "password": sink.url("/services/T0/B0/dr1pS3cretT0ken")}))
+        dest = Destination(name="s", kind="slack", conn_id="slack_bad")
+        AirflowTransport().secrets(dest)  # Airflow's first import is not the point
+        t0 = time.monotonic()
+        r = deliver(AirflowTransport(), dest, OUT, AlertsConfig(retries=2, backoff_s=0.1, timeout_s=1, max_total_s=3))
+        elapsed = time.monotonic() - t0
+    assert elapsed < 5, (elapsed, r.error)
+    if mode == "drip":
+        assert r.error == "Slack hook: answer not complete within 1 s (after 2 request(s))"
+    else:  # 200 with 20 MB: delivered, 64 KiB of the answer read
+        assert r.ok and r.requests == 1
+
+
+def test_alerts_test_serves_the_destinations_in_parallel_within_one_round(make_ctx, monkeypatch):
+    """Destinations were tried one after another: a round each (seven failing ones took 80 s with the
+    defaults, two of them hanging); now one round for all."""
+    from pipeline.alerts.jobs import send_test
+
+    with HttpSink() as a, HttpSink() as b, HttpSink() as c:
+        dests = {}
+        for name, sink in (("a", a), ("b", b), ("c", c)):
+            sink.mode, sink.delay_s = "slow", 10
+            monkeypatch.setenv(f"TEST_HANG_{name.upper()}", sink.url("/hook"))
+            dests[name] = {"kind": "webhook", "url_env": f"TEST_HANG_{name.upper()}"}
+        cfg = alerts_config("", "", 25, extra_dests=dests, retries=1, timeout_s=1.5, max_total_s=1.5)
+        cfg["alerts"]["rules"] = [{"name": "r", "kind": "spike", "brand": "Acme", "destinations": ["a", "b", "c"]}]
+        ctx = make_ctx(cfg)
+        t0 = time.monotonic()
+        results = send_test(ctx, "r")
+        elapsed = time.monotonic() - t0
+    assert [(r["destination"], r["ok"]) for r in results] == [("a", False), ("b", False), ("c", False)]
+    assert all(r["error"] == "no answer within 1.5 s (after 1 request(s))" for r in results)
+    assert elapsed < 3.5, elapsed

@@ -76,8 +76,8 @@ def test_airflow_connections_go_through_the_providers_hooks(make_ctx, monkeypatc
         from airflow.providers.slack.hooks.slack_webhook import SlackWebhookHook
         from airflow.providers.smtp.hooks.smtp import SmtpHook
 
-        real_slack, real_smtp = SlackWebhookHook.send_dict, SmtpHook.send_email_smtp
-        monkeypatch.setattr(SlackWebhookHook, "send_dict",
+        real_slack, real_smtp = SlackWebhookHook.get_conn, SmtpHook.send_email_smtp
+        monkeypatch.setattr(SlackWebhookHook, "get_conn",  # the hook reads the connection; the POST is bounded
                             lambda self, *a, **k: (calls.append("slack"), real_slack(self, *a, **k))[1])
         monkeypatch.setattr(SmtpHook, "send_email_smtp",
                             lambda self, *a, **k: (calls.append("smtp"), real_smtp(self, *a, **k))[1])
