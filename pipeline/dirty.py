@@ -1,7 +1,8 @@
 """Dirty days: the queue of UTC days whose aggregates must be recomputed.
 
-Ingestion marks the days of new or edited posts, detection the days of posts whose images
-were (re-)scored, and activating a model (or changing its threshold) the days whose images
+Ingestion marks the days of new or edited posts, storing an image the day of its post and
+the later days of posts carrying the same image (their re-post counts may change), detection
+the days of posts whose images were (re-)scored, and activating a model (or changing its threshold) the days whose images
 either version scored; `brandmon aggregate` recomputes exactly those days and clears them in
 the same transaction, so a crash in between leaves the day dirty and the re-run recomputes it.
 """
@@ -34,6 +35,40 @@ def mark_days_of_images(conn: Connection, shas: Iterable[str], reason: str = "re
             .distinct()
         )
         days.update(ts.astimezone(dt.UTC).date() for (ts,) in conn.execute(q))
+    return mark_days(conn, days, reason)
+
+
+def mark_days_of_stored(conn: Connection, stored: Iterable[tuple[int, str]], reason: str = "image-stored") -> int:
+    """Mark the days an image newly stored for some posts changes: each post's own day (its
+    image mentions count now) and the days of later posts carrying the same image (they may
+    turn into re-posts). `stored` holds (post id, sha256) pairs. Returns the days marked.
+
+    Why: detection marks the days of the images it scores, but an image whose content was
+    already scored (a repost, a retried download) is not scored again, so without this its
+    day keeps the counts aggregated before the image was stored (a concurrent aggregation
+    between ingest's commit and its image fetch, or `brandmon images` retrying a failure).
+    """
+    pairs = sorted(set(stored))
+    if not pairs:
+        return 0
+    days: set[dt.date] = set()
+    first: dict[str, dt.datetime] = {}
+    for i in range(0, len(pairs), 500):
+        part = pairs[i : i + 500]
+        q = select(posts.c.id, posts.c.posted_at).where(posts.c.id.in_(sorted({pid for pid, _ in part})))
+        when = {pid: ts.astimezone(dt.UTC) for pid, ts in conn.execute(q)}
+        for pid, sha in part:
+            if pid in when:
+                days.add(when[pid].date())
+                first[sha] = min(first.get(sha, when[pid]), when[pid])
+    shas = sorted(first)
+    for i in range(0, len(shas), 500):
+        q = (
+            select(post_images.c.sha256, posts.c.posted_at)
+            .join(posts, posts.c.id == post_images.c.post_id)
+            .where(post_images.c.sha256.in_(shas[i : i + 500]))
+        )
+        days.update(ts.astimezone(dt.UTC).date() for sha, ts in conn.execute(q) if ts.astimezone(dt.UTC) >= first[sha])
     return mark_days(conn, days, reason)
 
 

@@ -34,6 +34,7 @@ from PIL import Image
 from sqlalchemy import bindparam, select, update
 
 from pipeline.database import chunks, upsert
+from pipeline.dirty import mark_days_of_stored
 from pipeline.ingest import bounded, netguard
 from pipeline.schema import images, post_images, posts, utcnow
 from pipeline.settings import NetworkConfig
@@ -257,7 +258,7 @@ def fetch_one(url: str, downloader: Downloader, store: Any, own_bytes: ByteSourc
 def pending_rows(conn: Any, *, sources_in: Iterable[str] | None = None, post_ids: Iterable[int] | None = None,
                  window: tuple[dt.datetime, dt.datetime] | None = None, statuses: tuple[str, ...] = ("pending", "failed")) -> list[dict[str, Any]]:
     q = (
-        select(post_images.c.id, post_images.c.url, post_images.c.attempts, posts.c.source)
+        select(post_images.c.id, post_images.c.post_id, post_images.c.url, post_images.c.attempts, posts.c.source)
         .join(posts, posts.c.id == post_images.c.post_id)
         .where(post_images.c.status.in_(statuses))
         .order_by(post_images.c.id)
@@ -336,6 +337,7 @@ def _record(engine: Any, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], c
     now = utcnow()
     image_rows = {}
     updates = []
+    stored: list[tuple[int, str]] = []
     for outcome, group in outcomes:
         if outcome.info is not None:
             i = outcome.info
@@ -345,6 +347,8 @@ def _record(engine: Any, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], c
             }
         for row in group:
             counts[f"images_{outcome.status}"] += 1
+            if outcome.status == "stored" and outcome.info is not None:
+                stored.append((row["post_id"], outcome.info.sha256))
             updates.append({
                 "b_id": row["id"], "b_status": outcome.status, "b_reason": outcome.reason,
                 "b_sha": outcome.info.sha256 if outcome.info else None,
@@ -360,6 +364,8 @@ def _record(engine: Any, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], c
                     attempts=bindparam("b_attempts"), updated_at=bindparam("b_now")),
             updates,
         )
+        # In the same transaction: a crash leaves neither the image nor the mark.
+        mark_days_of_stored(conn, stored)
 
 
 def _bar(total: int, progress: bool):  # type: ignore[no-untyped-def]

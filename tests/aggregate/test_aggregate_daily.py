@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 import pytest
 from agg_helpers import (
@@ -491,3 +492,61 @@ def test_signals_treat_days_without_rows_as_zero(make_ctx, backend):
     before_gap = sum(counts[START + dt.timedelta(days=k)] for k in range(10))
     assert after["baseline"] == pytest.approx(before_gap / 15)  # 10 days with posts + 5 zero days
     assert bool(after["spike"])
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_an_image_stored_after_its_day_was_aggregated_restates_its_day_and_later_ones(make_ctx, backend):
+    """Regression (found by the Airflow stack test's comparison with the command line): ingest
+    commits a window's posts, an aggregation runs before the window's images are stored, and
+    the image's content was already scored (a repost), so detection never marks its day again.
+    Storing the image must mark its post's day and the later days whose posts now re-post it."""
+    from sqlalchemy import insert
+
+    from pipeline.ingest.images import pending_rows, process, storage_key
+    from pipeline.schema import detections, image_scores, images, post_images
+
+    ctx = make_ctx(CONFIG, backend)
+    d2, d3 = START + dt.timedelta(days=1), START + dt.timedelta(days=2)
+    data = _jpeg_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    with ctx.engine.begin() as conn:
+        add_model(conn, "m1")
+        add_posts(conn, [FakePost(3, "p3", ts(d3, 9), "look", author="u3"),
+                         FakePost(2, "p2", ts(d2, 9), "my acme", author="u2")])
+        conn.execute(insert(images).values(sha256=digest, storage_key=storage_key(digest), mime="image/jpeg", size_bytes=len(data)))
+        conn.execute(insert(post_images), [
+            {"post_id": 3, "position": 0, "url": "https://img.example/a.jpg", "sha256": digest, "status": "stored"},
+            {"post_id": 2, "position": 0, "url": "https://img.example/b.jpg", "sha256": None, "status": "pending"},
+        ])
+        conn.execute(insert(detections).values(image_sha256=digest, model_version="m1", class_name="Acme", score=0.9))
+        conn.execute(insert(image_scores).values(image_sha256=digest, model_version="m1", status="ok", top_class="Acme",
+                                                 top_score=0.9, scored_at=ts(d3)))
+    aggregate_dirty(ctx)  # before day 2's image is stored: p2 is a text mention, p3 a new image
+    rows = all_rows(ctx)
+    assert rows[(d2, "Acme", "*", "*", "text")]["posts"] == 1 and rows[(d2, "Acme", "*", "*", "both")]["posts"] == 0
+    assert (rows[(d3, "Acme", "*", "*", "image")]["images"], rows[(d3, "Acme", "*", "*", "image")]["reposts"]) == (1, 0)
+
+    with ctx.engine.connect() as conn:
+        todo = pending_rows(conn)
+    got = process(ctx, todo, {"test": lambda _url: data})
+    assert got["images_stored"] == 1
+    with ctx.engine.connect() as conn:
+        assert pending_days(conn) == [d2, d3]  # the post's own day, and the later re-post's
+    aggregate_dirty(ctx)
+    rows = all_rows(ctx)
+    both2, image3 = rows[(d2, "Acme", "*", "*", "both")], rows[(d3, "Acme", "*", "*", "image")]
+    assert rows[(d2, "Acme", "*", "*", "text")]["posts"] == 0
+    assert (both2["posts"], both2["images"], both2["reposts"]) == (1, 1, 0)  # first appearance now
+    assert (image3["posts"], image3["images"], image3["reposts"]) == (1, 0, 1)  # a re-post now
+    incremental = {k: {c: v for c, v in r.items() if c != "computed_at"} for k, r in rows.items()}
+    aggregate_range(ctx, d2, d3)  # a full restatement finds nothing left to change
+    assert {k: {c: v for c, v in r.items() if c != "computed_at"} for k, r in all_rows(ctx).items()} == incremental

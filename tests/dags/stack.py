@@ -36,29 +36,49 @@ class Stack:
         self.base = base
         self.env = env
         self.api = f"http://127.0.0.1:{api_port}"
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen] = {}  # the services: must keep running
+        self.jobs: dict[str, subprocess.Popen] = {}  # commands run beside them: may end
         self._token: str | None = None
 
     # --- processes ------------------------------------------------------------------------
 
-    def spawn(self, name: str, *cmd: str) -> subprocess.Popen:
+    def spawn(self, name: str, *cmd: str, env: dict[str, str] | None = None, job: bool = False) -> subprocess.Popen:
+        """Start a service (or, `job=True`, a command that ends) in its own process group."""
         log = open(self.base / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
-            list(cmd), env=self.env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
+            list(cmd), env=env or self.env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killpg takes its children too
         )
         log.close()
-        self.procs[name] = proc
+        (self.jobs if job else self.procs)[name] = proc
         return proc
 
-    def run(self, *cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run(
-            list(cmd), env=env or self.env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout,
-            start_new_session=True,
-        )
+    def wait_job(self, name: str, timeout: float) -> str:
+        """Wait for a job started with `spawn(job=True)`; its output, or an error with it."""
+        proc = self.jobs[name]
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} not finished in {timeout}s:\n{self.log_tail(name)}") from None
         if proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}")
-        return proc.stdout
+            raise AssertionError(f"{name} failed ({proc.returncode}):\n{self.log_tail(name, 6000)}")
+        return (self.base / f"{name}.log").read_text(errors="replace")
+
+    def run(self, *cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+        proc = subprocess.Popen(
+            list(cmd), env=env or self.env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:  # a timeout, a failure or an interrupt: its whole group goes
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-4000:]}")
+        return stdout
 
     def airflow(self, *args: str, timeout: float = 300) -> str:
         return self.run(AIRFLOW, *args, timeout=timeout)
@@ -74,12 +94,15 @@ class Stack:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self) -> None:
-        for proc in self.procs.values():
+        """TERM every process group, then KILL what is left (children that outlived their
+        parent too); idempotent."""
+        everything = [*self.procs.values(), *self.jobs.values()]
+        for proc in everything:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        for proc in self.procs.values():
+        for proc in everything:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             with contextlib.suppress(ProcessLookupError):  # children that outlived their parent

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import secrets
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.parse
@@ -111,6 +113,8 @@ def stack(tmp_path: Path, pg_admin_url: str, s3_endpoint: str):
             "STACK_ADMIN_PASSWORD": secret["admin"],
         },
     )
+    redis = shutil.which("redis-server")
+    assert redis, "redis-server not found: the stack test's Celery broker (Debian package redis-server; .ci/run installs it)"
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     s = Stack(tmp_path, env, api_port)
@@ -119,29 +123,67 @@ def stack(tmp_path: Path, pg_admin_url: str, s3_endpoint: str):
     s.bucket = bucket  # type: ignore[attr-defined]
     s.s3_endpoint = s3_endpoint  # type: ignore[attr-defined]
     s.config_path = config_path  # type: ignore[attr-defined]
+    # A SIGTERM (a CI timeout) ends the test through its teardown, not around it.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        s.spawn("redis", shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(redis_port),
+        s.spawn("redis", redis, "--bind", "127.0.0.1", "--port", str(redis_port),
                 "--save", "", "--appendonly", "no", "--dir", str(redis_dir))
         t0 = time.monotonic()
-        s.airflow("db", "migrate", timeout=600)
-        s.airflow("users", "create", "--username", "admin", "--password", secret["admin"], "--role", "Admin",
-                  "--email", "admin@example.org", "--firstname", "A", "--lastname", "Dmin")
-        s.airflow("pools", "set", "brandmon_tf", "1", "TensorFlow work")
+        s.spawn("migrate", AIRFLOW, "db", "migrate", job=True)
         engine = create_engine(urls["data"])
-        upgrade(engine)  # `brandmon db upgrade` (airflow-init does it in the compose file)
+        upgrade(engine)  # `brandmon db upgrade` (airflow-init does it in the compose file), meanwhile
         engine.dispose()
-        print(f"stack: metadata migrated, admin, pool, brandmon schema in {time.monotonic() - t0:.0f}s")
-        s.spawn("api-server", AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
+        s.wait_job("migrate", timeout=600)
+        # What needs no user starts at once; the api-server after `users create` (both set up
+        # FAB's roles at start).
         s.spawn("scheduler", AIRFLOW, "scheduler")
         s.spawn("dag-processor", AIRFLOW, "dag-processor")
         s.spawn("triggerer", AIRFLOW, "triggerer")
         s.spawn("worker", AIRFLOW, "celery", "worker", "--concurrency", "4")
+        s.airflow("users", "create", "--username", "admin", "--password", secret["admin"], "--role", "Admin",
+                  "--email", "admin@example.org", "--firstname", "A", "--lastname", "Dmin")
+        s.spawn("api-server", AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
         s.wait_api()
+        s.request("POST", "/api/v2/pools", {"name": "brandmon_tf", "slots": 1, "description": "TensorFlow work"})
+        print(f"stack: metadata migrated, brandmon schema, admin, services up, pool in {time.monotonic() - t0:.0f}s")
         yield s
     finally:
         s.stop()
-        for name in names.values():
-            drop_database(pg_admin_url, name)
+        signal.signal(signal.SIGTERM, previous)
+        if os.environ.get("BRANDMON_STACK_KEEP"):  # debugging: keep the databases to inspect
+            print(f"stack: kept databases {names} on {pg_admin_url}, bucket {bucket}, files in {tmp_path}")
+        else:
+            for name in names.values():
+                drop_database(pg_admin_url, name)
+            empty_bucket(s3_endpoint, bucket)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def empty_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    client.delete_bucket(Bucket=bucket)
+
+
+def daily_rows(url: str) -> dict[tuple, tuple]:
+    """mention_daily by key: every value exactly, but `computed_at` (when the row last
+    changed, a wall-clock time that two databases computed apart can never share)."""
+    table = schema.mention_daily
+    keys = [c.name for c in table.primary_key.columns]
+    values = [c.name for c in table.columns if c.name not in keys and c.name != "computed_at"]
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(table)).mappings().all()
+    engine.dispose()
+    return {tuple(r[k] for k in keys): tuple((v, r[v]) for v in values) for r in rows}
 
 
 def consumed(s: Stack, dag_id: str) -> set[int]:
@@ -231,13 +273,18 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
     model_events = [e for e in all_events(s) if e["uri"] == "brandmon://model"]
     assert [e["extra"].get("version") for e in model_events] == [version, version]  # train's, then the CLI's
     assert model_events[-1]["extra"].get("from_rest_api") is True
+    timings["train+activate"] = time.monotonic() - started
+
+    # --- the command line, beside Airflow: the same config and model, its own database -----
+    # and lake (it runs while Airflow catches up: both wait on each other's idle moments)
+    start_cli_side(s, cli_env, version, tmp_path)
 
     # --- unpause: catch-up runs the 30 intervals through the asset chain ----------------------
     for dag_id in PIPELINE_DAGS:
         s.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
     settle = wait_settled(s, DAYS, timeout=900)
     timings["catch-up"] = time.monotonic() - started
-    print(f"catch-up settled in {settle:.0f}s")
+    print(f"catch-up settled in {settle:.0f}s ({timings})")
 
     ingest_runs = [r for r in s.runs("brandmon_ingest") if r["state"] == "success"]
     assert len(ingest_runs) == DAYS
@@ -305,37 +352,44 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
     timings["logs"] = time.monotonic() - started
     s.stop()  # the comparison below needs no Airflow
 
-    # --- mention_daily equals the command line's on the same config and model --------------
+    # --- mention_daily equals the command line's, on every cell but computed_at ------------
+    s.wait_job("cli", timeout=600)
+    timings["cli"] = time.monotonic() - started
+    airflow_daily, cli_daily = daily_rows(s.urls["data"]), daily_rows(s.urls["cli"])
+    if airflow_daily != cli_daily:  # say which cells differ, by primary key
+        a, c = airflow_daily, cli_daily
+        diffs = [(k, {name: (x, y) for (name, x), (_, y) in zip(a[k], c[k], strict=True) if x != y})
+                 for k in sorted(set(a) & set(c), key=str) if a[k] != c[k]]
+        raise AssertionError(f"mention_daily differs: only Airflow {sorted(set(a) - set(c), key=str)[:10]}, "
+                             f"only CLI {sorted(set(c) - set(a), key=str)[:10]}, {len(diffs)} keys differ: {diffs[:10]}")
+    # ... and the comparison is not vacuous: all 30 days, text, image and both mentions
+    assert {k[0] for k in airflow_daily} == {START + dt.timedelta(days=i) for i in range(DAYS)}
+    totals = {src: sum(dict(v)["posts"] for k, v in airflow_daily.items() if k[2:] == ("*", "*", src))
+              for src in ("text", "image", "both")}
+    assert all(totals.values()), totals
+    print("stack timings (cumulative s): " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
+
+
+def start_cli_side(s: Stack, cli_env: dict[str, str], version: str, tmp_path: Path) -> None:
+    """`brandmon backfill demo` over the same 30 days, `detect`, `aggregate` into the CLI
+    database and lake, with the model Airflow trained (its row and artifact copied, so both
+    sides score with the same weights), as a job `s.wait_job("cli")` collects."""
     import boto3
 
-    cli_env.pop("BRANDMON_AIRFLOW_API_URL")
-    cli_env.update({"BRANDMON_DATABASE_URL": s.urls["cli"], "BRANDMON_STORAGE_URL": f"s3://{s.bucket}/cli-lake"})
+    env = {**cli_env, "BRANDMON_DATABASE_URL": s.urls["cli"], "BRANDMON_STORAGE_URL": f"s3://{s.bucket}/cli-lake",
+           "BRANDMON_HOME": str(tmp_path / "cli-side-home")}
+    env.pop("BRANDMON_AIRFLOW_API_URL")
     cli_engine, data_engine = create_engine(s.urls["cli"]), create_engine(s.urls["data"])
     upgrade(cli_engine)
     with data_engine.connect() as conn:
         model_row = dict(conn.execute(select(schema.model_versions).where(schema.model_versions.c.version == version)).mappings().one())
-    client = boto3.client("s3", endpoint_url=s.s3_endpoint)
     key = model_row["artifact_key"]
-    client.copy_object(Bucket=s.bucket, Key=f"cli-lake/{key}", CopySource={"Bucket": s.bucket, "Key": f"lake/{key}"})
+    boto3.client("s3", endpoint_url=s.s3_endpoint).copy_object(
+        Bucket=s.bucket, Key=f"cli-lake/{key}", CopySource={"Bucket": s.bucket, "Key": f"lake/{key}"})
     with cli_engine.begin() as conn:
         conn.execute(schema.model_versions.insert().values(**model_row))
     cli_engine.dispose()
     data_engine.dispose()
     last = TODAY - dt.timedelta(days=1)
-    s.run(BRANDMON, "backfill", "demo", "--start", START.isoformat(), "--end", last.isoformat(), "--quiet", env=cli_env, timeout=600)
-    s.run(BRANDMON, "detect", "--quiet", env=cli_env, timeout=600)
-    s.run(BRANDMON, "aggregate", "--quiet", env=cli_env, timeout=600)
-    daily = [schema.mention_daily]
-    airflow_daily, cli_daily = snapshot(s.urls["data"], daily)["mention_daily"], snapshot(s.urls["cli"], daily)["mention_daily"]
-    if airflow_daily != cli_daily:  # say which cells differ, by primary key
-        columns = [c.name for c in schema.mention_daily.columns]
-        width = len(schema.mention_daily.primary_key.columns)
-        a = {r[:width]: r for r in airflow_daily}
-        c = {r[:width]: r for r in cli_daily}
-        diffs = [(k, {columns[i]: (a[k][i], c[k][i]) for i in range(width, len(columns)) if a[k][i] != c[k][i]})
-                 for k in sorted(set(a) & set(c), key=str) if a[k] != c[k]]
-        raise AssertionError(f"mention_daily differs: only Airflow {len(set(a) - set(c))} keys, only CLI "
-                             f"{len(set(c) - set(a))}, differing {len(diffs)}: {diffs[:10]}")
-    assert airflow_daily
-    timings["cli"] = time.monotonic() - started
-    print("stack timings (cumulative s): " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
+    script = 'set -e; "$0" backfill demo --start "$1" --end "$2" --quiet; "$0" detect --quiet; "$0" aggregate --quiet'
+    s.spawn("cli", "/bin/sh", "-c", script, BRANDMON, START.isoformat(), last.isoformat(), env=env, job=True)
