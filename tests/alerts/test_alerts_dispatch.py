@@ -138,7 +138,7 @@ def test_down_failing_and_slow_destinations_never_fail_the_run_and_are_retried(m
     dead_port = free_port()
     monkeypatch.setenv("TEST_DEAD_URL", f"http://127.0.0.1:{dead_port}/dead/{HOOK_SECRET}")
     with HttpSink() as slow:
-        slow.mode, slow.delay_s = "slow", 3.0
+        slow.mode, slow.delay_s = "slow", 8.0
         monkeypatch.setenv("TEST_SLOW_URL", slow.url("/slow"))
         extra = {"dead": {"kind": "webhook", "url_env": "TEST_DEAD_URL"},
                  "slow": {"kind": "webhook", "url_env": "TEST_SLOW_URL"},
@@ -146,14 +146,15 @@ def test_down_failing_and_slow_destinations_never_fail_the_run_and_are_retried(m
         rules = [{"name": "acme-spike-everywhere", "kind": "spike", "brand": "Acme", "platform": "each",
                   "destinations": ["dead", "slow", "unset", "hook"]}]
         ctx = _ctx(make_ctx, monkeypatch, servers, backend, extra_dests=extra, extra_rules=rules,
-                   timeout_s=0.5, max_total_s=2, max_attempts=3)
+                   timeout_s=2.5, max_total_s=6, max_attempts=3)
         slack.mode = "error"  # Slack answers 500
         add_history(ctx)
         t0 = time.monotonic()
         result = aggregate_dirty(ctx)
         elapsed = time.monotonic() - t0
-        # destinations run in parallel; each is bounded by max_total_s (2 s) per run
-        assert elapsed < 12, elapsed
+        # destinations run in parallel; each is bounded by max_total_s (6 s) per run. The bounds
+        # leave a loaded machine room: at 0.5 s a healthy hook answered late and got a second copy.
+        assert elapsed < 30, elapsed
         assert result["days"] == 15 and result["alerts_errors"] == 0
         assert len(smtp.messages) == 1  # healthy destinations got theirs
         assert Counter(b["rule"] for b in (r.json() for r in hook.received)) == Counter(
@@ -166,7 +167,7 @@ def test_down_failing_and_slow_destinations_never_fail_the_run_and_are_retried(m
         assert "connection refused" in errors[0] and "not tried" in errors[1]
         assert sorted(r["attempts"] for r in dead) == [0, 1]
         slow_rows = [r for r in rows if r["destination"] == "slow"]
-        assert any("no answer within 0.5 s" in r["last_error"] for r in slow_rows)
+        assert any("no answer within" in r["last_error"] for r in slow_rows), [r["last_error"] for r in slow_rows]
         assert len(slow.attempts) <= 3  # bounded: 3 requests at most, then the rest not tried
         assert "HTTP 500" in by[("slack", "acme-spike", "Acme|*|*|any")]["last_error"]
         assert "TEST_NOT_SET_ANYWHERE is not set" in by[("unset", "acme-spike-everywhere", "Acme|*|mastodon|any")]["last_error"]
