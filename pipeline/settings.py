@@ -371,6 +371,13 @@ def check_database_url(url: str) -> str:
             f"BRANDMON_DATABASE_URL={redact_url(url)!r} is not a SQLAlchemy URL; "
             "use e.g. sqlite:///var/brandmon.db or postgresql+psycopg2://user:pass@host/db"
         ) from None
+    if url.split("://", 1)[-1].count("@") > 1:
+        # an unencoded `@` in the password (or the query): SQLAlchemy takes a piece of the
+        # password as the host (looked up in DNS, shown in errors) and another as the database
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL={redact_url(url)!r} has more than one `@`: a password holding `@` must "
+            "write it as %40 (and `/` as %2F, `?` as %3F, `#` as %23)"
+        )
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(
             f"BRANDMON_DATABASE_URL uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"
