@@ -20,6 +20,7 @@ scrubbed of every secret value the destination uses: they go to logs and the led
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.policy
 import html
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 from urllib3.util import Timeout
@@ -48,6 +49,10 @@ from pipeline.alerts.config import AlertsConfig, Destination
 log = logging.getLogger(__name__)
 
 USER_AGENT = "brandmon-alerts/1"
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
 
 
 class DeliveryError(Exception):
@@ -322,6 +327,12 @@ class PlainTransport:
             if "://" in value:
                 parts = urlsplit(value)
                 out += [p for p in (parts.path, parts.query, parts.path.rsplit("/", 1)[-1]) if p and len(p) >= 6]
+                if parts.password:  # sent as `Authorization: Basic ...`, which a server may echo back
+                    user, pw = unquote(parts.username or ""), unquote(parts.password)
+                    out += [pw, _b64(f"{user}:{pw}")]
+        if dest.kind == "email" and dest.password_env and self.env.get(dest.password_env):
+            pw = str(self.env[dest.password_env])  # AUTH PLAIN / LOGIN send it base64-encoded
+            out += [_b64(pw), _b64(f"\0{dest.username or ''}\0{pw}")]
         return sorted({v for v in out if v}, key=len, reverse=True)
 
     def send_once(self, dest: Destination, out: Outgoing, cfg: AlertsConfig, timeout_s: float) -> None:

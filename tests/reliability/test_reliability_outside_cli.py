@@ -8,11 +8,20 @@ export folder, a YAML nested too deep, and a config listing none of the stored b
 
 from __future__ import annotations
 
+import base64
+import http.server
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_reliability_hostile_cli import brandmon
+from rel_helpers import ctx_env
+from sqlalchemy import select
+from test_reliability_hostile_cli import CATALOGUE, add_posts, brandmon
+
+from pipeline.schema import alert_ledger
 
 SECRET = "Zq7OUTSIDE"
 
@@ -51,3 +60,52 @@ def test_a_database_url_pasted_carelessly_never_shows_its_password(url, tmp_path
     tally.secret_scan(1, len(out), out.count(SECRET))
     assert SECRET not in out, out[-3000:]
     assert "***" in out
+
+
+class _EchoAuth(http.server.BaseHTTPRequestHandler):
+    """A receiver that refuses and echoes the Authorization header back, as debug endpoints do."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = f"bad credentials: {self.headers.get('Authorization')}".encode()
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_a: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_webhook_echoing_basic_auth_never_shows_the_password(make_ctx, backend, echo_server, tally):
+    """A webhook URL with userinfo is sent as `Authorization: Basic base64(user:password)`; a
+    receiver that echoes it must not put that form in `alerts test`, the logs, the ledger or
+    `alerts list`. (Before: `Basic dXNlcjpa...` was shown and stored as the alert's error.)"""
+    config = {**CATALOGUE, "network": {"allowed_private_hosts": ["127.0.0.1"]}, "alerts": {
+        "destinations": {"hook": {"kind": "webhook", "url_env": "HOOK_URL"}},
+        "rules": [{"name": "sov", "kind": "share_of_voice", "brand": "Acme", "above": 0.1, "min_posts": 1}],
+        "max_age_days": 100000, "retries": 1, "max_total_s": 10, "timeout_s": 5}}
+    ctx = make_ctx(config, backend)
+    add_posts(ctx)
+    basic = base64.b64encode(f"hookuser:{SECRET}".encode()).decode()
+    env = ctx_env(ctx, HOOK_URL=f"http://hookuser:{SECRET}@127.0.0.1:{echo_server}/hook")
+    out = ""
+    for args in (["-vv", "alerts", "test", "sov"], ["-v", "aggregate"], ["alerts", "list"],
+                 ["alerts", "list", "--format", "json"]):
+        proc = brandmon(env, *args)
+        out += proc.stdout + proc.stderr
+    with ctx.engine.connect() as conn:
+        errors = [r.last_error or "" for r in conn.execute(select(alert_ledger.c.last_error))]
+    assert errors and all("HTTP 401" in e for e in errors), errors
+    out += "".join(errors)
+    assert "HTTP 401: bad credentials: ***" in out, out[-3000:]
+    tally.secret_scan(2, len(out), out.count(SECRET) + out.count(basic))
+    assert SECRET not in out and basic not in out, out[-3000:]
