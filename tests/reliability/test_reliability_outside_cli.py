@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import http.server
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from rel_helpers import ctx_env
 from sqlalchemy import select
-from test_reliability_hostile_cli import CATALOGUE, add_posts, brandmon
+from test_reliability_hostile_cli import CATALOGUE, add_posts, brandmon, one_line_failure
 
 from pipeline.schema import alert_ledger
 
@@ -109,3 +110,51 @@ def test_a_webhook_echoing_basic_auth_never_shows_the_password(make_ctx, backend
     assert "HTTP 401: bad credentials: ***" in out, out[-3000:]
     tally.secret_scan(2, len(out), out.count(SECRET) + out.count(basic))
     assert SECRET not in out and basic not in out, out[-3000:]
+
+
+# --- files written out of place -------------------------------------------------------------------
+
+
+def _queued_ctx(make_ctx: Any, backend: str) -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "aggregate"))
+    from test_aggregate_gallery import gallery_ctx
+
+    return gallery_ctx(make_ctx, backend)  # one image (C) in the review queue
+
+
+def test_review_export_never_writes_through_a_planted_symlink(make_ctx, backend, tmp_path, tally):
+    """A review folder is the labeller's: `manifest.csv`, `images/` or an image name planted as
+    symlinks to files outside are refused, and nothing outside changes. (Before: the manifest
+    was written through its symlink, overwriting the file it pointed at.)"""
+    ctx = _queued_ctx(make_ctx, backend)
+    from agg_helpers import sha
+
+    env = ctx_env(ctx)
+    victim = tmp_path / "victim.txt"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cases = {
+        "manifest": lambda d: (d / "manifest.csv").symlink_to(victim),
+        "images-folder": lambda d: (d / "images").symlink_to(outside, target_is_directory=True),
+    }
+    for name, plant in cases.items():
+        victim.write_text("precious\n")
+        folder = tmp_path / f"review-{name}"
+        folder.mkdir()
+        plant(folder)
+        proc = brandmon(env, "review", "export", "--out", str(folder))
+        one_line_failure(proc, "leads outside", "symlink")
+        assert victim.read_text() == "precious\n" and list(outside.iterdir()) == [], name
+        tally.bad_input("refused")
+    # an image name planted as a dangling symlink: that image is skipped, the rest exported
+    folder = tmp_path / "review-dangling"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / f"{sha('C')}.jpg").symlink_to(outside / "created.jpg")
+    proc = brandmon(env, "review", "export", "--out", str(folder))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert list(outside.iterdir()) == [], "an image was written outside the review folder"
+    tally.bad_input("refused")
+    # the same export into a clean folder works
+    clean = tmp_path / "review-clean"
+    assert brandmon(env, "review", "export", "--out", str(clean)).returncode == 0
+    assert (clean / "images" / f"{sha('C')}.jpg").is_file() and (clean / "manifest.csv").is_file()
