@@ -329,6 +329,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: malformed YAML{at}: {problem}; fix the file and retry") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply; fix the file and retry") from None
     return parse_config_document(doc, where=str(path))
 
 

@@ -158,3 +158,18 @@ def test_review_export_never_writes_through_a_planted_symlink(make_ctx, backend,
     clean = tmp_path / "review-clean"
     assert brandmon(env, "review", "export", "--out", str(clean)).returncode == 0
     assert (clean / "images" / f"{sha('C')}.jpg").is_file() and (clean / "manifest.csv").is_file()
+
+
+# --- one line, not a traceback --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", ["brands: " + "[" * 100_000 + "]" * 100_000, "brands:" + "\n  - x: " * 1 + "{a: " * 50_000 + "}" * 50_000],
+                         ids=["flow-lists", "flow-maps"])
+def test_a_config_nested_too_deep_is_one_line(doc, tmp_path, tally):
+    """(Before: `internal error: RecursionError ... (a bug)`, exit 70.)"""
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(doc)
+    env = {**_bare_env(tmp_path), "BRANDMON_CONFIG": str(cfg)}
+    for args in (["status"], ["aggregate"]):
+        one_line_failure(brandmon(env, *args), "malformed YAML", "nested too deeply")
+        tally.bad_input("clear error")
