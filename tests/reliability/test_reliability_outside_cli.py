@@ -173,3 +173,37 @@ def test_a_config_nested_too_deep_is_one_line(doc, tmp_path, tally):
     for args in (["status"], ["aggregate"]):
         one_line_failure(brandmon(env, *args), "malformed YAML", "nested too deeply")
         tally.bad_input("clear error")
+
+
+# --- a configuration never deletes data by accident ----------------------------------------------
+
+
+def test_a_config_listing_none_of_the_stored_brands_is_refused(make_ctx, backend, tmp_path, tally):
+    """BRANDMON_CONFIG pointing at another deployment's file (no brand in common) is refused like
+    an empty one; editing the catalogue (one brand removed, one added) still works.
+    (Before: the stored brands were replaced and a restated range deleted all their counts.)"""
+    from test_reliability_hostile_cli import count
+
+    from pipeline.schema import brands, mention_daily, text_mentions
+
+    ctx = make_ctx(CATALOGUE, backend)
+    add_posts(ctx)
+    env = ctx_env(ctx)
+    assert brandmon(env, "aggregate", "--quiet").returncode == 0
+    tables = (brands, text_mentions, mention_daily)
+    before = [count(ctx, t) for t in tables]
+    other = tmp_path / "other.yaml"
+    other.write_text("brands:\n  - {name: Foo, keywords: [foo]}\n  - {name: Bar, keywords: [bar]}\n")
+    for args in (["aggregate", "--quiet"], ["aggregate", "--start", "2026-10-01", "--end", "2026-10-06", "--quiet"]):
+        proc = brandmon({**env, "BRANDMON_CONFIG": str(other)}, *args)
+        one_line_failure(proc, "lists none of the 2 brand(s) the database holds (Acme, Globex)", "--allow-empty-catalogue")
+        assert [count(ctx, t) for t in tables] == before
+        tally.bad_input("refused")
+    edited = tmp_path / "edited.yaml"
+    edited.write_text("brands:\n  - {name: acme, keywords: [acme]}\n  - {name: Foo, keywords: [foo]}\n")
+    proc = brandmon({**env, "BRANDMON_CONFIG": str(edited)}, "aggregate", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = brandmon({**env, "BRANDMON_CONFIG": str(other)}, "aggregate", "--quiet", "--allow-empty-catalogue")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with ctx.engine.connect() as conn:
+        assert sorted(r.name for r in conn.execute(brands.select())) == ["Bar", "Foo"]  # replaced on purpose
