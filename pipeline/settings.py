@@ -161,14 +161,22 @@ def _strs(value: Any, where: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+MAX_NAME_CHARS = 200
+MAX_SOURCE_NAME_CHARS = 100
+
+
 def _parse_brand(raw: Any, i: int) -> Brand:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"].strip():
         raise ConfigError(f"brands[{i}] needs a `name` (a non-empty string)")
     name = raw["name"].strip()
+    if len(name) > MAX_NAME_CHARS:  # the database columns hold 200
+        raise ConfigError(f"brands[{i}].name is longer than {MAX_NAME_CHARS} characters ({name[:40]!r}...)")
     products = []
     for j, p in enumerate(raw.get("products") or []):
         if not isinstance(p, dict) or not isinstance(p.get("name"), str):
             raise ConfigError(f"brands[{i}].products[{j}] needs a `name`")
+        if len(p["name"].strip()) > MAX_NAME_CHARS:
+            raise ConfigError(f"brands[{i}].products[{j}].name is longer than {MAX_NAME_CHARS} characters")
         products.append(
             Product(
                 name=p["name"].strip(),
@@ -195,6 +203,8 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
     name, kind = raw.get("name"), raw.get("kind")
     if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"sources[{i}].name must be letters, digits, '-' or '_' (got {name!r})")
+    if len(name) > MAX_SOURCE_NAME_CHARS:  # it goes into lock names and 128-character columns
+        raise ConfigError(f"sources[{i}].name is longer than {MAX_SOURCE_NAME_CHARS} characters ({name[:40]!r}...)")
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"sources[{i}] ({name}): kind must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
     options = {k: _check_option(name, k, v) for k, v in raw.items() if k not in ("name", "kind")}

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from rel_helpers import ctx_env
-from sqlalchemy import select
+from sqlalchemy import select, text
 from test_reliability_hostile_cli import CATALOGUE, add_posts, brandmon, one_line_failure
 
 from pipeline.schema import alert_ledger
@@ -207,3 +207,29 @@ def test_a_config_listing_none_of_the_stored_brands_is_refused(make_ctx, backend
     assert proc.returncode == 0, proc.stderr[-2000:]
     with ctx.engine.connect() as conn:
         assert sorted(r.name for r in conn.execute(brands.select())) == ["Bar", "Foo"]  # replaced on purpose
+
+
+def test_names_too_long_for_their_columns_are_one_line_errors_naming_them(make_ctx, backend, tmp_path, tally):
+    """A 300-character brand, product or source name and a 5,000-character BRANDMON_LOCK_HOST:
+    one line naming the setting, the same on both backends. (Before: Postgres answered `value
+    too long for type character varying(200)` with advice to check the URL and privileges;
+    SQLite stored the name.)"""
+    ctx = make_ctx(CATALOGUE, backend)
+    env = ctx_env(ctx)
+    long = "A" * 300
+    docs = {
+        "brands[0].name is longer than 200": f"brands:\n  - {{name: {long}, keywords: [a]}}\n",
+        "brands[0].products[0].name is longer than 200":
+            f"brands:\n  - {{name: Acme, keywords: [a], products: [{{name: {long}}}]}}\n",
+        "sources[0].name is longer than 100": f"sources:\n  - {{name: {'s' * 300}, kind: synthetic}}\n",
+    }
+    for i, (needle, doc) in enumerate(docs.items()):
+        cfg = tmp_path / f"long{i}.yaml"
+        cfg.write_text(doc)
+        one_line_failure(brandmon({**env, "BRANDMON_CONFIG": str(cfg)}, "aggregate", "--quiet"), needle)
+        tally.bad_input("clear error")
+    proc = brandmon({**env, "BRANDMON_LOCK_HOST": "h" * 5000}, "aggregate", "--quiet")
+    one_line_failure(proc, "BRANDMON_LOCK_HOST is longer than 100 characters")
+    tally.bad_input("clear error")
+    with ctx.engine.connect() as conn:
+        assert [r.name for r in conn.execute(text("SELECT name FROM brands"))] == []  # nothing stored
