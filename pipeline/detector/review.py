@@ -117,9 +117,15 @@ def _plain(name: str) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:
-    try:
-        with (folder / MANIFEST).open(newline="", encoding="utf-8") as fh:
-            return {row["sha256"]: row for row in csv.DictReader(fh) if row.get("sha256")}
+    try:  # utf-8-sig: a spreadsheet saving "CSV UTF-8" puts a byte-order mark before `sha256`
+        with (folder / MANIFEST).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and "sha256" not in reader.fieldnames:
+                raise ReviewError(f"{folder / MANIFEST}: no `sha256` column (found: {', '.join(reader.fieldnames)[:200]}); "
+                                  "keep the header `brandmon review export` wrote")
+            return {row["sha256"]: row for row in reader if row.get("sha256")}
+    except UnicodeDecodeError as exc:
+        raise ReviewError(f"{folder / MANIFEST}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
     except (OSError, KeyError, csv.Error) as exc:
         raise ReviewError(f"{folder / MANIFEST}: cannot read the review manifest ({exc})") from None
 

@@ -233,3 +233,30 @@ def test_names_too_long_for_their_columns_are_one_line_errors_naming_them(make_c
     tally.bad_input("clear error")
     with ctx.engine.connect() as conn:
         assert [r.name for r in conn.execute(text("SELECT name FROM brands"))] == []  # nothing stored
+
+
+def test_a_review_manifest_saved_by_a_spreadsheet_is_read_or_refused_in_one_line(make_ctx, backend, tmp_path, tally):
+    """A manifest saved as "CSV UTF-8" (byte-order mark) keeps its labels; one in another encoding
+    or without the `sha256` header is one line. (Before: the BOM hid every row, so labels were
+    silently dropped ("0 labelled, 0 still unlabelled"); Latin-1 was `internal error:
+    UnicodeDecodeError`; a foreign header was silently "0 labelled".)"""
+    from rel_helpers import jpeg
+
+    ctx = make_ctx(CATALOGUE, backend)
+    env = ctx_env(ctx)
+    folder = tmp_path / "review"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.jpg").write_bytes(jpeg(1))
+    manifest = folder / "manifest.csv"
+    manifest.write_bytes("sha256,file,model_version,suggested_class,score,label\r\n".encode("utf-8-sig")
+                         + f"{'a' * 64},a.jpg,m1,Acme,0.5,Acme\r\n".encode())
+    into = tmp_path / "training"
+    proc = brandmon(env, "review", "import", str(folder), "--into", str(into))
+    assert proc.returncode == 0 and "1 labelled (1 new files)" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert (into / "Acme" / "a.jpg").is_file()
+    tally.bad_input("kept")
+    for raw, needle in ((b"sha256,file,label\r\n" + "é".encode("latin-1") * 3 + b",a.jpg,Acme\r\n", "not UTF-8"),
+                        (b"image,name\r\n1,2\r\n", "no `sha256` column")):
+        manifest.write_bytes(raw)
+        one_line_failure(brandmon(env, "review", "import", str(folder), "--into", str(into)), needle)
+        tally.bad_input("clear error")
