@@ -260,3 +260,26 @@ def test_a_review_manifest_saved_by_a_spreadsheet_is_read_or_refused_in_one_line
         manifest.write_bytes(raw)
         one_line_failure(brandmon(env, "review", "import", str(folder), "--into", str(into)), needle)
         tally.bad_input("clear error")
+
+
+def test_sales_at_the_ends_of_the_calendar_are_one_line_not_a_hang(make_ctx, backend, tmp_path, tally):
+    """`demand` with a sales row dated 9999-12-31 or 0001-01-01 (a CSV, or a table in the
+    database): one line, at once. (Before: it built a daily series across ten thousand years
+    and ran until killed, growing past 800 MB.)"""
+    ctx = make_ctx(CATALOGUE, backend)
+    add_posts(ctx)
+    env = ctx_env(ctx)
+    assert brandmon(env, "aggregate", "--quiet").returncode == 0
+    good = "".join(f"2026-10-{d:02d},{10 + d}\n" for d in range(1, 7))
+    for i, extra in enumerate(("9999-12-31,5\n", "0001-01-01,5\n")):
+        sales = tmp_path / f"sales{i}.csv"
+        sales.write_text("date,units\n" + good + extra)
+        one_line_failure(brandmon(env, "demand", "--brand", "Acme", "--sales", str(sales), timeout=60),
+                         "outside the days brandmon handles")
+        tally.bad_input("clear error")
+    with ctx.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE my_sales (date DATE, units INTEGER)"))
+        conn.execute(text("INSERT INTO my_sales VALUES ('2026-10-01', 3), ('9999-12-31', 4)"))
+    one_line_failure(brandmon(env, "demand", "--brand", "Acme", "--sales-table", "my_sales", timeout=60),
+                     "outside the days brandmon handles")
+    tally.bad_input("clear error")
