@@ -7,6 +7,7 @@ where dialects differ (upsert syntax, COPY) are kept here so business code stays
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,28 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    _SHOWN_URL[engine] = redact_url(url)
+    rest = url.split("://", 1)[-1]
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, at) if at >= 0 else -1
+    _PASSWORDS[engine] = rest[colon + 1 : at] if colon >= 0 else ""
+    return engine
+
+
+# The URL as configured, redacted, for messages. SQLAlchemy's own rendering of a URL whose
+# password holds unencoded `@` or `/` percent-encodes those, so the redactor could no longer
+# tell where the password ends and would show its tail.
+_SHOWN_URL: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_PASSWORDS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def shown_url(engine: Engine) -> str:
+    """The engine's URL as the user wrote it, with its secrets hidden."""
+    shown = _SHOWN_URL.get(engine)
+    if shown is None:
+        shown = redact_url(engine.url.render_as_string(hide_password=False))
+    return shown
 
 
 def check_connection(engine: Engine, source: str = "BRANDMON_DATABASE_URL") -> None:
@@ -60,7 +82,7 @@ def check_connection(engine: Engine, source: str = "BRANDMON_DATABASE_URL") -> N
     except OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
         raise DatabaseError(
-            f"cannot reach the database at {redact_url(str(engine.url.render_as_string(hide_password=False)))}: "
+            f"cannot reach the database at {shown_url(engine)}: "
             f"{_scrub(reason, engine)}; start it or fix {source}"
         ) from None
     except SADatabaseError as exc:  # e.g. sqlite: "file is not a database", raised by the pragmas
@@ -71,14 +93,17 @@ def check_connection(engine: Engine, source: str = "BRANDMON_DATABASE_URL") -> N
                 "BRANDMON_DATABASE_URL at a brandmon database file, or at a new path to create one"
             ) from None
         raise DatabaseError(
-            f"the database at {redact_url(str(engine.url.render_as_string(hide_password=False)))} answered "
+            f"the database at {shown_url(engine)} answered "
             f"with an error: {_scrub(reason, engine)}; fix BRANDMON_DATABASE_URL"
         ) from None
 
 
 def _scrub(message: str, engine: Engine) -> str:
     password = engine.url.password
-    return scrub_text(message, [str(password)] if password else [])
+    secrets = [str(password)] if password else []
+    if raw := _PASSWORDS.get(engine):  # as written, unencoded `@`, `/`, `#` and all
+        secrets = [raw, *(p for p in raw.replace("#", "@").replace("/", "@").split("@") if len(p) >= 4), *secrets]
+    return scrub_text(message, secrets)
 
 
 def _alembic_config(conn: Connection):

@@ -68,6 +68,11 @@ def redact_url(url: str) -> str:
             user = rest[:colon]
             first = start + (0 if any(c in user for c in "/?#") else colon + 1)  # not a user name: hide it too
             hidden[first : start + at] = [True] * (start + at - first)
+    elif "@" in url:  # a mistyped URL (`postgresql:/u:pw@h`, `u:pw@h`): still hide what could be a password
+        at = url.rfind("@")
+        colon = url.find(":", 0, at)
+        if colon >= 0:
+            hidden[colon + 1 : at] = [True] * (at - colon - 1)
     out: list[str] = []
     i = 0
     while i < len(url):

@@ -63,7 +63,10 @@ def lock_ttl_s() -> float:
 
 def host_id() -> str:
     """This machine in lock owners: BRANDMON_LOCK_HOST (set it where machines share a hostname)."""
-    return os.environ.get("BRANDMON_LOCK_HOST") or socket.gethostname()
+    host = os.environ.get("BRANDMON_LOCK_HOST") or socket.gethostname()
+    if len(host) > 100:  # lock owners are `host:pid` in 128-character columns
+        raise ConfigError(f"BRANDMON_LOCK_HOST is longer than 100 characters ({host[:40]!r}...); set a shorter name")
+    return host
 
 
 def owner_id() -> str:

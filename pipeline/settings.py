@@ -176,14 +176,22 @@ def _strs(value: Any, where: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+MAX_NAME_CHARS = 200
+MAX_SOURCE_NAME_CHARS = 100
+
+
 def _parse_brand(raw: Any, i: int) -> Brand:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"].strip():
         raise ConfigError(f"brands[{i}] needs a `name` (a non-empty string)")
     name = raw["name"].strip()
+    if len(name) > MAX_NAME_CHARS:  # the database columns hold 200
+        raise ConfigError(f"brands[{i}].name is longer than {MAX_NAME_CHARS} characters ({name[:40]!r}...)")
     products = []
     for j, p in enumerate(raw.get("products") or []):
         if not isinstance(p, dict) or not isinstance(p.get("name"), str):
             raise ConfigError(f"brands[{i}].products[{j}] needs a `name`")
+        if len(p["name"].strip()) > MAX_NAME_CHARS:
+            raise ConfigError(f"brands[{i}].products[{j}].name is longer than {MAX_NAME_CHARS} characters")
         products.append(
             Product(
                 name=p["name"].strip(),
@@ -210,6 +218,8 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
     name, kind = raw.get("name"), raw.get("kind")
     if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"sources[{i}].name must be letters, digits, '-' or '_' (got {name!r})")
+    if len(name) > MAX_SOURCE_NAME_CHARS:  # it goes into lock names and 128-character columns
+        raise ConfigError(f"sources[{i}].name is longer than {MAX_SOURCE_NAME_CHARS} characters ({name[:40]!r}...)")
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"sources[{i}] ({name}): kind must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
     options = {k: _check_option(name, k, v) for k, v in raw.items() if k not in ("name", "kind")}
@@ -348,6 +358,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: malformed YAML{at}: {problem}; fix the file and retry") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply; fix the file and retry") from None
     return parse_config_document(doc, where=str(path))
 
 
@@ -393,6 +405,13 @@ def check_database_url(url: str, source: str = "BRANDMON_DATABASE_URL") -> str:
             f"{name} is not a SQLAlchemy URL; "
             "use e.g. sqlite:///var/brandmon.db or postgresql+psycopg2://user:pass@host/db"
         ) from None
+    if url.split("://", 1)[-1].count("@") > 1:
+        # an unencoded `@` in the password (or the query): SQLAlchemy takes a piece of the
+        # password as the host (looked up in DNS, shown in errors) and another as the database
+        raise ConfigError(
+            f"BRANDMON_DATABASE_URL={redact_url(url)!r} has more than one `@`: a password holding `@` must "
+            "write it as %40 (and `/` as %2F, `?` as %3F, `#` as %23)"
+        )
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(
             f"{source} uses {parsed.get_backend_name()!r}; brandmon supports sqlite and postgresql"

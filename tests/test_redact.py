@@ -76,3 +76,11 @@ def test_examples() -> None:
     assert redact_url("sqlite:////var/brandmon.db") == "sqlite:////var/brandmon.db"
     assert scrub_text("auth failed: password=hunter2, token: abc") == "auth failed: password=***, token: ***"
     assert scrub_text("value hunter22 leaked", ["hunter22"]) == "value *** leaked"
+
+
+def test_a_mistyped_url_still_hides_what_could_be_its_password():
+    """No `scheme://` (a slash or colon missing): from the first `:` to the last `@` is hidden."""
+    assert redact_url("postgresql:/u:hunter2@db/x") == "postgresql:***@db/x"
+    assert redact_url("u:hunter2@db/x") == "u:***@db/x"
+    assert redact_url("postgresql+psycopg2:://u:hunter2@db/x") == "postgresql+psycopg2:***@db/x"
+    assert redact_url("/var/lake") == "/var/lake"

@@ -107,15 +107,24 @@ def catalogue_to_use(conn: Connection, settings: Settings, allow_empty: bool = F
       the database holds is kept and used, and an INFO line says so;
     - a config listing no brands while the database holds some: refused (CatalogueError)
       unless `allow_empty` (`--allow-empty-catalogue`) says the removal is meant;
+    - a config sharing no brand with the database (another deployment's file): refused the
+      same way;
     - otherwise the configured brands (removing some brands on purpose still works).
     """
     configured = tuple(settings.brands)
-    if configured:
-        return configured
     stored = stored_catalogue(conn)
     if not stored:
         return configured
     names = ", ".join(b.name for b in stored[:5]) + (f" and {len(stored) - 5} more" if len(stored) > 5 else "")
+    if configured:
+        if allow_empty or {b.name.casefold() for b in configured} & {b.name.casefold() for b in stored}:
+            return configured
+        # not one brand in common: another deployment's file, not an edit of this one
+        raise CatalogueError(
+            f"{settings.config_path} lists none of the {len(stored)} brand(s) the database holds ({names}); "
+            "aggregating would delete their mentions and daily counts. Point BRANDMON_CONFIG at the right file, "
+            "or pass --allow-empty-catalogue to replace them on purpose"
+        )
     if settings.config_path is None:
         log.info("BRANDMON_CONFIG is not set: aggregating with the catalogue the database holds (%d brand(s): %s); "
                  "set BRANDMON_CONFIG to the YAML file to change it", len(stored), names)

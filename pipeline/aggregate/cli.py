@@ -187,7 +187,7 @@ def register(subparsers) -> None:
     agg.add_argument("--no-forecast", action="store_true",
                      help="do not refresh the brands' forecasts in demand_signal afterwards")
     agg.add_argument("--allow-empty-catalogue", action="store_true",
-                     help="let a config that lists no brands remove the brands (and their mentions and "
+                     help="let a config that lists no brands (or none of the stored ones) remove the brands (and their mentions and "
                           "daily counts) the database holds; without BRANDMON_CONFIG the stored catalogue is used")
     agg.set_defaults(func=cmd_aggregate)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, column, inspect, select, table
 
+from pipeline.dates import BadDate, check_day
 from pipeline.errors import BrandmonError
 
 MAX_BYTES = 20_000_000
@@ -42,16 +43,21 @@ def _value_column(found: list[str], wanted: str | None, where: str) -> str:
 
 def _date(value: Any, where: str) -> dt.date:
     if isinstance(value, dt.datetime):
-        return value.date()
+        value = value.date()
     if isinstance(value, dt.date):
-        return value
-    text = str(value).strip() if value is not None else ""
+        text = value.isoformat()
+    else:
+        text = str(value).strip() if value is not None else ""
+        try:
+            if len(text) != 10:
+                raise ValueError
+            value = dt.date.fromisoformat(text)
+        except ValueError:
+            raise SalesError(f"{where}: bad date {text[:40]!r} (use YYYY-MM-DD)") from None
     try:
-        if len(text) != 10:
-            raise ValueError
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise SalesError(f"{where}: bad date {text[:40]!r} (use YYYY-MM-DD)") from None
+        return check_day(value, text)
+    except BadDate as exc:
+        raise SalesError(f"{where}: {exc}") from None
 
 
 def _number(value: Any, name: str, where: str) -> float:

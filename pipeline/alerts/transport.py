@@ -20,6 +20,7 @@ scrubbed of every secret value the destination uses: they go to logs and the led
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.policy
 import html
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = "brandmon-alerts/1"
 _CONVENTIONAL_ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
 
 
 class DeliveryError(Exception):
@@ -377,6 +382,11 @@ class PlainTransport:
                     if parts.password:
                         out.append(unquote(parts.password))
                         out.append(parts.password)
+                    if parts.password:  # sent as `Authorization: Basic ...`, which a server may echo back
+                        out.append(_b64(f"{unquote(parts.username or '')}:{unquote(parts.password)}"))
+        if dest.kind == "email" and dest.password_env and self.env.get(dest.password_env):
+            pw = str(self.env[dest.password_env])  # AUTH PLAIN / LOGIN send it base64-encoded
+            out += [_b64(pw), _b64(f"\0{dest.username or ''}\0{pw}")]
         return sorted({v for v in out if v}, key=len, reverse=True)
 
     def send_once(self, dest: Destination, out: Outgoing, cfg: AlertsConfig, timeout_s: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,18 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         classes: set[str] = {NO_LOGO}
         for (cls_list,) in conn.execute(select(model_versions.c.classes).where(model_versions.c.active.is_(True))):
             classes.update(cls_list or [])
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # the folder is the labeller's: a planted symlink must not carry our writes outside it
+        manifest_path = safe_join(out, MANIFEST, what="file")
+        safe_join(out, "images", what="folder").mkdir(exist_ok=True)
+    except UnsafePath as exc:
+        raise ReviewError(f"review export into {out}: {exc}; remove the symlink or export into a new folder") from None
     for c in sorted({*classes, *(r.class_name for r in rows)}):
         try:
             safe_join(out, c, what="class").mkdir(exist_ok=True)
         except UnsafePath as exc:  # a class name from a model's training data
             log.warning("review export: no folder for class %r: %s", c[:80], exc)
-    existing = _read_manifest(out) if (out / MANIFEST).exists() else {}
+    existing = _read_manifest(out) if manifest_path.exists() else {}
     written = 0
     missing: set[str] = set()
     for r in rows:
@@ -67,6 +73,11 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         target = out / "images" / name
         moved = any((out / c / name).exists() for c in classes if _plain(c))  # already sorted by the labeller
         if not target.exists() and not moved:
+            try:
+                target = safe_join(out, "images", name, what="file")  # e.g. a dangling symlink planted there
+            except UnsafePath as exc:
+                log.warning("review export: image %s not written: %s", r.image_sha256[:12], exc)
+                continue
             try:
                 data = ctx.store.get(r.storage_key)
             except KeyError:  # the lake lost it: nothing to label; it stays pending for a later export
@@ -80,10 +91,12 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
             "sha256": r.image_sha256, "file": name, "model_version": r.model_version,
             "suggested_class": r.class_name, "score": f"{r.score:.4f}", "label": prev.get("label", ""),
         }
-    with (out / MANIFEST).open("w", newline="", encoding="utf-8") as fh:
+    tmp = manifest_path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(existing.values())
+    os.replace(tmp, manifest_path)  # replaces a name, never writes through one
     shas = [r.image_sha256 for r in rows if r.image_sha256 not in missing]
     with ctx.engine.begin() as conn:
         for i in range(0, len(shas), 500):
@@ -104,9 +117,15 @@ def _plain(name: str) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict[str, dict[str, str]]:
-    try:
-        with (folder / MANIFEST).open(newline="", encoding="utf-8") as fh:
-            return {row["sha256"]: row for row in csv.DictReader(fh) if row.get("sha256")}
+    try:  # utf-8-sig: a spreadsheet saving "CSV UTF-8" puts a byte-order mark before `sha256`
+        with (folder / MANIFEST).open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is not None and "sha256" not in reader.fieldnames:
+                raise ReviewError(f"{folder / MANIFEST}: no `sha256` column (found: {', '.join(reader.fieldnames)[:200]}); "
+                                  "keep the header `brandmon review export` wrote")
+            return {row["sha256"]: row for row in reader if row.get("sha256")}
+    except UnicodeDecodeError as exc:
+        raise ReviewError(f"{folder / MANIFEST}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
     except (OSError, KeyError, csv.Error) as exc:
         raise ReviewError(f"{folder / MANIFEST}: cannot read the review manifest ({exc})") from None
 
