@@ -203,6 +203,13 @@ def test_demand_cli_with_sales_at_the_calendar_ends(tmp_path, make_ctx, monkeypa
     rows = {dt.date(1, 1, 1): 1.0, **sales_series(ds), dt.date(9999, 12, 31): 2.0}
     p = tmp_path / "ends.csv"
     p.write_text("date,units\n" + "".join(f"{d.isoformat()},{v:g}\n" for d, v in rows.items()))
+    # Dates outside brandmon's calendar (1970-01-01 .. 2199-12-31) are one clear line, at once
+    # (a 9999-12-31 row once made the analysis run until killed).
+    assert main(["demand", "--brand", "Globex", "--sales", str(p), "--plot", str(tmp_path / "d.png"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "0001-01-01" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    rows.pop(dt.date(1, 1, 1)), rows.pop(dt.date(9999, 12, 31))
+    p.write_text("date,units\n" + "".join(f"{d.isoformat()},{v:g}\n" for d, v in rows.items()))
     assert main(["demand", "--brand", "Globex", "--sales", str(p), "--plot", str(tmp_path / "d.png"), "--json"]) == 0
     assert abs(json.loads(capsys.readouterr().out)["best_lag"] - DEMO_LEAD_DAYS) <= 1
 
