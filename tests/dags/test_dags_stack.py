@@ -300,8 +300,11 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
     assert {r["logical_date"][:10] for r in ingest_runs} == {(START + dt.timedelta(days=i)).isoformat() for i in range(DAYS)}
     tis = task_instances(s)
     bad = [(t["dag_id"], t["task_id"], t["map_index"], t["state"], t["try_number"]) for t in tis
-           if t["state"] not in ("success", "skipped") or t["try_number"] != 1]
-    assert not bad, bad  # no failed task, and none needed a retry
+           if t["state"] not in ("success", "skipped")
+           or t["try_number"] != 1 and not (t["state"] == "skipped" and t["try_number"] == 0)]
+    # no failed task, and none needed a retry (a mapped task over zero batches, e.g. a detect run
+    # whose images an earlier run already scored, is skipped without running: try 0)
+    assert not bad, bad
     assert {t["dag_id"] for t in tis} == {"brandmon_train", *PIPELINE_DAGS}
 
     # every asset event was consumed by a run of the DAG scheduled on it: no tail left behind
