@@ -359,7 +359,7 @@ def plot_forecast(fc: Forecast, history_rows: list[dict[str, Any]], path: Any) -
         ax.plot(fc.days, fc.expected, color="#1f4e8c", lw=2, label="forecast")
     bt = fc.backtest
     note = (f" (backtest MASE {bt['mase']} vs seasonal naive {bt['baseline_mase']})" if bt.get("origins") else "")
-    ax.set_title(f"{fc.brand}: expected posts per day{note}".replace("$", r"\$"), fontsize=11)
+    ax.set_title(f"{fc.brand}: expected posts per day{note}", fontsize=11, parse_math=False)
     ax.set_ylabel("posts")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
