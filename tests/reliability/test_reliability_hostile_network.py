@@ -243,7 +243,9 @@ for src in sys.argv[3:]:
         out[src] = {"error": str(exc)}
     except MemoryError:
         out[src] = {"error": "MemoryError"}
-out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+# VmHWM is this process's own peak: ru_maxrss after exec also counts the forked copy of the
+# (possibly large) pytest parent, which said 12 GB on CI for a child that never grew.
+out["maxrss_mb"] = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) // 1024
 print(json.dumps(out))
 """
 
