@@ -20,6 +20,35 @@ def _ctx() -> Any:
     return open_context()
 
 
+def _count(text: str) -> int:
+    """A `--limit`: a whole number, 0 or more (a negative LIMIT is all rows on SQLite, an error on Postgres)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+MIN_INPUT, MAX_INPUT = 32, 1024  # px; 100,000 px asked for a 28 GiB array (MemoryError)
+
+
+def _bounded(kind: type, low: float, high: float) -> Any:
+    """An argparse type: a finite `kind` from `low` to `high` (the train DAG's param bounds)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text[:40]!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text[:40]}")
+        return value
+
+    return parse
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
@@ -214,11 +243,11 @@ def register(sub: Any) -> None:
     t.add_argument("--data", required=True, help="training data folder")
     t.add_argument("--format", choices=["folders", "boxes"], default="folders", help="data layout (default: folders)")
     t.add_argument("--weights", default="auto", help="auto | imagenet | none | PATH to base weights .h5 (default: auto)")
-    t.add_argument("--epochs", type=int, help="image-training epochs (default: per profile/mode)")
-    t.add_argument("--target-precision", type=float, default=0.9, help="logo precision the threshold aims for (default 0.9)")
+    t.add_argument("--epochs", type=_bounded(int, 1, 500), help="image-training epochs (default: per profile/mode)")
+    t.add_argument("--target-precision", type=_bounded(float, 0.5, 1.0), default=0.9, help="logo precision the threshold aims for (default 0.9)")
     t.add_argument("--profile", choices=["default", "demo"], default="default")
     t.add_argument("--activate", choices=["if_better", "always", "never"], default="if_better")
-    t.add_argument("--input-size", type=int, help="square input side in px (default: 299 pretrained, 128 from scratch)")
+    t.add_argument("--input-size", type=_bounded(int, MIN_INPUT, MAX_INPUT), help="square input side in px (default: 299 pretrained, 128 from scratch)")
     t.add_argument("--mode", choices=["auto", "head", "full"], help="train the head on cached features, or the whole network")
     t.add_argument("--fine-tune", type=int, metavar="N", help="after the head, also train the top N Inception blocks")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="augmentation (crop, scale, brightness)")
@@ -226,7 +255,7 @@ def register(sub: Any) -> None:
     t.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
     t.add_argument("--class-weights", action="store_true", help="also weight the loss by inverse class frequency")
     t.add_argument("--matcher", choices=["auto", "on", "off"], help="local-feature matcher (default auto: with boxes)")
-    t.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop image training after this long")
+    t.add_argument("--time-budget", type=_bounded(float, 1, 30 * 86400), metavar="SECONDS", help="stop image training after this long")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
@@ -240,7 +269,7 @@ def register(sub: Any) -> None:
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("detect", help="score every stored image the active model has not scored yet")
-    d.add_argument("--limit", type=int, help="score at most N images")
+    d.add_argument("--limit", type=_count, help="score at most N images")
     d.add_argument("--batch-key", help="only the images of one key from pending_batches (Airflow)")
     d.add_argument("--model", help="score with this version instead of the active one")
     d.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="override detector.mixed_precision")
@@ -276,7 +305,7 @@ def register(sub: Any) -> None:
     rsub = r.add_subparsers(dest="review_command", metavar="ACTION", required=True)
     rx = rsub.add_parser("export", help="write queued images + manifest.csv to a folder")
     rx.add_argument("--out", required=True)
-    rx.add_argument("--limit", type=int)
+    rx.add_argument("--limit", type=_count, help="export at most N queued images")
     rx.set_defaults(func=cmd_review_export)
     ri = rsub.add_parser("import", help="read labels back; copy images into a folders training layout")
     ri.add_argument("dir")

@@ -283,3 +283,25 @@ def test_sales_at_the_ends_of_the_calendar_are_one_line_not_a_hang(make_ctx, bac
     one_line_failure(brandmon(env, "demand", "--brand", "Acme", "--sales-table", "my_sales", timeout=60),
                      "outside the days brandmon handles")
     tally.bad_input("clear error")
+
+
+@pytest.mark.parametrize("args", [
+    ["review", "export", "--out", "{tmp}/review", "--limit", "-1"],
+    ["detect", "--limit", "-5"],
+    ["train", "--data", "{tmp}/data", "--epochs", "0"],
+    ["train", "--data", "{tmp}/data", "--epochs", "-1"],
+    ["train", "--data", "{tmp}/data", "--input-size", "100000"],
+    ["train", "--data", "{tmp}/data", "--target-precision", "nan"],
+    ["train", "--data", "{tmp}/data", "--time-budget", "-1"],
+], ids=lambda a: " ".join(a[:1] + a[-2:]))
+def test_numeric_options_out_of_range_are_refused_before_any_work(make_ctx, backend, args, tmp_path, tally):
+    """Bounds the train DAG's params already had, on the command line too. (Before: `review
+    export --limit -1` exported every queued image on SQLite and blamed the URL and privileges
+    on Postgres; `train --epochs 0/-1`, `--time-budget -1`, `--target-precision nan` trained
+    and registered a model; `--input-size 100000` was `internal error: MemoryError`.)"""
+    ctx = _queued_ctx(make_ctx, backend)
+    (tmp_path / "data").mkdir()
+    proc = brandmon(ctx_env(ctx), *[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=60)
+    one_line_failure(proc, f"argument {args[-2]}")
+    assert not (tmp_path / "review").exists()
+    tally.bad_input("clear error")
