@@ -131,7 +131,7 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
     schema = params["options"]
     for ok in ({}, {"mode": "finetune:2", "input_size": 128}, {"mode": "head", "matcher": "off"}):
         jsonschema.validate(ok, schema)
-    for bad in ({"mode": "finetune:x"}, {"mode": "finetune"}, {"mode": "finetune:12"}, {"input_size": "big"}, {"matcher": "yes"}):
+    for bad in ({"mode": "finetune:x"}, {"mode": "finetune"}, {"mode": "finetune:12"}, {"input_size": "big"}, {"input_size": 100000}, {"matcher": "yes"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
