@@ -50,11 +50,8 @@ DETECTIONS = Asset(dag_support.DETECTIONS)
 
 
 TF_POOL = dag_support.tf_pool()
-BATCH_IMAGES = dag_support.env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1, maximum=1_000_000)
-# more mapped tasks than [core] max_map_length: the api-server refuses the list at run time
-MAX_TASKS = dag_support.env_number(
-    "BRANDMON_DETECT_MAX_TASKS", 256, minimum=1, maximum=dag_support.max_map_length()
-)
+BATCH_IMAGES = dag_support.detect_batch_images()
+MAX_TASKS = dag_support.detect_max_tasks()
 
 
 DEFAULT_ARGS = dag_support.default_args()

@@ -18,7 +18,6 @@ value is an import error naming the variable. The source list is read from BRAND
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pendulum
@@ -29,11 +28,7 @@ from pipeline import dag_support
 POSTS = Asset(dag_support.POSTS)
 
 
-SCHEDULE = (
-    os.environ.get("BRANDMON_INGEST_SCHEDULE")
-    or os.environ.get("AIRFLOW_VAR_BRANDMON_INGEST_SCHEDULE")
-    or "@daily"
-)
+SCHEDULE = dag_support.ingest_schedule()
 
 
 def _timetable(expression: str) -> CronDataIntervalTimetable:
@@ -59,10 +54,8 @@ def _start_date(raw: str) -> Any:
 
 
 TIMETABLE = _timetable(SCHEDULE)
-START_DATE = _start_date(os.environ.get("BRANDMON_INGEST_START") or "2026-01-01")
-MAX_ACTIVE_RUNS = dag_support.env_number(
-    "BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1, maximum=dag_support.MAX_ACTIVE_RUNS
-)
+START_DATE = _start_date(dag_support.ingest_start())
+MAX_ACTIVE_RUNS = dag_support.ingest_max_active_runs()
 
 
 DEFAULT_ARGS = dag_support.default_args()

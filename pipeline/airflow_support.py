@@ -33,18 +33,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from pipeline.dates import as_utc
 from pipeline.errors import ConfigError
-from pipeline.redact import redact_url, scrub_text
-from pipeline.settings import Settings, load_settings
+from pipeline.redact import redact_url, scrub_text, url_passwords
+from pipeline.settings import (
+    Settings,
+    load_settings,
+    secret_env_values,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB_CONN_ID = "brandmon_db"
-DEFAULT_AWS_CONN_ID = "brandmon_aws"
 
 # libpq parameters a postgres connection's extra may carry into the SQLAlchemy URL; other
 # extra keys (the provider's own `cursor`, `iam`, ...) mean nothing to psycopg2.
@@ -134,17 +136,6 @@ def aws_from_connection(conn_id: str) -> tuple[str | None, Any, str | None]:
     return (str(endpoint) if endpoint else None), session, hook.region_name
 
 
-def _url_passwords(url: str) -> list[str]:
-    """The password of a URL's userinfo, as written and percent-decoded (none: [])."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        raw = urlsplit(url).password or ""
-    except ValueError:
-        return []
-    return [v for v in {raw, unquote(raw)} if v]
-
-
 def _mask(values: Iterable[str]) -> None:
     """Register values with Airflow's log masker (a no-op outside Airflow)."""
     try:
@@ -160,11 +151,10 @@ def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
     """`load_settings(env)` with the database and the lake's S3 client taken from Airflow
     connections (through the postgres and amazon providers' hooks) when they exist; the
     settings remember the connection ids, so an error names the connection to fix."""
-    env = dict(os.environ if env is None else env)
-    settings = load_settings(env=env)
+    settings = load_settings(env=None if env is None else dict(env))
     changes: dict[str, Any] = {}
 
-    db_conn = get_connection(env.get("BRANDMON_DB_CONN_ID") or DEFAULT_DB_CONN_ID)
+    db_conn = get_connection(settings.db_conn_id)
     if db_conn is not None:
         _mask([db_conn.password or ""])
         source = f"the Airflow connection {db_conn.conn_id!r}"
@@ -175,7 +165,7 @@ def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
         changes["database_url_source"] = source
         log.info("database from Airflow connection %r: %s", db_conn.conn_id, redact_url(url))
 
-    aws_conn = get_connection(env.get("BRANDMON_AWS_CONN_ID") or DEFAULT_AWS_CONN_ID)
+    aws_conn = get_connection(settings.aws_conn_id)
     if aws_conn is not None:
         _mask([aws_conn.password or "", str(_extra(aws_conn).get("aws_session_token") or "")])
         endpoint, session, region = aws_from_connection(aws_conn.conn_id)
@@ -183,7 +173,7 @@ def settings_from_airflow(env: Mapping[str, str] | None = None) -> Settings:
         changes["s3_source"] = f"the Airflow connection {aws_conn.conn_id!r}"
         if endpoint:
             # userinfo in an endpoint_url is a secret too: masked in task logs, never logged
-            _mask(_url_passwords(endpoint))
+            _mask(url_passwords(endpoint))
             changes["s3_endpoint_url"] = endpoint
             changes["s3_endpoint_source"] = f"the Airflow connection {aws_conn.conn_id!r} (extra endpoint_url)"
         log.info(
@@ -214,27 +204,6 @@ def task_context(check: bool = True) -> Iterator[Any]:
         yield ctx
     finally:
         ctx.close()
-
-
-def as_utc(value: Any) -> dt.datetime:
-    """A tz-aware UTC stdlib datetime from a pendulum/stdlib datetime or an ISO string."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    if not isinstance(value, dt.datetime):
-        raise TypeError(f"expected a datetime, got {type(value).__name__}")
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    value = value.astimezone(dt.UTC)
-    return dt.datetime(
-        value.year,
-        value.month,
-        value.day,
-        value.hour,
-        value.minute,
-        value.second,
-        value.microsecond,
-        tzinfo=dt.UTC,
-    )
 
 
 def interval_days(start: Any, end: Any) -> list[dt.date]:
@@ -551,7 +520,6 @@ def check_train_options(options: Any) -> dict[str, Any]:
 
 # --- failure summaries -------------------------------------------------------------------
 
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRANDMON_AUTHOR_SALT")
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -583,7 +551,7 @@ def failure_summary(context: Mapping[str, Any]) -> str:
         what = "no exception recorded (the task was marked failed or timed out)"
     else:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        secrets = [os.environ.get(k, "") for k in _SECRET_ENV]
+        secrets = secret_env_values()
         what = (
             f"{type(exc).__name__}: {scrub(message, secrets)[:500]}"
             if message

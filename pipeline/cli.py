@@ -193,8 +193,9 @@ def _quiet_broken_pipe() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise for a command-line user.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline.settings import quiet_native_logs
+
+    quiet_native_logs()
     levels = {0: logging.WARNING, 1: logging.INFO}
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -1,5 +1,5 @@
 """What the brandmon DAG files share at parse time: asset URIs, pool names, the detect batch-key
-format, numeric env settings, retries and the failure callback.
+format, their environment knobs, retries and the failure callback.
 
 Why here, in the installed package, and so light: every Airflow tool must import the DAG files
 as they are (`airflow dags list-import-errors --local`, a plain `DagBag(dag_folder="dags")`,
@@ -9,6 +9,11 @@ files import this module at top level; it imports the standard library only (and
 boto3 or TensorFlow, so parsing stays cheap. Each asset URI is defined once here, for the DAG
 that emits it and the DAG scheduled on it (and for `brandmon model activate`, which emits the
 model event through Airflow's REST API).
+
+Every environment variable a DAG file reads while parsed is read here (the knobs below), and
+everything else the package reads of the environment is read in `pipeline.settings`: those
+are the only two modules that touch `os.environ` (`tests/test_settings_env.py`). This one
+cannot simply call `pipeline.settings`, which brings YAML and the config parsers to every parse.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ DETECTIONS = "brandmon://detections"  # brandmon_detect -> brandmon_aggregate
 AGGREGATE_BACKLOG = "brandmon://aggregate-backlog"  # brandmon_aggregate -> brandmon_aggregate
 
 DEFAULT_TF_POOL = "brandmon_tf"
+DEFAULT_INGEST_SCHEDULE = "@daily"
+DEFAULT_INGEST_START = "2026-01-01"
 
 # Upper bounds of the numeric parse-time settings. Airflow stores retries and
 # max_active_runs in 32-bit integer columns (a larger value is an `integer out of range` in
@@ -94,6 +101,46 @@ def env_number(name: str, default: Any, kind: type = int, minimum: float = 0, ma
     return value
 
 
+# --- Parse-time knobs (environment) ----------------------------------------------------------
+
+
+def task_retries() -> int:
+    """BRANDMON_TASK_RETRIES (default 3, at least 2: a task's first retry is often a blip)."""
+    return max(2, env_number("BRANDMON_TASK_RETRIES", 3, maximum=MAX_RETRIES))
+
+
+def retry_delay_s() -> float:
+    """BRANDMON_RETRY_DELAY_S: the first retry's delay, doubled each time (default 120)."""
+    return env_number("BRANDMON_RETRY_DELAY_S", 120.0, float, maximum=MAX_RETRY_DELAY_S)
+
+
+def ingest_schedule() -> str:
+    """brandmon_ingest's cron or preset: BRANDMON_INGEST_SCHEDULE (or the Airflow variable of
+    that name set through the environment), default @daily; the DAG validates it."""
+    return (os.environ.get("BRANDMON_INGEST_SCHEDULE") or os.environ.get("AIRFLOW_VAR_BRANDMON_INGEST_SCHEDULE")
+            or DEFAULT_INGEST_SCHEDULE)
+
+
+def ingest_start() -> str:
+    """brandmon_ingest's first interval: BRANDMON_INGEST_START (ISO date; the DAG parses it)."""
+    return os.environ.get("BRANDMON_INGEST_START") or DEFAULT_INGEST_START
+
+
+def ingest_max_active_runs() -> int:
+    return env_number("BRANDMON_INGEST_MAX_ACTIVE_RUNS", 4, minimum=1, maximum=MAX_ACTIVE_RUNS)
+
+
+def detect_batch_images() -> int | None:
+    """BRANDMON_DETECT_BATCH_IMAGES: images per mapped detect task (None: the DAG's default)."""
+    return env_number("BRANDMON_DETECT_BATCH_IMAGES", None, minimum=1, maximum=1_000_000)
+
+
+def detect_max_tasks() -> int:
+    """BRANDMON_DETECT_MAX_TASKS: mapped detect tasks per run (more than [core] max_map_length
+    and the api-server refuses the list at run time)."""
+    return env_number("BRANDMON_DETECT_MAX_TASKS", 256, minimum=1, maximum=max_map_length())
+
+
 def on_failure(context: Any) -> None:
     """Failure callback: one scrubbed summary paragraph (DAG, task, interval, error)."""
     from pipeline.airflow_support import log_failure
@@ -105,10 +152,8 @@ def default_args() -> dict[str, Any]:
     """Retries with exponential backoff (BRANDMON_TASK_RETRIES >= 2, BRANDMON_RETRY_DELAY_S)."""
     return {
         "owner": "brandmon",
-        "retries": max(2, env_number("BRANDMON_TASK_RETRIES", 3, maximum=MAX_RETRIES)),
-        "retry_delay": dt.timedelta(
-            seconds=env_number("BRANDMON_RETRY_DELAY_S", 120.0, float, maximum=MAX_RETRY_DELAY_S)
-        ),
+        "retries": task_retries(),
+        "retry_delay": dt.timedelta(seconds=retry_delay_s()),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": dt.timedelta(hours=1),
         "on_failure_callback": on_failure,

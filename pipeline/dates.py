@@ -67,6 +67,23 @@ def parse_instant(value: object) -> dt.datetime:
     return when
 
 
+def as_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
+    """The one UTC coercion: an aware stdlib UTC datetime from a stdlib or pendulum datetime
+    (naive means UTC), a date (its midnight UTC) or an ISO string. Airflow hands pendulum
+    datetimes, which are rebuilt as stdlib ones so that they compare, hash and print alike."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if not isinstance(value, dt.datetime):
+        if not isinstance(value, dt.date):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        return dt.datetime.combine(value, dt.time(), dt.UTC)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    value = value.astimezone(dt.UTC)
+    return dt.datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                       value.microsecond, tzinfo=dt.UTC)
+
+
 def check_span(start: dt.date, end: dt.date, what: str = "--end") -> None:
     """Refuse an inclusive day range whose end is before its start."""
     if end < start:

@@ -17,7 +17,6 @@ move scores near the threshold).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shlex
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import yaml
 
 from pipeline.context import Context
 from pipeline.database import upgrade
-from pipeline.settings import load_settings
+from pipeline.settings import workdir_settings
 
 DEMO_THREADS = 2  # TensorFlow intra-op threads of the demo on any machine: results depend on it
 DEMO_PRECISION = "fp32"
@@ -49,15 +48,7 @@ def demo_settings(workdir: Path, seed: int, days: int, threads: int = DEMO_THREA
     text = yaml.safe_dump(config, sort_keys=False)
     if not cfg_path.exists() or cfg_path.read_text() != text:
         cfg_path.write_text(text)
-    env = {
-        "BRANDMON_HOME": str(workdir / "var"),
-        "BRANDMON_DATABASE_URL": f"sqlite:///{workdir / 'brandmon.db'}",
-        "BRANDMON_STORAGE_URL": (workdir / "lake").as_uri(),
-        "BRANDMON_CONFIG": str(cfg_path),
-    }
-    if os.environ.get("BRANDMON_AUTHOR_SALT"):
-        env["BRANDMON_AUTHOR_SALT"] = os.environ["BRANDMON_AUTHOR_SALT"]
-    return Context(load_settings(env=env)), config
+    return Context(workdir_settings(workdir, cfg_path)), config
 
 
 def _step(name: str, quiet: bool) -> float:

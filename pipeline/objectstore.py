@@ -11,12 +11,14 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import InvalidKeyError, StorageError
-from pipeline.redact import redact_url, scrub_text
+from pipeline.redact import redact_url, scrub_text, url_passwords
+from pipeline.settings import s3_max_attempts
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -111,23 +113,6 @@ class LocalStore:
             raise StorageError(f"the lake folder {self.root} is not writable")
 
 
-def _max_attempts() -> int:
-    """boto3's attempts per S3 call, the first included (throttling, 5xx and dropped connections
-    are retried with backoff): AWS_MAX_ATTEMPTS as the AWS SDKs read it, default 9."""
-    raw = os.environ.get("AWS_MAX_ATTEMPTS") or "9"
-    if not raw.isdigit() or int(raw) < 1:
-        raise StorageError(f"AWS_MAX_ATTEMPTS={raw!r} must be a whole number of at least 1 (default 9)")
-    return int(raw)
-
-
-def _url_password(url: str | None) -> str:
-    """The password in a URL's userinfo ('' if none): a known secret to scrub from messages."""
-    try:
-        return unquote(urlsplit(url or "").password or "")
-    except ValueError:
-        return ""
-
-
 class S3Store:
     """An S3 bucket (optionally under a prefix), through boto3."""
 
@@ -152,7 +137,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
-        self.max_attempts = _max_attempts()
+        self.max_attempts = s3_max_attempts()
         self.credentials_hint = credentials_hint
         self.endpoint_hint = endpoint_hint
         self.client = (session or boto3).client(
@@ -199,7 +184,7 @@ class S3Store:
         else:
             hint = f"; check BRANDMON_STORAGE_URL and {self.endpoint_hint}, then re-run the same command"
         # botocore puts the endpoint URL (userinfo and all) into its messages
-        detail = scrub_text(" ".join(str(exc).split()), [_url_password(self.endpoint_url)])[:300]
+        detail = scrub_text(" ".join(str(exc).split()), url_passwords(self.endpoint_url))[:300]
         return StorageError(f"S3 {what} on s3://{self.bucket} failed: {name}: {detail}{hint}")
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -264,14 +249,46 @@ class S3Store:
             raise self._fail(exc, "check") from None
 
 
+@dataclass(frozen=True)
+class StorageURL:
+    """A storage location as given: `s3://bucket/prefix`, `file:///abs/path` or a plain path."""
+
+    url: str
+    scheme: str  # "s3", "file", "" (a plain path) or what else was written
+    netloc: str  # the bucket of an s3 URL (a file URL's host, which is refused)
+    raw_path: str  # as written (percent-encoded)
+
+    @property
+    def bucket(self) -> str:
+        return self.netloc
+
+    @property
+    def path(self) -> str:
+        """The percent-decoded path: an s3 key prefix (with its leading `/`) or a file path."""
+        return unquote(self.raw_path)
+
+    @property
+    def prefix(self) -> str:
+        """The s3 key prefix, without its leading `/` (a trailing one is kept)."""
+        return self.path.lstrip("/")
+
+    @property
+    def local_path(self) -> Path:
+        return Path(self.path) if self.scheme == "file" else Path(self.url)
+
+
+def parse_storage_url(url: str) -> StorageURL:
+    """The one parser of storage and `s3://` URLs (the lake, archive paths)."""
+    parts = urlsplit(url)
+    return StorageURL(url=url, scheme=parts.scheme, netloc=parts.netloc, raw_path=parts.path)
+
+
 def open_store(url: str, endpoint_url: str | None = None, session: Any = None, **s3: Any) -> ObjectStore:
     """Open the store named by BRANDMON_STORAGE_URL (file:///abs, a plain path, or s3://...);
     `session` and `s3` (credentials_hint) are for S3 only."""
-    parts = urlsplit(url)
-    if parts.scheme == "s3":
-        return S3Store(parts.netloc, unquote(parts.path), endpoint_url=endpoint_url, session=session, **s3)
-    if parts.scheme == "file":
-        return LocalStore(Path(unquote(parts.path)))
-    if parts.scheme == "":
-        return LocalStore(Path(url))
-    raise StorageError(f"unknown storage scheme {parts.scheme!r}; use file:///abs/path or s3://bucket/prefix")
+    loc = parse_storage_url(url)
+    if loc.scheme == "s3":
+        return S3Store(loc.bucket, loc.path, endpoint_url=endpoint_url, session=session, **s3)
+    if loc.scheme in ("file", ""):
+        return LocalStore(loc.local_path)
+    raise StorageError(f"unknown storage scheme {loc.scheme!r}; use file:///abs/path or s3://bucket/prefix")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>.*)$", re.S)
@@ -26,6 +26,9 @@ _PARAM_NAME = re.compile(r"[?&;#](?P<name>[^=&;#?\s]*)=")
 _SECRET_VALUE = re.compile(r"[^&]*")
 # a URL inside free text: up to whitespace or an angle bracket (a quote may be in a password)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s<>]+")
+# an e-mail address (a personal identifier, not a secret: hidden where text is kept as evidence)
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+EMAIL_MASK = "…@…"
 _KEY_VALUE = re.compile(
     r"(?i)\b(?P<key>[A-Za-z_]*(?:password|passwd|pwd|secret|token|api_?key|access_key|authorization|credential)s?)"
     r"(?P<sep>\s*[=:]\s*)(?P<quote>['\"]?)(?P<value>[^\s'\",;&]+)"
@@ -84,6 +87,21 @@ def redact_url(url: str) -> str:
             out.append(url[i])
             i += 1
     return "".join(out)
+
+
+def scrub_emails(text: str) -> str:
+    """`text` with every e-mail address replaced by EMAIL_MASK."""
+    return _EMAIL.sub(EMAIL_MASK, text)
+
+
+def url_passwords(url: str | None) -> list[str]:
+    """The password of a URL's userinfo, as written and percent-decoded (none: []): known
+    secrets to scrub from messages that may quote them in either form."""
+    try:
+        raw = urlsplit(url or "").password or ""
+    except ValueError:
+        return []
+    return [v for v in {raw, unquote(raw)} if v]
 
 
 def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:

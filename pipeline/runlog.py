@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,45 +27,18 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.errors import BrandmonError, ConfigError
+from pipeline.errors import BrandmonError
 from pipeline.schema import locks, runs, utcnow
+from pipeline.settings import lock_host as host_id
+from pipeline.settings import lock_ttl_s
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LOCK_TTL_S = 120.0
-MIN_LOCK_TTL_S = 1.0  # a heartbeat every ttl/4 seconds: shorter would hammer the database
-MAX_LOCK_TTL_S = 7 * 86400.0  # a crashed run's window must come free within a week
 
 
 class WindowBusy(BrandmonError):
     """Another live run holds the lock for this window."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later
-
-
-def lock_ttl_s() -> float:
-    """Seconds a lock outlives its holder's last heartbeat: BRANDMON_LOCK_TTL_S, default 120."""
-    raw = os.environ.get("BRANDMON_LOCK_TTL_S")
-    if not raw:
-        return DEFAULT_LOCK_TTL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not MIN_LOCK_TTL_S <= value <= MAX_LOCK_TTL_S:  # also refuses nan and inf
-        raise ConfigError(
-            f"BRANDMON_LOCK_TTL_S={raw!r} must be a number of seconds from {MIN_LOCK_TTL_S:g} to "
-            f"{MAX_LOCK_TTL_S:g} (default {DEFAULT_LOCK_TTL_S:g})"
-        )
-    return value
-
-
-def host_id() -> str:
-    """This machine in lock owners: BRANDMON_LOCK_HOST (set it where machines share a hostname)."""
-    host = os.environ.get("BRANDMON_LOCK_HOST") or socket.gethostname()
-    if len(host) > 100:  # lock owners are `host:pid` in 128-character columns
-        raise ConfigError(f"BRANDMON_LOCK_HOST is longer than 100 characters ({host[:40]!r}...); set a shorter name")
-    return host
 
 
 def owner_id() -> str:

@@ -1,7 +1,12 @@
 """One typed settings object, read from environment variables and an optional YAML file.
 
 Why one object: every entry point (CLI, Airflow task, test) builds the same `Settings`, so a
-value has exactly one name and one default. Secrets are only ever read from the environment
+value has exactly one name and one default. This module is the only place in the package that
+reads the process environment (a test keeps it so): `load_settings` for what a run is configured
+with, and the small functions at the end for per-process facts read at the moment of use (the
+lock TTL and host, S3 attempts, the Keras cache, the detect runtime, secrets the YAML names by
+variable). The DAG files' parse-time knobs are the one exception: `pipeline.dag_settings`, kept
+to the standard library so that parsing a DAG never imports this module's dependencies. Secrets are only ever read from the environment
 (or injected by Airflow connections, see `pipeline.airflow_support`) and are wrapped in `Secret`
 so that a stray `print(settings)` or log line cannot show them. Where the database URL came
 from (`database_url_source`: the variable, or an Airflow connection id) travels with it, so an
@@ -15,16 +20,17 @@ import contextlib
 import datetime as dt
 import os
 import secrets as _secrets
+import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from pipeline.alerts.config import AlertsConfig, check_catalogue, parse_alerts
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 from pipeline.redact import redact_url
 
 SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
@@ -113,6 +119,10 @@ class DetectorConfig:
     runtime: str = "auto"  # auto | keras | openvino | onnx | tflite | savedmodel; env BRANDMON_DETECT_RUNTIME wins
 
 
+DEFAULT_DB_CONN_ID = "brandmon_db"
+DEFAULT_AWS_CONN_ID = "brandmon_aws"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -138,6 +148,9 @@ class Settings:
     airflow_api_url: str | None = None
     airflow_api_user: str = ""
     airflow_api_password: Secret = Secret("")
+    # the Airflow connections `pipeline.airflow_support.settings_from_airflow` looks for
+    db_conn_id: str = DEFAULT_DB_CONN_ID
+    aws_conn_id: str = DEFAULT_AWS_CONN_ID
 
     def source(self, name: str) -> SourceConfig:
         for src in self.sources:
@@ -166,7 +179,9 @@ class Settings:
         }
 
 
-def _strs(value: Any, where: str) -> tuple[str, ...]:
+def str_list(value: Any, where: str) -> tuple[str, ...]:
+    """The one reader of option lists: a list of strings (numbers as text), a lone string as a
+    list of one, nothing as (); else a ConfigError naming `where`."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -175,6 +190,8 @@ def _strs(value: Any, where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where} must be a list of strings, got {type(value).__name__}")
     return tuple(str(v) for v in value)
 
+
+_strs = str_list  # the name the checks below use
 
 MAX_NAME_CHARS = 200
 MAX_SOURCE_NAME_CHARS = 100
@@ -365,12 +382,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 def check_storage_url(url: str) -> str:
     """Accept file:///abs, a plain path, or s3://bucket[/prefix]; say how to fix anything else."""
-    parts = urlsplit(url)
+    from pipeline.objectstore import parse_storage_url  # which imports this module
+
+    parts = parse_storage_url(url)
     if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
         raise ConfigError(
-            f"BRANDMON_STORAGE_URL={url!r} names host {parts.netloc!r}, so it would point at {parts.path or '/'}; "
+            f"BRANDMON_STORAGE_URL={url!r} names host {parts.netloc!r}, so it would point at {parts.raw_path or '/'}; "
             "a file URL needs an absolute path after three slashes (file:///abs/path), or give a plain path "
-            f"such as ./{parts.netloc}{parts.path}"
+            f"such as ./{parts.netloc}{parts.raw_path}"
         )
     if parts.scheme in ("", "file"):
         return url
@@ -511,5 +530,103 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         airflow_api_url=env.get("BRANDMON_AIRFLOW_API_URL") or None,
         airflow_api_user=env.get("BRANDMON_AIRFLOW_USER") or "",
         airflow_api_password=Secret(env.get("BRANDMON_AIRFLOW_PASSWORD") or ""),
+        db_conn_id=env.get("BRANDMON_DB_CONN_ID") or DEFAULT_DB_CONN_ID,
+        aws_conn_id=env.get("BRANDMON_AWS_CONN_ID") or DEFAULT_AWS_CONN_ID,
     )
     return settings.with_overrides(**overrides) if overrides else settings
+
+
+def workdir_settings(workdir: Path, config_path: Path) -> Settings:
+    """Settings for a self-contained WORKDIR (the demo): its own SQLite file, lake and home and
+    the given config, whatever BRANDMON_* says; only the author salt is inherited, so that a set
+    BRANDMON_AUTHOR_SALT hashes authors the same way there too."""
+    env = {
+        "BRANDMON_HOME": str(workdir / "var"),
+        "BRANDMON_DATABASE_URL": f"sqlite:///{workdir / 'brandmon.db'}",
+        "BRANDMON_STORAGE_URL": (workdir / "lake").as_uri(),
+        "BRANDMON_CONFIG": str(config_path),
+    }
+    if os.environ.get("BRANDMON_AUTHOR_SALT"):
+        env["BRANDMON_AUTHOR_SALT"] = os.environ["BRANDMON_AUTHOR_SALT"]
+    return load_settings(env=env)
+
+
+# --- Per-process knobs, read at the moment of use ---------------------------------------------
+# Deployment facts of one process (this host's name, the AWS SDK's retry count, the Keras
+# cache) rather than of a run's configuration: read when used, so a bad value fails the one
+# operation that needs it with a line naming the variable, as it always has.
+
+DEFAULT_LOCK_TTL_S = 120.0
+MIN_LOCK_TTL_S = 1.0  # a heartbeat every ttl/4 seconds: shorter would hammer the database
+MAX_LOCK_TTL_S = 7 * 86400.0  # a crashed run's window must come free within a week
+MAX_LOCK_HOST_CHARS = 100  # lock owners are `host:pid` in 128-character columns
+DEFAULT_S3_ATTEMPTS = 9
+# Secrets that may sit in the environment and must never reach a failure summary.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRANDMON_AUTHOR_SALT")
+
+
+def environ() -> Mapping[str, str]:
+    """The live process environment, for secrets the YAML names by variable (a source's
+    `token_env`, an alert destination's `url_env`): their names are only known at use."""
+    return os.environ
+
+
+def lock_ttl_s() -> float:
+    """Seconds a lock outlives its holder's last heartbeat: BRANDMON_LOCK_TTL_S, default 120."""
+    raw = os.environ.get("BRANDMON_LOCK_TTL_S")
+    if not raw:
+        return DEFAULT_LOCK_TTL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not MIN_LOCK_TTL_S <= value <= MAX_LOCK_TTL_S:  # also refuses nan and inf
+        raise ConfigError(
+            f"BRANDMON_LOCK_TTL_S={raw!r} must be a number of seconds from {MIN_LOCK_TTL_S:g} to "
+            f"{MAX_LOCK_TTL_S:g} (default {DEFAULT_LOCK_TTL_S:g})"
+        )
+    return value
+
+
+def lock_host() -> str:
+    """This machine in lock owners: BRANDMON_LOCK_HOST (set it where machines share a hostname)."""
+    host = os.environ.get("BRANDMON_LOCK_HOST") or socket.gethostname()
+    if len(host) > MAX_LOCK_HOST_CHARS:
+        raise ConfigError(f"BRANDMON_LOCK_HOST is longer than {MAX_LOCK_HOST_CHARS} characters ({host[:40]!r}...); "
+                          "set a shorter name")
+    return host
+
+
+def s3_max_attempts() -> int:
+    """boto3's attempts per S3 call, the first included (throttling, 5xx and dropped connections
+    are retried with backoff): AWS_MAX_ATTEMPTS as the AWS SDKs read it, default 9."""
+    raw = os.environ.get("AWS_MAX_ATTEMPTS") or str(DEFAULT_S3_ATTEMPTS)
+    if not raw.isdigit() or int(raw) < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={raw!r} must be a whole number of at least 1 (default {DEFAULT_S3_ATTEMPTS})")
+    return int(raw)
+
+
+def keras_home() -> Path:
+    """Keras' cache folder (base weights live in its `models/`): KERAS_HOME, else ~/.keras."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+
+
+def imagenet_mirror() -> str | None:
+    """BRANDMON_IMAGENET_URL: where to fetch the ImageNet base weights instead of Keras' URL."""
+    return os.environ.get("BRANDMON_IMAGENET_URL") or None
+
+
+def detect_runtime(configured: str | None) -> str:
+    """BRANDMON_DETECT_RUNTIME over `detector.runtime` (`configured`), lower-cased; unchecked."""
+    return (os.environ.get("BRANDMON_DETECT_RUNTIME") or configured or "auto").strip().lower()
+
+
+def secret_env_values() -> list[str]:
+    """The values of the SECRET_ENV variables that are set: known secrets to scrub from text."""
+    return [v for v in (os.environ.get(k, "") for k in SECRET_ENV) if v]
+
+
+def quiet_native_logs() -> None:
+    """Hide TensorFlow's C++ start-up chatter (oneDNN, CPU features) unless the user set
+    TF_CPP_MIN_LOG_LEVEL: noise for a command-line user."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

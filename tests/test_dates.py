@@ -65,3 +65,24 @@ def test_examples() -> None:
         parse_day("2026-10-01" + " " * 100 + "x")
     with pytest.raises(BadDate, match="--end 2026-10-01 is before --start 2026-10-02"):
         check_span(dt.date(2026, 10, 2), dt.date(2026, 10, 1))
+
+
+def test_as_utc_examples():
+    from pipeline.dates import as_utc
+
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    assert as_utc(dt.datetime(2026, 1, 1, 1)) == dt.datetime(2026, 1, 1, 1, tzinfo=dt.UTC)  # naive is UTC
+    assert as_utc(dt.datetime(2026, 1, 1, 1, tzinfo=plus2)) == dt.datetime(2025, 12, 31, 23, tzinfo=dt.UTC)
+    assert as_utc(dt.date(2026, 10, 1)) == dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
+    assert as_utc("2026-10-01T06:00+02:00") == dt.datetime(2026, 10, 1, 4, tzinfo=dt.UTC)
+    with pytest.raises(TypeError):
+        as_utc(5)  # type: ignore[arg-type]
+
+
+@given(st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(2199, 1, 1)), offsets)
+def test_as_utc_keeps_the_instant_and_is_plain_utc(when, tz):
+    from pipeline.dates import as_utc
+
+    out = as_utc(when.replace(tzinfo=tz))
+    assert out == when.replace(tzinfo=tz) and out.tzinfo is dt.UTC and type(out) is dt.datetime
+    assert as_utc(out) == out

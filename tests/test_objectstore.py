@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.errors import InvalidKeyError, StorageError
-from pipeline.objectstore import LocalStore, open_store, validate_key
+from pipeline.objectstore import LocalStore, open_store, parse_storage_url, validate_key
 
 
 @pytest.mark.parametrize(
@@ -96,3 +98,58 @@ def test_s3_error_answers_are_retried_then_clear(monkeypatch, s3_endpoint: str, 
     with pytest.raises(StorageError, match=f"S3 {op} on s3://{bucket} failed: {code} \\(still failing after 3 attempts\\)"):
         call()
     assert persistent.fired == 3
+
+
+# --- the one storage / s3:// URL parser ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "bucket", "prefix", "path"),
+    [
+        ("s3://bucket", "s3", "bucket", "", ""),
+        ("s3://bucket/", "s3", "bucket", "", "/"),
+        ("s3://bucket/a/b/", "s3", "bucket", "a/b/", "/a/b/"),
+        ("s3://bucket/a%20b/c", "s3", "bucket", "a b/c", "/a b/c"),
+        ("file:///abs/lake", "file", "", "abs/lake", "/abs/lake"),
+        ("file:///abs/with%20space", "file", "", "abs/with space", "/abs/with space"),
+        ("./var/lake", "", "", "./var/lake", "./var/lake"),
+    ],
+)
+def test_storage_urls_parse(url, scheme, bucket, prefix, path):
+    loc = parse_storage_url(url)
+    assert (loc.scheme, loc.bucket, loc.prefix, loc.path) == (scheme, bucket, prefix, path)
+
+
+def test_local_paths():
+    assert str(parse_storage_url("file:///abs/with%20space").local_path) == "/abs/with space"
+    assert str(parse_storage_url("var/lake").local_path) == "var/lake"
+
+
+segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, max_size=12)
+
+
+@given(st.from_regex(r"\A[a-z0-9][a-z0-9.-]{1,20}[a-z0-9]\Z"), st.lists(segment, max_size=4), st.booleans())
+def test_s3_urls_round_trip(bucket, parts, trailing):
+    prefix = "/".join(parts) + ("/" if trailing and parts else "")
+    loc = parse_storage_url(f"s3://{bucket}/{prefix}")
+    assert (loc.scheme, loc.bucket, loc.prefix) == ("s3", bucket, prefix)
+
+
+@given(st.text(max_size=60))
+def test_any_text_parses_or_raises_value_error(text):
+    try:
+        loc = parse_storage_url(text)
+    except ValueError:  # urllib's own refusal (e.g. an unclosed IPv6 bracket)
+        return
+    assert loc.url == text and isinstance(loc.prefix, str)
+
+
+def test_open_store_and_the_archive_use_the_parser(tmp_path):
+    from pipeline.ingest.connectors.archive import ArchiveFiles
+
+    store = open_store((tmp_path / "a b").as_uri())
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "a b"
+    files = ArchiveFiles((tmp_path / "x y").as_uri(), None)
+    assert not files.s3 and files.root == tmp_path / "x y"
+    with pytest.raises(StorageError, match="unknown storage scheme 'ftp'"):
+        open_store("ftp://host/x")

@@ -84,3 +84,21 @@ def test_a_mistyped_url_still_hides_what_could_be_its_password():
     assert redact_url("u:hunter2@db/x") == "u:***@db/x"
     assert redact_url("postgresql+psycopg2:://u:hunter2@db/x") == "postgresql+psycopg2:***@db/x"
     assert redact_url("/var/lake") == "/var/lake"
+
+
+def test_url_passwords_as_written_and_decoded():
+    from pipeline.redact import url_passwords
+
+    assert sorted(url_passwords("http://u:p%40ss@minio:9000")) == ["p%40ss", "p@ss"]
+    assert url_passwords("http://u:plain@h") == ["plain"]
+    assert url_passwords("http://h:9000") == [] and url_passwords(None) == []
+    assert url_passwords("http://[::1") == []  # unparseable: nothing, not an exception
+
+
+def test_one_email_scrubber_for_excerpts_too():
+    from pipeline.ingest.normalize import scrub_accounts
+    from pipeline.redact import scrub_emails
+
+    assert scrub_emails("mail jane.doe+x@mail.example.org now") == "mail …@… now"
+    assert scrub_emails("no address @here") == "no address @here"
+    assert "jane" not in scrub_accounts("reach jane.doe@example.com") and "…@…" in scrub_accounts("a@b.example")

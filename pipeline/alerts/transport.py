@@ -27,7 +27,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 import smtplib
 import socket
@@ -47,6 +46,7 @@ from urllib3.util import Timeout
 from pipeline.airflow_support import scrub
 from pipeline.alerts.config import AlertsConfig, Destination
 from pipeline.alerts.message import one_line
+from pipeline.settings import environ
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class PlainTransport:
     """The CLI's transport: requests + smtplib, secrets from the environment or a connection."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self.env = os.environ if env is None else env
+        self.env = environ() if env is None else env
 
     def _env(self, name: str, what: str, dest: Destination, key: str) -> str:
         value = (self.env.get(name) or "").strip()

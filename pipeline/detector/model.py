@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -66,7 +65,9 @@ class ModelSpec:
 
 
 def keras_home() -> Path:
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    from pipeline.settings import keras_home as configured
+
+    return configured()
 
 
 IMAGENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE
@@ -91,8 +92,10 @@ def download_imagenet() -> tuple[Path | None, str | None]:
 
     import keras
 
-    url = os.environ.get("BRANDMON_IMAGENET_URL") or IMAGENET_URL
-    md5 = None if os.environ.get("BRANDMON_IMAGENET_URL") else IMAGENET_MD5
+    from pipeline.settings import imagenet_mirror
+
+    mirror = imagenet_mirror()
+    url, md5 = (mirror, None) if mirror else (IMAGENET_URL, IMAGENET_MD5)
     try:  # Keras falls back to /tmp/.keras when its home does not exist yet
         (keras_home() / "models").mkdir(parents=True, exist_ok=True)
     except OSError as exc:

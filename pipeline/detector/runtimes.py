@@ -66,7 +66,9 @@ def runtime_importable(fmt: str) -> bool:
 
 def runtime_setting(ctx: Any) -> str:
     """`BRANDMON_DETECT_RUNTIME` over `detector.runtime`; checked against RUNTIME_CHOICES."""
-    value = (os.environ.get("BRANDMON_DETECT_RUNTIME") or ctx.settings.detector.runtime or "auto").strip().lower()
+    from pipeline.settings import detect_runtime
+
+    value = detect_runtime(ctx.settings.detector.runtime)
     if value not in RUNTIME_CHOICES:
         raise RuntimeUnavailable(f"detector.runtime / BRANDMON_DETECT_RUNTIME must be one of {', '.join(RUNTIME_CHOICES)}, "
                                  f"not {value!r}")

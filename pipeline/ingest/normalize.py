@@ -50,6 +50,7 @@ from html.parser import HTMLParser
 from typing import Any
 
 from pipeline.records import ImageRef, Post
+from pipeline.redact import scrub_emails
 
 MAX_TEXT_CHARS = 100_000
 MAX_ID_CHARS = 256
@@ -302,7 +303,6 @@ EXCERPT_COUNTS = frozenset({"score", "ups", "downs", "num_comments"})
 # the values of author-like keys in JSON text (a raw line that did not parse).
 _ACCOUNT_PATH = re.compile(r"(?i)(/@|/users/|/user/|/u/|/profile/|/accounts/)[^/\s\"'?#<>&]+")
 _DID = re.compile(r"did:[a-z0-9]+:[A-Za-z0-9._:%-]+")
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _MENTION = re.compile(r"(?<![\w@/.])@[A-Za-z0-9_][A-Za-z0-9_.-]*(?:@[A-Za-z0-9.-]+)?")
 _REDDIT_USER = re.compile(r"\bu[_/][A-Za-z0-9_-]{2,}")
 _AUTHOR_JSON = re.compile(
@@ -321,7 +321,7 @@ def scrub_accounts(text: str) -> str:
     text = _AUTHOR_JSON.sub(lambda m: f'"{m.group(1)}": "…"', text)
     text = _ACCOUNT_PATH.sub(lambda m: f"{m.group(1)}…", text)
     text = _DID.sub("did:…", text)
-    text = _EMAIL.sub("…@…", text)
+    text = scrub_emails(text)
     text = _MENTION.sub("@…", text)
     return _REDDIT_USER.sub("u/…", text)
 

@@ -11,11 +11,11 @@ import re
 import tempfile
 from pathlib import Path
 
+from pipeline.detector import NO_LOGO  # the one spelling of the no-brand class
 from pipeline.synthetic.catalogue import brand_names
 from pipeline.synthetic.generate import image_seed
 from pipeline.synthetic.marks import scene_jpeg
 
-NO_LOGO = "no_logo"
 _NAME = re.compile(r"^\d{4}\.jpg$")
 
 

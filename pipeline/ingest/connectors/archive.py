@@ -47,7 +47,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlsplit
 
 from pipeline.errors import ConfigError, StorageError
 from pipeline.ingest import lake
@@ -63,6 +62,7 @@ from pipeline.ingest.normalize import (
     parse_time,
     row_time,
 )
+from pipeline.objectstore import parse_storage_url
 from pipeline.records import Post
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,15 @@ class ArchiveFiles:
 
     def __init__(self, path: str, endpoint_url: str | None) -> None:
         self.path = path
-        parts = urlsplit(path)
-        self.s3 = parts.scheme == "s3"
+        loc = parse_storage_url(path)
+        self.s3 = loc.scheme == "s3"
         if self.s3:
             import boto3
 
-            self.bucket, self.prefix = parts.netloc, unquote(parts.path).lstrip("/")
+            self.bucket, self.prefix = loc.bucket, loc.prefix
             self._client = boto3.client("s3", endpoint_url=endpoint_url)
         else:
-            local = unquote(parts.path) if parts.scheme == "file" else path
-            self.root = Path(local).expanduser()
+            self.root = (Path(loc.path) if loc.scheme == "file" else Path(path)).expanduser()
 
     def list(self) -> list[tuple[str, str]]:
         """[(name, version)] sorted by name; version changes when a file's content may have.

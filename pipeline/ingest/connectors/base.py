@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.ingest.http import FeedError, HttpClient
 from pipeline.ingest.normalize import Normalizer
 from pipeline.records import Post
-from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.settings import NetworkConfig, SourceConfig, environ, str_list
 
 DEFAULT_MAX_PAGES = 10_000
 
@@ -70,21 +69,14 @@ def env_secret(source: SourceConfig, option: str, required: bool = False) -> str
         return None
     if not isinstance(var, str):
         raise ConfigError(f"source {source.name!r}: `{option}` must be an environment variable name")
-    value = os.environ.get(var)
+    value = environ().get(var)
     if not value:
         raise ConfigError(f"source {source.name!r}: environment variable {var} (from `{option}`) is not set")
     return value
 
 
 def option_list(source: SourceConfig, key: str) -> list[str]:
-    value = source.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise ConfigError(f"source {source.name!r}: `{key}` must be a list of strings")
-    return [str(v) for v in value]
+    return list(str_list(source.get(key), f"source {source.name!r}: `{key}`"))
 
 
 def iso_z(when: dt.datetime) -> str:
