@@ -40,17 +40,21 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from pipeline.aggregate.catalogue import sync_catalogue, sync_logo_classes
-from pipeline.aggregate.daily import compute_day, known_platforms
-from pipeline.aggregate.mentions import active_model, day_bounds
-from pipeline.context import Context
-from pipeline.database import make_engine, upgrade
-from pipeline.settings import Brand, Product, load_settings
+# the checkout's root: its `pipeline` and the throwaway cluster in `tests.support.services`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.aggregate.catalogue import sync_catalogue, sync_logo_classes  # noqa: E402
+from pipeline.aggregate.daily import compute_day, known_platforms  # noqa: E402
+from pipeline.aggregate.mentions import active_model, day_bounds  # noqa: E402
+from pipeline.context import Context  # noqa: E402
+from pipeline.database import make_engine, upgrade  # noqa: E402
+from pipeline.settings import Brand, Product, load_settings  # noqa: E402
 
 YEAR_START = dt.date(2025, 1, 1)
 DAYS = 365
@@ -515,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     import uuid
 
-    from pipeline.testing import PostgresCluster, create_database, drop_database
+    from tests.support.services import PostgresCluster, create_database, drop_database
 
     workdir = tempfile.mkdtemp(prefix="brandmon-bench-agg-")
     cluster = None

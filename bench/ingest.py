@@ -43,7 +43,7 @@ from pipeline.database import upgrade  # noqa: E402
 from pipeline.ingest.jobs import backfill  # noqa: E402
 from pipeline.schema import post_images, posts  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
-from pipeline.testing import PostgresCluster, create_database, drop_database  # noqa: E402
+from tests.support.services import PostgresCluster, create_database, drop_database  # noqa: E402
 
 WORDS = ("acme", "globex", "initech", "love", "new", "today", "shop", "price", "great", "bad", "support", "launch",
          "store", "phone", "coffee", "shoes", "sale", "review", "unboxing", "why", "does", "my", "the", "a", "is")

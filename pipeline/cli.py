@@ -9,33 +9,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from pipeline import __version__
-from pipeline.errors import BrandmonError, NotImplementedYet
-
-# module -> the commands it provides (shown as "not implemented yet" until the module lands)
-PLUGINS: dict[str, tuple[str, ...]] = {
-    "pipeline.ingest.cli": ("ingest", "backfill"),
-    "pipeline.detector.cli": ("detect", "train", "evaluate", "model", "review"),
-    "pipeline.aggregate.cli": ("aggregate", "trends", "report", "evidence", "forecast", "demand"),
-    "pipeline.alerts.cli": ("alerts",),
-}
-
-Handler = Callable[[argparse.Namespace], int | None]
-
-
-def _placeholder(name: str) -> Handler:
-    def run(_args: argparse.Namespace) -> int:
-        raise NotImplementedYet(f"`brandmon {name}` is not implemented yet in this version")
-
-    return run
+from pipeline.errors import BrandmonError
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -113,17 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
 
-    for module_name, commands in PLUGINS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if not (exc.name and module_name.startswith(exc.name)):
-                raise
-            for name in commands:
-                p = sub.add_parser(name, help="(not implemented yet)")
-                p.set_defaults(func=_placeholder(name))
-            continue
-        module.register(sub)
+    # each capability adds its own sub-commands
+    from pipeline.aggregate.cli import register as register_aggregate
+    from pipeline.alerts.cli import register as register_alerts
+    from pipeline.detector.cli import register as register_detector
+    from pipeline.ingest.cli import register as register_ingest
+
+    for register in (register_ingest, register_detector, register_aggregate, register_alerts):
+        register(sub)
     return parser
 
 

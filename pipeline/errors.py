@@ -23,9 +23,3 @@ class InvalidKeyError(StorageError):
 
 class DatabaseError(BrandmonError):
     """The database cannot be reached or its schema is not at the expected revision."""
-
-
-class NotImplementedYet(BrandmonError):
-    """A CLI command whose capability has not landed yet."""
-
-    exit_code = 3

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.context import Context  # noqa: E402
 from pipeline.database import upgrade  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
-from pipeline.testing import (  # noqa: E402
+from tests.support.services import (  # noqa: E402
     MotoServer,
     PostgresCluster,
     S3FaultProxy,

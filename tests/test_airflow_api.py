@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.airflow_api import AirflowApiError, emit_asset_event
-from pipeline.testing import free_port
+from tests.support.services import free_port
 
 PASSWORD = "pw-9d8c7b"
 TOKEN = "jwt-token-abc"

@@ -57,7 +57,7 @@ def test_unknown_url_scheme(monkeypatch, capsys, tmp_path) -> None:
 
 
 def test_unreachable_database(monkeypatch, capsys, tmp_path) -> None:
-    from pipeline.testing import free_port
+    from tests.support.services import free_port
 
     url = f"postgresql+psycopg2://bm:topsecret@127.0.0.1:{free_port()}/bm?connect_timeout=2"
     code, err = _run(monkeypatch, capsys, tmp_path, ["db", "upgrade"], BRANDMON_DATABASE_URL=url)
@@ -116,7 +116,7 @@ def test_lake_read_dropped_by_the_s3_server(monkeypatch, capsys, tmp_path, s3_en
     """A lake read that fails below S3 (connection dropped, not an S3 error answer) is one line too."""
     import uuid
 
-    from pipeline.testing import create_bucket
+    from tests.support.services import create_bucket
 
     bucket = f"lake-{uuid.uuid4().hex[:12]}"
     create_bucket(s3_endpoint, bucket)

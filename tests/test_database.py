@@ -68,7 +68,7 @@ def test_require_schema_says_run_upgrade(tmp_path) -> None:
 
 
 def test_unreachable_database_is_one_line(tmp_path) -> None:
-    from pipeline.testing import free_port
+    from tests.support.services import free_port
 
     engine = make_engine(f"postgresql+psycopg2://u:s3cret@127.0.0.1:{free_port()}/x?connect_timeout=2")
     with pytest.raises(DatabaseError) as exc:

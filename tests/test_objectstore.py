@@ -58,7 +58,7 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint: str) -> None:
 def test_errors_below_s3_are_storage_errors(monkeypatch, s3_endpoint: str, s3_proxy) -> None:
     """No answer at all (nothing listening, a dropped connection, a cut body) is a StorageError
     with a hint, from every operation, never a raw botocore exception."""
-    from pipeline.testing import create_bucket, free_port
+    from tests.support.services import create_bucket, free_port
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     down = open_store("s3://any-bucket/lake", endpoint_url=f"http://127.0.0.1:{free_port()}")
@@ -81,7 +81,7 @@ def test_errors_below_s3_are_storage_errors(monkeypatch, s3_endpoint: str, s3_pr
 @pytest.mark.parametrize(("code", "op"), [("SlowDown", "put"), ("InternalError", "get")])
 def test_s3_error_answers_are_retried_then_clear(monkeypatch, s3_endpoint: str, s3_proxy, code: str, op: str) -> None:
     """Real S3 error answers: boto3 retries a burst away; a persistent one is one clear StorageError."""
-    from pipeline.testing import create_bucket
+    from tests.support.services import create_bucket
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
     bucket = f"retry-{code.lower()}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.testing import pg_bin_dirs
+from tests.support.services import pg_bin_dirs
 
 
 def test_postgres_binaries_of_any_version_newest_first(tmp_path: Path) -> None:

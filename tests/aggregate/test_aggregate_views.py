@@ -113,7 +113,7 @@ def test_views_answer_their_questions(make_ctx, backend):
 
 
 def _psql() -> str:
-    from pipeline.testing import _pg_bin
+    from tests.support.services import _pg_bin
 
     return _pg_bin("psql")
 

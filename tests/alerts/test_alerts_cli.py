@@ -8,11 +8,11 @@ import json
 
 import pytest
 from sqlalchemy import func, select
-from support.alert_data import SMTP_PASSWORD, SPIKE, add_history, alert_env, alerts_config
-from support.servers import HttpSink, SmtpSink, free_port
 
 from pipeline.cli import main
 from pipeline.schema import alert_ledger
+from tests.support.alert_data import SMTP_PASSWORD, SPIKE, add_history, alert_env, alerts_config
+from tests.support.servers import HttpSink, SmtpSink, free_port
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ from collections import Counter
 
 import pytest
 from sqlalchemy import insert, select, update
-from support.alert_data import (
+
+from pipeline.aggregate.jobs import aggregate_dirty, aggregate_range
+from pipeline.alerts.cli import format_rows
+from pipeline.alerts.jobs import dispatch_alerts, list_alerts
+from pipeline.schema import alert_ledger, utcnow
+from tests.support.alert_data import (
     HOOK_SECRET,
     LATE,
     SLACK_SECRET,
@@ -25,12 +30,7 @@ from support.alert_data import (
     alert_env,
     alerts_config,
 )
-from support.servers import HttpSink, SmtpSink, free_port
-
-from pipeline.aggregate.jobs import aggregate_dirty, aggregate_range
-from pipeline.alerts.cli import format_rows
-from pipeline.alerts.jobs import dispatch_alerts, list_alerts
-from pipeline.schema import alert_ledger, utcnow
+from tests.support.servers import HttpSink, SmtpSink, free_port
 
 SECRETS = (HOOK_SECRET, SLACK_SECRET, SMTP_PASSWORD, "sl4ckS3cretT0ken")
 

@@ -12,8 +12,6 @@ import time
 
 import pytest
 from sqlalchemy import select, text
-from support.alert_data import add_history, alerts_config
-from support.servers import HttpSink, RawTcpServer, SmtpSink
 
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.alerts import ledger
@@ -33,6 +31,8 @@ from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.schema import alert_ledger
 from pipeline.settings import load_settings
+from tests.support.alert_data import add_history, alerts_config
+from tests.support.servers import HttpSink, RawTcpServer, SmtpSink
 
 SIG = "sigS3cretQueryValue77"
 BASIC_PW = "b4sicS3cretPassw0rd"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.servers import HttpSink, free_port
 
 from pipeline.alerts.config import AlertsConfig, Destination
 from pipeline.alerts.transport import DeliveryError, Outgoing, PlainTransport, deliver, post_json
+from tests.support.servers import HttpSink, free_port
 
 OUT = Outgoing(alert_id="r|2026-10-15|Acme|*|*|any", subject="s", text="t", slack={"text": "t"},
                webhook={"schema": "brandmon.alert/1"})

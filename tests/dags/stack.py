@@ -25,7 +25,7 @@ from typing import Any
 
 from dags_helpers import DAGS, REPO
 
-from pipeline.testing import free_port
+from tests.support.services import free_port
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 BRANDMON = str(Path(sys.executable).with_name("brandmon"))

@@ -326,7 +326,7 @@ def test_a_database_from_a_connection_that_cannot_be_reached_names_the_connectio
     """The error says which knob to turn: the connection id, not BRANDMON_DATABASE_URL."""
     from pipeline.context import Context
     from pipeline.errors import DatabaseError
-    from pipeline.testing import free_port
+    from tests.support.services import free_port
 
     port = free_port()  # nothing listens there
     monkeypatch.setenv(
@@ -360,7 +360,7 @@ def test_an_endpoint_url_with_userinfo_is_never_logged_and_an_unreachable_one_na
 
     from pipeline.context import Context
     from pipeline.errors import StorageError
-    from pipeline.testing import free_port
+    from tests.support.services import free_port
 
     port = free_port()  # nothing listens there
     monkeypatch.setenv(

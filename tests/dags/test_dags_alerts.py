@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from dags_helpers import airflow_base_env, run_airflow
 from sqlalchemy import select
-from support.alert_data import SMTP_PASSWORD, SPIKE, add_history
-from support.servers import HttpSink, SmtpSink
 
 from pipeline.schema import alert_ledger
+from tests.support.alert_data import SMTP_PASSWORD, SPIKE, add_history
+from tests.support.servers import HttpSink, SmtpSink
 
 SLACK_TOKEN = "T0AIR/B0AIR/airfl0wSlackT0ken"
 HOOK_TOKEN = "airfl0wH00kT0ken"

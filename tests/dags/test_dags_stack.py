@@ -36,7 +36,7 @@ from pipeline import schema
 from pipeline.database import upgrade
 from pipeline.synthetic.catalogue import demo_config
 from pipeline.synthetic.training import make_training_folders
-from pipeline.testing import create_bucket, create_database, drop_database, free_port
+from tests.support.services import create_bucket, create_database, drop_database, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pipeline.detector.model import (
     read_spec,
     resolve_weights,
 )
-from pipeline.testing import free_port
+from tests.support.services import free_port
 
 CPU_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n"
 CPU_OLD = "processor\t: 0\nflags\t\t: fpu sse2 avx2\n"

@@ -1,5 +1,5 @@
 """Total deadlines and decoded-size caps (`pipeline.ingest.bounded`) for feed requests and image
-downloads, against real misbehaving servers on 127.0.0.1 (`replay.HostileServer`)."""
+downloads, against real misbehaving servers on 127.0.0.1 (`tests.support.feeds.HostileServer`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from ingest_helpers import jpeg
 
 from pipeline.ingest.http import FeedError, HttpClient
 from pipeline.ingest.images import Downloader, ImageProblem
-from pipeline.ingest.replay import (
+from pipeline.settings import NetworkConfig
+from tests.support.feeds import (
     HostileServer,
     chunked_forever,
     drip_body,
@@ -23,7 +24,6 @@ from pipeline.ingest.replay import (
     redirect,
     send,
 )
-from pipeline.settings import NetworkConfig
 
 pytestmark = pytest.mark.timeout(60)  # a regression must fail, not hang
 

@@ -8,7 +8,7 @@ import pytest
 from ingest_helpers import config, jpeg
 
 from pipeline.cli import main
-from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
+from tests.support.feeds import FakeMastodon, mastodon_media, mastodon_status
 
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
 

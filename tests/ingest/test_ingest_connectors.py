@@ -9,7 +9,8 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.http import FeedError
-from pipeline.ingest.replay import (
+from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from tests.support.feeds import (
     FakeBluesky,
     FakeMastodon,
     FakeReddit,
@@ -17,7 +18,6 @@ from pipeline.ingest.replay import (
     mastodon_status,
     reddit_post,
 )
-from pipeline.settings import NetworkConfig, Settings, SourceConfig
 
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
 END = DAY + dt.timedelta(days=1)
@@ -237,7 +237,7 @@ def test_reddit_oauth_client_credentials(monkeypatch):
 
 
 def test_reddit_not_a_listing_fails():
-    from pipeline.ingest.replay import FakeServer
+    from tests.support.feeds import FakeServer
 
     with FakeServer() as srv:
         srv.add_json("/r/brands/new.json", {"error": 403, "reason": "private"})

@@ -14,8 +14,8 @@ from pipeline.ingest.http import (
     parse_retry_after,
     safe_url,
 )
-from pipeline.ingest.replay import FakeServer, Response
 from pipeline.settings import NetworkConfig
+from tests.support.feeds import FakeServer, Response
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from ingest_helpers import gif, jpeg, noisy_jpeg, png, png_header_only, truncate
 
 from pipeline.ingest import netguard
 from pipeline.ingest.images import Downloader, ImageProblem, inspect_image, sniff, storage_key
-from pipeline.ingest.replay import FakeServer
 from pipeline.settings import NetworkConfig
+from tests.support.feeds import FakeServer
 
 LOCAL = netguard.allowed_set(["127.0.0.1"])
 
@@ -175,7 +175,7 @@ class ConnectionMeter:
     def __call__(self, req, **_groups):
         import time
 
-        from pipeline.ingest.replay import Response
+        from tests.support.feeds import Response
 
         host = req.headers.get("host", "").rsplit(":", 1)[0]
         with self._lock:
@@ -196,7 +196,7 @@ def test_per_host_connection_limit(make_ctx):
     from ingest_helpers import config
 
     from pipeline.ingest.jobs import ingest_window
-    from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
+    from tests.support.feeds import FakeMastodon, mastodon_media, mastodon_status
 
     day = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
     meter = ConnectionMeter(jpeg())

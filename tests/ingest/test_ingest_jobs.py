@@ -1,6 +1,6 @@
 """ingest_window / backfill / fetch_images end to end, on SQLite + folder and Postgres + S3.
 
-Every feed is a local HTTP server in the API's documented shape (pipeline.ingest.replay);
+Every feed is a local HTTP server in the API's documented shape (tests/support/feeds.py);
 images come from the same server (good, duplicate, corrupt, huge, missing, private).
 """
 
@@ -23,7 +23,9 @@ from pipeline.dirty import clear_days, pending_days
 from pipeline.errors import BrandmonError
 from pipeline.ingest.http import FeedError
 from pipeline.ingest.jobs import backfill, fetch_images, ingest_window
-from pipeline.ingest.replay import (
+from pipeline.runlog import WindowBusy
+from pipeline.schema import images, locks, post_images, posts, quarantine, runs, utcnow
+from tests.support.feeds import (
     FakeBluesky,
     FakeMastodon,
     FakeReddit,
@@ -32,8 +34,6 @@ from pipeline.ingest.replay import (
     mastodon_status,
     reddit_post,
 )
-from pipeline.runlog import WindowBusy
-from pipeline.schema import images, locks, post_images, posts, quarantine, runs, utcnow
 
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
 END = DAY + dt.timedelta(days=1)

@@ -16,8 +16,8 @@ from pipeline.ingest.normalize import (
     html_to_text,
     parse_time,
 )
-from pipeline.ingest.replay import bluesky_post, mastodon_media, mastodon_status, reddit_post
 from pipeline.records import hash_author
+from tests.support.feeds import bluesky_post, mastodon_media, mastodon_status, reddit_post
 
 T = dt.datetime(2026, 10, 3, 12, 30, 15, 250000, tzinfo=dt.UTC)
 SALT = "pepper-salt"
@@ -175,7 +175,7 @@ def test_excerpt_drops_author_fields():
 
 
 def test_excerpt_drops_nested_author_fields_and_account_urls():
-    from pipeline.ingest.replay import bluesky_post, mastodon_status, reddit_post
+    from tests.support.feeds import bluesky_post, mastodon_status, reddit_post
 
     when = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
     status = mastodon_status(when, "hi @zqxfriend", account="zqxuser")

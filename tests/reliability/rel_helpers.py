@@ -353,7 +353,7 @@ def shared_pg_ctx(config: dict[str, Any], pg_admin_url: str, s3_endpoint: str, r
     from pipeline.context import Context
     from pipeline.database import upgrade
     from pipeline.settings import load_settings
-    from pipeline.testing import create_bucket, create_database, drop_database
+    from tests.support.services import create_bucket, create_database, drop_database
 
     db_name, bucket = f"t_{uuid.uuid4().hex[:12]}", f"lake-{uuid.uuid4().hex[:12]}"
     (root / "brandmon.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -370,7 +370,7 @@ def shared_pg_ctx(config: dict[str, Any], pg_admin_url: str, s3_endpoint: str, r
         drop_database(pg_admin_url, db_name)
 
 
-# --- fault injectors (object-store faults: pipeline.testing.S3FaultProxy) ---------------------------
+# --- fault injectors (object-store faults: tests.support.services.S3FaultProxy) -------------------
 
 
 @contextlib.contextmanager

@@ -20,7 +20,9 @@ from sqlalchemy import func, select
 from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.errors import BrandmonError, ConfigError, InvalidKeyError
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import (
+from pipeline.schema import brands, mention_daily, post_images, posts, quarantine, runs
+from pipeline.settings import parse_config_document
+from tests.support.feeds import (
     FakeBluesky,
     FakeMastodon,
     FakeReddit,
@@ -30,8 +32,6 @@ from pipeline.ingest.replay import (
     mastodon_status,
     reddit_post,
 )
-from pipeline.schema import brands, mention_daily, post_images, posts, quarantine, runs
-from pipeline.settings import parse_config_document
 
 TAG = "/api/v1/timelines/tag/acme"
 BRANDS = [{"name": "Acme", "keywords": ["acme"], "hashtags": ["acme"]}]

@@ -28,7 +28,6 @@ from sqlalchemy import func, select
 from pipeline.aggregate.jobs import aggregate_dirty, write_report
 from pipeline.errors import BrandmonError, StorageError
 from pipeline.ingest.jobs import fetch_images, ingest_window
-from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
 from pipeline.schema import (
     dirty_days,
     images,
@@ -40,6 +39,7 @@ from pipeline.schema import (
     runs,
     text_mentions,
 )
+from tests.support.feeds import FakeMastodon, mastodon_media, mastodon_status
 
 pytestmark = pytest.mark.integration
 
@@ -344,7 +344,7 @@ def test_two_aggregate_runs_at_once(make_ctx, srv, reference, tally):
 
 @pytest.mark.parametrize("api,kind", [("bluesky", "repeat"), ("bluesky", "backwards"), ("reddit", "repeat")])
 def test_cursor_faults_of_other_apis(make_ctx, monkeypatch, tally, api, kind):
-    from pipeline.ingest.replay import FakeBluesky, FakeReddit, bluesky_post, reddit_post
+    from tests.support.feeds import FakeBluesky, FakeReddit, bluesky_post, reddit_post
 
     monkeypatch.setenv("REL_PW", "app-pass-1234")
     monkeypatch.setenv("REL_ID", "cid")

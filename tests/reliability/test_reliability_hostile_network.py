@@ -26,7 +26,9 @@ from pipeline.errors import BrandmonError
 from pipeline.ingest import netguard
 from pipeline.ingest.cli import format_counts
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import (
+from pipeline.schema import post_images, posts, runs
+from pipeline.status import format_status
+from tests.support.feeds import (
     FakeMastodon,
     FakeReddit,
     HostileServer,
@@ -41,8 +43,6 @@ from pipeline.ingest.replay import (
     send,
     status_id,
 )
-from pipeline.schema import post_images, posts, runs
-from pipeline.status import format_status
 
 MB = 1024 * 1024
 DEADLINE = 1.0

@@ -31,7 +31,6 @@ from pipeline.aggregate.jobs import aggregate_dirty
 from pipeline.detector.jobs import detect_pending
 from pipeline.errors import StorageError
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import FakeMastodon, mastodon_media, mastodon_status
 from pipeline.schema import (
     detections,
     dirty_days,
@@ -44,6 +43,7 @@ from pipeline.schema import (
     review_queue,
     text_mentions,
 )
+from tests.support.feeds import FakeMastodon, mastodon_media, mastodon_status
 
 pytestmark = pytest.mark.integration
 

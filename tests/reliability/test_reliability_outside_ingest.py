@@ -17,7 +17,8 @@ from test_reliability_hostile_archive import GOOD, cfg, export, good_lines, quar
 
 from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import (
+from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from tests.support.feeds import (
     FakeMastodon,
     FakeReddit,
     Request,
@@ -26,7 +27,6 @@ from pipeline.ingest.replay import (
     reddit_post,
     status_id,
 )
-from pipeline.settings import NetworkConfig, Settings, SourceConfig
 
 pytestmark = pytest.mark.timeout(300)  # a hang is a failure
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)

@@ -26,7 +26,8 @@ from sqlalchemy import select
 from pipeline.context import Context
 from pipeline.errors import DatabaseError
 from pipeline.ingest.jobs import ingest_window
-from pipeline.ingest.replay import (
+from pipeline.schema import metadata
+from tests.support.feeds import (
     FakeBluesky,
     FakeMastodon,
     FakeReddit,
@@ -34,8 +35,7 @@ from pipeline.ingest.replay import (
     mastodon_status,
     reddit_post,
 )
-from pipeline.schema import metadata
-from pipeline.testing import PostgresCluster
+from tests.support.services import PostgresCluster
 
 pytestmark = pytest.mark.integration
 

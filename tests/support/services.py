@@ -4,7 +4,8 @@ Real services, not mocks: a private Postgres cluster (initdb + pg_ctl on 127.0.0
 port, durability off for speed) and `moto_server` speaking the S3 API; `S3FaultProxy` sits in
 front of the latter to answer chosen requests with real S3 errors (reliability tests). Used by
 tests/conftest.py, the bench/ scripts, and `.ci/run` via
-`python -m pipeline.testing up|down --dir DIR` (which writes DIR/env.sh to source).
+`python -m tests.support.services up|down --dir DIR` from the repository root (which writes
+DIR/env.sh to source).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class ServiceError(RuntimeError):
 
 
 def free_port() -> int:
+    """A port nothing listens on (bound and released): connecting to it is refused."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def pg_bin_dirs(root: Path = PG_ROOT) -> list[Path]:
@@ -426,7 +428,7 @@ def _down(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.testing", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.support.services", description=__doc__)
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("--dir", type=Path, default=Path("var/services"))
     args = parser.parse_args(argv)

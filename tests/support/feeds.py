@@ -1,9 +1,10 @@
 """Local stand-ins for the feed APIs: an HTTP server on 127.0.0.1 that serves recorded or
 generated pages in each API's documented shape, with injectable faults.
 
-Used by the ingestion tests, the reliability suite and offline demos: the connectors talk to
-it over real HTTP exactly as they talk to the real services (point `base_url` at
-`server.url` and list `127.0.0.1` in `network.allowed_private_hosts` for its images).
+Used by the ingestion tests and the reliability suite (test code, not shipped; the demo's data
+comes from `pipeline.synthetic`): the connectors talk to it over real HTTP exactly as they talk
+to the real services (point `base_url` at `server.url` and list `127.0.0.1` in
+`network.allowed_private_hosts` for its images).
 
 - `FakeServer`: routes (`add_json`, `add_sequence` to replay recorded responses in order,
   `add_bytes`, `add_redirect`, `route`) and faults (`fault(...)`: an HTTP status with an

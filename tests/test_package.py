@@ -1,0 +1,78 @@
+"""The shipped package holds product code only: no module of `pipeline/` (nor a DAG file) imports
+the tests' tools (`tests.support`: throwaway services, fake feed servers), none is a test tool itself,
+and the wheel built from the checkout holds `pipeline/` and its metadata, nothing else."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pipeline"
+TEST_TOOLS = ("testing", "replay", "services", "feeds", "servers", "alert_data", "support")
+
+
+def imported_modules(source: str) -> set[str]:
+    """Absolute module names a file imports (`import a.b`, `from a.b import c`), plus string
+    arguments of `importlib.import_module(...)` / `__import__(...)`."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            names.add(node.args[0].value)
+    return names
+
+
+def test_imported_modules_sees_every_form_of_import():
+    source = (
+        "import tests.support.services\nfrom tests.support import feeds\n"
+        "import importlib\nimportlib.import_module('tests.support.feeds')\nfrom . import sibling\n"
+    )
+    assert imported_modules(source) == {"tests.support.services", "tests.support", "importlib",
+                                        "tests.support.feeds"}
+
+
+def test_no_module_of_the_package_imports_the_tests():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path.read_text())
+                                            if m.split(".")[0] in ("tests", "support", "conftest"))
+        for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "dags").glob("*.py")])
+    }
+    assert len(offenders) > 50  # really walked the package
+    assert {path: mods for path, mods in offenders.items() if mods} == {}
+
+
+def test_the_package_has_no_test_tool_modules():
+    found = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*")
+             if p.stem in TEST_TOOLS and "__pycache__" not in p.parts]
+    assert found == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_wheel_holds_product_code_only(tmp_path):
+    """Build the wheel from a copy of the checkout (so no stale build/ folder can add files) and
+    list it: `pipeline/` and the dist-info, no tests, no test servers."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.h5", "*.keras"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "out"),
+                           str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "out").glob("brandmon-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pipeline/cli.py" in names and "pipeline/synthetic/__init__.py" in names  # the demo's source ships
+    tops = {n.split("/")[0] for n in names} - {"pipeline"}
+    assert len(tops) == 1 and tops.pop().endswith(".dist-info")
+    assert [n for n in names if Path(n).stem in TEST_TOOLS or "conftest" in n] == []
