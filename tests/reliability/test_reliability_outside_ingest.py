@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from test_reliability_hostile_archive import GOOD, cfg, export, good_lines, quarantined, stored, z  # noqa: F401
 
-from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.jobs import ingest_window
 from pipeline.ingest.replay import (
     FakeMastodon,
@@ -27,6 +26,7 @@ from pipeline.ingest.replay import (
     status_id,
 )
 from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from pipeline.sources.registry import make_connector
 
 pytestmark = pytest.mark.timeout(300)  # a hang is a failure
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)

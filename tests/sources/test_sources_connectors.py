@@ -7,7 +7,6 @@ import datetime as dt
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.http import FeedError
 from pipeline.ingest.replay import (
     FakeBluesky,
@@ -18,6 +17,7 @@ from pipeline.ingest.replay import (
     reddit_post,
 )
 from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from pipeline.sources.registry import make_connector
 
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)
 END = DAY + dt.timedelta(days=1)
