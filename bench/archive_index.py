@@ -26,13 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingest import generate  # noqa: E402
 
-from pipeline.ingest.connectors.archive import (  # noqa: E402
-    ArchiveConnector,
-    file_blocks,
-    iter_json_lines,
-    read_ahead,
-)
 from pipeline.settings import NetworkConfig, SourceConfig  # noqa: E402
+from pipeline.sources.archive.connector import ArchiveConnector  # noqa: E402
+from pipeline.sources.archive.files import file_blocks, iter_json_lines, read_ahead  # noqa: E402
 
 CPU: list[float] = []  # CPU seconds (all threads) of each index run
 
@@ -45,7 +41,7 @@ def index_once(path: Path) -> tuple[float, int]:
     rejects: list = []
     pool = ThreadPoolExecutor(max_workers=1)
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = conn._index_files(listing, days, rejects, dt.datetime.now(dt.UTC), pool)
+    rows = conn.index._index_files(listing, days, rejects, dt.datetime.now(dt.UTC), pool)
     for writer in days.values():
         writer.finish()
     took = time.perf_counter() - t0

@@ -41,8 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.context import Context  # noqa: E402
 from pipeline.database import upgrade  # noqa: E402
 from pipeline.ingest.jobs import backfill  # noqa: E402
+from pipeline.progress import terminal  # noqa: E402
 from pipeline.schema import post_images, posts  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
+from pipeline.sources.archive.parse import parse_row  # noqa: E402
 from tests.support.services import PostgresCluster, create_database, drop_database  # noqa: E402
 
 WORDS = ("acme", "globex", "initech", "love", "new", "today", "shop", "price", "great", "bad", "support", "launch",
@@ -136,13 +138,13 @@ def make_ctx(workdir: Path, db_url: str, archive: Path) -> Context:
 
 
 def sample_posts(archive: Path, n: int) -> list:
-    from pipeline.ingest.normalize import Normalizer
+    from pipeline.sources.parsing import Normalizer
 
     norm = Normalizer("bench-salt", default_platform="archive")
     out = []
     with gzip.open(archive, "rt", encoding="utf-8") as fh:
         for line in fh:
-            out.append(norm.archive(json.loads(line)))
+            out.append(parse_row(norm, json.loads(line)))
             if len(out) >= n:
                 break
     return out
@@ -152,7 +154,7 @@ def orm_baseline(db_url: str, sample: list, meter: Meter) -> Meter:
     """Naive ORM: one mapped object per post (and per image), session.add_all, commit."""
     from sqlalchemy.orm import Session, registry
 
-    from pipeline.ingest.normalize import content_hash
+    from pipeline.ingest.loader import content_hash
 
     class PostRow:
         pass
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = make_ctx(workdir, db_url, archive_dir)
         pg_data = cluster.data if cluster is not None else None
         with Meter(pg_data) as bm:
-            counts = backfill(ctx, "bench", start, start + dt.timedelta(days=args.days - 1), progress=sys.stderr.isatty(), workers=args.workers)
+            counts = backfill(ctx, "bench", start, start + dt.timedelta(days=args.days - 1), progress=terminal if sys.stderr.isatty() else None, workers=args.workers)
         with ctx.engine.connect() as conn:
             n_posts = conn.execute(select(func.count()).select_from(posts)).scalar()
             n_images = conn.execute(select(func.count()).select_from(post_images)).scalar()

@@ -99,7 +99,7 @@ def brandmon_ingest() -> None:
 
         start, end = require_interval(data_interval_start, data_interval_end)
         with task_context() as ctx:
-            counts = ingest_window(ctx, source, as_utc(start), as_utc(end), progress=False)
+            counts = ingest_window(ctx, source, as_utc(start), as_utc(end))
         return counts_only(counts)
 
     @task(outlets=[POSTS])

@@ -70,6 +70,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     from pipeline.detector.jobs import active_model, detect_pending, train_model
     from pipeline.detector.model import configure_threads, enable_determinism
     from pipeline.ingest.jobs import backfill
+    from pipeline.progress import for_cli
     from pipeline.synthetic import make_training_folders
 
     started = time.monotonic()
@@ -89,7 +90,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     _done(t0, {}, quiet)
 
     t0 = _step(f"ingest: synthetic source {source['name']!r}, {first} .. {last}", quiet)
-    counts = backfill(ctx, source["name"], first, last, progress=progress)
+    counts = backfill(ctx, source["name"], first, last, progress=for_cli(quiet))
     _done(t0, counts, quiet)
 
     model = active_model(ctx)

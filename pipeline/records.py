@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -30,11 +29,6 @@ class Post:
     repost_of: str | None = None
     images: tuple[ImageRef, ...] = field(default_factory=tuple)
 
-    def content_hash(self) -> str:
-        """Changes when anything a user could edit changes: drives 'updated' counts."""
-        doc = asdict(self)
-        doc["posted_at"] = self.posted_at.isoformat()
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def hash_author(salt: str, platform: str, author_id: str) -> str:

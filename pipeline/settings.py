@@ -17,7 +17,6 @@ session with the connection's credentials, role or profile) replaces boto3's def
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import secrets as _secrets
 import socket
@@ -32,8 +31,9 @@ import yaml
 from pipeline.alerts.config import AlertsConfig, check_catalogue, parse_alerts
 from pipeline.errors import ConfigError, StorageError
 from pipeline.redact import redact_url
+from pipeline.sources.registry import KINDS, check_options
 
-SOURCE_KINDS = ("mastodon", "bluesky", "reddit", "archive", "synthetic")
+SOURCE_KINDS = KINDS  # the source registry's kinds (pipeline/sources/registry.py)
 
 
 class Secret:
@@ -239,56 +239,8 @@ def _parse_source(raw: Any, i: int) -> SourceConfig:
         raise ConfigError(f"sources[{i}].name is longer than {MAX_SOURCE_NAME_CHARS} characters ({name[:40]!r}...)")
     if kind not in SOURCE_KINDS:
         raise ConfigError(f"sources[{i}] ({name}): kind must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
-    options = {k: _check_option(name, k, v) for k, v in raw.items() if k not in ("name", "kind")}
+    options = check_options(name, kind, {k: v for k, v in raw.items() if k not in ("name", "kind")})
     return SourceConfig(name=name, kind=kind, options=options)
-
-
-# Source options the connectors read, by the type they need. Checked here so that a wrong type
-# (`max_pages: lots`) is one clear line at start-up, not a traceback from inside a connector.
-_INT_OPTIONS = {"max_pages": 1, "limit": 1, "part_pages": 1, "days": 1, "seed": None,
-                "max_file_bytes": 1, "max_row_bytes": 1, "max_gzip_ratio": 1}  # the archive caps
-_FLOAT_OPTIONS = ("backoff_s", "max_wait_s", "timeout_s", "time_slack_s")
-_BOOL_OPTIONS = ("fetch_images", "snowflake_ids")
-_STR_OPTIONS = ("base_url", "oauth_base_url", "auth_url", "path", "platform", "user_agent", "identifier", "start")
-_LIST_OPTIONS = ("hashtags", "accounts", "queries", "subreddits")
-_CHOICE_OPTIONS = {"html": ("auto", "always", "never"), "id_mode": ("auto", "snowflake", "time")}
-
-
-def _check_option(source: str, key: str, value: Any) -> Any:
-    """Return a known option's value in the type its connector needs, or raise ConfigError."""
-    where = f"sources ({source}): `{key}`"
-    if key in _INT_OPTIONS:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be a whole number, got {value!r}; e.g. {key}: 10")
-        low = _INT_OPTIONS[key]
-        if low is not None and value < low:
-            raise ConfigError(f"{where} must be at least {low}, got {value}")
-        return value
-    if key in _FLOAT_OPTIONS:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-            raise ConfigError(f"{where} must be a number of seconds (0 or more), got {value!r}; e.g. {key}: 1.5")
-        return value
-    if key == "start" and isinstance(value, dt.date):  # YAML reads an unquoted 2026-10-01 as a date
-        value = value.isoformat()
-    if key in _BOOL_OPTIONS and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if (key in _STR_OPTIONS or key.endswith("_env")) and not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
-    if key == "start":
-        try:
-            dt.date.fromisoformat(value)
-        except ValueError:
-            raise ConfigError(f"{where} must be a date like 2026-10-01, got {value!r}") from None
-    if key in _LIST_OPTIONS:
-        return list(_strs(value, f"sources ({source}).{key}"))
-    if key in _CHOICE_OPTIONS and value not in _CHOICE_OPTIONS[key]:
-        raise ConfigError(f"{where} must be one of {', '.join(_CHOICE_OPTIONS[key])}, got {value!r}")
-    return value
 
 
 def _typed_section(raw: Any, cls: type, where: str) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def test_any_text_parses_or_raises_value_error(text):
 
 
 def test_open_store_and_the_archive_use_the_parser(tmp_path):
-    from pipeline.ingest.connectors.archive import ArchiveFiles
+    from pipeline.sources.archive.files import ArchiveFiles
 
     store = open_store((tmp_path / "a b").as_uri())
     assert isinstance(store, LocalStore) and store.root == tmp_path / "a b"

@@ -96,8 +96,8 @@ def test_url_passwords_as_written_and_decoded():
 
 
 def test_one_email_scrubber_for_excerpts_too():
-    from pipeline.ingest.normalize import scrub_accounts
     from pipeline.redact import scrub_emails
+    from pipeline.sources.parsing import scrub_accounts
 
     assert scrub_emails("mail jane.doe+x@mail.example.org now") == "mail …@… now"
     assert scrub_emails("no address @here") == "no address @here"

@@ -7,6 +7,7 @@ import datetime as dt
 
 from pipeline.dates import BadDate, parse_day, parse_instant
 from pipeline.errors import ConfigError
+from pipeline.progress import for_cli
 
 ORDER = ("fetched", "new", "updated", "unchanged", "rejected", "duplicates", "superseded", "out_of_window",
          "images_stored", "images_failed", "images_quarantined", "windows", "skipped")
@@ -46,7 +47,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ConfigError("--end must be after --start (windows are half-open: [start, end))")
     ctx = open_context()
     try:
-        counts = ingest_window(ctx, args.source, args.start, args.end, force=args.force, progress=not args.quiet)
+        counts = ingest_window(ctx, args.source, args.start, args.end, force=args.force, progress=for_cli(args.quiet))
     finally:
         ctx.close()
     if counts.get("skipped"):
@@ -62,7 +63,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     ctx = open_context()
     try:
-        counts = backfill(ctx, args.source, args.start, args.end, force=args.force, progress=not args.quiet, workers=args.workers)
+        counts = backfill(ctx, args.source, args.start, args.end, force=args.force, progress=for_cli(args.quiet), workers=args.workers)
     finally:
         ctx.close()
     print(f"{args.source} {args.start} .. {args.end}: {format_counts(counts)}")
@@ -75,7 +76,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
     ctx = open_context()
     try:
-        counts = fetch_images(ctx, source=args.source, progress=not args.quiet)
+        counts = fetch_images(ctx, source=args.source, progress=for_cli(args.quiet))
     finally:
         ctx.close()
     print(format_counts(counts))

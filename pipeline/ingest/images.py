@@ -26,18 +26,23 @@ import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 from PIL import Image
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
 
 from pipeline.database import chunks, upsert
 from pipeline.dirty import mark_days_of_stored
 from pipeline.ingest import bounded, netguard
+from pipeline.objectstore import ObjectStore
+from pipeline.progress import Progress, of
 from pipeline.schema import images, post_images, posts, utcnow
 from pipeline.settings import NetworkConfig
+
+if TYPE_CHECKING:
+    from pipeline.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +232,7 @@ class Outcome:
 ByteSource = Callable[[str], bytes | None]
 
 
-def fetch_one(url: str, downloader: Downloader, store: Any, own_bytes: ByteSource | None, stored_shas: set[str], lock: threading.Lock) -> Outcome:
+def fetch_one(url: str, downloader: Downloader, store: ObjectStore, own_bytes: ByteSource | None, stored_shas: set[str], lock: threading.Lock) -> Outcome:
     """Fetch, check and store one URL; never raises for a bad image."""
     try:
         data = None
@@ -255,7 +260,7 @@ def fetch_one(url: str, downloader: Downloader, store: Any, own_bytes: ByteSourc
         return Outcome(url, "failed", f"storage error: {type(exc).__name__}: {str(exc)[:200]}")
 
 
-def pending_rows(conn: Any, *, sources_in: Iterable[str] | None = None, post_ids: Iterable[int] | None = None,
+def pending_rows(conn: Connection, *, sources_in: Iterable[str] | None = None, post_ids: Iterable[int] | None = None,
                  window: tuple[dt.datetime, dt.datetime] | None = None, statuses: tuple[str, ...] = ("pending", "failed")) -> list[dict[str, Any]]:
     q = (
         select(post_images.c.id, post_images.c.post_id, post_images.c.url, post_images.c.attempts, posts.c.source)
@@ -277,10 +282,10 @@ def pending_rows(conn: Any, *, sources_in: Iterable[str] | None = None, post_ids
 
 
 def process(
-    ctx: Any,
+    ctx: Context,
     rows: list[dict[str, Any]],
     byte_sources: dict[str, ByteSource] | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, int]:
     """Fetch the images of `rows` (from `pending_rows`) and record every outcome."""
     counts = {"images_stored": 0, "images_failed": 0, "images_quarantined": 0}
@@ -309,7 +314,7 @@ def process(
     stored_shas: set[str] = {i.sha256 for i in known.values()}
     lock = threading.Lock()
     pending: list[tuple[Outcome, list[dict[str, Any]]]] = []
-    bar = _bar(len(by_url), progress)
+    bar = of(progress)(len(by_url), "images", "img")
     try:
         with ThreadPoolExecutor(max_workers=max(1, network.image_workers), thread_name_prefix="img") as pool:
             futures = {}
@@ -331,7 +336,7 @@ def process(
     return counts
 
 
-def _record(engine: Any, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], counts: dict[str, int]) -> None:
+def _record(engine: Engine, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], counts: dict[str, int]) -> None:
     if not outcomes:
         return
     now = utcnow()
@@ -366,11 +371,3 @@ def _record(engine: Any, outcomes: list[tuple[Outcome, list[dict[str, Any]]]], c
         )
         # In the same transaction: a crash leaves neither the image nor the mark.
         mark_days_of_stored(conn, stored)
-
-
-def _bar(total: int, progress: bool):  # type: ignore[no-untyped-def]
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="images", unit="img", disable=not progress or not sys.stderr.isatty(), leave=False)

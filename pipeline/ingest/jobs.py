@@ -2,6 +2,7 @@
 
 One run = one half-open window [start, end) of one source, under a window lock, recorded in
 the run log:
+0. bring the source's derived state up to date (`index_step`: the archive's day index);
 1. fetch raw pages (the connector) and write them to the raw lake as they come, in parts;
    after each part the walk's cursor is saved in `sources.cursor`, so an interrupted window
    resumes from there instead of starting over;
@@ -19,24 +20,27 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Engine, select, update
 
+from pipeline.context import Context
 from pipeline.dirty import mark_days
 from pipeline.errors import BrandmonError, ConfigError
 from pipeline.ingest import images as image_fetch
 from pipeline.ingest import lake
-from pipeline.ingest.connectors import Connector, make_connector
 from pipeline.ingest.http import scrub
 from pipeline.ingest.loader import dedupe, load_posts, record_rejects, touch_source
-from pipeline.ingest.normalize import Reject, excerpt
+from pipeline.progress import Progress, Tracker, of
 from pipeline.runlog import recorded_run, window_complete, window_lock
 from pipeline.schema import sources, utcnow
+from pipeline.settings import Settings
+from pipeline.sources.connector import Connector
+from pipeline.sources.parsing import Reject, excerpt
+from pipeline.sources.registry import make_connector
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ def window_key(start: dt.datetime, end: dt.datetime) -> str:
 # --- resume cursors (sources.cursor = {"windows": {key: progress}, "latest_end": iso}) ------------
 
 
-def _cursor_row(conn: Any, name: str) -> dict[str, Any]:
+def _cursor_row(conn: Connection, name: str) -> dict[str, Any]:
     q = select(sources.c.cursor).where(sources.c.name == name)
     if conn.dialect.name == "postgresql":
         q = q.with_for_update()
@@ -71,12 +75,12 @@ def _cursor_row(conn: Any, name: str) -> dict[str, Any]:
     return dict(cur) if isinstance(cur, dict) else {}
 
 
-def load_progress(engine: Any, name: str, key: str) -> dict[str, Any] | None:
+def load_progress(engine: Engine, name: str, key: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
         return _cursor_row(conn, name).get("windows", {}).get(key)
 
 
-def _set_progress(conn: Any, name: str, key: str, progress: dict[str, Any] | None, latest_end: dt.datetime | None = None) -> None:
+def _set_progress(conn: Connection, name: str, key: str, progress: dict[str, Any] | None, latest_end: dt.datetime | None = None) -> None:
     """Set (or clear) one window's resume point; `latest_end` records the newest window done."""
     old = _cursor_row(conn, name)
     cursor = dict(old)
@@ -92,7 +96,7 @@ def _set_progress(conn: Any, name: str, key: str, progress: dict[str, Any] | Non
         conn.execute(update(sources).where(sources.c.name == name).values(cursor=cursor, updated_at=utcnow()))
 
 
-def save_progress(engine: Any, name: str, kind: str, key: str, progress: dict[str, Any] | None) -> None:
+def save_progress(engine: Engine, name: str, kind: str, key: str, progress: dict[str, Any] | None) -> None:
     with engine.begin() as conn:
         touch_source(conn, name, kind)
         _set_progress(conn, name, key, progress)
@@ -101,7 +105,7 @@ def save_progress(engine: Any, name: str, kind: str, key: str, progress: dict[st
 # --- steps ---------------------------------------------------------------------------------------
 
 
-def _fetch(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
+def _fetch(ctx: Context, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
            counts: dict[str, Any]) -> list[tuple[Any, str | None]]:
     """All records of the window with the lake key of the page each came from."""
     collected: list[tuple[Any, str | None]] = []
@@ -148,7 +152,7 @@ def _fetch(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: d
     return collected
 
 
-def _normalise(ctx: Any, connector: Connector, records: list[tuple[Any, str | None]], start: dt.datetime, end: dt.datetime,
+def _normalise(ctx: Context, connector: Connector, records: list[tuple[Any, str | None]], start: dt.datetime, end: dt.datetime,
                counts: dict[str, Any]) -> tuple[list[tuple[Any, str | None]], list[dict[str, str]]]:
     normalizer = connector.make_normalizer(ctx.settings.author_salt.get())
     items: list[tuple[Any, str | None]] = []
@@ -206,9 +210,38 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _run_window(ctx: Any, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
-                progress: bool, counts: dict[str, Any]) -> None:
-    connector.prepare(ctx, counts, force=force, progress=progress)
+def index_step(ctx: Context, connector: Connector, counts: dict[str, Any], *, force: bool = False,
+               progress: Progress | None = None) -> None:
+    """Step 0: build (or reuse) the source's index (the archive's day partitions), under a lock,
+    and hand it to the connector; rows it cannot place are quarantined (window_start empty).
+
+    `force` (`--force`) rebuilds it even if the export looks unchanged (a partition lost from
+    the lake, a changed parser), once per connector: the other windows of the same forced
+    backfill reuse the fresh index (`Connector.refreshed`)."""
+    index = connector.index
+    if index is None:
+        return
+    name = connector.source.name
+    rebuild = force and not connector.refreshed
+    listing = index.listing()
+    fp = index.fingerprint(listing)
+    current = index.read_manifest(ctx.store)
+    if rebuild or not current or current.get("fingerprint") != fp:
+        with window_lock(ctx.engine, f"ingest-index:{name}", wait_s=3600):
+            current = index.read_manifest(ctx.store)
+            if rebuild or not current or current.get("fingerprint") != fp:
+                current, rejects = index.build(ctx.store, fp, listing, current, progress)
+                with ctx.engine.begin() as conn:
+                    record_rejects(conn, name, None, rejects)  # only changes are written
+                counts["indexed_rows"] = counts.get("indexed_rows", 0) + current["rows"]
+                counts["rejected"] = counts.get("rejected", 0) + len(rejects)
+                connector.refreshed = True
+    connector.use_index(ctx.store, current)
+
+
+def _run_window(ctx: Context, connector: Connector, name: str, start: dt.datetime, end: dt.datetime, force: bool,
+                progress: Progress | None, counts: dict[str, Any]) -> None:
+    index_step(ctx, connector, counts, force=force, progress=progress)
     with gc_paused():
         records = _fetch(ctx, connector, name, start, end, force, counts)
         counts["fetched"] = len(records)
@@ -254,8 +287,8 @@ def _retry_hint(exc: BaseException) -> str:
     return "re-running will fail the same way until the cause is fixed (please report it with the log)"
 
 
-def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
-                  progress: bool = False, connector: Connector | None = None) -> dict[str, int]:
+def ingest_window(ctx: Context, source: str, start: dt.datetime, end: dt.datetime, *, force: bool = False,
+                  progress: Progress | None = None, connector: Connector | None = None) -> dict[str, int]:
     """Ingest one half-open window [start, end) of `source`; returns the run's counts.
 
     Counts are integers, except `warning` (text; with `silent_zero: 1`) when the window fetched
@@ -295,16 +328,14 @@ def ingest_window(ctx: Any, source: str, start: dt.datetime, end: dt.datetime, *
                 conn_obj.close()
 
 
-def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool = False, progress: bool = True,
-             workers: int = 1) -> dict[str, int]:
+def backfill(ctx: Context, source: str, start: dt.date, end: dt.date, *, force: bool = False,
+             progress: Progress | None = None, workers: int = 1) -> dict[str, int]:
     """Ingest daily windows from `start` to `end` (both inclusive); windows already complete are skipped.
 
     `workers` > 1 runs that many windows at once in separate processes (windows are
     independent: each has its own lock and transaction). Worth it for archive backfills on
     Postgres, where parsing and normalising, not the feed, is the bottleneck.
     """
-    from tqdm import tqdm
-
     if isinstance(start, dt.datetime):
         start = start.date()
     if isinstance(end, dt.datetime):
@@ -316,7 +347,7 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
     src = ctx.settings.source(source)
     days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
     totals: Counter[str] = Counter()
-    bar = tqdm(total=len(days), desc=f"backfill {source}", unit="day", disable=not progress or not sys.stderr.isatty())
+    bar = of(progress)(len(days), f"backfill {source}", "day")
     connector = make_connector(ctx.settings, src)
     try:
         if workers == 1 or len(days) == 1:
@@ -324,11 +355,11 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
                 totals.update(_backfill_day(ctx, connector, source, day, force, progress))
                 totals["windows"] += 1
                 bar.update(1)
-                bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+                bar.note(new=totals["new"], rejected=totals["rejected"])
         else:
             # e.g. the archive index, once, before the workers start (rebuilt here if forced:
             # the workers' connectors are told it is fresh, so they do not rebuild it again)
-            connector.prepare(ctx, totals, force=force, progress=progress)
+            index_step(ctx, connector, totals, force=force, progress=progress)
             _backfill_parallel(ctx, source, days, force, workers, totals, bar, refreshed=connector.refreshed)
     finally:
         bar.close()
@@ -336,7 +367,8 @@ def backfill(ctx: Any, source: str, start: dt.date, end: dt.date, *, force: bool
     return {k: int(v) for k, v in totals.items()}
 
 
-def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, force: bool, progress: bool = False) -> dict[str, int]:
+def _backfill_day(ctx: Context, connector: Connector, source: str, day: dt.date, force: bool,
+                  progress: Progress | None = None) -> dict[str, int]:
     s = dt.datetime.combine(day, dt.time(), dt.UTC)
     try:
         counts = ingest_window(ctx, source, s, s + dt.timedelta(days=1), force=force, progress=progress, connector=connector)
@@ -349,9 +381,7 @@ def _backfill_day(ctx: Any, connector: Connector, source: str, day: dt.date, for
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(settings: Any, source: str, refreshed: bool = False) -> None:
-    from pipeline.context import Context
-
+def _worker_init(settings: Settings, source: str, refreshed: bool = False) -> None:
     ctx = Context(settings)
     connector = make_connector(settings, settings.source(source))
     connector.refreshed = refreshed
@@ -362,7 +392,7 @@ def _worker_day(source: str, day: dt.date, force: bool) -> dict[str, int]:
     return _backfill_day(_WORKER["ctx"], _WORKER["connector"], source, day, force)
 
 
-def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Any,
+def _backfill_parallel(ctx: Context, source: str, days: list[dt.date], force: bool, workers: int, totals: Counter[str], bar: Tracker,
                        refreshed: bool = False) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -384,12 +414,13 @@ def _backfill_parallel(ctx: Any, source: str, days: list[dt.date], force: bool, 
                 totals.update(counts)
                 totals["windows"] += 1
                 bar.update(1)
-            bar.set_postfix(new=totals["new"], rejected=totals["rejected"], refresh=False)
+            bar.note(new=totals["new"], rejected=totals["rejected"])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def fetch_images(ctx: Any, *, source: str | None = None, post_ids: list[int] | None = None, progress: bool = False) -> dict[str, int]:
+def fetch_images(ctx: Context, *, source: str | None = None, post_ids: list[int] | None = None,
+                 progress: Progress | None = None) -> dict[str, int]:
     """(Re)try pending and failed images, optionally of one source or some posts only."""
     with ctx.engine.connect() as conn:
         rows = image_fetch.pending_rows(conn, sources_in=[source] if source else None, post_ids=post_ids)

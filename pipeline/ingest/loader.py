@@ -29,11 +29,24 @@ from sqlalchemy import Connection, bindparam, delete, insert, select, text, upda
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.database import chunks, upsert
-from pipeline.ingest.normalize import content_hash
 from pipeline.records import Post
 from pipeline.schema import post_images, posts, quarantine, sources, utcnow
 
 POST_COLUMNS = ("platform", "external_id", "author_hash", "text", "lang", "posted_at", "url", "repost_of", "content_hash", "raw_key")
+
+
+def content_hash(post: Post, posted_iso: str | None = None) -> str:
+    """The post's stored `content_hash`: changes when anything a user could edit changes
+    (drives `updated` counts); fast.
+    `posted_iso`: `post.posted_at.isoformat()` if the caller has it already."""
+    parts = [
+        post.platform, post.external_id, post.author_hash, post.text, post.lang or "",
+        posted_iso or post.posted_at.isoformat(), post.url or "", post.repost_of or "",
+    ]
+    for img in post.images:
+        parts.append(img.url)
+        parts.append(img.alt_text or "")
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
 IMAGE_COLUMNS = ("platform", "external_id", "position", "url", "alt_text")
 
 

@@ -529,7 +529,7 @@ def test_archive_backfill(make_ctx, backend, archive_path):
     path, put = archive_path
     ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": path, "platform": "archive"}]), backend)
     first, last = (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date()
-    counts = backfill(ctx, "arch", first, last, progress=False)
+    counts = backfill(ctx, "arch", first, last)
     assert counts["windows"] == 3 and counts["new"] == 60
     assert counts["rejected"] == 4  # bad JSON, no time, year 9999 (while indexing) + no id (in its window)
     keys = set(ctx.store.list("raw/source=arch/"))
@@ -544,9 +544,9 @@ def test_archive_backfill(make_ctx, backend, archive_path):
     assert q == {(True, "invalid JSON line"), (True, "missing created_at"), (True, "created_at out of range (9999-01-01T00"), (False, "missing id")}
 
     before = snapshot(ctx, volatile=True)
-    again = backfill(ctx, "arch", first, last, progress=False)
+    again = backfill(ctx, "arch", first, last)
     assert again["skipped"] == 3 and again.get("new", 0) == 0
-    forced = backfill(ctx, "arch", first, last, force=True, progress=False)
+    forced = backfill(ctx, "arch", first, last, force=True)
     assert forced["unchanged"] == 60 and forced["new"] == forced["updated"] == 0
     assert snapshot(ctx, volatile=True) == before
 
@@ -555,13 +555,13 @@ def test_archive_backfill(make_ctx, backend, archive_path):
     extra = [{"id": "a5", "platform": "mastodon", "author_id": "u5", "text": "edited acme", "created_at": "2026-10-01T06:30:00Z"},
              {"id": "b1", "platform": "mastodon", "author_id": "u1", "text": "new acme", "created_at": "2026-10-02T06:00:00Z"}]
     put("zz-export-3.jsonl", "\n".join(json.dumps(r) for r in extra).encode())
-    third = backfill(ctx, "arch", first, last, force=True, progress=False)
+    third = backfill(ctx, "arch", first, last, force=True)
     assert (third["new"], third["updated"]) == (1, 1)
 
 
 @pytest.mark.integration
 def test_synthetic_source_uses_its_own_images(make_ctx, backend, monkeypatch):
-    import pipeline.ingest.connectors.synthetic as syn
+    import pipeline.sources.synthetic.connector as syn
 
     class Dataset:
         def posts_between(self, start, end):
@@ -581,7 +581,7 @@ def test_synthetic_source_uses_its_own_images(make_ctx, backend, monkeypatch):
 
     monkeypatch.setattr(syn, "dataset_for", lambda seed, days, start: Dataset())
     ctx = make_ctx(config([{"name": "demo", "kind": "synthetic", "seed": 7, "days": 30, "start": "2026-10-01"}], private=False), backend)
-    counts = backfill(ctx, "demo", DAY.date(), DAY.date(), progress=False)
+    counts = backfill(ctx, "demo", DAY.date(), DAY.date())
     assert counts["new"] == 48 and counts["images_stored"] == 16 and counts["images_quarantined"] == 8
     assert count(ctx, images) == 2
     assert count(ctx, posts, posts.c.repost_of.is_not(None)) == 4
@@ -615,8 +615,8 @@ def test_parallel_archive_backfill_equals_serial(make_ctx, tmp_path):
     first, last = (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date()
     src = [{"name": "arch", "kind": "archive", "path": str(folder), "platform": "archive", "fetch_images": False}]
     serial, parallel = make_ctx(config(src)), make_ctx(config(src))
-    one = backfill(serial, "arch", first, last, progress=False)
-    two = backfill(parallel, "arch", first, last, progress=False, workers=2)
+    one = backfill(serial, "arch", first, last)
+    two = backfill(parallel, "arch", first, last, workers=2)
     assert one["windows"] == two["windows"] == 3
     assert one["new"] == two["new"] == 60 and one["rejected"] == two["rejected"] == 5
     strip = {"lake"}
@@ -626,13 +626,13 @@ def test_parallel_archive_backfill_equals_serial(make_ctx, tmp_path):
         row = conn.execute(select(quarantine).where(quarantine.c.reason == "invalid JSON line", quarantine.c.window_start.is_not(None))).one()
         assert row.window_start == DAY and "export-3.jsonl:1" in row.record_ref
         assert conn.execute(select(runs.c.status).where(runs.c.source == "arch")).scalars().all() == ["succeeded"] * 3
-    again = backfill(parallel, "arch", first, last, progress=False, workers=2)
+    again = backfill(parallel, "arch", first, last, workers=2)
     assert again["skipped"] == 3 and again["windows"] == 3
 
 
 def test_archive_fast_timestamp_and_partition_lines(monkeypatch):
-    import pipeline.ingest.connectors.archive as archive_mod
-    from pipeline.ingest.connectors.archive import decode_partition, fast_time
+    import pipeline.sources.archive.index as archive_mod
+    from pipeline.sources.archive.index import decode_partition, fast_time
 
     assert fast_time('{"id": "1", "created_at": "2026-10-02T05:00:00Z", "text": "x"}') == "2026-10-02T05:00:00Z"
     assert fast_time('{"id": "1", "created_utc": 1790000000.5}') == "1790000000.5"
@@ -654,7 +654,7 @@ def test_archive_fast_timestamp_and_partition_lines(monkeypatch):
 def test_archive_partial_window_reads_row_timestamps(make_ctx, tmp_path):
     """A "Z" timestamp is kept as the partition's `ts` (no isoformat per row) and still
     selects the right rows for a window shorter than a day."""
-    from pipeline.ingest.connectors.archive import decode_partition, partition_key
+    from pipeline.sources.archive.index import decode_partition, partition_key
 
     folder = tmp_path / "exports"
     folder.mkdir()
@@ -688,7 +688,7 @@ def test_archive_csv_error_quarantines_the_row_and_reads_on(make_ctx, tmp_path, 
     after it are still ingested."""
     import csv
 
-    import pipeline.ingest.connectors.archive as archive_mod
+    import pipeline.sources.archive.files as archive_mod
 
     folder = tmp_path / "exports"
     folder.mkdir()
@@ -721,7 +721,7 @@ def archive_folder(tmp_path) -> str:
 
 
 def manifest(ctx) -> dict:
-    from pipeline.ingest.connectors.archive import manifest_key
+    from pipeline.sources.archive.index import manifest_key
 
     return json.loads(ctx.store.get(manifest_key("arch")))
 
@@ -730,7 +730,7 @@ def test_archive_force_rebuilds_the_index_once(make_ctx, tmp_path):
     """A day partition lost from the lake: the window fails with the hint to use --force, and
     --force rebuilds the index (once for a whole forced backfill, not once per window)."""
     from pipeline.errors import StorageError
-    from pipeline.ingest.connectors.archive import partition_key
+    from pipeline.sources.archive.index import partition_key
 
     ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
     first = ingest_window(ctx, "arch", DAY - dt.timedelta(days=1), DAY)
@@ -747,7 +747,7 @@ def test_archive_force_rebuilds_the_index_once(make_ctx, tmp_path):
 
     before = snapshot(ctx, volatile=True)
     built = manifest(ctx)["built_at"]
-    again = backfill(ctx, "arch", (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date(), force=True, progress=False)
+    again = backfill(ctx, "arch", (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date(), force=True)
     assert again["indexed_rows"] == rows  # one rebuild for the three forced windows
     assert again["new"] == 20 and again["unchanged"] == 40
     assert manifest(ctx)["built_at"] > built
@@ -759,27 +759,30 @@ def test_archive_force_rebuilds_the_index_once(make_ctx, tmp_path):
 def test_parallel_forced_backfill_rebuilds_the_index_once(make_ctx, tmp_path):
     ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
     first, last = (DAY - dt.timedelta(days=1)).date(), (DAY + dt.timedelta(days=1)).date()
-    backfill(ctx, "arch", first, last, progress=False, workers=2)
+    backfill(ctx, "arch", first, last, workers=2)
     built = manifest(ctx)["built_at"]
-    forced = backfill(ctx, "arch", first, last, force=True, progress=False, workers=2)
+    forced = backfill(ctx, "arch", first, last, force=True, workers=2)
     assert forced["indexed_rows"] == manifest(ctx)["rows"]  # the parent rebuilt it; the workers did not
     assert forced["windows"] == 3 and forced["unchanged"] == 60
     assert manifest(ctx)["built_at"] > built
 
 
 def test_archive_index_reports_progress(make_ctx, tmp_path, monkeypatch, caplog):
+    """Indexing logs its start and reports bytes read and rows through the caller's Progress:
+    a log line off a terminal (`terminal`), a tqdm bar on one, nothing by default."""
     import io
     import sys
 
-    import pipeline.ingest.connectors.archive as archive_mod
+    import pipeline.progress as prog
 
-    monkeypatch.setattr(archive_mod, "PROGRESS_EVERY_S", 0.0)
-    caplog.set_level("INFO", logger="pipeline.ingest.connectors.archive")
+    monkeypatch.setattr(prog, "LOG_EVERY_S", 0.0)
+    caplog.set_level("INFO")
     ctx = make_ctx(config([{"name": "arch", "kind": "archive", "path": archive_folder(tmp_path), "fetch_images": False}]))
-    ingest_window(ctx, "arch", DAY, END)
+    ingest_window(ctx, "arch", DAY, END, progress=prog.terminal)
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("indexing archive arch: 2 files,") for m in lines)
-    assert any(m.startswith("indexing archive arch: 64 rows, 100% of") for m in lines)
+    total = next(m for m in lines if m.startswith("index arch: ")).split(" of ")[1].split(" ")[0]
+    assert any(m.startswith(f"index arch: {total} of {total} B, rows 64") for m in lines), lines
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
@@ -787,13 +790,16 @@ def test_archive_index_reports_progress(make_ctx, tmp_path, monkeypatch, caplog)
 
     tty = Tty()
     monkeypatch.setattr(sys, "stderr", tty)
-    meter = archive_mod.IndexProgress("arch", 1, 2_000_000, progress=True)
+    from pipeline.sources.archive.index import _Meter
+
+    meter = _Meter(prog.terminal(2_000_000, "index arch", "B"))
     meter.update(1234, 1_000_000)
-    meter.bar.refresh()  # tqdm redraws at most every 0.1 s by itself
+    meter.tracker.bar.refresh()  # tqdm redraws at most every 0.1 s by itself
     meter.close()
     assert "index arch" in tty.getvalue() and "50%" in tty.getvalue() and "rows=1,234" in tty.getvalue()
-    quiet = archive_mod.IndexProgress("arch", 1, 10, progress=False)
-    assert quiet.bar.disable
+    caplog.clear()
+    ingest_window(ctx, "arch", DAY, END, force=True)  # the default: silent
+    assert not any(r.getMessage().startswith("index arch: ") for r in caplog.records)
 
 
 def test_quarantine_rows_of_windows_sharing_a_start(make_ctx, tmp_path):

@@ -54,8 +54,7 @@ def test_counts_days_and_images_on_both_backends(make_ctx, backend):
 
 def plain_copy_lines(items):
     """copy_lines by its definition: every field through `_esc`, the hash from `content_hash`."""
-    from pipeline.ingest.loader import _esc
-    from pipeline.ingest.normalize import content_hash
+    from pipeline.ingest.loader import _esc, content_hash
 
     post_lines, image_lines = [], []
     for p, raw_key in items:
@@ -86,7 +85,7 @@ def test_copy_lines_matches_the_plain_definitions():
 
 
 def test_fast_post_equals_the_dataclass():
-    from pipeline.ingest.normalize import _fast_post, new_post
+    from pipeline.sources.parsing import _fast_post, new_post
 
     args = ("mastodon", "1", "a" * 64, "text", T, "en", "https://m.example/1", None, (ImageRef("https://i.example/x.jpg", None),))
     fast, plain = _fast_post(*args), Post(*args)
@@ -146,7 +145,7 @@ def test_the_later_copy_wins_in_any_order(make_ctx, backend, ties):
     """Two copies of a post at different times: whichever is loaded first, the later one is kept
     and the earlier one counts as superseded. Same time: `incoming` keeps the copy loaded last
     (a feed's edit), `content` the greater content hash (the same whatever the order)."""
-    from pipeline.ingest.normalize import content_hash
+    from pipeline.ingest.loader import content_hash
 
     early, late = post(1, T, "acme early"), post(1, T + dt.timedelta(days=1), "acme late")
     x, y = post(2, T, "acme x"), post(2, T, "acme y")

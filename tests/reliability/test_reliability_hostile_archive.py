@@ -135,7 +135,7 @@ def test_index_files_rows_by_the_normalisers_time(make_ctx, backend, export, tal
     body = "\n".join(line for line, _ in tricky) + "\n"
     export.put("tricky.jsonl", body.encode() + good_lines())
     ctx = make_ctx(cfg(path=export.path), backend)
-    counts = backfill(ctx, "arch", other.date(), DAY.date(), progress=False)
+    counts = backfill(ctx, "arch", other.date(), DAY.date())
     found, q = stored(ctx), quarantined(ctx)
     assert counts["out_of_window"] == 0, counts
     for line, want in tricky:
@@ -292,7 +292,7 @@ def test_s3_keys_with_dot_dot_are_refused(make_ctx, s3_endpoint, tmp_path, tally
 def test_a_file_changing_while_read(make_ctx, backend, tmp_path, monkeypatch, tally):
     """An export file rewritten (cut short) while it is being read: quarantined with the reason;
     the other files go in, and the window succeeds."""
-    from pipeline.ingest.connectors import archive
+    from pipeline.sources.archive import files as archive
 
     folder = tmp_path / "export"
     folder.mkdir()

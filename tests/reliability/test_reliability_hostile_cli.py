@@ -261,7 +261,7 @@ def test_quarantine_excerpts_keep_only_allowed_fields(make_ctx, backend, tmp_pat
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*bad, good]))
     ctx = make_ctx({**CATALOGUE, "sources": [{"name": "arch", "kind": "archive", "path": str(folder), "fetch_images": False}]},
                    backend)
-    counts = ingest_window(ctx, "arch", DAY, END, progress=False)
+    counts = ingest_window(ctx, "arch", DAY, END)
     assert counts["new"] == 1 and counts["rejected"] == 2
     with ctx.engine.connect() as conn:
         excerpts = [r.excerpt for r in conn.execute(select(quarantine.c.excerpt))]

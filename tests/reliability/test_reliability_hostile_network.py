@@ -238,7 +238,7 @@ ctx = open_context()
 out = {}
 for src in sys.argv[3:]:
     try:
-        out[src] = ingest_window(ctx, src, start, end, progress=False)
+        out[src] = ingest_window(ctx, src, start, end)
     except BrandmonError as exc:
         out[src] = {"error": str(exc)}
     except MemoryError:

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from test_reliability_hostile_archive import GOOD, cfg, export, good_lines, quarantined, stored, z  # noqa: F401
 
-from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.jobs import ingest_window
 from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from pipeline.sources.registry import make_connector
 from tests.support.feeds import (
     FakeMastodon,
     FakeReddit,

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.ingest.connectors import make_connector
-from pipeline.ingest.connectors.mastodon import is_snowflake, next_max_id, parse_link_header
 from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from pipeline.sources.mastodon.connector import is_snowflake, next_max_id, parse_link_header
+from pipeline.sources.registry import make_connector
 from tests.support.feeds import FakeMastodon, mastodon_status, snowflake, status_id
 
 DAY = dt.datetime(2026, 10, 2, tzinfo=dt.UTC)

@@ -8,15 +8,19 @@ import json
 
 import pytest
 
-from pipeline.ingest.normalize import (
+from pipeline.ingest.loader import content_hash
+from pipeline.records import hash_author
+from pipeline.sources.archive.parse import parse_row
+from pipeline.sources.bluesky.parse import parse_post_view
+from pipeline.sources.mastodon.parse import parse_status
+from pipeline.sources.parsing import (
     Normalizer,
     Reject,
-    content_hash,
     excerpt,
     html_to_text,
     parse_time,
 )
-from pipeline.records import hash_author
+from pipeline.sources.reddit.parse import parse_child
 from tests.support.feeds import bluesky_post, mastodon_media, mastodon_status, reddit_post
 
 T = dt.datetime(2026, 10, 3, 12, 30, 15, 250000, tzinfo=dt.UTC)
@@ -51,7 +55,7 @@ def test_mastodon_status(norm):
                              media=[mastodon_media("https://files.example/a.jpg", "a red logo"),
                                     mastodon_media("https://files.example/v.mp4", kind="video"),
                                     mastodon_media(None, "remote only", remote_url="https://other.example/b.png")])
-    post = norm.mastodon(status)
+    post = parse_status(norm, status)
     assert post.platform == "mastodon"
     assert post.external_id == status["id"]
     assert post.text == "I love #acme"
@@ -70,7 +74,7 @@ def test_mastodon_reblog_counts_as_its_original(norm):
     original = mastodon_status(T - dt.timedelta(days=2), "Acme rocks", account="carol",
                                media=[mastodon_media("https://files.example/o.jpg")], lang="fr")
     reblog = mastodon_status(T, "", account="dave", reblog=original, seq=1)
-    post = norm.mastodon(reblog)
+    post = parse_status(norm, reblog)
     assert post.external_id == reblog["id"]
     assert post.repost_of == original["id"]
     assert post.text == "Acme rocks"
@@ -82,42 +86,42 @@ def test_mastodon_reblog_counts_as_its_original(norm):
 
 def test_bluesky_post_with_images_and_record_with_media(norm):
     imgs = [{"fullsize": "https://cdn.example/full.jpg", "thumb": "https://cdn.example/t.jpg", "alt": "logo"}]
-    a = norm.bluesky(bluesky_post(T, "acme news", images=imgs, rkey="3kabc"))
+    a = parse_post_view(norm, bluesky_post(T, "acme news", images=imgs, rkey="3kabc"))
     assert a.external_id == "at://did:plc:alice/app.bsky.feed.post/3kabc"
     assert a.url == "https://bsky.app/profile/did:plc:alice/post/3kabc"
     assert [(i.url, i.alt_text) for i in a.images] == [("https://cdn.example/full.jpg", "logo")]
-    b = norm.bluesky(bluesky_post(T, "quote with media", images=imgs, with_record=True, rkey="3kdef", langs=("de",)))
+    b = parse_post_view(norm, bluesky_post(T, "quote with media", images=imgs, with_record=True, rkey="3kdef", langs=("de",)))
     assert [i.url for i in b.images] == ["https://cdn.example/full.jpg"]
     assert b.lang == "de"
 
 
 def test_bluesky_future_created_at_uses_indexed_at(norm):
     view = bluesky_post(T, "from the future", created_at="9999-01-01T00:00:00Z")
-    assert norm.bluesky(view).posted_at == T.replace(microsecond=250000)
+    assert parse_post_view(norm, view).posted_at == T.replace(microsecond=250000)
 
 
 def test_reddit_listing_children(norm):
-    gallery = norm.reddit(reddit_post(T, "Acme haul", pid="g1", gallery=["https://i.redd.it/1.jpg?a=1&amp;b=2", "https://i.redd.it/2.png"]))
+    gallery = parse_child(norm, reddit_post(T, "Acme haul", pid="g1", gallery=["https://i.redd.it/1.jpg?a=1&amp;b=2", "https://i.redd.it/2.png"]))
     assert [i.url for i in gallery.images] == ["https://i.redd.it/1.jpg?a=1&b=2", "https://i.redd.it/2.png"]
     assert gallery.url == "https://www.reddit.com/r/brands/comments/g1/post/"
     assert gallery.posted_at == T
-    link = norm.reddit(reddit_post(T, "pic", pid="p1", url="https://i.redd.it/x.webp"))
+    link = parse_child(norm, reddit_post(T, "pic", pid="p1", url="https://i.redd.it/x.webp"))
     assert [i.url for i in link.images] == ["https://i.redd.it/x.webp"]
-    prev = norm.reddit(reddit_post(T, "article", pid="p2", url="https://news.example/story", preview="https://preview.redd.it/y.jpg"))
+    prev = parse_child(norm, reddit_post(T, "article", pid="p2", url="https://news.example/story", preview="https://preview.redd.it/y.jpg"))
     assert [i.url for i in prev.images] == ["https://preview.redd.it/y.jpg"]
-    text = norm.reddit(reddit_post(T, "Title", pid="p3", selftext="Body about acme", crosspost_parent="t3_orig"))
+    text = parse_child(norm, reddit_post(T, "Title", pid="p3", selftext="Body about acme", crosspost_parent="t3_orig"))
     assert text.text == "Title\n\nBody about acme"
     assert text.repost_of == "orig"
     assert text.images == ()
     with pytest.raises(Reject, match="kind 't1'"):
-        norm.reddit({"kind": "t1", "data": {}})
+        parse_child(norm, {"kind": "t1", "data": {}})
 
 
 def test_archive_aliases(norm):
     row = {"post_id": 42, "network": "Mastodon", "username": "erin", "content": "<p>hello &amp; acme</p>",
            "timestamp": "1790000000", "language": "EN", "permalink": "https://m.example/42",
            "image_urls": "https://a.example/1.jpg|https://a.example/2.jpg", "repost_of": ""}
-    post = norm.archive(row)
+    post = parse_row(norm, row)
     assert (post.platform, post.external_id, post.text, post.lang) == ("mastodon", "42", "hello & acme", "en")
     assert post.posted_at == dt.datetime.fromtimestamp(1790000000, dt.UTC)
     assert [i.url for i in post.images] == ["https://a.example/1.jpg", "https://a.example/2.jpg"]
@@ -125,12 +129,12 @@ def test_archive_aliases(norm):
     synthetic = {"id": "s1", "platform": "synthetic", "author_id": "u1", "text": "Acme!", "lang": "en",
                  "created_at": "2026-10-01T08:00:00Z", "url": "https://synthetic.example/s1",
                  "images": [{"url": "synthetic://images/a.jpg", "alt": "a"}], "reblog_of": "s0"}
-    s = norm.archive(synthetic)
+    s = parse_row(norm, synthetic)
     assert (s.platform, s.repost_of, s.images[0].url, s.images[0].alt_text) == ("synthetic", "s0", "synthetic://images/a.jpg", "a")
-    csv_json = norm.archive({"id": "c1", "author": "x", "text": "t", "created_at": "2026-10-01T00:00:00Z",
+    csv_json = parse_row(norm, {"id": "c1", "author": "x", "text": "t", "created_at": "2026-10-01T00:00:00Z",
                              "images": '[{"url": "https://a.example/z.png", "alt_text": "zed"}]'})
     assert [(i.url, i.alt_text) for i in csv_json.images] == [("https://a.example/z.png", "zed")]
-    reddit_export = norm.archive({"id": "r1", "author": "x", "title": "T", "selftext": "S", "created_utc": 1790000000.5})
+    reddit_export = parse_row(norm, {"id": "r1", "author": "x", "title": "T", "selftext": "S", "created_utc": 1790000000.5})
     assert reddit_export.text == "T\n\nS" and reddit_export.platform == "archive"
 
 
@@ -154,16 +158,16 @@ def test_archive_aliases(norm):
 )
 def test_archive_rejects(norm, row, reason):
     with pytest.raises(Reject, match=reason):
-        norm.archive(row)
+        parse_row(norm, row)
 
 
 def test_control_characters_and_bad_unicode_are_cleaned(norm):
-    post = norm.archive({"id": "1", "author": "a", "text": "a\x00b\x07c\ud800d\ne", "created_at": "2026-10-01T00:00:00Z"})
+    post = parse_row(norm, {"id": "1", "author": "a", "text": "a\x00b\x07c\ud800d\ne", "created_at": "2026-10-01T00:00:00Z"})
     assert post.text == "abc?d\ne"
 
 
 def test_content_hash_changes_with_edits(norm):
-    base = norm.archive({"id": "1", "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"})
+    base = parse_row(norm, {"id": "1", "author": "a", "text": "t", "created_at": "2026-10-01T00:00:00Z"})
     assert content_hash(base) == content_hash(dataclasses.replace(base))
     assert content_hash(base) != content_hash(dataclasses.replace(base, text="t2"))
     assert len(content_hash(base)) == 64

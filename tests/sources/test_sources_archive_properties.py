@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pipeline.ingest.connectors.archive as archive_mod
-from pipeline.ingest.connectors.archive import ArchiveConnector, decode_partition
-from pipeline.ingest.normalize import TIME_KEYS, Normalizer, Reject, row_time
+import pipeline.sources.archive.index as archive_mod
 from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.sources.archive.connector import ArchiveConnector
+from pipeline.sources.archive.index import decode_partition
+from pipeline.sources.parsing import TIME_KEYS, Normalizer, Reject, row_time
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 BASE = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
@@ -133,7 +134,7 @@ def index(folder: Path, **options: Any) -> tuple[ArchiveConnector, dict[dt.date,
     days: dict = {}
     rejects: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
-        n = conn._index_files(conn.files.list(), days, rejects, NOW, pool)
+        n = conn.index._index_files(conn.files.list(), days, rejects, NOW, pool)
         parts = {day: decode_partition(w.finish()) for day, w in days.items()}
     return conn, parts, rejects, n
 

@@ -1,38 +1,12 @@
-"""Raw platform records -> `pipeline.records.Post`, or a `Reject` with the reason.
+"""The shared rules for turning a platform's raw record into a `pipeline.records.Post`.
 
-Plain functions over plain dicts: every connector's records go through here, so the rules
-(UTC timestamps, salted author hashes, HTML to text, a reblog carries its original's
-content, no control characters, sane sizes) are the same whatever the platform.
-A record that breaks a rule is rejected with a one-line reason; the loader quarantines it and
-the window goes on.
-
-Archive rows (JSONL objects or CSV rows) accept these columns; the first alias present wins:
-
-=============  ==========================================================================
-field          accepted columns (aliases)
-=============  ==========================================================================
-id             ``id``, ``external_id``, ``post_id``, ``status_id``, ``uri``  (required)
-platform       ``platform``, ``network``, ``site`` (default: the source's ``platform``
-               option, else ``archive``)
-author         ``author_id``, ``author``, ``account_id``, ``user_id``, ``username``,
-               ``author_handle``, ``account``, ``user`` (required; only a salted hash is
-               kept; a dict value uses its ``id``/``did``/``acct``/``username``)
-text           ``text``, ``content``, ``body``, ``message``, ``full_text``; else ``title``
-               + ``selftext``. HTML (``<p>``, ``<br>``, ...) is converted to text.
-created_at     ``created_at``, ``posted_at``, ``createdAt``, ``timestamp``, ``created_utc``,
-               ``date``, ``time`` (required): ISO 8601 (``Z`` or an offset; no zone means
-               UTC) or Unix epoch seconds / milliseconds
-lang           ``lang``, ``language``, ``langs`` (first of a list)
-url            ``url``, ``permalink``, ``link``
-images         ``images``, ``media``, ``media_attachments``, ``image_urls``, ``media_urls``:
-               a list of ``{"url", "alt"}`` objects (``alt_text``/``description`` also
-               read; ``remote_url``/``preview_url`` as fallbacks) or of URL strings; in CSV a
-               JSON list, or URLs separated by ``|`` or whitespace; or a single
-               ``image_url``/``image`` column (with ``image_alt``)
-reblog_of      ``reblog_of``, ``repost_of``, ``reblogged_from``, ``retweeted_status_id``,
-               ``crosspost_parent``
-=============  ==========================================================================
-Other columns are ignored (kept in the raw lake only). Empty strings count as missing.
+Each platform's own parsing lives in its folder (`pipeline.sources.<platform>.parse`) and
+goes through these plain functions over plain dicts, so the rules (UTC timestamps, salted
+author hashes, HTML to text, a reblog carries its original's content, no control characters,
+sane sizes) are the same whatever the platform. A record that breaks a rule is rejected with a
+one-line reason (`Reject`); the loader quarantines it and the window goes on. The column
+aliases below are the archive's (`pipeline.sources.archive.parse` documents them); quarantine
+excerpts keep the same fields.
 """
 
 from __future__ import annotations
@@ -41,9 +15,7 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
-import html
 import json
-import operator
 import re
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -62,7 +34,6 @@ FUTURE_SLACK = dt.timedelta(days=2)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LANG = re.compile(r"^[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*$")
 _HTMLISH = re.compile(r"<(?:p|br|a|span|div|em|strong|b|i)\b[^>]*>|</(?:p|a|span|div)>|&(?:amp|lt|gt|quot|#\d+);", re.I)
-_IMAGE_EXT = re.compile(r"\.(?:jpe?g|png|gif|webp)(?:$|\?)", re.I)
 
 ID_KEYS = ("id", "external_id", "post_id", "status_id", "uri")
 PLATFORM_KEYS = ("platform", "network", "site")
@@ -271,19 +242,6 @@ def clean_url(value: Any) -> str | None:
     return value
 
 
-def content_hash(post: Post, posted_iso: str | None = None) -> str:
-    """Changes when anything a user could edit changes (drives `updated` counts); fast.
-    `posted_iso`: `post.posted_at.isoformat()` if the caller has it already."""
-    parts = [
-        post.platform, post.external_id, post.author_hash, post.text, post.lang or "",
-        posted_iso or post.posted_at.isoformat(), post.url or "", post.repost_of or "",
-    ]
-    for img in post.images:
-        parts.append(img.url)
-        parts.append(img.alt_text or "")
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8", "replace")).hexdigest()
-
-
 # Excerpts keep an ALLOW-list of fields (a block-list of author keys let `name`, `email`,
 # `screen_name` and whatever a new export calls its authors through). Kept, at any depth:
 # ids, platform, times, language, texts (cut short, account names taken out), the host of
@@ -405,7 +363,7 @@ def excerpt(record: Any, limit: int = 300) -> str:
 # --- per platform ----------------------------------------------------------------------------
 
 
-def _images(items: Any, url_keys: tuple[str, ...], alt_keys: tuple[str, ...]) -> tuple[ImageRef, ...]:
+def image_refs(items: Any, url_keys: tuple[str, ...], alt_keys: tuple[str, ...]) -> tuple[ImageRef, ...]:
     if not isinstance(items, list) or not items:
         return ()
     out: list[ImageRef] = []
@@ -485,7 +443,7 @@ class Normalizer:
             raise ValueError("author salt is empty")
         self._hmac = hmac.new(salt.encode(), digestmod=hashlib.sha256)  # copied per author: same as hash_author()
         self.now = now or dt.datetime.now(dt.UTC)
-        self._latest = self.now + FUTURE_SLACK
+        self.latest = self.now + FUTURE_SLACK
         self.default_platform = default_platform
         self.html = html  # auto | always | never (archive text)
         self._authors = _author_cache(salt)
@@ -510,263 +468,8 @@ class Normalizer:
             cached = self._authors[key] = h.hexdigest()
         return cached
 
-    def _post(self, platform: str, external_id: str, author: str, text: str, posted_at: dt.datetime, **kw: Any) -> Post:
-        if not MIN_TIME <= posted_at <= self._latest:
+    def post(self, platform: str, external_id: str, author: str, text: str, posted_at: dt.datetime, **kw: Any) -> Post:
+        if not MIN_TIME <= posted_at <= self.latest:
             check_time(posted_at, self.now)
         return Post(platform=platform, external_id=external_id, author_hash=author, text=text, posted_at=posted_at, **kw)
 
-    # Mastodon: a Status entity (https://docs.joinmastodon.org/entities/Status/)
-    def mastodon(self, status: Any, platform: str = "mastodon") -> Post:
-        if not isinstance(status, dict):
-            raise Reject(f"status is a {type(status).__name__}, expected an object")
-        external_id = clean_id(status.get("id"), "id")
-        posted_at = parse_time(status.get("created_at"), "created_at")
-        account = status.get("account")
-        if not isinstance(account, dict):
-            raise Reject("missing account")
-        author = self.author(platform, account.get("url") or account.get("acct") or account.get("id"))
-        inner = status.get("reblog")
-        repost_of = None
-        body = status
-        if inner is not None:
-            if not isinstance(inner, dict):
-                raise Reject("reblog is not a status object")
-            repost_of = clean_id(inner.get("id"), "reblog.id")
-            body = inner  # a reblog counts as its original: same text, images and language
-        content = body.get("content")
-        if content is not None and not isinstance(content, str):
-            raise Reject("content is not text")
-        text = html_to_text(clean_text(content or "", "content", MAX_TEXT_CHARS * 4))
-        spoiler = body.get("spoiler_text")
-        if isinstance(spoiler, str) and spoiler.strip():
-            text = f"{clean_text(spoiler, 'spoiler_text')}\n\n{text}".strip()
-        text = clean_text(text)
-        media = [m for m in (body.get("media_attachments") or []) if isinstance(m, dict) and m.get("type") == "image"] \
-            if isinstance(body.get("media_attachments"), list) else []
-        images = _images(media, ("url", "remote_url"), ("description",))
-        url = clean_url(status.get("url")) or clean_url(body.get("url")) or clean_url(body.get("uri"))
-        return self._post(
-            platform, external_id, author, text, posted_at,
-            lang=clean_lang(body.get("language")), url=url, repost_of=repost_of, images=images,
-        )
-
-    # Bluesky: an app.bsky.feed.defs#postView from app.bsky.feed.searchPosts
-    def bluesky(self, view: Any, platform: str = "bluesky") -> Post:
-        if not isinstance(view, dict):
-            raise Reject(f"post is a {type(view).__name__}, expected an object")
-        uri = clean_id(view.get("uri"), "uri")
-        if not uri.startswith("at://"):
-            raise Reject("uri is not an at:// URI")
-        record = view.get("record")
-        if not isinstance(record, dict):
-            raise Reject("missing record")
-        author = view.get("author")
-        if not isinstance(author, dict):
-            raise Reject("missing author")
-        did = author.get("did")
-        author_hash = self.author(platform, did)
-        created = parse_time(record.get("createdAt"), "createdAt")
-        indexed_raw = view.get("indexedAt")
-        if indexed_raw:
-            # searchPosts' since/until filter on sortAt = the earlier of the two: use the same.
-            created = min(created, parse_time(indexed_raw, "indexedAt"))
-        text = clean_text(record.get("text") or "", "text")
-        images: tuple[ImageRef, ...] = ()
-        embed = view.get("embed")
-        if isinstance(embed, dict):
-            kind = embed.get("$type")
-            if kind == "app.bsky.embed.recordWithMedia#view":
-                embed = embed.get("media") if isinstance(embed.get("media"), dict) else {}
-                kind = embed.get("$type")
-            if kind == "app.bsky.embed.images#view":
-                images = _images(embed.get("images"), ("fullsize", "thumb"), ("alt",))
-        rkey = uri.rsplit("/", 1)[-1]
-        url = f"https://bsky.app/profile/{did}/post/{rkey}" if isinstance(did, str) else None
-        return self._post(
-            platform, uri, author_hash, text, created,
-            lang=clean_lang(record.get("langs")), url=url, images=images,
-        )
-
-    # Reddit: a listing child {"kind": "t3", "data": {...}}
-    def reddit(self, child: Any, platform: str = "reddit") -> Post:
-        if not isinstance(child, dict):
-            raise Reject(f"listing child is a {type(child).__name__}, expected an object")
-        if child.get("kind") != "t3":
-            raise Reject(f"listing child of kind {str(child.get('kind'))[:10]!r}, expected t3 (a link post)")
-        data = child.get("data")
-        if not isinstance(data, dict):
-            raise Reject("listing child without data")
-        external_id = clean_id(data.get("id"), "id")
-        posted_at = parse_time(data.get("created_utc"), "created_utc")
-        author_hash = self.author(platform, data.get("author_fullname") or data.get("author"))
-        title = clean_text(data.get("title") or "", "title")
-        body = clean_text(data.get("selftext") or "", "selftext")
-        text = clean_text(f"{title}\n\n{body}".strip() if body else title)
-        permalink = data.get("permalink")
-        url = f"https://www.reddit.com{permalink}" if isinstance(permalink, str) and permalink.startswith("/") else clean_url(data.get("url"))
-        parent = data.get("crosspost_parent")
-        repost_of = clean_id(parent.removeprefix("t3_"), "crosspost_parent") if isinstance(parent, str) and parent else None
-        return self._post(
-            platform, external_id, author_hash, text, posted_at,
-            lang=clean_lang(data.get("lang")), url=url, repost_of=repost_of, images=reddit_images(data),
-        )
-
-    # Archive exports (and the synthetic source): see the module doc for the columns.
-    def archive(self, row: Any) -> Post:
-        if not isinstance(row, dict):
-            raise Reject(f"row is a {type(row).__name__}, expected an object")
-        plan, pick = _archive_plan(tuple(row))
-        raw_id, raw_platform, raw_author, raw_text, reblog, raw_lang, raw_url = pick(row)
-        external_id = clean_id(raw_id, "id")
-        if raw_platform is None:
-            platform = self.default_platform
-        else:
-            platform = _platform(raw_platform) if isinstance(raw_platform, str) else ""
-            if not platform:
-                raise Reject(f"bad platform {str(raw_platform)[:32]!r}")
-        posted_at = row_time(map(row.get, TIME_KEYS))  # the index files the row by the same call
-        author_hash = self.author(platform, raw_author)
-        if raw_text is None and row.get("title") is not None:
-            title = clean_text(row.get("title"), "title")
-            body = clean_text(row.get("selftext") or "", "selftext")
-            raw_text = f"{title}\n\n{body}".strip() if body else title
-        text = clean_text(raw_text, "text", MAX_TEXT_CHARS * 4)
-        if self.html == "always" or (self.html == "auto" and looks_like_html(text)):
-            text = clean_text(html_to_text(text))
-        elif len(text) > MAX_TEXT_CHARS:
-            raise Reject(f"text too long ({len(text)} characters > {MAX_TEXT_CHARS})")
-        repost_of = clean_id(reblog.removeprefix("t3_") if isinstance(reblog, str) else reblog, "reblog_of") if reblog is not None else None
-        lang, url, images = clean_lang(raw_lang), clean_url(raw_url), archive_images(row, plan)
-        if not MIN_TIME <= posted_at <= self._latest:
-            check_time(posted_at, self.now)
-        return new_post(platform, external_id, author_hash, text, posted_at, lang, url, repost_of, images)
-
-_FIELDS = {
-    "id": ID_KEYS, "platform": PLATFORM_KEYS, "author": AUTHOR_KEYS, "text": TEXT_KEYS, "time": TIME_KEYS,
-    "lang": LANG_KEYS, "url": URL_KEYS, "images": IMAGES_KEYS, "single": SINGLE_IMAGE_KEYS, "reblog": REBLOG_KEYS,
-}
-
-
-@functools.lru_cache(maxsize=512)
-def _plan(keys: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """For one set of columns: which aliases of each field are present, in priority order."""
-    present = set(keys)
-    return {f: tuple(k for k in aliases if k in present) for f, aliases in _FIELDS.items()}
-
-
-_PICKED = ("id", "platform", "author", "text", "reblog", "lang", "url")  # the time: `row_time`
-
-
-@functools.lru_cache(maxsize=512)
-def _archive_plan(keys: tuple[str, ...]) -> tuple[dict[str, tuple[str, ...]], Callable[[dict[str, Any]], Any]]:
-    """The plan for one set of columns and a function that picks the `_PICKED` fields of a row
-    at once, as `_pick` would one by one. Why: nine `_pick` calls were a sixth of normalising
-    an archive row; with at most one alias present per field (the usual export), one C-level
-    itemgetter fetches them all."""
-    plan = _plan(keys)
-    cands = [plan[f] for f in _PICKED]
-    if any(len(c) > 1 for c in cands):
-        return plan, lambda row: [_pick(row, c) for c in cands]
-    cols = [c[0] for c in cands if c]
-    if len(cols) == len(cands):
-        get = operator.itemgetter(*cols)
-
-        def pick_all(row: dict[str, Any]) -> Any:
-            values = get(row)  # a tuple; rebuilt only if a value is "" (one C-level scan to know)
-            return [None if v == "" else v for v in values] if "" in values else values
-
-        return plan, pick_all
-    slots = [(i, c[0]) for i, c in enumerate(cands) if c]
-
-    def pick(row: dict[str, Any]) -> list[Any]:
-        out: list[Any] = [None] * len(cands)
-        for i, key in slots:
-            value = row[key]
-            if value != "":
-                out[i] = value
-        return out
-
-    return plan, pick
-
-
-def _pick(row: dict[str, Any], candidates: tuple[str, ...]) -> Any:
-    for key in candidates:
-        value = row[key]
-        if value is not None and value != "":
-            return value
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _platform(value: str) -> str:
-    if len(value) > 32:
-        return ""
-    name = value.strip().lower()
-    return name if re.fullmatch(r"[a-z0-9_.-]+", name) else ""
-
-
-def reddit_images(data: dict[str, Any]) -> tuple[ImageRef, ...]:
-    """Gallery images (`media_metadata` in `gallery_data` order), else the link or its preview."""
-    urls: list[str] = []
-    meta = data.get("media_metadata")
-    if isinstance(meta, dict) and meta:
-        order: list[Any] = []
-        gallery = data.get("gallery_data")
-        if isinstance(gallery, dict) and isinstance(gallery.get("items"), list):
-            order = [it.get("media_id") for it in gallery["items"] if isinstance(it, dict)]
-        order += [k for k in meta if k not in order]
-        for media_id in order:
-            item = meta.get(media_id) if isinstance(media_id, str) else None
-            if not isinstance(item, dict) or item.get("status", "valid") != "valid" or item.get("e") not in ("Image", "AnimatedImage", None):
-                continue
-            source = item.get("s")
-            if isinstance(source, dict):
-                u = source.get("u") or source.get("gif")
-                if isinstance(u, str):
-                    urls.append(html.unescape(u))
-    if not urls:
-        link = data.get("url_overridden_by_dest") or data.get("url")
-        is_image = isinstance(link, str) and (
-            data.get("post_hint") == "image" or _IMAGE_EXT.search(link) or "i.redd.it/" in link
-        )
-        if is_image:
-            urls.append(html.unescape(link))
-        else:
-            preview = data.get("preview")
-            imgs = preview.get("images") if isinstance(preview, dict) else None
-            if isinstance(imgs, list) and imgs and isinstance(imgs[0], dict):
-                source = imgs[0].get("source")
-                if isinstance(source, dict) and isinstance(source.get("url"), str):
-                    urls.append(html.unescape(source["url"]))
-    return _images(urls, (), ())
-
-
-def _split_urls(value: str) -> list[Any]:
-    value = value.strip()
-    if value.startswith("["):
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            raise Reject("images column is not a valid JSON list") from None
-        return parsed if isinstance(parsed, list) else []
-    return [u for u in re.split(r"[|\s]+", value) if u]
-
-
-def archive_images(row: dict[str, Any], plan: dict[str, tuple[str, ...]] | None = None) -> tuple[ImageRef, ...]:
-    plan = plan or _plan(tuple(row))
-    items = _pick(row, plan["images"])
-    if items == []:
-        return ()
-    if isinstance(items, str):
-        items = _split_urls(items)
-    if items is None:
-        single = _pick(row, plan["single"])
-        if isinstance(single, str):
-            alt = row.get("image_alt")
-            items = [{"url": single, "alt": alt if isinstance(alt, str) else None}]
-    if items is not None and not isinstance(items, list):
-        raise Reject(f"images is a {type(items).__name__}, expected a list")
-    return _images(items or [], ("url", "remote_url", "fullsize", "preview_url"), ("alt", "alt_text", "description"))
-
-
-NormalizeFn = Callable[[Any], Post]

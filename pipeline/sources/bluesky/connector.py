@@ -1,10 +1,6 @@
 """Bluesky: `app.bsky.feed.searchPosts` over the window (`since`/`until`, `cursor` paging).
 
-Options: `queries` (list of search strings, e.g. brand names or `#hashtag`), `base_url`
-(default https://bsky.social; the PDS that proxies app.bsky calls), `identifier` (handle or
-DID of the app-password account) or `identifier_env`, `password_env` (NAME of the env var
-with the app password; without it requests go unauthenticated, e.g. to a public AppView),
-`limit` (default 100), `lang` (optional filter).
+Options: `options.py`.
 Authentication: `com.atproto.server.createSession` once per run, the access JWT as a bearer
 token; an `ExpiredToken` answer creates a new session once and repeats the request.
 Images come from `app.bsky.embed.images#view` and `app.bsky.embed.recordWithMedia#view`.
@@ -13,31 +9,35 @@ Images come from `app.bsky.embed.images#view` and `app.bsky.embed.recordWithMedi
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.ingest.connectors.base import Connector, Step, Stream, env_secret, iso_z, option_list
 from pipeline.ingest.http import FeedError, safe_url
-from pipeline.ingest.normalize import Normalizer
 from pipeline.records import Post
+from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.sources.bluesky.options import BlueskyOptions
+from pipeline.sources.bluesky.parse import parse_post_view
+from pipeline.sources.connector import Connector, Step, Stream, env_secret, iso_z
+from pipeline.sources.parsing import Normalizer
 
 
 class BlueskyConnector(Connector):
     kind = "bluesky"
     platform = "bluesky"
 
-    def __init__(self, source, network, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(source, network, **kwargs)
-        self.base_url = str(source.get("base_url", "https://bsky.social")).rstrip("/")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"source {source.name!r}: `base_url` must be an http(s) URL")
-        self.queries = option_list(source, "queries")
-        if not self.queries:
-            raise ConfigError(f"source {source.name!r}: give `queries` (search strings) to follow")
-        self.limit = int(source.get("limit", 100))
-        self.lang = source.get("lang")
+    options: BlueskyOptions
+
+    def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(source, network, sleep=sleep)
+        opts = self.options
+        opts.check(source.name)
+        self.base_url = opts.base_url.rstrip("/")
+        self.queries = list(opts.queries)
+        self.limit = opts.limit
+        self.lang = opts.lang
         self._password = env_secret(source, "password_env")
-        ident = source.get("identifier") or (env_secret(source, "identifier_env") if source.get("identifier_env") else None)
+        ident = opts.identifier or (env_secret(source, "identifier_env") if opts.identifier_env else None)
         if self._password and not ident:
             raise ConfigError(f"source {source.name!r}: `password_env` needs `identifier` (the account handle)")
         self._identifier = ident
@@ -106,4 +106,4 @@ class BlueskyConnector(Connector):
         return body.get("posts", []) if isinstance(body, dict) else []
 
     def normalize(self, normalizer: Normalizer, record: Any) -> Post:
-        return normalizer.bluesky(record, self.platform)
+        return parse_post_view(normalizer, record, self.platform)

@@ -7,9 +7,9 @@ import datetime as dt
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.ingest.connectors import make_connector
 from pipeline.ingest.http import FeedError
 from pipeline.settings import NetworkConfig, Settings, SourceConfig
+from pipeline.sources.registry import make_connector
 from tests.support.feeds import (
     FakeBluesky,
     FakeMastodon,

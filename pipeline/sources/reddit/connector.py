@@ -1,11 +1,7 @@
 """Reddit: subreddit `new` listings and searches, paged with the `after` token.
 
-Options: `subreddits` (list, without `r/`), `queries` (searched within each subreddit, or
-site-wide when no subreddits are given), `user_agent` (Reddit asks for a descriptive one:
-`<platform>:<app id>:<version> (by /u/<user>)`; default: `network.user_agent`),
-`client_id_env` + `client_secret_env` (NAMES of env vars; when set, the OAuth client
-credentials grant is used against `auth_url` and requests go to `oauth_base_url`),
-`base_url` (default https://www.reddit.com), `limit` (default 100).
+Options: `options.py` (Reddit asks for a descriptive `user_agent`:
+`<platform>:<app id>:<version> (by /u/<user>)`; default: `network.user_agent`).
 Listings are newest first; a walk stops at the first post older than the window start.
 Images come from galleries (`media_metadata`), image links (`url`) or `preview`.
 OAuth tokens live `expires_in` seconds (a day at Reddit): a new one is fetched before that
@@ -18,36 +14,42 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from pipeline.errors import ConfigError
-from pipeline.ingest.connectors.base import Connector, Step, Stream, env_secret, option_list
 from pipeline.ingest.http import FeedError, safe_url
-from pipeline.ingest.normalize import Normalizer, Reject, parse_time
 from pipeline.records import Post
+from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.sources.connector import Connector, Step, Stream, env_secret
+from pipeline.sources.parsing import Normalizer, Reject, parse_time
+from pipeline.sources.reddit.options import RedditOptions
+from pipeline.sources.reddit.parse import parse_child
 
 
 class RedditConnector(Connector):
     kind = "reddit"
     platform = "reddit"
 
-    def __init__(self, source, network, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(source, network, **kwargs)
-        self.subreddits = [s.removeprefix("r/").strip("/") for s in option_list(source, "subreddits")]
-        self.queries = option_list(source, "queries")
-        if not self.subreddits and not self.queries:
-            raise ConfigError(f"source {source.name!r}: give `subreddits` and/or `queries`")
-        self.limit = int(source.get("limit", 100))
+    options: RedditOptions
+
+    def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(source, network, sleep=sleep)
+        opts = self.options
+        opts.check(source.name)
+        self.subreddits = [s.removeprefix("r/").strip("/") for s in opts.subreddits]
+        self.queries = list(opts.queries)
+        self.limit = opts.limit
         self._client_id = env_secret(source, "client_id_env")
         self._client_secret = env_secret(source, "client_secret_env")
         if bool(self._client_id) != bool(self._client_secret):
             raise ConfigError(f"source {source.name!r}: OAuth needs both `client_id_env` and `client_secret_env`")
         if self._client_id:
-            self.base_url = str(source.get("oauth_base_url", "https://oauth.reddit.com")).rstrip("/")
+            self.base_url = opts.oauth_base_url.rstrip("/")
         else:
-            self.base_url = str(source.get("base_url", "https://www.reddit.com")).rstrip("/")
-        self.auth_url = str(source.get("auth_url", "https://www.reddit.com/api/v1/access_token"))
+            self.base_url = opts.base_url.rstrip("/")
+        self.auth_url = opts.auth_url
         self._token: str | None = None
         self._renew_at = 0.0  # monotonic time after which the token is renewed before use
 
@@ -150,4 +152,4 @@ class RedditConnector(Connector):
         return None
 
     def normalize(self, normalizer: Normalizer, record: Any) -> Post:
-        return normalizer.reddit(record, self.platform)
+        return parse_child(normalizer, record, self.platform)

@@ -1,11 +1,7 @@
 """Mastodon and servers with the same API (GoToSocial, Akkoma/Pleroma, ...): hashtag timelines
 and, optionally, account statuses.
 
-Options: `base_url` (the instance, required), `hashtags` (list, without '#'), `accounts`
-(list of account ids or `user@instance` names, looked up via `/api/v1/accounts/lookup`),
-`token_env` (NAME of the env var with an access token; public timelines need none),
-`limit` (page size, default 40), `id_mode` (auto | snowflake | time, default auto; see below),
-`time_slack_s` (default 600: how far a status's `created_at` may run ahead of its id's time).
+Options: `options.py`.
 
 Paging (https://docs.joinmastodon.org/api/guidelines/#pagination): newest first with
 `max_id` ("older than"), the next `max_id` taken from the `Link: <...>; rel="next"` header.
@@ -38,21 +34,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from pipeline.errors import ConfigError
-from pipeline.ingest.connectors.base import Connector, Step, Stream, env_secret, option_list
 from pipeline.ingest.http import FeedError, safe_url
-from pipeline.ingest.normalize import Normalizer, Reject, parse_time
 from pipeline.records import Post
+from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.sources.connector import Connector, Step, Stream, env_secret
+from pipeline.sources.mastodon.options import DEFAULT_SLACK_S, MastodonOptions
+from pipeline.sources.mastodon.parse import parse_status
+from pipeline.sources.parsing import Normalizer, Reject, parse_time
 
 log = logging.getLogger(__name__)
 
 _LINK = re.compile(r"<([^>]*)>([^<]*)")
 _REL = re.compile(r";\s*rel\s*=\s*(?:\"([^\"]*)\"|([^\s;,\"]+))", re.IGNORECASE)
-ID_MODES = ("auto", "snowflake", "time")
-DEFAULT_SLACK_S = 600.0
 SKEW_MS = 60_000  # a local status's id may be stamped a little after its created_at
 
 
@@ -135,24 +132,18 @@ class MastodonConnector(Connector):
     kind = "mastodon"
     platform = "mastodon"
 
-    def __init__(self, source, network, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(source, network, **kwargs)
-        base = source.get("base_url")
-        if not isinstance(base, str) or not base.startswith(("http://", "https://")):
-            raise ConfigError(f"source {source.name!r}: `base_url` must be the instance URL, e.g. https://mastodon.social")
-        self.base_url = base.rstrip("/")
-        self.hashtags = [h.lstrip("#") for h in option_list(source, "hashtags")]
-        self.accounts = option_list(source, "accounts")
-        if not self.hashtags and not self.accounts:
-            raise ConfigError(f"source {source.name!r}: give `hashtags` and/or `accounts` to follow")
-        self.limit = int(source.get("limit", 40))
-        mode = source.get("id_mode")
-        if mode is None:
-            mode = "auto" if source.get("snowflake_ids", True) else "time"
-        if mode not in ID_MODES:
-            raise ConfigError(f"source {source.name!r}: `id_mode` must be one of {', '.join(ID_MODES)}, got {mode!r}")
-        self.id_mode = str(mode)
-        self.slack_s = float(source.get("time_slack_s", DEFAULT_SLACK_S))
+    options: MastodonOptions
+
+    def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(source, network, sleep=sleep)
+        opts = self.options
+        opts.check(source.name)
+        self.base_url = str(opts.base_url).rstrip("/")
+        self.hashtags = [h.lstrip("#") for h in opts.hashtags]
+        self.accounts = list(opts.accounts)
+        self.limit = opts.limit
+        self.id_mode = opts.walk
+        self.slack_s = float(opts.time_slack_s)
         self.modes: dict[str, str] = {}  # stream -> the walk it used (auto: what it detected)
         self._token = env_secret(source, "token_env")
         self._account_ids: dict[str, str] = {}
@@ -267,4 +258,4 @@ class MastodonConnector(Connector):
         return body if isinstance(body, list) else []
 
     def normalize(self, normalizer: Normalizer, record: Any) -> Post:
-        return normalizer.mastodon(record, self.platform)
+        return parse_status(normalizer, record, self.platform)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from pipeline.ingest.connectors.archive import (
+from pipeline.sources.archive.files import (
     ArchiveFileError,
     Limits,
     file_blocks,

@@ -5,13 +5,18 @@ listing child, archive row): whatever JSON a server or an export sends, the resu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ingest.normalize import FUTURE_SLACK, MIN_TIME, Normalizer, Reject
 from pipeline.records import Post
+from pipeline.sources.archive.parse import parse_row
+from pipeline.sources.bluesky.parse import parse_post_view
+from pipeline.sources.mastodon.parse import parse_status
+from pipeline.sources.parsing import FUTURE_SLACK, MIN_TIME, Normalizer, Reject
+from pipeline.sources.reddit.parse import parse_child
 
 NOW = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
@@ -88,22 +93,22 @@ SETTINGS = settings(max_examples=200, deadline=None)
 @SETTINGS
 @given(record=st.one_of(mastodon_statuses, json_values))
 def test_mastodon_never_raises_but_reject(record):
-    outcome(Normalizer("salt", now=NOW).mastodon, record)
+    outcome(functools.partial(parse_status, Normalizer("salt", now=NOW)), record)
 
 
 @SETTINGS
 @given(record=st.one_of(bluesky_views, json_values))
 def test_bluesky_never_raises_but_reject(record):
-    outcome(Normalizer("salt", now=NOW).bluesky, record)
+    outcome(functools.partial(parse_post_view, Normalizer("salt", now=NOW)), record)
 
 
 @SETTINGS
 @given(record=st.one_of(reddit_children, json_values))
 def test_reddit_never_raises_but_reject(record):
-    outcome(Normalizer("salt", now=NOW).reddit, record)
+    outcome(functools.partial(parse_child, Normalizer("salt", now=NOW)), record)
 
 
 @SETTINGS
 @given(record=st.one_of(archive_rows, json_values), html=st.sampled_from(["auto", "always", "never"]))
 def test_archive_rows_never_raise_but_reject(record, html):
-    outcome(Normalizer("salt", now=NOW, html=html).archive, record)
+    outcome(functools.partial(parse_row, Normalizer("salt", now=NOW, html=html)), record)

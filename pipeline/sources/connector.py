@@ -1,6 +1,6 @@
 """What every connector provides, and the pagination loop they share.
 
-A connector turns a half-open window [start, end) into raw pages (`Page`: what was asked,
+A connector (each platform's `pipeline.sources.<platform>.connector`) turns a half-open window [start, end) into raw pages (`Page`: what was asked,
 what came back) and knows how to read records out of a page body and normalise one record.
 Everything else (lake, loader, images, run log) is the job's business, so a connector stays a
 thin, testable adapter over one API.
@@ -17,15 +17,20 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import ConfigError
 from pipeline.ingest.http import FeedError, HttpClient
-from pipeline.ingest.normalize import Normalizer
+from pipeline.objectstore import ObjectStore
+from pipeline.progress import Progress
 from pipeline.records import Post
-from pipeline.settings import NetworkConfig, SourceConfig, environ, str_list
+from pipeline.settings import NetworkConfig, Settings, SourceConfig, environ
+from pipeline.sources.options import SourceOptions
+from pipeline.sources.parsing import Normalizer
+from pipeline.sources.registry import options_of
 
-DEFAULT_MAX_PAGES = 10_000
+if TYPE_CHECKING:
+    from typing import Self
 
 
 @dataclass
@@ -75,12 +80,23 @@ def env_secret(source: SourceConfig, option: str, required: bool = False) -> str
     return value
 
 
-def option_list(source: SourceConfig, key: str) -> list[str]:
-    return list(str_list(source.get(key), f"source {source.name!r}: `{key}`"))
-
-
 def iso_z(when: dt.datetime) -> str:
+    """`when` as the API's UTC ISO text (`2026-10-01T06:00:00Z`)."""
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class DayIndex(Protocol):
+    """Derived state a source needs before its windows (the archive's day index), brought up
+    to date by the ingest job's index step (`pipeline.ingest.jobs.index_step`)."""
+
+    def fingerprint(self, listing: list[tuple[str, str]]) -> str: ...
+
+    def read_manifest(self, store: ObjectStore) -> dict[str, Any] | None: ...
+
+    def build(self, store: ObjectStore, fp: str, listing: list[tuple[str, str]], previous: dict[str, Any] | None,
+              progress: Progress | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]: ...
+
+    def listing(self) -> list[tuple[str, str]]: ...
 
 
 class Connector:
@@ -89,17 +105,29 @@ class Connector:
     kind = "base"
     platform = "base"
     writes_raw = True  # pages go to the lake (the archive connector reads the lake instead)
+    index: DayIndex | None = None  # built by the job's index step before the windows
+    options: SourceOptions
     ties = "incoming"  # two copies with one posted time: the one loaded last wins (`loader` module doc)
 
     def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
         self.source = source
         self.network = network
-        self.max_pages = int(source.get("max_pages", DEFAULT_MAX_PAGES))
+        self.options = options_of(source)
+        self.max_pages = self.options.max_pages
         self._sleep = sleep
         self._client: HttpClient | None = None
         # True once `prepare(force=True)` (or a first build) refreshed derived state in this
         # run: later forced windows served by this connector reuse it instead of redoing it.
         self.refreshed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, source: SourceConfig, *, sleep: Callable[[float], None] | None = None) -> Self:
+        """The connector of `source` as the settings configure it (the registry's factory calls this)."""
+        return cls(source, settings.network, sleep=sleep)
+
+    def use_index(self, store: ObjectStore, manifest: dict[str, Any]) -> None:
+        """The index the windows read, from the job's index step (only sources with an `index`)."""
+        raise NotImplementedError
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -111,10 +139,10 @@ class Connector:
                 kwargs["sleep"] = self._sleep
             self._client = HttpClient(
                 self.network,
-                backoff_s=float(self.source.get("backoff_s", 1.0)),
-                max_wait_s=float(self.source.get("max_wait_s", 900.0)),
-                timeout_s=self.source.get("timeout_s"),
-                user_agent=self.source.get("user_agent"),
+                backoff_s=float(self.options.backoff_s),
+                max_wait_s=float(self.options.max_wait_s),
+                timeout_s=self.options.timeout_s,
+                user_agent=self.options.user_agent,
                 **kwargs,
             )
         return self._client
@@ -187,7 +215,3 @@ class Connector:
     def image_bytes(self, url: str) -> bytes | None:
         """Bytes of an image this source serves itself (synthetic); None = fetch over HTTP."""
         return None
-
-    def prepare(self, ctx: Any, counts: dict[str, Any], *, force: bool = False, progress: bool = False) -> None:
-        """Work before fetching (the archive builds its day index here). `force`: redo it even
-        if it looks current (once per connector); `progress`: a progress bar on a terminal."""

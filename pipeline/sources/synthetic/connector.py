@@ -1,7 +1,6 @@
 """The synthetic demo source: `pipeline.synthetic.generate_dataset` as a feed like the others.
 
-Options: `seed` (default 7), `days` (default 30), `start` (first day, ISO date), `platform`
-(ignored: records carry `platform: synthetic`). Records are in the archive shape and are
+Options: `options.py` (a `platform` option is ignored: records carry `platform: synthetic`). Records are in the archive shape and are
 normalised by the same rules; images (`synthetic://...` URLs) come from the dataset's
 `image_bytes`, never from the network. One window = one page in the raw lake.
 """
@@ -10,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from pipeline.errors import ConfigError
-from pipeline.ingest.connectors.base import Connector, Page
-from pipeline.ingest.normalize import Normalizer
 from pipeline.records import Post
+from pipeline.settings import NetworkConfig, SourceConfig
+from pipeline.sources.archive.parse import parse_row
+from pipeline.sources.connector import Connector, Page
+from pipeline.sources.parsing import Normalizer
+from pipeline.sources.synthetic.options import SyntheticOptions
 
 _CACHE: dict[tuple[int, int, dt.date], Any] = {}
 _LOCK = threading.Lock()
@@ -37,20 +39,17 @@ class SyntheticConnector(Connector):
     kind = "synthetic"
     platform = "synthetic"
 
-    def __init__(self, source, network, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(source, network, **kwargs)
-        try:
-            self.seed = int(source.get("seed", 7))
-            self.days = int(source.get("days", 30))
-            self.start = dt.date.fromisoformat(str(source.get("start", "2026-10-01")))
-        except (TypeError, ValueError):
-            raise ConfigError(f"source {source.name!r}: `seed`/`days` must be integers and `start` an ISO date") from None
+    options: SyntheticOptions
+
+    def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
+        super().__init__(source, network, sleep=sleep)
+        self.seed, self.days, self.start = self.options.seed, self.options.days, self.options.first_day
 
     @property
     def dataset(self) -> Any:
         return dataset_for(self.seed, self.days, self.start)
 
-    def pages(self, start: dt.datetime, end: dt.datetime, resume: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    def pages(self, start: dt.datetime, end: dt.datetime, resume: dict[str, Any] | None = None) -> Iterator[Page]:
         posts = self.dataset.posts_between(start, end)
         body = {"posts": posts}
         yield Page(
@@ -64,7 +63,7 @@ class SyntheticConnector(Connector):
         return body.get("posts", []) if isinstance(body, dict) else []
 
     def normalize(self, normalizer: Normalizer, record: Any) -> Post:
-        return normalizer.archive(record)
+        return parse_row(normalizer, record)
 
     def image_bytes(self, url: str) -> bytes | None:
         if not url.startswith("synthetic://"):

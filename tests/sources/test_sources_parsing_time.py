@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ingest.normalize import MIN_TIME, Reject, check_time, parse_time
+from pipeline.sources.parsing import MIN_TIME, Reject, check_time, parse_time
 
 NOW = dt.datetime(2026, 10, 2, 12, tzinfo=dt.UTC)
 offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: dt.timezone(dt.timedelta(minutes=m)))

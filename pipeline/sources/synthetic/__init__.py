@@ -1,0 +1,13 @@
+"""The synthetic demo source: `pipeline.synthetic`'s generated dataset as a feed.
+
+`connector.py` serves the windows, `options.py` holds the typed options (records are archive rows).
+"""
+
+from __future__ import annotations
+
+from pipeline.sources.synthetic.options import SyntheticOptions as OPTIONS
+
+CONNECTOR = "pipeline.sources.synthetic.connector:SyntheticConnector"
+SUMMARY = "the demo's generated feed"
+
+__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]

@@ -1,0 +1,53 @@
+"""The source registry: one table for settings validation, the connector factory and README."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.settings import SOURCE_KINDS, NetworkConfig, SourceConfig, load_settings
+from pipeline.sources import registry
+from pipeline.sources.options import SourceOptions
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_options_table_is_the_registry_s():
+    table = registry.options_table()
+    assert table in README.read_text(encoding="utf-8"), (
+        "README's source options table differs from pipeline.sources.registry.options_table(); paste its output")
+    for kind in registry.KINDS:
+        for f in dataclasses.fields(registry.REGISTRY[kind].options):
+            assert f"`{f.name}`" in table
+
+
+def test_settings_kinds_and_connectors_come_from_the_registry(tmp_path):
+    assert SOURCE_KINDS == registry.KINDS
+    settings = load_settings(env={"BRANDMON_HOME": str(tmp_path)})
+    for kind in registry.KINDS:
+        opts = registry.REGISTRY[kind].options
+        assert issubclass(opts, SourceOptions) and dataclasses.is_dataclass(opts)
+        required = {f.name: "https://x.example" if f.name == "base_url" else ["q"] if f.name == "queries" else str(tmp_path)
+                    for f in dataclasses.fields(opts) if f.metadata.get("required")}
+        extra = {"hashtags": ["acme"]} if kind == "mastodon" else {"subreddits": ["acme"]} if kind == "reddit" else {}
+        conn = registry.make_connector(settings, SourceConfig(name="s", kind=kind, options={**required, **extra}))
+        assert conn.kind == kind and isinstance(conn.options, opts)
+        conn.close()
+
+
+def test_options_are_typed_with_defaults_and_checked_when_read():
+    from pipeline.sources.mastodon.options import MastodonOptions
+
+    opts = MastodonOptions.read(SourceConfig(name="m", kind="mastodon", options={"limit": "5", "hashtags": "acme", "other": 1}))
+    assert (opts.limit, opts.hashtags, opts.max_pages, opts.walk) == (5, ["acme"], 10_000, "auto")
+    with pytest.raises(ConfigError, match=r"sources \(m\): `limit` must be at least 1"):
+        MastodonOptions.read(SourceConfig(name="m", kind="mastodon", options={"limit": 0}))
+    with pytest.raises(ConfigError, match="give `hashtags` and/or `accounts`"):
+        registry.make_connector(load_settings(env={}), SourceConfig(name="m", kind="mastodon", options={"base_url": "https://x.example"}))
+    from pipeline.sources.archive.connector import ArchiveConnector
+
+    conn = ArchiveConnector(SourceConfig(name="a", kind="archive", options={"path": "/x", "max_row_bytes": "7"}), NetworkConfig())
+    assert conn.limits.max_row_bytes == 7 and conn.options.html == "auto"
