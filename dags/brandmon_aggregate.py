@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
-from pipeline import dag_support
+from pipeline import dag_assets, dag_support
 
-DETECTIONS = Asset(dag_support.DETECTIONS)
-BACKLOG = Asset(dag_support.AGGREGATE_BACKLOG)
+DETECTIONS = dag_assets.assets().detections
+BACKLOG = dag_assets.assets().aggregate_backlog
 
 
 DEFAULT_ARGS = dag_support.default_args()
