@@ -59,7 +59,7 @@ def brandmon_aggregate() -> None:
         from pipeline.airflow_support import alert_transport, counts_only, task_context
 
         with task_context() as ctx:
-            return counts_only(aggregate_dirty(ctx, progress=False, alert_transport=alert_transport()))
+            return counts_only(aggregate_dirty(ctx, alert_transport=alert_transport()))
 
     @task
     def report(

@@ -79,6 +79,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     from pipeline.detector.jobs import active_model, detect_pending, train_model
     from pipeline.detector.model import configure_threads, enable_determinism
     from pipeline.ingest.jobs import backfill
+    from pipeline.progress import for_cli
     from pipeline.synthetic import make_training_folders
 
     started = time.monotonic()
@@ -115,7 +116,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     _done(t0, detect_pending(ctx, progress=progress), quiet)
 
     t0 = _step("aggregate: recompute touched days", quiet)
-    _done(t0, aggregate_dirty(ctx, progress=progress), quiet)
+    _done(t0, aggregate_dirty(ctx, progress=for_cli(quiet)), quiet)
 
     t0 = _step("forecast: each brand's expected mentions into demand_signal (v_forecast)", quiet)
     _done(t0, refresh_forecasts(ctx), quiet)
