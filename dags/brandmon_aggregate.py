@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
-from pipeline import dag_support
+from pipeline import dag_assets, dag_support
 
-DETECTIONS = Asset(dag_support.DETECTIONS)
-BACKLOG = Asset(dag_support.AGGREGATE_BACKLOG)
+DETECTIONS = dag_assets.assets().detections
+BACKLOG = dag_assets.assets().aggregate_backlog
 
 
 DEFAULT_ARGS = dag_support.default_args()
@@ -59,7 +59,7 @@ def brandmon_aggregate() -> None:
         from pipeline.airflow_support import alert_transport, counts_only, task_context
 
         with task_context() as ctx:
-            return counts_only(aggregate_dirty(ctx, progress=False, alert_transport=alert_transport()))
+            return counts_only(aggregate_dirty(ctx, alert_transport=alert_transport()))
 
     @task
     def report(

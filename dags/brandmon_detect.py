@@ -39,14 +39,14 @@ import datetime as dt
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
-from pipeline import dag_support
+from pipeline import dag_assets, dag_support
 
-POSTS = Asset(dag_support.POSTS)
-MODEL = Asset(dag_support.MODEL)
-BACKLOG = Asset(dag_support.DETECT_BACKLOG)
-DETECTIONS = Asset(dag_support.DETECTIONS)
+POSTS = dag_assets.assets().posts
+MODEL = dag_assets.assets().model
+BACKLOG = dag_assets.assets().detect_backlog
+DETECTIONS = dag_assets.assets().detections
 
 
 TF_POOL = dag_support.tf_pool()
@@ -85,7 +85,7 @@ def brandmon_detect() -> None:
     )
     def detect(batch_key: str) -> dict[str, int]:
         """Score one batch of pending images with the active model; counts only."""
-        get_current_context()["brandmon_batch"] = dag_support.batch_label(batch_key)  # type: ignore[index]
+        get_current_context()["brandmon_batch"] = dag_assets.batch_label(batch_key)  # type: ignore[index]
         from pipeline.airflow_support import counts_only, task_context
         from pipeline.detector.jobs import detect_pending
 

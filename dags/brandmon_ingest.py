@@ -21,11 +21,11 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from pipeline import dag_support
+from pipeline import dag_assets, dag_support
 
-POSTS = Asset(dag_support.POSTS)
+POSTS = dag_assets.assets().posts
 
 
 SCHEDULE = dag_support.ingest_schedule()

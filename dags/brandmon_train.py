@@ -26,11 +26,11 @@ import datetime as dt
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
-from pipeline import dag_support
+from pipeline import dag_assets, dag_support
 
-MODEL = Asset(dag_support.MODEL)
+MODEL = dag_assets.assets().model
 TF_POOL = dag_support.tf_pool()
 # What the UI form and `airflow dags trigger -c` validate before a run exists; the task
 # checks every option again (pipeline.airflow_support.check_train_options).

@@ -1,14 +1,13 @@
-"""What the brandmon DAG files share at parse time: asset URIs, pool names, the detect batch-key
-format, their environment knobs, retries and the failure callback.
+"""What the brandmon DAG files share at parse time: their environment knobs, the TensorFlow pool
+setting, retries and the failure callback (asset URIs, pool names and the batch-key format are
+in `pipeline.dag_assets`).
 
 Why here, in the installed package, and so light: every Airflow tool must import the DAG files
 as they are (`airflow dags list-import-errors --local`, a plain `DagBag(dag_folder="dags")`,
 the dag-processor, an IDE), and none of them puts the DAGs folder on `sys.path`. So the DAG
 files import this module at top level; it imports the standard library only (and
 `pipeline.errors`, itself standard library only), never the pipeline's settings, SQLAlchemy,
-boto3 or TensorFlow, so parsing stays cheap. Each asset URI is defined once here, for the DAG
-that emits it and the DAG scheduled on it (and for `brandmon model activate`, which emits the
-model event through Airflow's REST API).
+boto3 or TensorFlow, so parsing stays cheap.
 
 Every environment variable a DAG file reads while parsed is read here (the knobs below), and
 everything else the package reads of the environment is read in `pipeline.settings`: those
@@ -23,16 +22,8 @@ import math
 import os
 from typing import Any
 
-from pipeline.errors import BrandmonError
+from pipeline.dag_assets import TF_POOL
 
-# Assets: producer -> consumer.
-POSTS = "brandmon://posts"  # brandmon_ingest -> brandmon_detect
-MODEL = "brandmon://model"  # brandmon_train, `brandmon model activate` -> brandmon_detect
-DETECT_BACKLOG = "brandmon://detect-backlog"  # brandmon_detect -> brandmon_detect
-DETECTIONS = "brandmon://detections"  # brandmon_detect -> brandmon_aggregate
-AGGREGATE_BACKLOG = "brandmon://aggregate-backlog"  # brandmon_aggregate -> brandmon_aggregate
-
-DEFAULT_TF_POOL = "brandmon_tf"
 DEFAULT_INGEST_SCHEDULE = "@daily"
 DEFAULT_INGEST_START = "2026-01-01"
 
@@ -51,31 +42,9 @@ def max_map_length() -> int:
     return int(env_number("AIRFLOW__CORE__MAX_MAP_LENGTH", 1024, minimum=1, maximum=2**31 - 1))
 
 
-class BadBatchKey(BrandmonError):
-    """A detect batch key that `make_batch_key` did not make."""
-
-
 def tf_pool(env: Any = None) -> str:
     """The pool TensorFlow tasks (detect batches, training) run in: BRANDMON_TF_POOL or brandmon_tf."""
-    return (os.environ if env is None else env).get("BRANDMON_TF_POOL") or DEFAULT_TF_POOL
-
-
-def make_batch_key(version: str, lo: str, hi: str) -> str:
-    """`VERSION:FIRST_SHA:LAST_SHA`: one detect batch (an XCom value of ~140 bytes)."""
-    return f"{version}:{lo}:{hi}"
-
-
-def parse_batch_key(key: str) -> tuple[str, str, str]:
-    parts = str(key).split(":")
-    if len(parts) != 3 or not all(parts):
-        raise BadBatchKey(f"bad detect batch key {key!r}; expected VERSION:FIRST_SHA:LAST_SHA from pending_batches")
-    return parts[0], parts[1], parts[2]
-
-
-def batch_label(key: str) -> str:
-    """The mapped task's label in the UI: the batch's first and last sha, shortened."""
-    _version, first, last = (str(key).split(":") + ["", "", ""])[:3]
-    return f"{first[:10]}..{last[:10]}"
+    return (os.environ if env is None else env).get("BRANDMON_TF_POOL") or TF_POOL
 
 
 def env_number(name: str, default: Any, kind: type = int, minimum: float = 0, maximum: float | None = None) -> Any:

@@ -107,7 +107,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     _done(t0, detect_pending(ctx, progress=progress), quiet)
 
     t0 = _step("aggregate: recompute touched days", quiet)
-    _done(t0, aggregate_dirty(ctx, progress=progress), quiet)
+    _done(t0, aggregate_dirty(ctx, progress=for_cli(quiet)), quiet)
 
     t0 = _step("forecast: each brand's expected mentions into demand_signal (v_forecast)", quiet)
     _done(t0, refresh_forecasts(ctx), quiet)

@@ -104,3 +104,43 @@ def test_migration_0005_gives_old_quarantine_rows_their_window_end_and_downgrade
         command.downgrade(_alembic_config(conn), "0004")
     assert current_revision(ctx.engine) == "0004"
     assert upgrade(ctx.engine) == head_revision()
+
+
+def _view_columns(conn, select_sql: str) -> list[str]:
+    from sqlalchemy import text
+
+    return list(conn.execute(text(f"SELECT * FROM ({select_sql}) AS q LIMIT 0")).keys())
+
+
+def test_a_fresh_upgrade_uses_the_migrations_frozen_views_not_the_live_ones(make_ctx, backend: str, monkeypatch) -> None:
+    """From zero to head with the code's views broken: the migrations hold their own copies
+    (0002, 0004, 0007), so a later change of `pipeline.aggregate.views` cannot break
+    `db upgrade` on a fresh database. At head the views are the code's (same columns)."""
+    import ast
+    from pathlib import Path
+
+    from alembic import command
+
+    from pipeline.aggregate import views as live
+    from pipeline.database import _alembic_config
+
+    versions = Path(__file__).resolve().parents[1] / "pipeline" / "migrations" / "versions"
+    for path in sorted(versions.glob("0*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+                assert node.module == "pipeline.schema", f"{path.name} imports {node.module}"
+
+    ctx = make_ctx(backend=backend)
+    with ctx.engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "base")
+    assert current_revision(ctx.engine) is None
+    broken = "\nSELECT no_such_column FROM no_such_table"
+    monkeypatch.setattr(live, "VIEWS", {name: broken for name in live.VIEWS})
+    monkeypatch.setattr(live, "TABLE_VIEWS", {name: (t, broken) for name, (t, _b) in live.TABLE_VIEWS.items()})
+    monkeypatch.setattr(live, "create_views", lambda *a, **k: pytest.fail("a migration ran the live views"))
+    assert upgrade(ctx.engine) == head_revision()
+    monkeypatch.undo()
+    code_views = {**live.VIEWS, **{name: body for name, (_t, body) in live.TABLE_VIEWS.items()}}
+    with ctx.engine.connect() as conn:
+        for name, body in code_views.items():
+            assert _view_columns(conn, f"SELECT * FROM {name}") == _view_columns(conn, body), name

@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 
 from pipeline.aggregate.daily import SOURCES
 from pipeline.errors import BrandmonError
@@ -20,9 +21,19 @@ def _date(value: str) -> dt.date:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _write_plot(draw: Callable[[str], None], path: str) -> None:
+    """Draw a PNG to `path` with `draw(path)`; an unwritable path is one line, not a traceback."""
+    try:
+        draw(path)
+    except OSError as exc:
+        raise BrandmonError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     from pipeline.aggregate.jobs import aggregate_dirty, aggregate_range
     from pipeline.context import open_context
+    from pipeline.progress import for_cli
 
     if (args.start is None) != (args.end is None):
         raise BrandmonError("give both --start and --end (or neither, to recompute the dirty days)")
@@ -33,9 +44,9 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     ctx = open_context()
     try:
         if args.start is None:
-            result = aggregate_dirty(ctx, progress=not args.quiet, allow_empty_catalogue=args.allow_empty_catalogue)
+            result = aggregate_dirty(ctx, progress=for_cli(args.quiet), allow_empty_catalogue=args.allow_empty_catalogue)
         else:
-            result = aggregate_range(ctx, args.start, args.end, progress=not args.quiet,
+            result = aggregate_range(ctx, args.start, args.end, progress=for_cli(args.quiet),
                                      allow_empty_catalogue=args.allow_empty_catalogue)
         if not args.no_forecast:
             result["forecast"] = refresh_forecasts(ctx)
@@ -73,11 +84,7 @@ def cmd_trends(args: argparse.Namespace) -> int:
     if args.plot:
         title = f"{args.brand}" + (f" / {args.product}" if args.product != "*" else "") + \
             (f" on {args.platform}" if args.platform != "*" else "") + f" ({args.source})"
-        try:
-            plot_series(series, args.plot, title)
-        except OSError as exc:
-            raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
-        print(f"plot written to {args.plot}", file=sys.stderr)
+        _write_plot(lambda path: plot_series(series, path, title), args.plot)
     print(format_series(series, args.format))
     return 0
 
@@ -106,11 +113,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         fc = make_forecast(ctx, args.brand, args.product, args.platform, args.horizon, args.end)
         if args.plot:
             rows = history(ctx, fc.brand, fc.product, fc.platform, args.end)[2]
-            try:
-                plot_forecast(fc, rows, args.plot)
-            except OSError as exc:
-                raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
-            print(f"plot written to {args.plot}", file=sys.stderr)
+            _write_plot(lambda path: plot_forecast(fc, rows, path), args.plot)
     finally:
         ctx.close()
     print(json.dumps(fc.as_json(), indent=2) if args.json else format_forecast(fc))
@@ -137,11 +140,7 @@ def cmd_demand(args: argparse.Namespace) -> int:
         ctx.close()
     res = analyse(mentions, sales, brand, value, max_lag=args.max_lag)
     if args.plot:
-        try:
-            plot_leadlag(mentions, sales, res, args.plot)
-        except OSError as exc:
-            raise BrandmonError(f"cannot write the plot to {args.plot}: {exc.strerror or exc}") from None
-        print(f"plot written to {args.plot}", file=sys.stderr)
+        _write_plot(lambda path: plot_leadlag(mentions, sales, res, path), args.plot)
     if args.json:
         from dataclasses import asdict
 
@@ -170,7 +169,14 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def _brand_options(parser: argparse.ArgumentParser, platform_help: str = "e.g. mastodon (default: all)") -> None:
+    """--brand, --product, --platform: which series a command reads."""
+    parser.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
+    parser.add_argument("--product", default="*", help="one of the brand's products (default: all)")
+    parser.add_argument("--platform", default="*", help=platform_help)
+
+
+def _add_aggregate(subparsers) -> None:
     agg = subparsers.add_parser(
         "aggregate",
         help="recompute daily mention aggregates (default: the days touched since the last run)",
@@ -191,14 +197,14 @@ def register(subparsers) -> None:
                           "daily counts) the database holds; without BRANDMON_CONFIG the stored catalogue is used")
     agg.set_defaults(func=cmd_aggregate)
 
+
+def _add_trends_and_report(subparsers) -> None:
     tr = subparsers.add_parser(
         "trends",
         help="daily mention series of a brand with rolling means, spikes, share of voice",
         description="Print (or plot) the daily series of one brand from mention_daily.",
     )
-    tr.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
-    tr.add_argument("--product", default="*", help="one of the brand's products (default: all)")
-    tr.add_argument("--platform", default="*", help="e.g. mastodon, bluesky, reddit (default: all)")
+    _brand_options(tr, "e.g. mastodon, bluesky, reddit (default: all)")
     tr.add_argument("--source", default="any", choices=SOURCES,
                     help="text, image, both (text and image) or any (default)")
     tr.add_argument("--start", type=_date, required=True, help="first UTC day (YYYY-MM-DD)")
@@ -214,6 +220,8 @@ def register(subparsers) -> None:
     rp.add_argument("--date", type=_date, required=True, help="UTC day (YYYY-MM-DD)")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_evidence(subparsers) -> None:
     ev = subparsers.add_parser(
         "evidence",
         help="export the photos behind a brand's image mentions of a day (images + evidence.csv)",
@@ -230,6 +238,8 @@ def register(subparsers) -> None:
     ev.add_argument("--top", type=int, default=50, help="at most this many counted and review images (default 50)")
     ev.set_defaults(func=cmd_evidence)
 
+
+def _add_forecast(subparsers) -> None:
     fc = subparsers.add_parser(
         "forecast",
         help="expected daily mentions ahead with 95%% prediction intervals, backtested against seasonal naive",
@@ -239,15 +249,15 @@ def register(subparsers) -> None:
             "MAE and MASE against the seasonal-naive forecast. Histories under three weeks are not forecast."
         ),
     )
-    fc.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
-    fc.add_argument("--product", default="*", help="one of the brand's products (default: all)")
-    fc.add_argument("--platform", default="*", help="e.g. mastodon (default: all)")
+    _brand_options(fc)
     fc.add_argument("--horizon", type=int, default=28, help="days ahead (default 28)")
     fc.add_argument("--end", type=_date, help="last day of history to use (default: the last aggregated day)")
     fc.add_argument("--json", action="store_true", help="print the forecast as JSON")
     fc.add_argument("--plot", metavar="FILE.png", help="also draw history, forecast and interval to a PNG")
     fc.set_defaults(func=cmd_forecast)
 
+
+def _add_demand(subparsers) -> None:
     dm = subparsers.add_parser(
         "demand",
         help="do mentions lead sales? cross-correlation at lags 0-42, best lead, lagged regression",
@@ -259,9 +269,7 @@ def register(subparsers) -> None:
             "a naive forecast."
         ),
     )
-    dm.add_argument("--brand", required=True, help="brand name from the catalogue (case-insensitive)")
-    dm.add_argument("--product", default="*", help="one of the brand's products (default: all)")
-    dm.add_argument("--platform", default="*", help="e.g. mastodon (default: all)")
+    _brand_options(dm)
     dm.add_argument("--sales", metavar="FILE.csv", help="CSV: date,units (or date,revenue), one row per day")
     dm.add_argument("--sales-table", metavar="NAME", help="a table in the same database with those columns")
     dm.add_argument("--column", choices=("units", "revenue"), help="value column when both are present (default units)")
@@ -269,3 +277,9 @@ def register(subparsers) -> None:
     dm.add_argument("--plot", metavar="FILE.png", help="plot both series aligned at the best lead")
     dm.add_argument("--json", action="store_true", help="print the result as JSON")
     dm.set_defaults(func=cmd_demand)
+
+
+def register(subparsers) -> None:
+    """The aggregate commands, in the order `brandmon --help` lists them."""
+    for add in (_add_aggregate, _add_trends_and_report, _add_evidence, _add_forecast, _add_demand):
+        add(subparsers)

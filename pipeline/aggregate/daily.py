@@ -91,12 +91,10 @@ def _grid_ctes(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    grid, params = _grid_ctes(platforms)
-    factor = "CAST(:factor AS DOUBLE PRECISION)"
-    changed = " OR ".join(f"mention_daily.{c} IS DISTINCT FROM excluded.{c}" for c in COUNT_COLUMNS)
-    sql = f"""
-    WITH
+# Which brand (and product) each post of the day mentions, by text and by image: one row per
+# post x brand x product ('*' for the brand), with has_text, has_image and the images new
+# that day (an image posted earlier by another post is a re-post, not a new image).
+_MENTIONS_CTES = """
     day_posts AS MATERIALIZED (
         SELECT id, platform, author_hash, posted_at, repost_of FROM posts
         WHERE posted_at >= :start AND posted_at < :end
@@ -150,7 +148,11 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
         UNION ALL
         SELECT pl.post_id, pl.brand, pl.product, pl.has_text, bl.has_image, bl.new_images
         FROM product_level pl JOIN brand_level bl ON bl.post_id = pl.post_id AND bl.brand = pl.brand
-    ),
+    )"""
+
+# The mentions counted per brand x product x platform x source, with the '*' platform and the
+# 'any' source rolled up.
+_COUNTS_CTES = """
     m AS (
         SELECT mn.brand, mn.product, dp.platform, dp.author_hash, mn.new_images,
                CASE WHEN mn.has_text = 1 AND mn.has_image = 1 THEN 'both'
@@ -171,7 +173,17 @@ def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
                COUNT(DISTINCT author_hash) AS unique_authors, SUM(is_repost) AS reposts,
                SUM(CASE WHEN src = 'image' THEN 1 ELSE 0 END) AS image_posts
         FROM expanded GROUP BY brand, product, platform, source
-    ),{grid}
+    )"""
+
+
+def _counts_sql(platforms: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The day's counts upserted over the full grid (zeros included); rows whose counts are
+    unchanged are not written (their computed_at stays)."""
+    grid, params = _grid_ctes(platforms)
+    factor = "CAST(:factor AS DOUBLE PRECISION)"
+    changed = " OR ".join(f"mention_daily.{c} IS DISTINCT FROM excluded.{c}" for c in COUNT_COLUMNS)
+    sql = f"""
+    WITH{_MENTIONS_CTES},{_COUNTS_CTES},{grid}
     INSERT INTO mention_daily (day, brand, product, platform, source, posts, images, unique_authors,
                                reposts, expected_mentions, model_version, spike, computed_at)
     SELECT :day, g.brand, g.product, g.platform, g.source,

@@ -256,30 +256,23 @@ def _mathtext_safe(text: str) -> str:
 
 def plot_leadlag(mentions: dict[dt.date, float], sales: dict[dt.date, float], res: LeadLag, path: str | Path) -> None:
     """Both series on one time axis, mentions shifted forward by the best lead (two y axes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from pipeline.aggregate.plots import LINE_COLOR, png_axes
 
     lag = dt.timedelta(days=res.best_lag)
     mentions = {d: v for d, v in mentions.items() if res.first_day <= d <= res.last_day}  # the analysed days
     sales = {d: v for d, v in sales.items() if res.first_day <= d <= res.last_day}
-    fig = Figure(figsize=(9, 3.4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    md = sorted(mentions)
-    ax.plot([d + lag for d in md], [mentions[d] for d in md], color="#1f4e8c", lw=1.8,
-            label=_mathtext_safe(f"{res.brand} mentions, shifted {res.best_lag} days later"))
-    ax.set_ylabel("posts", color="#1f4e8c")
-    ax2 = ax.twinx()
-    sd = sorted(sales)
-    ax2.plot(sd, [sales[d] for d in sd], color="#d95f02", lw=1.8, label=_mathtext_safe(res.value_name))
-    ax2.set_ylabel(_mathtext_safe(res.value_name), color="#d95f02")
-    ax.set_title(_mathtext_safe(f"{res.brand}: mentions lead {res.value_name} by {res.best_lag} days "
-                                f"(r = {res.best_r:.2f}, p = {res.p_value:.3f})"), fontsize=11)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with png_axes(path, height=3.4) as ax:
+        md = sorted(mentions)
+        ax.plot([d + lag for d in md], [mentions[d] for d in md], color=LINE_COLOR, lw=1.8,
+                label=_mathtext_safe(f"{res.brand} mentions, shifted {res.best_lag} days later"))
+        ax.set_ylabel("posts", color=LINE_COLOR)
+        ax2 = ax.twinx()
+        sd = sorted(sales)
+        ax2.plot(sd, [sales[d] for d in sd], color="#d95f02", lw=1.8, label=_mathtext_safe(res.value_name))
+        ax2.set_ylabel(_mathtext_safe(res.value_name), color="#d95f02")
+        ax.set_title(_mathtext_safe(f"{res.brand}: mentions lead {res.value_name} by {res.best_lag} days "
+                                    f"(r = {res.best_r:.2f}, p = {res.p_value:.3f})"), fontsize=11)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, frameon=False)
+        ax.grid(axis="y", alpha=0.3)

@@ -345,24 +345,12 @@ def refresh_forecasts(ctx: Context, horizon: int = DEFAULT_HORIZON) -> dict[str,
 
 def plot_forecast(fc: Forecast, history_rows: list[dict[str, Any]], path: Any) -> None:
     """History (bars), forecast (line) and its 95% interval (band) in one PNG."""
-    import matplotlib
+    from pipeline.aggregate.plots import LINE_COLOR, posts_chart
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.2), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar([r["day"] for r in history_rows], [r["posts"] for r in history_rows], color="#9fb7d9", width=0.8,
-           label="posts")
-    if fc.status == "ok":
-        ax.fill_between(fc.days, fc.lower, fc.upper, color="#1f4e8c", alpha=0.18, label="95% interval")
-        ax.plot(fc.days, fc.expected, color="#1f4e8c", lw=2, label="forecast")
     bt = fc.backtest
     note = (f" (backtest MASE {bt['mase']} vs seasonal naive {bt['baseline_mase']})" if bt.get("origins") else "")
-    ax.set_title(f"{fc.brand}: expected posts per day{note}", fontsize=11, parse_math=False)
-    ax.set_ylabel("posts")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    days, posts = [r["day"] for r in history_rows], [r["posts"] for r in history_rows]
+    with posts_chart(path, days, posts, f"{fc.brand}: expected posts per day{note}") as ax:
+        if fc.status == "ok":
+            ax.fill_between(fc.days, fc.lower, fc.upper, color=LINE_COLOR, alpha=0.18, label="95% interval")
+            ax.plot(fc.days, fc.expected, color=LINE_COLOR, lw=2, label="forecast")

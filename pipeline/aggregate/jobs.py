@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select
-from tqdm import tqdm
 
 from pipeline.aggregate.catalogue import (
     catalogue_changed,
@@ -52,6 +51,7 @@ from pipeline.context import Context
 from pipeline.dates import BadDate, check_day, check_span
 from pipeline.dirty import mark_days, mark_days_of_model
 from pipeline.errors import BrandmonError
+from pipeline.progress import Progress, of
 from pipeline.runlog import recorded_run, window_lock
 from pipeline.schema import dirty_days, mention_daily, runs, utcnow
 
@@ -117,12 +117,8 @@ def _prepare(ctx: Context, allow_empty_catalogue: bool = False) -> _Prepared:
                      unmatched, marked)
 
 
-def _bar(total: int, progress: bool, desc: str):
-    # disable=None: tqdm turns itself off when stderr is not a terminal.
-    return tqdm(total=total, desc=desc, unit="day", disable=None if progress else True, leave=False)
-
-
-def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: bool) -> tuple[dict[str, Any], list[dt.date]]:
+def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date],
+              progress: Progress) -> tuple[dict[str, Any], list[dt.date]]:
     """Recompute the days (and the days late images pull in), then refresh their followers'
     signals; returns the totals and every day whose signals were computed."""
     queue = sorted(set(days))
@@ -131,7 +127,7 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
     totals = {"days": 0, "posts_matched": 0, "mentions_rewritten": 0, "rows_changed": 0,
               "signals_changed": 0, "followers": 0, "late_image_days": 0}
     changed_days: list[dt.date] = []
-    bar = _bar(len(queue), progress, "aggregate")
+    tracker = progress(len(queue), "aggregate", "day")
     while queue:
         day = heapq.heappop(queue)
         if day in done:
@@ -149,21 +145,23 @@ def _run_days(ctx: Context, prep: _Prepared, days: Iterable[dt.date], progress: 
         for d in later:
             heapq.heappush(queue, d)
         totals["late_image_days"] += len(later)
-        bar.total = len(done) + 1 + len(queue)
-        bar.update(1)
+        tracker.update(1)
+        if later:
+            tracker.note(late_image_days=totals["late_image_days"])  # beyond the first total
         done.add(day)
         totals["days"] += 1
         totals["rows_changed"] += res["counts_changed"] + res["stale_deleted"]
         totals["signals_changed"] += res["signals_changed"]
         if res["counts_changed"] or res["stale_deleted"]:
             changed_days.append(day)
-    bar.close()
+    tracker.close()
     followers = _followers(ctx, changed_days, done)
-    with _bar(len(followers), progress, "signals") as bar:
-        for day in followers:
-            with ctx.engine.begin() as conn:
-                totals["signals_changed"] += update_signals(conn, day, utcnow())
-            bar.update(1)
+    tracker = progress(len(followers), "signals", "day")
+    for day in followers:
+        with ctx.engine.begin() as conn:
+            totals["signals_changed"] += update_signals(conn, day, utcnow())
+        tracker.update(1)
+    tracker.close()
     totals["followers"] = len(followers)
     return totals, sorted(done | set(followers))
 
@@ -195,7 +193,7 @@ def _result(prep: _Prepared, totals: dict[str, Any]) -> dict[str, Any]:
             "unmatched_classes": len(prep.unmatched_classes), "model_change_days": prep.model_change_days}
 
 
-def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: PlainTransport | None = None,
+def aggregate_dirty(ctx: Context, *, progress: Progress | None = None, alert_transport: PlainTransport | None = None,
                     allow_empty_catalogue: bool = False) -> dict:
     """Recompute exactly the days in `dirty_days` (and the signals that depend on them), then
     send the alerts those days raise (see pipeline.alerts.jobs; never fails the run)."""
@@ -203,7 +201,7 @@ def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: Pl
         prep = _prepare(ctx, allow_empty_catalogue)
         with ctx.engine.connect() as conn:
             days = [d for (d,) in conn.execute(select(dirty_days.c.day).order_by(dirty_days.c.day))]
-        totals, touched = _run_days(ctx, prep, days, progress)
+        totals, touched = _run_days(ctx, prep, days, of(progress))
         counts.update(_result(prep, totals))
         counts.update(dispatch_alerts(ctx, touched, transport=alert_transport))
         if days:
@@ -211,7 +209,7 @@ def aggregate_dirty(ctx: Context, *, progress: bool = False, alert_transport: Pl
         return dict(counts)
 
 
-def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: bool = False,
+def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: Progress | None = None,
                     alert_transport: PlainTransport | None = None, allow_empty_catalogue: bool = False) -> dict:
     """Recompute every day from `start` to `end` inclusive, dirty or not, then send the alerts
     they raise that were not sent before."""
@@ -231,7 +229,7 @@ def aggregate_range(ctx: Context, start: dt.date, end: dt.date, *, progress: boo
         recorded_run(ctx.engine, "aggregate", "range", w_start, w_end) as counts,
     ):
         prep = _prepare(ctx, allow_empty_catalogue)
-        totals, touched = _run_days(ctx, prep, days, progress)
+        totals, touched = _run_days(ctx, prep, days, of(progress))
         counts.update(_result(prep, totals))
         counts.update(dispatch_alerts(ctx, touched, transport=alert_transport))
         return dict(counts)

@@ -121,19 +121,37 @@ def gallery_html(ctx: Context, day: dt.date, brands: list[str]) -> str:
         f"<code>brandmon evidence --brand B --date {day.isoformat()}</code>.</p>")
 
 
-def render_report(ctx: Context, day: dt.date) -> str:
-    """The report's HTML text."""
-    try:
-        check_day(day)
-    except BadDate as exc:
-        raise BrandmonError(f"report day: {exc}") from None
-    start = max(day - dt.timedelta(days=WINDOW_DAYS - 1), MIN_DAY)
+STYLE = """body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 960px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+.note { color: #666; font-size: 0.9em; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.grid figure { margin: 0; width: 200px; font-size: 0.85em; }
+.frame { position: relative; display: inline-block; line-height: 0; }
+.frame img.thumb { width: 200px; height: auto; display: block; }
+.frame svg.box { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
+.frame svg.box rect { fill: none; stroke: #e41a1c; stroke-width: 3; }
+figure.review .frame { outline: 2px dashed #e6a000; }
+.missing { width: 200px; height: 120px; background: #eee; display: flex; align-items: center;
+  justify-content: center; text-align: center; padding: 0 12px; box-sizing: border-box; color: #666; }
+"""
+
+
+def _report_brands(ctx: Context) -> list[str]:
+    """The configured brands; without BRANDMON_CONFIG, the stored catalogue's."""
     brands = [b.name for b in ctx.settings.brands]
-    if not brands and ctx.settings.config_path is None:  # no BRANDMON_CONFIG: the stored catalogue
+    if not brands and ctx.settings.config_path is None:
         from pipeline.aggregate.catalogue import stored_catalogue
 
         with ctx.engine.connect() as conn:
             brands = [b.name for b in stored_catalogue(conn)]
+    return brands
+
+
+def _brand_sections(ctx: Context, brands: list[str], start: dt.date, day: dt.date) -> tuple[str, str]:
+    """Each brand's summary-table row and its daily-posts chart (HTML)."""
     esc = html.escape
     summary_rows, charts = [], []
     for b in brands:
@@ -150,41 +168,43 @@ def render_report(ctx: Context, day: dt.date) -> str:
             f"<figure><img alt='daily posts mentioning {esc(b)}' src='data:image/png;base64,"
             f"{_png(series, f'{b}: posts per day (any source, all platforms)')}'/></figure>"
         )
-    spikes = top_spikes(ctx, start, day)
-    spike_rows = "".join(
+    return "".join(summary_rows), "".join(charts)
+
+
+def _spike_rows(ctx: Context, start: dt.date, day: dt.date) -> str:
+    """The top spikes of the window as table rows (HTML)."""
+    esc = html.escape
+    return "".join(
         f"<tr><td>{s['day'].isoformat()}</td><td>{esc(s['brand'])}</td><td>{esc(s['product'])}</td>"
         f"<td>{esc(s['platform'])}</td><td>{esc(s['source'])}</td><td>{s['posts']}</td>"
         f"<td>{_num(s['baseline'])}</td><td>{_num(s['zscore'], 2)}</td></tr>"
-        for s in spikes
+        for s in top_spikes(ctx, start, day)
     ) or "<tr><td colspan='8'>no spikes in these weeks</td></tr>"
+
+
+def render_report(ctx: Context, day: dt.date) -> str:
+    """The report's HTML text."""
+    try:
+        check_day(day)
+    except BadDate as exc:
+        raise BrandmonError(f"report day: {exc}") from None
+    start = max(day - dt.timedelta(days=WINDOW_DAYS - 1), MIN_DAY)
+    brands = _report_brands(ctx)
+    summary_rows, charts = _brand_sections(ctx, brands, start, day)
+    spike_rows = _spike_rows(ctx, start, day)
     no_brands = "" if brands else "<p>The catalogue has no brands (add them under <code>brands:</code>).</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>brandmon report {day.isoformat()}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 960px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
-.note {{ color: #666; font-size: 0.9em; }}
-.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
-.grid figure {{ margin: 0; width: 200px; font-size: 0.85em; }}
-.frame {{ position: relative; display: inline-block; line-height: 0; }}
-.frame img.thumb {{ width: 200px; height: auto; display: block; }}
-.frame svg.box {{ position: absolute; left: 0; top: 0; width: 100%; height: 100%; }}
-.frame svg.box rect {{ fill: none; stroke: #e41a1c; stroke-width: 3; }}
-figure.review .frame {{ outline: 2px dashed #e6a000; }}
-.missing {{ width: 200px; height: 120px; background: #eee; display: flex; align-items: center;
-  justify-content: center; text-align: center; padding: 0 12px; box-sizing: border-box; color: #666; }}
-</style></head><body>
+{STYLE}</style></head><body>
 <h1>Brand mentions on {day.isoformat()} (UTC)</h1>
 {no_brands}
 <h2>Share of voice and signals</h2>
 <table>
 <tr><th>brand</th><th>posts</th><th>expected</th><th>share of voice</th><th>7-day mean</th>
 <th>week over week</th><th>z-score</th><th></th><th>posts, last 7 days</th></tr>
-{"".join(summary_rows)}
+{summary_rows}
 </table>
 <p class="note">Posts mentioning the brand in text or image, all platforms. Expected: image
 mentions corrected by the active model's measured precision and recall. Z-score against the
@@ -198,11 +218,13 @@ mentions corrected by the active model's measured precision and recall. Z-score 
 <h2>The photos behind the image mentions of {day.isoformat()}</h2>
 {gallery_html(ctx, day, brands)}
 <h2>Daily posts, last {WINDOW_DAYS} days</h2>
-{"".join(charts)}
+{charts}
 <p class="note">Generated by brandmon at {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')} UTC
 from the mention_daily, detections and review_queue tables.</p>
 </body></html>
 """
+
+
 
 
 def write_report(ctx: Context, day: dt.date) -> str:

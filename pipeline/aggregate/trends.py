@@ -148,33 +148,20 @@ def format_series(series: Sequence[dict[str, Any]], fmt: str = "table") -> str:
 
 def plot_series(series: Sequence[dict[str, Any]], path: str | Path | io.BytesIO, title: str = "") -> None:
     """A PNG: daily posts (bars), the 7-day rolling mean (line), spike days (red markers)."""
-    import matplotlib
+    from pipeline.aggregate.plots import LINE_COLOR, posts_chart
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.2), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
     days = [r["day"] for r in series]
     posts = [r["posts"] for r in series]
-    ax.bar(days, posts, color="#9fb7d9", label="posts", width=0.8)
-    roll = [r["rolling_7"] for r in series]
-    if any(v is not None for v in roll):
-        ax.plot(days, [float("nan") if v is None else v for v in roll], color="#1f4e8c", lw=2,
-                label="7-day mean")
-    exp = [r.get("expected_mentions") for r in series]
-    if any(v is not None and v != p for v, p in zip(exp, posts, strict=True)):
-        ax.plot(days, [float("nan") if v is None else v for v in exp], color="#7a7a7a", lw=1, ls="--",
-                label="expected (P/R-corrected)")
-    spikes = [(r["day"], r["posts"]) for r in series if r.get("spike")]
-    if spikes:
-        ax.scatter([d for d, _ in spikes], [p for _, p in spikes], color="#d62728", zorder=3, s=40,
-                   label="spike")
-    # parse_math=False: a brand named `$Acme$` or `a$b$c` is a name, not matplotlib mathtext
-    ax.set_title(title, fontsize=11, parse_math=False)
-    ax.set_ylabel("posts")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with posts_chart(path, days, posts, title) as ax:
+        roll = [r["rolling_7"] for r in series]
+        if any(v is not None for v in roll):
+            ax.plot(days, [float("nan") if v is None else v for v in roll], color=LINE_COLOR, lw=2,
+                    label="7-day mean")
+        exp = [r.get("expected_mentions") for r in series]
+        if any(v is not None and v != p for v, p in zip(exp, posts, strict=True)):
+            ax.plot(days, [float("nan") if v is None else v for v in exp], color="#7a7a7a", lw=1, ls="--",
+                    label="expected (P/R-corrected)")
+        spikes = [(r["day"], r["posts"]) for r in series if r.get("spike")]
+        if spikes:
+            ax.scatter([d for d, _ in spikes], [p for _, p in spikes], color="#d62728", zorder=3, s=40,
+                       label="spike")

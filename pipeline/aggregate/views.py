@@ -2,9 +2,13 @@
 
 BI tools and the read-only role (`sql/readonly_role.sql`) read these views, never the base
 tables, so the table can evolve while the views keep their names and columns. The SQL here
-is the single source: `create_views(engine)` runs it on SQLite or Postgres (migration 0004
-calls it; 0002 keeps a frozen copy of the first version), and `python -m pipeline.aggregate.views > sql/views.sql` writes the same statements
-for DBAs (a test checks that file is current). Column meanings: `sql/README.md`.
+is the code's definition: `create_views(engine)` runs it on SQLite or Postgres, and
+`python -m pipeline.aggregate.views > sql/views.sql` writes the same statements for DBAs (a
+test checks that file is current). Migrations never import it: each revision that changes a
+view holds a frozen copy of it (0002, 0004, 0007), so a later change here cannot break
+`brandmon db upgrade` on a fresh database; a change here goes with a new revision holding
+the new copy (a test checks that the views at head are these). Column meanings:
+`sql/README.md`.
 """
 
 from __future__ import annotations
@@ -40,8 +44,7 @@ WHERE spike""",
 }
 
 # Views over tables later revisions add, keyed to that table: `create_views` makes them only
-# once the table exists (revision 0004 runs `create_views` before `demand_signal` exists;
-# revision 0007 creates the table, then runs it again).
+# once the table exists (revision 0007 creates `demand_signal` and `v_forecast`).
 TABLE_VIEWS: dict[str, tuple[str, str]] = {
     # Q: how many mentions do we expect each day ahead (latest forecast per brand), and how did
     # the days already past turn out? One row per brand x product x platform x day ahead.

@@ -176,7 +176,7 @@ def _emit_model_event(settings: Any, version: str) -> int:
     """Tell Airflow (when BRANDMON_AIRFLOW_API_URL is set): the brandmon://model asset event
     schedules brandmon_detect to score the images with the new model now."""
     from pipeline.airflow_api import AirflowApiError, emit_asset_event
-    from pipeline.dag_support import MODEL
+    from pipeline.dag_assets import MODEL
 
     fallback = "`airflow dags trigger brandmon_detect` starts the scoring by hand"
     if not settings.airflow_api_url:

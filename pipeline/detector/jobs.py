@@ -85,7 +85,8 @@ def detect_pending(
     model, `{"images": 0, "no_active_model": 1}` rather than an error, so a nightly DAG run
     before the first training is a no-op.
     """
-    from pipeline.detector.infer import detect, parse_batch_key
+    from pipeline.dag_assets import parse_batch_key
+    from pipeline.detector.infer import detect
     from pipeline.detector.registry import active_version
 
     if batch_key is not None:

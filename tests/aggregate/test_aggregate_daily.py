@@ -550,3 +550,41 @@ def test_an_image_stored_after_its_day_was_aggregated_restates_its_day_and_later
     incremental = {k: {c: v for c, v in r.items() if c != "computed_at"} for k, r in rows.items()}
     aggregate_range(ctx, d2, d3)  # a full restatement finds nothing left to change
     assert {k: {c: v for c, v in r.items() if c != "computed_at"} for k, r in all_rows(ctx).items()} == incremental
+
+
+class _Recorder:
+    """A Progress that keeps what the job reported: (desc, total, unit) and the updates."""
+
+    def __init__(self) -> None:
+        self.trackers: list[dict] = []
+
+    def __call__(self, total, desc, unit="it"):
+        rec = {"desc": desc, "total": total, "unit": unit, "done": 0, "closed": False}
+        self.trackers.append(rec)
+
+        class Tracker:
+            def update(self, n: int = 1) -> None:
+                rec["done"] += n
+
+            def note(self, **fields) -> None:
+                rec.update(fields)
+
+            def close(self) -> None:
+                rec["closed"] = True
+
+        return Tracker()
+
+
+def test_aggregation_reports_progress_through_the_callers_progress(make_ctx) -> None:
+    """Progress is the caller's: one tracker per stage, every day counted, each closed; none
+    given = silent (the other tests)."""
+    ctx = make_ctx(CONFIG)
+    with ctx.engine.begin() as conn:
+        add_posts(conn, [FakePost(i, f"p{i}", ts(START + dt.timedelta(days=i % 3), 9), "acme") for i in range(1, 10)])
+    progress = _Recorder()
+    res = aggregate_range(ctx, START, START + dt.timedelta(days=2), progress=progress)
+    stages = {t["desc"]: t for t in progress.trackers}
+    assert set(stages) == {"aggregate", "signals"}
+    assert stages["aggregate"] == {"desc": "aggregate", "total": 3, "unit": "day", "done": 3, "closed": True}
+    assert stages["signals"]["done"] == stages["signals"]["total"] == res["followers"]
+    assert all(t["closed"] for t in progress.trackers)

@@ -72,7 +72,8 @@ warmup_consumer()
 
 def _loaded(prefixes: tuple[str, ...]) -> set[str]:
     """Top-level names of the watched modules loaded; `pipeline` by full module name (the DAG
-    files import the light `pipeline.dag_support`, nothing else of the package)."""
+    files import the light `pipeline.dag_assets` and `pipeline.dag_support`, nothing else of
+    the package)."""
     return {
         m if m.split(".")[0] == "pipeline" else m.split(".")[0]
         for m in sys.modules
@@ -99,6 +100,9 @@ def parse() -> dict[str, Any]:
     bag = BundleDagBag(dag_folder=folder, bundle_path=Path(folder), safe_mode=False, known_pools={"default_pool"})
     parse_s = time.perf_counter() - t0
     after = _loaded(WATCHED_MODULES)
+    from pipeline import dag_assets
+
+    shared = {id(a) for a in dag_assets.assets()}  # the one Asset object of each URI
     dags: dict[str, Any] = {}
     for dag_id, dag in bag.dags.items():
         tasks = {}
@@ -112,6 +116,7 @@ def parse() -> dict[str, Any]:
                 "mapped": "MappedOperator" in {c.__name__ for c in type(task).__mro__},
                 "downstream": sorted(task.downstream_task_ids),
                 "outlets": sorted(getattr(o, "name", str(o)) for o in (task.outlets or [])),
+                "outlets_shared": all(id(o) in shared for o in (task.outlets or [])),
                 "trigger_rule": str(task.trigger_rule),
             }
         condition = getattr(dag.timetable, "asset_condition", None)
@@ -126,6 +131,7 @@ def parse() -> dict[str, Any]:
             "is_paused_upon_creation": dag.is_paused_upon_creation,
             "asset_condition": type(condition).__name__ if condition is not None else None,
             "asset_schedule": sorted(a.name for a in getattr(condition, "objects", []) or []),
+            "schedule_shared": all(id(a) in shared for a in getattr(condition, "objects", []) or []),
             "params": {k: dag.params.get_param(k).schema for k in dag.params},
             "tasks": tasks,
         }

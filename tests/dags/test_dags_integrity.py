@@ -14,10 +14,11 @@ import pytest
 from dags_helpers import DAGS, REPO, airflow_base_env, run_airflow
 
 EXPECTED_DAGS = {"brandmon_ingest", "brandmon_detect", "brandmon_aggregate", "brandmon_train"}
-# pipeline: only its light `dag_support` module (standard library only; checked below)
+# pipeline: only its light `dag_assets` and `dag_support` modules (standard library only; checked below)
 ALLOWED_TOP_LEVEL = {"__future__", "airflow", "pendulum", "pipeline"}
 # what parsing may load of the package: the light module and the errors it raises
-PARSE_TIME_PIPELINE = {"pipeline", "pipeline.dag_support", "pipeline.errors"}
+PARSE_TIME_PIPELINE = {"pipeline", "pipeline.dag_assets", "pipeline.dag_support", "pipeline.errors"}
+LIGHT_MODULES = ["dag_assets", "dag_support"]
 FORBIDDEN_MODULES = {
     "tensorflow",
     "keras",
@@ -162,8 +163,8 @@ def test_dag_files_import_only_airflow_sdk_pendulum_and_stdlib_at_top_level(path
                 assert name == "airflow.sdk", f"{path.name}: import {name} (only airflow.sdk)"
             assert root not in FORBIDDEN_MODULES
             if root == "pipeline":
-                assert name == "pipeline" and [a.name for a in node.names] == ["dag_support"], (
-                    f"{path.name}: only `from pipeline import dag_support` at top level"
+                assert name == "pipeline" and [a.name for a in node.names] == LIGHT_MODULES, (
+                    f"{path.name}: only `from pipeline import dag_assets, dag_support` at top level"
                 )
 
 
@@ -172,14 +173,14 @@ def test_the_dags_folder_holds_only_dag_files_sharing_the_installed_light_module
         f"{d}.py" for d in EXPECTED_DAGS
     )
     for path in sorted(DAGS.glob("*.py")):
-        assert "from pipeline import dag_support" in path.read_text(), path.name
-        assert "Asset(\"" not in path.read_text(), f"{path.name}: asset URIs live in dag_support"
+        assert "from pipeline import dag_assets, dag_support" in path.read_text(), path.name
+        assert "Asset(" not in path.read_text(), f"{path.name}: assets are defined once, in dag_assets"
 
 
 def test_the_light_module_imports_only_the_standard_library():
     """Imported in a fresh interpreter: nothing heavy (or the pipeline's settings) comes with it."""
     code = (
-        "import json, sys; before = set(sys.modules); import pipeline.dag_support; "
+        "import json, sys; before = set(sys.modules); import pipeline.dag_assets, pipeline.dag_support; "
         "print(json.dumps(sorted(set(sys.modules) - before)))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -316,3 +317,30 @@ def test_out_of_range_and_non_finite_settings_are_import_errors_that_name_the_va
     raised = parse_with(tmp_path_factory, BRANDMON_DETECT_MAX_TASKS="2000", AIRFLOW__CORE__MAX_MAP_LENGTH="4096")
     assert raised["import_errors"] == {}
     assert raised["dags"]["brandmon_detect"]["tasks"]["detect"]["mapped"]
+
+
+def test_producers_and_consumers_share_the_one_asset_object_of_each_uri(parsed):
+    """Every outlet and every asset schedule is the very `Asset` that `dag_assets.assets()`
+    holds for its URI (not a second `Asset("...")` of the same string in another DAG file),
+    and each asset one DAG emits is one another DAG (or the same, for a backlog) waits for."""
+    from pipeline import dag_assets
+
+    dags = parsed["dags"]
+    for dag_id, dag in dags.items():
+        assert dag["schedule_shared"], dag_id
+        for task_id, task in dag["tasks"].items():
+            assert task["outlets_shared"], f"{dag_id}.{task_id}"
+    emitted = {o for d in dags.values() for t in d["tasks"].values() for o in t["outlets"]}
+    scheduled = {a for d in dags.values() for a in d["asset_schedule"]}
+    assert emitted == scheduled == set(dag_assets.URIS)
+    assert [a.name for a in dag_assets.assets()] == list(dag_assets.URIS)
+    assert dag_assets.assets() is dag_assets.assets()
+    # producer -> consumer, as the module's comments say
+    assert dags["brandmon_ingest"]["tasks"]["publish"]["outlets"] == [dag_assets.POSTS]
+    assert dag_assets.POSTS in dags["brandmon_detect"]["asset_schedule"]
+    assert dags["brandmon_detect"]["tasks"]["publish"]["outlets"] == [dag_assets.DETECTIONS]
+    assert dag_assets.DETECTIONS in dags["brandmon_aggregate"]["asset_schedule"]
+    assert dags["brandmon_train"]["tasks"]["publish"]["outlets"] == [dag_assets.MODEL]
+    assert dag_assets.MODEL in dags["brandmon_detect"]["asset_schedule"]
+    assert dags["brandmon_detect"]["tasks"]["detect"]["pool"] == dag_assets.TF_POOL
+

@@ -48,15 +48,23 @@ COMMENTS = {
 INDEX = "CREATE INDEX IF NOT EXISTS ix_mention_daily_spikes ON mention_daily (day) WHERE spike"
 
 
-def create_views_0002(conn) -> None:
-    """This revision's views (also what revision 0004's downgrade restores)."""
-    for name, body in VIEWS.items():
+def replace_views(conn, views: dict[str, str], comments: dict[str, str]) -> None:
+    """Create or replace `views` (name -> SELECT): in place on Postgres, so the read-only role
+    keeps its grants; SQLite has no CREATE OR REPLACE, so drop + create. Later revisions pass
+    their own frozen copies (0004, 0007)."""
+    for name, body in views.items():
         if conn.dialect.name == "postgresql":
             conn.execute(text(f"CREATE OR REPLACE VIEW {name} AS{body}"))
-            conn.execute(text(f"COMMENT ON VIEW {name} IS '{COMMENTS[name]}'"))
+            comment = comments[name].replace("'", "''")
+            conn.execute(text(f"COMMENT ON VIEW {name} IS '{comment}'"))
         else:
             conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
             conn.execute(text(f"CREATE VIEW {name} AS{body}"))
+
+
+def create_views_0002(conn) -> None:
+    """This revision's views (also what revision 0004's downgrade restores)."""
+    replace_views(conn, VIEWS, COMMENTS)
     conn.execute(text(INDEX))
 
 
@@ -68,4 +76,4 @@ def downgrade() -> None:
     conn = op.get_bind()
     for name in VIEWS:
         conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
-    conn.execute(text("DROP INDEX IF EXISTS ix_mention_daily_spikes"))
+    # ix_mention_daily_spikes stays: revision 0001 made it (0002 only ensures it) and drops it

@@ -10,7 +10,9 @@ Revises: 0003
   on a normalised class name instead of the exact brand name.
 * `mention_daily.baseline`: the trailing 28-day mean the z-score compares to (the BI view
   `v_spikes` showed `rolling_28`, which includes the spike day itself); the views are
-  re-created from `pipeline.aggregate.views`.
+  re-created from the copy below, frozen as they were at this revision (as 0002 does): the
+  live ones in `pipeline.aggregate.views` may name columns a later revision adds, so a
+  fresh `db upgrade` must never run them here.
 
 Signals now treat days without rows as zero (a dense calendar), so every aggregated day is
 marked dirty: the next `brandmon aggregate` restates them (and fills `baseline`).
@@ -29,6 +31,38 @@ branch_labels = None
 depends_on = None
 
 VIEW_NAMES = ("v_daily_trend", "v_share_of_voice", "v_spikes")
+
+# The views at this revision (frozen; new columns go at the end: Postgres can only append).
+VIEWS = {
+    "v_daily_trend": """
+SELECT day, brand, product, platform, source,
+       posts, images, unique_authors, reposts, expected_mentions,
+       rolling_7, rolling_28, wow_change, zscore, spike, share_of_voice,
+       model_version, computed_at, baseline
+FROM mention_daily""",
+    "v_share_of_voice": """
+SELECT day, brand, platform, source, posts,
+       SUM(posts) OVER (PARTITION BY day, platform, source) AS total_posts,
+       share_of_voice,
+       RANK() OVER (PARTITION BY day, platform, source ORDER BY posts DESC) AS brand_rank
+FROM mention_daily
+WHERE product = '*'""",
+    "v_spikes": """
+SELECT day, brand, product, platform, source, posts, baseline,
+       posts - baseline AS excess, zscore, expected_mentions, model_version
+FROM mention_daily
+WHERE spike""",
+}
+COMMENTS = {
+    "v_daily_trend": "Daily mentions per brand x product x platform x source with demand signals (see sql/README.md)",
+    "v_share_of_voice": "Each brand share of all catalogue-brand mentions per day, platform and source",
+    "v_spikes": "Days whose mentions are a spike: z-score >= 3 against the trailing 28 days and >= 5 posts",
+}
+
+
+def _revision_0002():
+    """The 0002 migration module (its name starts with a digit: no plain import)."""
+    return importlib.import_module("pipeline.migrations.versions.0002_views")
 
 
 def upgrade() -> None:
@@ -51,10 +85,8 @@ def upgrade() -> None:
     )
     op.add_column("mention_daily", sa.Column("baseline", sa.Float(), nullable=True))
 
-    from pipeline.aggregate.views import create_views
-
     conn = op.get_bind()
-    create_views(conn)  # v_spikes.baseline = the new column; v_daily_trend appends it
+    _revision_0002().replace_views(conn, VIEWS, COMMENTS)  # v_spikes.baseline = the new column
     conn.execute(
         sa.text(
             "INSERT INTO dirty_days (day, reason, marked_at) "
@@ -71,6 +103,6 @@ def downgrade() -> None:
     for name in VIEW_NAMES:
         conn.execute(sa.text(f"DROP VIEW IF EXISTS {name}"))
     conn.execute(sa.text("ALTER TABLE mention_daily DROP COLUMN baseline"))  # SQLite >= 3.35
-    importlib.import_module("pipeline.migrations.versions.0002_views").create_views_0002(conn)
+    _revision_0002().create_views_0002(conn)
     op.drop_table("logo_class_map")
     op.drop_table("text_match_state")
