@@ -202,7 +202,7 @@ def agreement(home: Path, runtimes: list[str]) -> dict:
     from pipeline.detector.model import matcher_view, resize_batch
     from pipeline.detector.registry import active_version, load_model
     from pipeline.detector.runtimes import export_key, open_export
-    from pipeline.detector.train import signal_matrices
+    from pipeline.detector.training.calibrate import signal_matrices
     from pipeline.settings import load_settings
 
     env = {"BRANDMON_HOME": str(home / "var"), "BRANDMON_DATABASE_URL": f"sqlite:///{home / 'fl27.db'}",
@@ -288,10 +288,10 @@ def cache_bench(root: Path, n_per_class: int, size: int) -> dict:
     data = make_training_folders(root / "folders", ["Acme", "Globex", "Initech"], n_per_class=n_per_class, size=160, seed=3)
     opts = {"input_size": size, "mode": "head", "head_epochs": 20, "synthetic_negatives": 0, "matcher": "off"}
     t0 = time.perf_counter()
-    cold = train_model(ctx, data, weights="none", activate="never", progress=False, **opts)
+    cold = train_model(ctx, data, weights="none", activate="never", **opts)
     t_cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    warm = train_model(ctx, data, weights="none", activate="never", progress=False, **opts)
+    warm = train_model(ctx, data, weights="none", activate="never", **opts)
     t_warm = time.perf_counter() - t0
     return {
         "samples": sum(cold["params"]["splits"].values()),

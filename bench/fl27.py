@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.database import upgrade
     from pipeline.detector.evaluate import evaluate_folder, format_report
     from pipeline.detector.jobs import train_model
+    from pipeline.progress import terminal
     from pipeline.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="brandmon-fl27-") as tmp:
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(load_settings(env=env))
         upgrade(ctx.engine)
         started = time.monotonic()
-        result = train_model(ctx, args.data, fmt="boxes", activate="always", progress=True)
+        result = train_model(ctx, args.data, fmt="boxes", activate="always", progress=terminal)
         train_s = time.monotonic() - started
         started = time.monotonic()
-        report = evaluate_folder(ctx, result["eval_dir"], version=result["version"], progress=True)
+        report = evaluate_folder(ctx, result["eval_dir"], version=result["version"], progress=terminal)
         eval_s = time.monotonic() - started
 
         params = result["params"]

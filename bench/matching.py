@@ -35,6 +35,7 @@ from pipeline.detector.matching import (
     choose_threshold,
     logo_metrics,
 )
+from pipeline.progress import terminal
 
 SPLITS = ("train", "val", "test")
 N_SYNTHETIC = 400  # logo-free scenes generated; each goes to the split its own hash picks
@@ -138,7 +139,7 @@ def run(root: Path, workers: int, target_precision: float, params: MatcherParams
     for split in splits:
         es = data.sets[split]
         t = time.perf_counter()
-        scores = matcher.score_many(es.images, workers=workers, progress=True)
+        scores = matcher.score_many(es.images, workers=workers, progress=terminal)
         elapsed = time.perf_counter() - t
         top_score, top_class = summarize(scores, es.labels)
         results[split] = (es, scores, top_score, top_class, elapsed)

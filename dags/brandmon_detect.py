@@ -90,7 +90,7 @@ def brandmon_detect() -> None:
         from pipeline.detector.jobs import detect_pending
 
         with task_context() as ctx:
-            return counts_only(detect_pending(ctx, batch_key=batch_key, progress=False))
+            return counts_only(detect_pending(ctx, batch_key=batch_key))
 
     @task(outlets=[DETECTIONS], trigger_rule="none_failed")
     def publish(

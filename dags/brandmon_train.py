@@ -129,7 +129,6 @@ def brandmon_train() -> None:
                 target_precision=float(p.get("target_precision") or 0.9),
                 profile=p.get("profile") or "default",
                 activate=p.get("activate") or "if_better",
-                progress=False,
                 **options,
             )
         return train_summary(result)

@@ -483,9 +483,9 @@ def check_train_options(options: Any) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise ConfigError(f"train options must be a JSON object of settings, got {type(options).__name__}")
     from pipeline.detector.data import DataError
-    from pipeline.detector.train import TrainConfig, check_mode
+    from pipeline.detector.training.config import check_mode, option_fields
 
-    fields = TrainConfig.__dataclass_fields__
+    fields = option_fields()
     unknown = sorted(set(options) - set(fields))
     if unknown:
         raise ConfigError(f"unknown train option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")

@@ -98,13 +98,14 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
         t0 = _step("train: demo logo model (Inception v3, synthetic brand marks)", quiet)
         brands = [b.name for b in ctx.settings.brands]
         data = make_training_folders(workdir / "training", brands, seed=seed + 1000)
-        result = train_model(ctx, data, fmt="folders", profile="demo", activate="always", progress=progress)
+        result = train_model(ctx, data, fmt="folders", profile="demo", activate="always",
+                              progress=for_cli(quiet))
         _done(t0, {"version": result.get("version"), "activated": result.get("activated")}, quiet)
     else:
         _step(f"model: {model['version']} already active", quiet)
 
     t0 = _step("detect: score new images", quiet)
-    _done(t0, detect_pending(ctx, progress=progress), quiet)
+    _done(t0, detect_pending(ctx, progress=for_cli(quiet)), quiet)
 
     t0 = _step("aggregate: recompute touched days", quiet)
     _done(t0, aggregate_dirty(ctx, progress=for_cli(quiet)), quiet)

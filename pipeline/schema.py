@@ -188,6 +188,9 @@ model_versions = Table(
     Column("artifact_key", Text, nullable=False),
     Column("params", JSON, nullable=False, default=dict),
     Column("active", Boolean, nullable=False, default=False),
+    # At most one active version (migration 0008); `registry.active_row` reads it.
+    Index("uq_model_versions_one_active", "active", unique=True,
+          postgresql_where=text("active"), sqlite_where=text("active")),
 )
 
 image_scores = Table(

@@ -25,7 +25,8 @@ from sqlalchemy import Connection, delete, insert, or_, select
 
 from pipeline.aggregate.textmatch import Matcher
 from pipeline.database import upsert
-from pipeline.schema import model_versions, posts, text_match_state, text_mentions
+from pipeline.detector.registry import active_row
+from pipeline.schema import posts, text_match_state, text_mentions
 
 
 def day_bounds(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -166,16 +167,10 @@ class ActiveModel:
 
 
 def active_model(conn: Connection) -> ActiveModel:
-    """The active model version (the newest one if several are flagged), or an empty one."""
-    row = conn.execute(
-        select(model_versions.c.version, model_versions.c.threshold, model_versions.c.metrics,
-               model_versions.c.classes)
-        .where(model_versions.c.active.is_(True))
-        .order_by(model_versions.c.created_at.desc(), model_versions.c.version.desc())
-        .limit(1)
-    ).first()
+    """The active model version (`registry.active_row`), or an empty one."""
+    row = active_row(conn)
     if row is None:
         return ActiveModel()
-    return ActiveModel(version=row.version, threshold=float(row.threshold), metrics=dict(row.metrics or {}),
-                       classes=tuple(str(c) for c in (row.classes or ())))
+    return ActiveModel(version=row["version"], threshold=float(row["threshold"]), metrics=dict(row["metrics"] or {}),
+                       classes=tuple(str(c) for c in (row["classes"] or ())))
 

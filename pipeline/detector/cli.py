@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from pipeline.progress import for_cli
+
 RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
 
 
@@ -49,10 +51,6 @@ def _bounded(kind: type, low: float, high: float) -> Any:
     return parse
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
-
 def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2, sort_keys=False, default=str))
 
@@ -83,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_model(
         ctx, args.data, fmt=args.format, weights=args.weights, epochs=args.epochs,
         target_precision=args.target_precision, profile=args.profile, activate=args.activate,
-        progress=not args.quiet, **options,
+        progress=for_cli(args.quiet), **options,
     )
     if args.json:
         _print_json({k: result[k] for k in ("version", "activated", "metrics", "pr_curve", "eval_dir")})
@@ -108,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.detector.evaluate import evaluate_folder, format_report
 
-    report = evaluate_folder(_ctx(), args.data, version=args.model, progress=_progress(args), runtime=args.runtime)
+    report = evaluate_folder(_ctx(), args.data, version=args.model, progress=for_cli(args.quiet), runtime=args.runtime)
     if args.json:
         _print_json(report)
     else:
@@ -121,7 +119,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from pipeline.detector.registry import UnknownModel, active_version
 
     ctx = _ctx()
-    kwargs: dict[str, Any] = {"limit": args.limit, "progress": _progress(args), "precision": args.precision,
+    kwargs: dict[str, Any] = {"limit": args.limit, "progress": for_cli(args.quiet), "precision": args.precision,
                               "runtime": args.runtime}
     if args.batch_key:
         version, lo, hi = parse_batch_key(args.batch_key)
@@ -231,6 +229,14 @@ def cmd_review_import(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the detector's sub-commands to the `brandmon` parser."""
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_detect(sub)
+    _add_model(sub)
+    _add_review(sub)
+
+
+def _add_train(sub: Any) -> None:
     t = sub.add_parser(
         "train", help="train a logo model (Inception v3 + local-feature matcher) and register it",
         description=(
@@ -260,6 +266,8 @@ def register(sub: Any) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: Any) -> None:
     e = sub.add_parser("evaluate", help="score a labelled folders layout with a model; P/R/F1 per signal")
     e.add_argument("--data", required=True, help="folders layout (class names case-insensitive, no_logo/)")
     e.add_argument("--model", help="model version (default: the active one)")
@@ -268,6 +276,8 @@ def register(sub: Any) -> None:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_detect(sub: Any) -> None:
     d = sub.add_parser("detect", help="score every stored image the active model has not scored yet")
     d.add_argument("--limit", type=_count, help="score at most N images")
     d.add_argument("--batch-key", help="only the images of one key from pending_batches (Airflow)")
@@ -279,6 +289,8 @@ def register(sub: Any) -> None:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_detect)
 
+
+def _add_model(sub: Any) -> None:
     m = sub.add_parser("model", help="the model registry: list versions, activate one")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     ml = msub.add_parser("list", help="registered versions (* = active)")
@@ -301,6 +313,8 @@ def register(sub: Any) -> None:
     mx.add_argument("--json", action="store_true")
     mx.set_defaults(func=cmd_model_export)
 
+
+def _add_review(sub: Any) -> None:
     r = sub.add_parser("review", help="near-threshold images: export for labelling, import labels as training data")
     rsub = r.add_subparsers(dest="review_command", metavar="ACTION", required=True)
     rx = rsub.add_parser("export", help="write queued images + manifest.csv to a folder")

@@ -9,7 +9,6 @@ whose class the model does not know counts as a brand the model must miss.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,23 @@ from pipeline.context import Context
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import DataError, decode_rgb, load_folders
 from pipeline.detector.metrics import evaluate_scores
+from pipeline.detector.training.calibrate import signal_matrices
+from pipeline.progress import Progress, of
 
 
-def _bar(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or not sys.stderr.isatty(), leave=False)
-
-
-def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, batch_size: int = 32) -> dict[str, np.ndarray]:
+def score_arrays(model: Any, arrays: list[np.ndarray], progress: Progress | None = None,
+                 batch_size: int = 32) -> dict[str, np.ndarray]:
     """Per-signal (n, n_brands) scores for decoded RGB images, the way `detect` scores them."""
-
     from pipeline.detector.model import matcher_view, resize_batch
-    from pipeline.detector.train import signal_matrices
 
     spec = model.spec
     probs = []
-    bar = _bar(len(arrays), progress, "classifier")
+    tracker = of(progress)(len(arrays), "classifier", "img")
     for i in range(0, len(arrays), batch_size):
         part = resize_batch(arrays[i : i + batch_size], spec.input_size)
         probs.append(model.predict_arrays(part))
-        bar.update(len(part))
-    bar.close()
+        tracker.update(len(part))
+    tracker.close()
     cnn = np.concatenate(probs) if probs else np.zeros((0, len(spec.classes)), np.float32)
     match = None
     if model.matcher is not None:
@@ -48,7 +42,7 @@ def score_arrays(model: Any, arrays: list[np.ndarray], progress: bool = False, b
     return signal_matrices(spec.brands, cnn, spec.classes, match, spec.combiner)
 
 
-def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: bool = False,
+def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: Progress | None = None,
                     runtime: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """The evaluation report (JSON-ready) of model `version` (default: active) on `data`, scored
     with the runtime `detect` would use (or `runtime`); the report names it."""
@@ -66,7 +60,7 @@ def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, 
     kept: list[str] = []
     unreadable: list[str] = []
     parts: list[dict[str, np.ndarray]] = []
-    bar = _bar(len(sources), progress, "evaluate")
+    tracker = of(progress)(len(sources), "evaluate", "img")
     for start in range(0, len(sources), 64):  # bounded memory: decode and score 64 at a time
         arrays = []
         for s, lab in zip(sources[start : start + 64], labels[start : start + 64], strict=True):
@@ -77,8 +71,8 @@ def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, 
                 unreadable.append(str(s.path))
         if arrays:
             parts.append(score_arrays(model, arrays))
-        bar.update(min(64, len(sources) - start))
-    bar.close()
+        tracker.update(min(64, len(sources) - start))
+    tracker.close()
     if not parts:
         raise DataError(f"{data}: none of the {len(sources)} images could be decoded; nothing to evaluate")
     labels = kept

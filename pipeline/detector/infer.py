@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pipeline.database import upsert
 from pipeline.detector import NO_LOGO
 from pipeline.dirty import mark_days_of_images
 from pipeline.errors import StorageError
+from pipeline.progress import Progress, of
 from pipeline.runlog import recorded_run
 from pipeline.schema import detections, image_scores, images, review_queue, utcnow
 
@@ -200,7 +200,7 @@ def write_batch(ctx: Context, scores: list[dict], dets: list[dict], reviews: lis
 
 def detect(
     ctx: Context, *, version: str | None = None, lo: str | None = None, hi: str | None = None,
-    limit: int | None = None, progress: bool = False, batch_size: int | None = None,
+    limit: int | None = None, progress: Progress | None = None, batch_size: int | None = None,
     precision: str | None = None, use_matcher: bool = True, runtime: str | None = None,
 ) -> dict[str, int]:
     """Score the unscored images (optionally of one sha range) with a model version.
@@ -208,9 +208,6 @@ def detect(
     `runtime`: `auto` (default: `detector.runtime` / BRANDMON_DETECT_RUNTIME), `keras`, or an
     export format; the run log records the runtime used and its precision.
     """
-    import tensorflow as tf
-    from tqdm import tqdm
-
     from pipeline.detector.model import choose_precision, configure_threads
     from pipeline.detector.registry import load_model
     from pipeline.detector.runtimes import runtime_setting
@@ -220,9 +217,7 @@ def detect(
     batch_size = int(batch_size or det.batch_size)
     prec = choose_precision(precision or det.mixed_precision)
     model = load_model(ctx, version, precision=prec, with_matcher=use_matcher, runtime=runtime or runtime_setting(ctx))
-    version = model.version
-    spec = model.spec
-    q = _pending_select(version, lo, hi)
+    q = _pending_select(model.version, lo, hi)
     if limit is not None:
         q = q.limit(limit)
     with ctx.engine.connect() as conn:
@@ -230,67 +225,94 @@ def detect(
     counts = {"images": len(rows), "scored": 0, "corrupt": 0, "detections": 0, "review": 0, "batches": 0}
     if not rows:
         return counts
-    with_view = model.matcher is not None
-    forward = model.scorer()
-    size = spec.input_size
     started = time.monotonic()
-    bar = tqdm(total=len(rows), desc=f"detect {version}", unit="img", disable=not progress or not sys.stderr.isatty())
-    with recorded_run(ctx.engine, "detect", source=version) as run_counts, BatchWriter(ctx) as writer:
-        expected = 0  # next index we expect from the stream; gaps are corrupt images
+    tracker = of(progress)(len(rows), f"detect {model.version}", "img")
+    with recorded_run(ctx.engine, "detect", source=model.version) as run_counts, BatchWriter(ctx) as writer:
         failed: dict[int, str] = {}  # images the lake could not serve: left unscored for a re-run
-        for batch in image_stream(ctx, rows, size, batch_size, with_view, failed):
-            idx = batch[0].numpy()
-            x = batch[1]
-            n = int(x.shape[0])
-            if n < batch_size:  # fixed-size batches: one traced graph
-                x = tf.concat([x, tf.zeros((batch_size - n, size, size, 3), x.dtype)], 0)
-            probs = forward(x)[:n]
-            matches: list[Any] = [None] * n
-            scales = [(1.0, 1.0)] * n
-            if with_view:
-                views, shapes, vshapes = batch[2].numpy(), batch[3].numpy(), batch[4].numpy()
-                crops = []
-                for k in range(n):
-                    (h, w), (vh, vw) = shapes[k], vshapes[k]
-                    crops.append(np.ascontiguousarray(views[k, :vh, :vw]))
-                    scales[k] = (float(w) / float(vw), float(h) / float(vh))
-                matches = model.matcher.score_many(crops, workers=2)
-            now = utcnow()
-            score_rows: list[dict] = []
-            det_rows: list[dict] = []
-            review_rows: list[dict] = []
-            for k in range(n):
-                i = int(idx[k])
-                score_rows.extend(_corrupt_row(ctx, rows[gap], version, now) for gap in range(expected, i) if gap not in failed)
-                expected = i + 1
-                s_row, d_rows, r_row = rows_for_image(
-                    rows[i].sha256, version, spec, probs[k], matches[k], scales[k], det.score_floor, det.review_margin, now
-                )
-                score_rows.append(s_row)
-                det_rows.extend(d_rows)
-                if r_row:
-                    review_rows.append(r_row)
+        scorer = _BatchScorer(ctx, model, rows, batch_size, failed)
+        for batch in image_stream(ctx, rows, model.spec.input_size, batch_size, model.matcher is not None, failed):
+            score_rows, det_rows, review_rows = scorer.score(batch)
             writer.submit(score_rows, det_rows, review_rows)  # commits while the next batch computes
             counts["batches"] += 1
-            counts["scored"] += n
+            counts["scored"] += scorer.last_n
             counts["corrupt"] += sum(1 for r in score_rows if r["status"] == "corrupt")
             counts["detections"] += len(det_rows)
             counts["review"] += len(review_rows)
-            bar.update(len(score_rows))
-        tail = [_corrupt_row(ctx, rows[gap], version, utcnow()) for gap in range(expected, len(rows)) if gap not in failed]
+            tracker.update(len(score_rows))
+        tail = scorer.tail()
         if tail:
             writer.submit(tail, [], [])
             counts["corrupt"] += len(tail)
-            bar.update(len(tail))
+            tracker.update(len(tail))
         writer.drain()
-        bar.close()
-        elapsed = time.monotonic() - started
-        run_counts.update(counts, seconds=round(elapsed, 2), precision=model.precision, runtime=model.runtime)
+        tracker.close()
+        run_counts.update(counts, seconds=round(time.monotonic() - started, 2), precision=model.precision,
+                          runtime=model.runtime)
         if failed:
             run_counts["unreadable"] = len(failed)
             raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "
                                "they stay unscored: re-run detect")
     return counts
+
+
+class _BatchScorer:
+    """Turns each batch of the image stream into rows: scores, detections, review entries, and a
+    corrupt row for every image the stream skipped (its index is missing from the batches)."""
+
+    def __init__(self, ctx: Context, model: Any, rows: list[Any], batch_size: int, failed: dict[int, str]) -> None:
+        self.ctx, self.model, self.rows, self.batch_size, self.failed = ctx, model, rows, batch_size, failed
+        self.forward = model.scorer()
+        self.expected = 0  # next index we expect from the stream; gaps are corrupt images
+        self.last_n = 0  # images of the last batch (its gap rows not counted)
+
+    def _matches(self, batch: Any, n: int) -> tuple[list[Any], list[tuple[float, float]]]:
+        """The matcher's scores per image, and the factor from its working view back to pixels."""
+        if self.model.matcher is None:
+            return [None] * n, [(1.0, 1.0)] * n
+        views, shapes, vshapes = batch[2].numpy(), batch[3].numpy(), batch[4].numpy()
+        crops, scales = [], []
+        for k in range(n):
+            (h, w), (vh, vw) = shapes[k], vshapes[k]
+            crops.append(np.ascontiguousarray(views[k, :vh, :vw]))
+            scales.append((float(w) / float(vw), float(h) / float(vh)))
+        return self.model.matcher.score_many(crops, workers=2), scales
+
+    def score(self, batch: Any) -> tuple[list[dict], list[dict], list[dict]]:
+        import tensorflow as tf
+
+        det, version, spec = self.ctx.settings.detector, self.model.version, self.model.spec
+        idx, x = batch[0].numpy(), batch[1]
+        n = int(x.shape[0])
+        if n < self.batch_size:  # fixed-size batches: one traced graph
+            x = tf.concat([x, tf.zeros((self.batch_size - n, spec.input_size, spec.input_size, 3), x.dtype)], 0)
+        probs = self.forward(x)[:n]
+        matches, scales = self._matches(batch, n)
+        now = utcnow()
+        score_rows: list[dict] = []
+        det_rows: list[dict] = []
+        review_rows: list[dict] = []
+        for k in range(n):
+            i = int(idx[k])
+            score_rows.extend(self._gaps(i, now))
+            s_row, d_rows, r_row = rows_for_image(
+                self.rows[i].sha256, version, spec, probs[k], matches[k], scales[k], det.score_floor, det.review_margin, now
+            )
+            score_rows.append(s_row)
+            det_rows.extend(d_rows)
+            if r_row:
+                review_rows.append(r_row)
+        self.last_n = n
+        return score_rows, det_rows, review_rows
+
+    def _gaps(self, upto: int, now: Any) -> list[dict[str, Any]]:
+        rows = [_corrupt_row(self.ctx, self.rows[g], self.model.version, now)
+                for g in range(self.expected, upto) if g not in self.failed]
+        self.expected = upto + 1
+        return rows
+
+    def tail(self) -> list[dict[str, Any]]:
+        """Corrupt rows for the images after the last one the stream delivered."""
+        return self._gaps(len(self.rows), utcnow())
 
 
 class BatchWriter:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.context import Context
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,14 @@ def train_model(
     target_precision: float = 0.9,
     profile: str = "default",
     activate: str = "if_better",
-    progress: bool = True,
+    progress: Progress | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train on `data` (folders | boxes), register the version; returns version, metrics, activated.
 
     `profile="demo"`: a small from-scratch model for the synthetic brand marks (about a
-    minute on 2 cores). `options` override single training settings (see `TrainConfig`).
+    minute on 2 cores). `options` override single training settings by their flat names (see
+    `training.config.TrainConfig`). `progress`: how to report (default: silently).
     """
     from pipeline.detector.train import train
 
@@ -77,7 +79,7 @@ def pending_batches(ctx: Context, batch_size: int | None = None) -> list[str]:
 
 
 def detect_pending(
-    ctx: Context, *, batch_key: str | None = None, limit: int | None = None, progress: bool = False
+    ctx: Context, *, batch_key: str | None = None, limit: int | None = None, progress: Progress | None = None
 ) -> dict[str, int]:
     """Score unscored images: those of one batch key, or all of them for the active model.
 
@@ -98,7 +100,8 @@ def detect_pending(
     return detect(ctx, limit=limit, progress=progress)
 
 
-def evaluate(ctx: Context, data: str | Path, *, version: str | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate(ctx: Context, data: str | Path, *, version: str | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
     """`brandmon evaluate` as a function: the JSON report for a folders layout."""
     from pipeline.detector.evaluate import evaluate_folder
 

@@ -32,6 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.progress import Progress, of
+
 FORMAT_VERSION = 2  # 2: params rematch + ransac_method (format 1 loads with their old values)
 # Values that reproduce the scoring of artifacts saved before a parameter existed.
 LEGACY_PARAMS: dict[str, Any] = {"rematch": 0, "ransac_method": "ransac"}
@@ -278,11 +280,11 @@ class LogoMatcher:
         return self._score(image)[1]
 
     def score_many(
-        self, images: Iterable[np.ndarray], workers: int = 1, progress: bool = False
+        self, images: Iterable[np.ndarray], workers: int = 1, progress: Progress | None = None
     ) -> list[Scores]:
         """Score many images; OpenCV releases the GIL, so threads use several cores."""
         items = list(images)
-        bar = _progress(len(items), progress)
+        bar = of(progress)(len(items), "match", "img")
         try:
             if workers <= 1:
                 out = []
@@ -519,14 +521,6 @@ class LogoMatcher:
             )
         m._build()
         return m
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled or not sys.stderr.isatty(), unit="img")
 
 
 # --------------------------------------------------------------------- fusion

@@ -11,7 +11,7 @@ import hashlib
 import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.context import Context
@@ -19,6 +19,7 @@ from pipeline.errors import BrandmonError
 from pipeline.schema import model_versions, utcnow
 
 _VERSION = re.compile(r"^v(\d+)$")
+ACTIVATE_ATTEMPTS = 5
 
 
 class UnknownModel(BrandmonError):
@@ -78,10 +79,25 @@ def get_version(ctx: Context, version: str) -> dict[str, Any]:
     return dict(row)
 
 
-def active_version(ctx: Context) -> dict[str, Any] | None:
-    with ctx.engine.connect() as conn:
-        row = conn.execute(select(model_versions).where(model_versions.c.active.is_(True))).mappings().first()
+def active_row(conn: Connection) -> dict[str, Any] | None:
+    """The active version's row, or None: the one rule every reader of "the active model" uses.
+
+    The database holds at most one (migration 0008's partial unique index); the order is only
+    a tie-break for a database that has not been upgraded yet: the newest wins.
+    """
+    row = conn.execute(
+        select(model_versions)
+        .where(model_versions.c.active.is_(True))
+        .order_by(model_versions.c.created_at.desc(), model_versions.c.version.desc())
+        .limit(1)
+    ).mappings().first()
     return dict(row) if row else None
+
+
+def active_version(ctx: Context) -> dict[str, Any] | None:
+    """`active_row` on a connection of its own."""
+    with ctx.engine.connect() as conn:
+        return active_row(conn)
 
 
 def activate(ctx: Context, version: str) -> None:
@@ -92,12 +108,23 @@ def activate(ctx: Context, version: str) -> None:
     from pipeline.dirty import mark_days_of_model
 
     get_version(ctx, version)
-    with ctx.engine.begin() as conn:
-        before = [v for (v,) in conn.execute(select(model_versions.c.version).where(model_versions.c.active.is_(True)))]
-        conn.execute(update(model_versions).where(model_versions.c.active.is_(True)).values(active=False))
-        conn.execute(update(model_versions).where(model_versions.c.version == version).values(active=True))
-        if before != [version]:
-            mark_days_of_model(conn, [*before, version], reason=f"activate {version}")
+    for attempt in range(ACTIVATE_ATTEMPTS):
+        try:
+            with ctx.engine.begin() as conn:
+                # Lock every version row in one order first (Postgres): concurrent activations
+                # then run one after the other instead of deadlocking on each other's rows.
+                conn.execute(select(model_versions.c.version).order_by(model_versions.c.version).with_for_update()).all()
+                before = [v for (v,) in conn.execute(select(model_versions.c.version).where(model_versions.c.active.is_(True)))]
+                conn.execute(update(model_versions).where(model_versions.c.active.is_(True)).values(active=False))
+                conn.execute(update(model_versions).where(model_versions.c.version == version).values(active=True))
+                if before != [version]:
+                    mark_days_of_model(conn, [*before, version], reason=f"activate {version}")
+            return
+        except IntegrityError:
+            # A concurrent activation committed another active row between our two updates:
+            # the unique index refused the second one; start over (the last one wins).
+            if attempt == ACTIVATE_ATTEMPTS - 1:
+                raise BrandmonError(f"could not activate {version}: {ACTIVATE_ATTEMPTS} concurrent activations") from None
 
 
 def maybe_activate(ctx: Context, version: str, policy: str, baseline_f1: float | None = None) -> bool:

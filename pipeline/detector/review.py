@@ -22,9 +22,10 @@ from sqlalchemy import select, update
 from pipeline.context import Context
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import IMAGE_EXTS, canonical_class
+from pipeline.detector.registry import active_row
 from pipeline.errors import BrandmonError
 from pipeline.safepath import UnsafePath, check_part, inside, safe_join
-from pipeline.schema import images, model_versions, review_queue, utcnow
+from pipeline.schema import images, review_queue, utcnow
 
 MANIFEST = "manifest.csv"
 FIELDS = ["sha256", "file", "model_version", "suggested_class", "score", "label"]
@@ -51,9 +52,8 @@ def export_queue(ctx: Context, out: str | Path, limit: int | None = None, includ
         q = q.limit(limit)
     with ctx.engine.connect() as conn:
         rows = list(conn.execute(q))
-        classes: set[str] = {NO_LOGO}
-        for (cls_list,) in conn.execute(select(model_versions.c.classes).where(model_versions.c.active.is_(True))):
-            classes.update(cls_list or [])
+        active = active_row(conn)
+        classes: set[str] = {NO_LOGO, *((active or {}).get("classes") or [])}
     out.mkdir(parents=True, exist_ok=True)
     try:  # the folder is the labeller's: a planted symlink must not carry our writes outside it
         manifest_path = safe_join(out, MANIFEST, what="file")

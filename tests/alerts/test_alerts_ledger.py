@@ -38,6 +38,6 @@ def test_migration_0006_downgrades_and_upgrades(make_ctx, backend):
     with ctx.engine.begin() as conn:
         command.downgrade(_alembic_config(conn), "0005")
     assert current_revision(ctx.engine) == "0005" and "alert_ledger" not in inspect(ctx.engine).get_table_names()
-    assert upgrade(ctx.engine) == head_revision() == "0007"
+    assert upgrade(ctx.engine) == head_revision() == "0008"
     uniques = inspect(ctx.engine).get_unique_constraints("alert_ledger")
     assert [sorted(u["column_names"]) for u in uniques] == [["day", "destination", "key", "rule"]]

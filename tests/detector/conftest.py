@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ctx = Context(load_settings(env=env))
     upgrade(ctx.engine)
     data = make_folders(root / "data", {"Reddisc": 24, "Bluesquare": 24, "no_logo": 24}, seed=5)
-    result = train_model(ctx, data, weights="none", target_precision=0.8, progress=False, **FAST)
+    result = train_model(ctx, data, weights="none", target_precision=0.8, **FAST)
     from pipeline.detector.registry import get_version
 
     row = get_version(ctx, result["version"])

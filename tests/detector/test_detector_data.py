@@ -23,7 +23,7 @@ from pipeline.detector.data import (
     samples_of,
     with_margin,
 )
-from pipeline.detector.train import class_weight_map, upsample_indices
+from pipeline.detector.training.prepare import class_weight_map, upsample_indices
 
 
 def _overlap(a, b) -> bool:

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from pipeline.detector.evaluate import evaluate_folder
 from pipeline.detector.jobs import active_model, train_model
 from pipeline.detector.registry import activate, list_versions
+from pipeline.progress import terminal
 from pipeline.schema import feature_cache
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 def test_training_beats_chance_and_registers_an_active_model(make_ctx, tmp_path: Path):
     ctx = make_ctx()
     data = make_folders(tmp_path / "train", {"Reddisc": 30, "Bluesquare": 30, "no_logo": 30}, seed=1)
-    result = train_model(ctx, data, fmt="folders", weights="none", target_precision=0.8, progress=False, **FAST)
+    result = train_model(ctx, data, fmt="folders", weights="none", target_precision=0.8, **FAST)
     assert result["activated"]
     model = active_model(ctx)
     assert model["version"] == result["version"] == "v1"
@@ -57,7 +58,7 @@ def test_upsampling_raises_minority_recall_and_retraining_hits_the_cache(make_ct
     data = make_folders(tmp_path / "train", {"Reddisc": 60, "Bluesquare": 3, "no_logo": 60}, seed=2)
     unseen = make_folders(tmp_path / "unseen", {"Reddisc": 20, "Bluesquare": 20, "no_logo": 20}, seed=98)
     opts = {**FAST, "head_epochs": 6, "learning_rate": 2e-4}
-    plain = train_model(ctx, data, weights="none", activate="always", progress=False, **{**opts, "upsample": 0.0})
+    plain = train_model(ctx, data, weights="none", activate="always", **{**opts, "upsample": 0.0})
     cache = plain["params"]["feature_cache"]
     assert cache["hits"] == 0 and cache["misses"] > 0
     with ctx.engine.connect() as conn:
@@ -65,7 +66,7 @@ def test_upsampling_raises_minority_recall_and_retraining_hits_the_cache(make_ct
     assert rows == cache["misses"]
     recall_plain = argmax_recall(ctx, unseen, "Bluesquare", plain["version"])
 
-    balanced = train_model(ctx, data, weights="none", activate="always", progress=False, **{**opts, "upsample": 1.0})
+    balanced = train_model(ctx, data, weights="none", activate="always", **{**opts, "upsample": 1.0})
     # same base weights, input size and images: every feature comes from the cache
     assert balanced["params"]["feature_cache"] == {"hits": cache["misses"], "misses": 0}
     counts = balanced["params"]["class_counts"]
@@ -78,9 +79,9 @@ def test_registry_activation(make_ctx, tmp_path: Path):
     ctx = make_ctx()
     data = make_folders(tmp_path / "train", {"Reddisc": 12, "no_logo": 12}, seed=3)
     opts = {**FAST, "head_epochs": 3}
-    v1 = train_model(ctx, data, weights="none", activate="never", progress=False, **opts)
+    v1 = train_model(ctx, data, weights="none", activate="never", **opts)
     assert not v1["activated"] and active_model(ctx) is None
-    v2 = train_model(ctx, data, weights="none", activate="always", progress=False, **opts)
+    v2 = train_model(ctx, data, weights="none", activate="always", **opts)
     assert v2["activated"] and active_model(ctx)["version"] == "v2"
     activate(ctx, "v1")
     rows = list_versions(ctx)
@@ -94,7 +95,7 @@ def test_registry_activation(make_ctx, tmp_path: Path):
 def test_boxes_training_with_matcher_reports_each_signal(make_ctx, tmp_path: Path):
     ctx = make_ctx()
     data = make_boxes(tmp_path / "boxes", 40, style="fl27")
-    result = train_model(ctx, data, fmt="boxes", weights="none", progress=False, **{**FAST, "matcher": "auto"})
+    result = train_model(ctx, data, fmt="boxes", weights="none", **{**FAST, "matcher": "auto"})
     m = result["metrics"]
     assert set(m["per_signal_test"]) == {"cnn", "matcher", "fused"}
     assert m["signal"] == "fused"
@@ -106,7 +107,7 @@ def test_boxes_training_with_matcher_reports_each_signal(make_ctx, tmp_path: Pat
 def test_augmentation_bypasses_the_feature_cache_and_says_so(make_ctx, tmp_path: Path, capsys):
     ctx = make_ctx()
     data = make_folders(tmp_path / "train", {"Reddisc": 10, "no_logo": 10}, seed=4)
-    result = train_model(ctx, data, weights="none", progress=True, **{**FAST, "head_epochs": 2, "augment": True})
+    result = train_model(ctx, data, weights="none", progress=terminal, **{**FAST, "head_epochs": 2, "augment": True})
     assert "augmentation is on: the feature cache is bypassed" in capsys.readouterr().err
     assert result["params"]["feature_cache"] is None
     assert result["params"]["history"]["head"]["epochs"] == 2
@@ -120,7 +121,7 @@ def test_full_training_stops_at_its_time_budget_and_recalibrates_batchnorm(make_
     data = make_folders(tmp_path / "train", {"Reddisc": 16, "no_logo": 16}, seed=6)
     opts = {**FAST, "mode": "full", "epochs": 500, "time_budget_s": 3.0, "bn_momentum": 0.9}
     with caplog.at_level(logging.WARNING, logger="pipeline.detector.train"):
-        result = train_model(ctx, data, weights="none", activate="always", progress=False, **opts)
+        result = train_model(ctx, data, weights="none", activate="always", **opts)
     full = result["params"]["history"]["full"]
     per_epoch = 2  # 32 samples, batches of 16
     assert full["stopped_by_time_budget"] and 1 <= full["steps"] < full["steps_planned"] == 500 * per_epoch
@@ -144,7 +145,8 @@ def test_finetune_unfreezes_only_the_top_blocks_and_keeps_batchnorm_in_inference
     import keras
 
     from pipeline.detector.model import batchnorm_layers, build_network, set_trainable
-    from pipeline.detector.train import TrainConfig, train_images
+    from pipeline.detector.training.config import TrainConfig
+    from pipeline.detector.training.fit import train_images
 
     net = build_network(2, 75)
     set_trainable(net, "finetune:2")
@@ -158,10 +160,10 @@ def test_finetune_unfreezes_only_the_top_blocks_and_keeps_batchnorm_in_inference
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (16, 75, 75, 3), dtype=np.uint8)
     y = np.array([0, 1] * 8)
-    cfg = TrainConfig(input_size=75, mode="finetune:2", epochs=1, batch_size=8, augment=False)
+    cfg = TrainConfig.of(input_size=75, mode="finetune:2", epochs=1, batch_size=8, augment=False)
     conv_top = next(layer for layer in net.base.layers[cut + 1 :] if isinstance(layer, keras.layers.Conv2D))
     kernel_before = np.array(conv_top.kernel)
-    hist = train_images(net, pixels, y, list(range(16)), cfg, 1e-2, None, False, None, "fine-tune")
+    hist = train_images(net, pixels, y, list(range(16)), cfg, 1e-2, None, None, None, "fine-tune")
     assert hist["epochs"] == 1
     assert not np.allclose(np.array(conv_top.kernel), kernel_before)  # the top blocks learned
     assert all(np.array_equal(np.array(b.moving_mean), m) for b, m in zip(top_bn, before, strict=True))
@@ -170,7 +172,7 @@ def test_finetune_unfreezes_only_the_top_blocks_and_keeps_batchnorm_in_inference
 def test_finetune_mode_end_to_end_uses_the_cache_for_the_head_then_bypasses_it(make_ctx, tmp_path: Path, capsys):
     ctx = make_ctx()
     data = make_folders(tmp_path / "train", {"Reddisc": 10, "no_logo": 10}, seed=7)
-    result = train_model(ctx, data, weights="none", progress=True, **{**FAST, "mode": "finetune:1", "head_epochs": 2, "epochs": 1})
+    result = train_model(ctx, data, weights="none", progress=terminal, **{**FAST, "mode": "finetune:1", "head_epochs": 2, "epochs": 1})
     history = result["params"]["history"]
     assert set(history) == {"head", "finetune"} and history["finetune"]["epochs"] == 1
     assert result["params"]["feature_cache"]["misses"] > 0
@@ -180,7 +182,7 @@ def test_finetune_mode_end_to_end_uses_the_cache_for_the_head_then_bypasses_it(m
 @pytest.mark.parametrize("mode", ["finetune:x", "finetune:0", "finetune:12", "sideways"])
 def test_bad_training_mode_is_one_clear_error(mode):
     from pipeline.detector.data import DataError
-    from pipeline.detector.train import resolve_config
+    from pipeline.detector.training.config import resolve_config
 
     with pytest.raises(DataError, match="finetune:N"):
         resolve_config("default", False, None, {"mode": mode})
@@ -190,9 +192,9 @@ def test_if_better_scores_the_active_model_on_the_new_split(make_ctx, tmp_path: 
     """Activation compares both models on the same held-out images, not each on its own split."""
     ctx = make_ctx()
     good = make_folders(tmp_path / "good", {"Reddisc": 24, "Bluesquare": 24, "no_logo": 24}, seed=8)
-    v1 = train_model(ctx, good, weights="none", activate="always", progress=False, **FAST)
+    v1 = train_model(ctx, good, weights="none", activate="always", **FAST)
     # the same data, barely trained: worse on the same split, so v1 stays active
-    v2 = train_model(ctx, good, weights="none", progress=False, **{**FAST, "head_epochs": 1, "learning_rate": 1e-6})
+    v2 = train_model(ctx, good, weights="none", **{**FAST, "head_epochs": 1, "learning_rate": 1e-6})
     base = v2["params"]["baseline"]
     assert base["version"] == v1["version"] and base["n_images"] == v2["metrics"]["n_test"]
     assert base["f1"] > v2["metrics"]["f1"]

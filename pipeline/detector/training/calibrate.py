@@ -1,0 +1,113 @@
+"""Stage 3, calibrate: everything chosen is chosen on the validation split only -- the matcher's
+fusion weights and each signal's decision threshold for the target precision. The test split
+is scored with those choices here, and only ever reported (`report`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.detector import NO_LOGO
+from pipeline.detector.metrics import threshold_for_precision
+from pipeline.detector.training.narrate import say
+from pipeline.progress import Progress
+
+MatchScores = list[dict[str, tuple[float, Any]]]
+
+
+@dataclass
+class Calibration:
+    """The fitted matcher (or None), fusion, per-signal thresholds and the score matrices."""
+
+    matcher: Any | None
+    combiner: dict[str, Any] | None
+    thresholds: dict[str, dict[str, Any]]  # signal -> threshold_for_precision's answer
+    signals: dict[str, dict[str, np.ndarray]]  # val/test -> signal -> (n, n_brands)
+    main: str  # the signal the model decides with: fused when there is a matcher
+
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds[self.main]["threshold"])
+
+
+def signal_matrices(
+    brands: list[str], cnn_probs: np.ndarray, classes: list[str], match: MatchScores | None,
+    combiner: dict[str, Any] | None,
+) -> dict[str, np.ndarray]:
+    """Per-signal (n, n_brands) score matrices: cnn, and matcher + fused when a matcher exists."""
+    col = {c: i for i, c in enumerate(classes)}
+    cnn = np.stack([cnn_probs[:, col[b]] for b in brands], axis=1) if len(cnn_probs) else np.zeros((0, len(brands)))
+    out = {"cnn": cnn}
+    if match is not None:
+        from pipeline.detector.matching import combine
+
+        mat = np.array([[float(m.get(b, (0.0, None))[0]) for b in brands] for m in match]).reshape(len(match), len(brands))
+        out["matcher"] = mat
+        fused = np.zeros_like(mat)
+        for i in range(len(match)):
+            cp = {c: float(cnn_probs[i, col[c]]) for c in classes}
+            ms = {b: float(mat[i, j]) for j, b in enumerate(brands)}
+            f = combine(cp, ms, combiner)
+            fused[i] = [f.get(b, 0.0) for b in brands]
+        out["fused"] = fused
+    return out
+
+
+def fit_matcher(
+    refs: list[tuple[str, np.ndarray]], native: dict[str, list[np.ndarray]], val_probs: np.ndarray,
+    classes: list[str], y_val: list[str], workers: int, progress: Progress | None = None,
+) -> tuple[Any, dict[str, MatchScores], dict[str, Any]]:
+    """The matcher on the training references, its scores on val/test, fusion fitted on val."""
+    from pipeline.detector.matching import DEFAULT_COMBINER, LogoMatcher, fit_combiner
+
+    say(progress, f"matcher: {len(refs)} reference crops from the training split")
+    matcher = LogoMatcher().fit(refs)
+    match = {split: matcher.score_many(native[split], workers=workers, progress=progress) for split in ("val", "test")}
+    val_cnn = [{c: float(p) for c, p in zip(classes, row, strict=True)} for row in val_probs]
+    val_match = [{c: s for c, (s, _b) in m.items()} for m in match["val"]]
+    try:
+        combiner = fit_combiner(val_cnn, val_match, y_val)
+    except ValueError as exc:
+        say(progress, f"matcher: default fusion (cannot fit on this validation split: {exc})")
+        combiner = dict(DEFAULT_COMBINER)
+    return matcher, match, combiner
+
+
+def choose_thresholds(val_signals: dict[str, np.ndarray], y_val: list[str], target_precision: float) -> dict[str, dict[str, Any]]:
+    """Per signal: the lowest threshold reaching `target_precision` on val (else best F1)."""
+    val_logo = np.array([y != NO_LOGO for y in y_val])
+    out: dict[str, dict[str, Any]] = {}
+    for name, mat in val_signals.items():
+        if not len(y_val):
+            out[name] = {"threshold": 0.5, "target_met": False, "target": target_precision}
+            continue
+        score = mat.max(axis=1) if mat.size else np.zeros(len(y_val))
+        out[name] = threshold_for_precision(val_logo, score, target_precision)
+    return out
+
+
+def calibrate(
+    probs: dict[str, np.ndarray], classes: list[str], y_val: list[str], target_precision: float,
+    matcher_inputs: tuple[list[tuple[str, np.ndarray]], dict[str, list[np.ndarray]], int] | None = None,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Stage 3: matcher and fusion (when `matcher_inputs` = refs, native crops, workers), thresholds.
+
+    `probs` holds the classifier's val/test softmax; nothing of the test split is used to choose.
+    """
+    brands = [c for c in classes if c != NO_LOGO]
+    matcher, combiner = None, None
+    match: dict[str, MatchScores | None] = {"val": None, "test": None}
+    if matcher_inputs is not None:
+        refs, native, workers = matcher_inputs
+        matcher, fitted, combiner = fit_matcher(refs, native, probs["val"], classes, y_val, workers, progress)
+        match.update(fitted)
+    signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner) for split in ("val", "test")}
+    thresholds = choose_thresholds(signals["val"], y_val, target_precision)
+    main = "fused" if "fused" in signals["test"] else "cnn"
+    if not thresholds[main].get("target_met"):
+        say(progress, f"warning: no threshold reaches precision {target_precision} on the validation split; "
+            f"using the best-F1 threshold {float(thresholds[main]['threshold']):.3f}")
+    return Calibration(matcher=matcher, combiner=combiner, thresholds=thresholds, signals=signals, main=main)
