@@ -82,7 +82,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     source = next(s for s in config["sources"] if s["kind"] == "synthetic")
     first = dt.date.fromisoformat(str(source["start"]))
     last = first + dt.timedelta(days=days - 1)
-    progress = not quiet
+    progress = for_cli(quiet)
 
     t0 = _step(f"database and lake in {workdir}", quiet)
     upgrade(ctx.engine)
@@ -90,7 +90,7 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
     _done(t0, {}, quiet)
 
     t0 = _step(f"ingest: synthetic source {source['name']!r}, {first} .. {last}", quiet)
-    counts = backfill(ctx, source["name"], first, last, progress=for_cli(quiet))
+    counts = backfill(ctx, source["name"], first, last, progress=progress)
     _done(t0, counts, quiet)
 
     model = active_model(ctx)
@@ -99,16 +99,16 @@ def run_demo(workdir: str | Path = "var/demo", seed: int = 7, days: int = 30, qu
         brands = [b.name for b in ctx.settings.brands]
         data = make_training_folders(workdir / "training", brands, seed=seed + 1000)
         result = train_model(ctx, data, fmt="folders", profile="demo", activate="always",
-                              progress=for_cli(quiet))
+                              progress=progress)
         _done(t0, {"version": result.get("version"), "activated": result.get("activated")}, quiet)
     else:
         _step(f"model: {model['version']} already active", quiet)
 
     t0 = _step("detect: score new images", quiet)
-    _done(t0, detect_pending(ctx, progress=for_cli(quiet)), quiet)
+    _done(t0, detect_pending(ctx, progress=progress), quiet)
 
     t0 = _step("aggregate: recompute touched days", quiet)
-    _done(t0, aggregate_dirty(ctx, progress=for_cli(quiet)), quiet)
+    _done(t0, aggregate_dirty(ctx, progress=progress), quiet)
 
     t0 = _step("forecast: each brand's expected mentions into demand_signal (v_forecast)", quiet)
     _done(t0, refresh_forecasts(ctx), quiet)
