@@ -29,6 +29,7 @@ from sqlalchemy import Connection, bindparam, delete, insert, select, text, upda
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.database import chunks, upsert
+from pipeline.dates import as_utc
 from pipeline.records import Post
 from pipeline.schema import post_images, posts, quarantine, sources, utcnow
 
@@ -63,13 +64,7 @@ class LoadResult:
 
 
 def _day(ts: dt.datetime) -> dt.date:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=dt.UTC)
-    return ts.astimezone(dt.UTC).date()
-
-
-def _as_utc(ts: dt.datetime) -> dt.datetime:
-    return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts
+    return as_utc(ts).date()
 
 
 def wins(new: Post, old: Post, ties: str = "incoming") -> bool:
@@ -316,7 +311,7 @@ def _load_generic(conn: Connection, source: str, items: list[tuple[Post, str | N
             new_rows.append({**row, "source": source, "ingested_at": now, "updated_at": now})
             new_posts.append(post)
         elif found[1] != chash:
-            old_at = _as_utc(found[2])
+            old_at = as_utc(found[2])
             if post.posted_at < old_at or post.posted_at == old_at and ties == "content" and chash < found[1]:
                 result.superseded += 1  # the stored copy wins (see the module doc)
                 continue
