@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select, update
 
 from pipeline.context import Context
+from pipeline.dates import as_utc
 from pipeline.dirty import mark_days
 from pipeline.errors import BrandmonError, ConfigError
 from pipeline.ingest import images as image_fetch
@@ -52,12 +53,6 @@ COUNT_KEYS = (
 
 class IngestError(BrandmonError):
     """An ingest run failed for a reason other than the feed (storage, database, a bug)."""
-
-
-def as_utc(when: dt.datetime | dt.date) -> dt.datetime:
-    if not isinstance(when, dt.datetime):
-        return dt.datetime.combine(when, dt.time(), dt.UTC)
-    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 
 
 def window_key(start: dt.datetime, end: dt.datetime) -> str:
