@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=levels.get(args.verbose, logging.DEBUG), handlers=[handler])
+    if args.verbose == 0:  # off a terminal, progress is a log line now and then (--quiet: none)
+        logging.getLogger("pipeline.progress").setLevel(logging.INFO)
     if args.verbose < 2:
         for noisy in ("alembic", "botocore", "urllib3", "tensorflow", "absl"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -113,6 +113,21 @@ class LocalStore:
             raise StorageError(f"the lake folder {self.root} is not writable")
 
 
+def s3_client(endpoint_url: str | None = None, session: Any = None, max_attempts: int | None = None) -> Any:
+    """The one S3 client factory (the lake, archive exports): bounded connect/read timeouts and
+    the retry budget of AWS_MAX_ATTEMPTS. `session`: a boto3 Session (e.g. Airflow's AWS hook);
+    None: boto3's default credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    attempts = s3_max_attempts() if max_attempts is None else max_attempts
+    return (session or boto3).client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(retries={"total_max_attempts": attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60),
+    )
+
+
 class S3Store:
     """An S3 bucket (optionally under a prefix), through boto3."""
 
@@ -130,9 +145,6 @@ class S3Store:
         `credentials_hint` is what an access-denied error tells the user to check,
         `endpoint_hint` what to fix when the endpoint cannot be reached (the variable, or the
         Airflow connection it came from)."""
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
@@ -140,12 +152,7 @@ class S3Store:
         self.max_attempts = s3_max_attempts()
         self.credentials_hint = credentials_hint
         self.endpoint_hint = endpoint_hint
-        self.client = (session or boto3).client(
-            "s3",
-            endpoint_url=endpoint_url,
-            config=Config(retries={"total_max_attempts": self.max_attempts, "mode": "adaptive"}, connect_timeout=10,
-                          read_timeout=60),
-        )
+        self.client = s3_client(endpoint_url, session, self.max_attempts)
 
     def _key(self, key: str) -> str:
         validate_key(key)

@@ -157,3 +157,26 @@ def test_tensorflow_start_up_chatter_stays_off_a_users_terminal(tmp_path) -> Non
     loud = subprocess.run([sys.executable, "-c", "import tensorflow"], env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
                           capture_output=True, text=True, timeout=300)
     assert "absl::InitializeLog" in loud.stderr or "oneDNN" in loud.stderr
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_backfill_off_a_terminal_logs_progress_unless_quiet(tmp_path, quiet: bool) -> None:
+    """Off a terminal the CLI's progress is a log line now and then (README), shown at the
+    default verbosity, not only with -v; `--quiet` shows none."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "brandmon.yaml"
+    config.write_text('brands: [{name: Acme, keywords: [acme]}]\n'
+                      'sources: [{name: syn, kind: synthetic, days: 2, start: "2026-10-01"}]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRANDMON_")}
+    env.update(BRANDMON_HOME=str(tmp_path / "var"), BRANDMON_CONFIG=str(config))
+    run = [sys.executable, "-c", "import sys, pipeline.progress as p; p.LOG_EVERY_S = 0.0; "
+           "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"]
+    subprocess.run([*run, "db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    argv = ["backfill", "syn", "--start", "2026-10-01", "--end", "2026-10-02", *(["--quiet"] if quiet else [])]
+    done = subprocess.run([*run, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "backfill syn: " in line]
+    assert (lines == []) if quiet else ("backfill syn: 2 of 2 day" in lines[-1]), done.stderr

@@ -76,3 +76,36 @@ def test_the_wheel_holds_product_code_only(tmp_path):
     tops = {n.split("/")[0] for n in names} - {"pipeline"}
     assert len(tops) == 1 and tops.pop().endswith(".dist-info")
     assert [n for n in names if Path(n).stem in TEST_TOOLS or "conftest" in n] == []
+
+
+def _architecture_tree() -> list[str]:
+    """The paths of README's Architecture tree (`pipeline/`, `  sources/<platform>/`, ...), each
+    made whole from its indentation."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    paths: list[str] = []
+    stack: list[tuple[int, str]] = []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = (stack[-1][1] if stack else "") + name
+        stack.append((indent, path if path.endswith("/") else path + "/"))
+        paths.append(path)
+    return paths
+
+
+def test_readme_architecture_tree_names_every_package_folder_and_only_real_paths():
+    tree = _architecture_tree()
+    for path in tree:
+        real = path.replace("<platform>/", "mastodon/")
+        assert (ROOT / real).exists(), f"README's Architecture tree names {path}, which does not exist"
+    named = {p.replace("<platform>/", "") for p in tree}
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        folder = init.parent.relative_to(ROOT).as_posix() + "/"
+        parent = init.parent.parent.relative_to(ROOT).as_posix() + "/"
+        assert folder in named or parent in named and parent.endswith("sources/") or folder == "pipeline/migrations/", (
+            f"{folder} has no line in README's Architecture tree")
+    assert "pipeline/detector/train.py" in tree and "tests/support/" in tree

@@ -133,12 +133,7 @@ def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
         except ValueError:
             pass
         else:
-            if when.tzinfo is None:
-                return when.replace(tzinfo=dt.UTC)
-            try:
-                return when.astimezone(dt.UTC)
-            except (OverflowError, ValueError):
-                raise Reject(f"{what} out of range: {value[:40]!r}") from None
+            return _utc(when, what, value)
     if value is None or value == "":
         raise Reject(f"missing {what}")
     if isinstance(value, bool):
@@ -165,6 +160,11 @@ def parse_time(value: Any, what: str = "created_at") -> dt.datetime:
         when = _fromiso(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise Reject(f"bad {what}: {text[:40]!r}") from None
+    return _utc(when, what, text)
+
+
+def _utc(when: dt.datetime, what: str, text: str) -> dt.datetime:
+    """`when` in UTC (naive means UTC); Reject when the shift leaves datetime's range."""
     if when.tzinfo is None:
         return when.replace(tzinfo=dt.UTC)
     try:

@@ -1,6 +1,7 @@
 """The table of source kinds: settings validation, the connector factory and README's options
 table all come from here. Adding a platform = its folder under `pipeline/sources/` (with
-`OPTIONS`, `CONNECTOR`, `SUMMARY` in its `__init__`) and one line in `KINDS`.
+`OPTIONS`, `CONNECTOR`, `SUMMARY`, `EXAMPLE` in its `__init__`) and one line in `KINDS`; then
+`python -m pipeline.sources.registry` prints README's options table to paste.
 
 Importing this module loads only the options dataclasses (no HTTP client, no parser): the
 settings module calls it at start-up.
@@ -31,18 +32,19 @@ KINDS = (
 
 @dataclass(frozen=True)
 class Kind:
-    """One source kind: its options class, its connector (`module:Class`, imported when made)
-    and a few words for README."""
+    """One source kind: its options class, its connector (`module:Class`, imported when made),
+    a few words for README and the options of a working source (for tests)."""
 
     name: str
     options: type[SourceOptions]
     connector: str
     summary: str
+    example: dict[str, Any]
 
 
 def _load(name: str) -> Kind:
     mod = importlib.import_module(f"pipeline.sources.{name}")
-    return Kind(name, mod.OPTIONS, mod.CONNECTOR, mod.SUMMARY)
+    return Kind(name, mod.OPTIONS, mod.CONNECTOR, mod.SUMMARY, dict(mod.EXAMPLE))
 
 
 REGISTRY: dict[str, Kind] = {name: _load(name) for name in KINDS}
@@ -118,3 +120,7 @@ def options_of(source: SourceConfig) -> SourceOptions:
     opts = REGISTRY[source.kind].options.read(source)
     opts.check(source.name)
     return opts
+
+
+if __name__ == "__main__":  # README's table, to paste after adding or changing an option
+    print(options_table())

@@ -115,3 +115,19 @@ def test_quick_gil_handoffs_restores_the_interval():
     with quick_gil_handoffs(0.001):
         assert sys.getswitchinterval() == pytest.approx(0.001)
     assert sys.getswitchinterval() == old
+
+
+def test_archive_s3_client_is_the_stores_bounded_client(monkeypatch):
+    """One S3 client factory (`objectstore.s3_client`): an s3:// archive gets the lake's
+    timeouts and retry budget (AWS_MAX_ATTEMPTS), not boto3's defaults (60 s connect)."""
+    from pipeline.objectstore import S3Store
+    from pipeline.sources.archive.files import ArchiveFiles
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    archive = ArchiveFiles("s3://exports/brand", endpoint_url="http://127.0.0.1:9").\
+        _client.meta.config
+    store = S3Store("lake", endpoint_url="http://127.0.0.1:9").client.meta.config
+    for cfg in (archive, store):
+        assert (cfg.connect_timeout, cfg.read_timeout) == (10, 60)
+        assert cfg.retries["total_max_attempts"] == 4

@@ -18,22 +18,22 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def test_readme_options_table_is_the_registry_s():
     table = registry.options_table()
     assert table in README.read_text(encoding="utf-8"), (
-        "README's source options table differs from pipeline.sources.registry.options_table(); paste its output")
+        "README's source options table differs from pipeline.sources.registry.options_table(); paste the output of `python -m pipeline.sources.registry`")
     for kind in registry.KINDS:
         for f in dataclasses.fields(registry.REGISTRY[kind].options):
             assert f"`{f.name}`" in table
 
 
 def test_settings_kinds_and_connectors_come_from_the_registry(tmp_path):
+    """Each kind's `EXAMPLE` options (from its folder) make a connector of its class."""
     assert SOURCE_KINDS == registry.KINDS
     settings = load_settings(env={"BRANDMON_HOME": str(tmp_path)})
     for kind in registry.KINDS:
         opts = registry.REGISTRY[kind].options
         assert issubclass(opts, SourceOptions) and dataclasses.is_dataclass(opts)
-        required = {f.name: "https://x.example" if f.name == "base_url" else ["q"] if f.name == "queries" else str(tmp_path)
-                    for f in dataclasses.fields(opts) if f.metadata.get("required")}
-        extra = {"hashtags": ["acme"]} if kind == "mastodon" else {"subreddits": ["acme"]} if kind == "reddit" else {}
-        conn = registry.make_connector(settings, SourceConfig(name="s", kind=kind, options={**required, **extra}))
+        example = registry.REGISTRY[kind].example  # the folder's own: a new platform needs no line here
+        assert {f.name for f in dataclasses.fields(opts) if f.metadata.get("required")} <= set(example)
+        conn = registry.make_connector(settings, SourceConfig(name="s", kind=kind, options=dict(example)))
         assert conn.kind == kind and isinstance(conn.options, opts)
         conn.close()
 

@@ -9,5 +9,6 @@ from pipeline.sources.archive.options import ArchiveOptions as OPTIONS
 
 CONNECTOR = "pipeline.sources.archive.connector:ArchiveConnector"
 SUMMARY = "JSONL/CSV exports (see [Archive exports](#archive-exports))"
+EXAMPLE = {"path": "./exports/"}  # options of a working source (the registry test makes one)
 
-__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]
+__all__ = ["CONNECTOR", "EXAMPLE", "OPTIONS", "SUMMARY"]

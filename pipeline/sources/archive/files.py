@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipeline.errors import ConfigError, StorageError
-from pipeline.objectstore import parse_storage_url
+from pipeline.objectstore import parse_storage_url, s3_client
 from pipeline.sources.archive.options import (
     MAX_FILE_BYTES,
     MAX_GZIP_RATIO,
@@ -91,10 +91,8 @@ class ArchiveFiles:
         loc = parse_storage_url(path)
         self.s3 = loc.scheme == "s3"
         if self.s3:
-            import boto3
-
             self.bucket, self.prefix = loc.bucket, loc.prefix
-            self._client = boto3.client("s3", endpoint_url=endpoint_url)
+            self._client = s3_client(endpoint_url)
         else:
             self.root = (Path(loc.path) if loc.scheme == "file" else Path(path)).expanduser()
 

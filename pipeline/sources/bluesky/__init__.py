@@ -9,5 +9,6 @@ from pipeline.sources.bluesky.options import BlueskyOptions as OPTIONS
 
 CONNECTOR = "pipeline.sources.bluesky.connector:BlueskyConnector"
 SUMMARY = "searches of Bluesky posts"
+EXAMPLE = {"queries": ["acme"]}  # options of a working source (the registry test makes one)
 
-__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]
+__all__ = ["CONNECTOR", "EXAMPLE", "OPTIONS", "SUMMARY"]

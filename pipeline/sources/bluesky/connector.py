@@ -31,7 +31,6 @@ class BlueskyConnector(Connector):
     def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
         super().__init__(source, network, sleep=sleep)
         opts = self.options
-        opts.check(source.name)
         self.base_url = opts.base_url.rstrip("/")
         self.queries = list(opts.queries)
         self.limit = opts.limit

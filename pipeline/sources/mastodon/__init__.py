@@ -9,5 +9,6 @@ from pipeline.sources.mastodon.options import MastodonOptions as OPTIONS
 
 CONNECTOR = "pipeline.sources.mastodon.connector:MastodonConnector"
 SUMMARY = "hashtag timelines and account statuses of a Mastodon-API server"
+EXAMPLE = {"base_url": "https://mastodon.social", "hashtags": ["acme"]}  # options of a working source (the registry test makes one)
 
-__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]
+__all__ = ["CONNECTOR", "EXAMPLE", "OPTIONS", "SUMMARY"]

@@ -137,7 +137,6 @@ class MastodonConnector(Connector):
     def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
         super().__init__(source, network, sleep=sleep)
         opts = self.options
-        opts.check(source.name)
         self.base_url = str(opts.base_url).rstrip("/")
         self.hashtags = [h.lstrip("#") for h in opts.hashtags]
         self.accounts = list(opts.accounts)

@@ -9,5 +9,6 @@ from pipeline.sources.reddit.options import RedditOptions as OPTIONS
 
 CONNECTOR = "pipeline.sources.reddit.connector:RedditConnector"
 SUMMARY = "subreddit listings and searches"
+EXAMPLE = {"subreddits": ["acme"]}  # options of a working source (the registry test makes one)
 
-__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]
+__all__ = ["CONNECTOR", "EXAMPLE", "OPTIONS", "SUMMARY"]

@@ -37,7 +37,6 @@ class RedditConnector(Connector):
     def __init__(self, source: SourceConfig, network: NetworkConfig, *, sleep: Callable[[float], None] | None = None) -> None:
         super().__init__(source, network, sleep=sleep)
         opts = self.options
-        opts.check(source.name)
         self.subreddits = [s.removeprefix("r/").strip("/") for s in opts.subreddits]
         self.queries = list(opts.queries)
         self.limit = opts.limit

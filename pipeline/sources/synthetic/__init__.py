@@ -9,5 +9,6 @@ from pipeline.sources.synthetic.options import SyntheticOptions as OPTIONS
 
 CONNECTOR = "pipeline.sources.synthetic.connector:SyntheticConnector"
 SUMMARY = "the demo's generated feed"
+EXAMPLE = {"days": 30}  # options of a working source (the registry test makes one)
 
-__all__ = ["CONNECTOR", "OPTIONS", "SUMMARY"]
+__all__ = ["CONNECTOR", "EXAMPLE", "OPTIONS", "SUMMARY"]

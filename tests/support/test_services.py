@@ -1,4 +1,4 @@
-"""The throwaway services' helpers: finding Postgres binaries of any version."""
+"""tests/support/services.py (the throwaway Postgres and S3 servers): finding Postgres binaries of any version."""
 
 from __future__ import annotations
 
