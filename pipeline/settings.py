@@ -31,7 +31,7 @@ import yaml
 from pipeline.alerts.config import AlertsConfig, check_catalogue, parse_alerts
 from pipeline.errors import ConfigError, StorageError
 from pipeline.redact import redact_url
-from pipeline.sources.registry import KINDS, check_options
+from pipeline.sources.registry import KINDS, check_options, unknown_key
 
 SOURCE_KINDS = KINDS  # the source registry's kinds (pipeline/sources/registry.py)
 
@@ -253,6 +253,7 @@ def _typed_section(raw: Any, cls: type, where: str) -> dict[str, Any]:
     defaults = cls()
     for key, value in raw.items():
         if key not in cls.__dataclass_fields__:
+            unknown_key(where, str(key), sorted(cls.__dataclass_fields__))
             continue
         default = getattr(defaults, key)
         if isinstance(default, tuple):

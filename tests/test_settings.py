@@ -200,3 +200,20 @@ def test_empty_salt_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "var" / "author_salt").write_text("")
     with pytest.raises(ConfigError, match="author salt file .* is empty"):
         load_settings(env=_env(tmp_path))
+
+
+def test_unknown_keys_are_named_loudly_with_the_closest_known_one(tmp_path: Path, caplog) -> None:
+    """Outside check of #13: `limt: 5` or `walk: sideways` on a source was ignored without a word."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources:\n  - {name: m1, kind: mastodon, base_url: 'https://m.example', hashtags: [acme], limt: 5,"
+                   " walk: sideways}\nnetwork: {timeout_s: 5, max_retires: 2}\n")
+    caplog.set_level("WARNING")
+    s = load_settings(env=_env(tmp_path, BRANDMON_CONFIG=str(cfg)))
+    assert s.network.timeout_s == 5
+    text = caplog.text
+    assert "sources (m1): unknown key `limt` is ignored (did you mean `limit`?)" in text
+    assert "sources (m1): unknown key `walk` is ignored" in text
+    assert "unknown key `max_retires` is ignored (did you mean `max_retries`?)" in text
+    caplog.clear()
+    load_settings(env=_env(tmp_path))  # a config with only known keys says nothing
+    assert "unknown key" not in caplog.text

@@ -10,7 +10,9 @@ settings module calls it at start-up.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,15 @@ def _all_specs() -> dict[str, tuple[str, Any]]:
 
 
 _SPECS = _all_specs()
+log = logging.getLogger(__name__)
+
+
+def unknown_key(where: str, key: str, known: list[str]) -> None:
+    """Say loudly that a config key means nothing to brandmon (a typo such as `limt` would
+    otherwise be ignored without a word), with the closest known key when there is one."""
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean `{near[0]}`?)" if near else ""
+    log.warning("%s: unknown key `%s` is ignored%s", where, key, hint)
 
 
 def check_options(source: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +87,7 @@ def check_options(source: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]
         elif key.endswith("_env"):
             spec = STRING
         else:
+            unknown_key(f"sources ({source})", key, sorted(own))
             out[key] = value
             continue
         out[key] = check_option(source, key, value, spec)
