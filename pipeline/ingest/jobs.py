@@ -41,7 +41,7 @@ from pipeline.schema import sources, utcnow
 from pipeline.settings import Settings
 from pipeline.sources.connector import Connector
 from pipeline.sources.parsing import Reject, excerpt
-from pipeline.sources.registry import make_connector
+from pipeline.sources.registry import REGISTRY, make_connector
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def fetch_images(ctx: Context, *, source: str | None = None, post_ids: list[int]
     connectors = []
     configured = {s.name: s for s in ctx.settings.sources}
     for name in sorted({r["source"] for r in rows}):
-        if name in configured and configured[name].kind == "synthetic":
+        if name in configured and REGISTRY[configured[name].kind].serves_images:
             c = make_connector(ctx.settings, configured[name])
             connectors.append(c)
             byte_sources[name] = c.image_bytes

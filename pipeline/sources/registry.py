@@ -42,11 +42,13 @@ class Kind:
     connector: str
     summary: str
     example: dict[str, Any]
+    serves_images: bool = False  # its connector's `image_bytes` gives the bytes (no HTTP fetch)
 
 
 def _load(name: str) -> Kind:
     mod = importlib.import_module(f"pipeline.sources.{name}")
-    return Kind(name, mod.OPTIONS, mod.CONNECTOR, mod.SUMMARY, dict(mod.EXAMPLE))
+    return Kind(name, mod.OPTIONS, mod.CONNECTOR, mod.SUMMARY, dict(mod.EXAMPLE),
+                bool(getattr(mod, "SERVES_IMAGES", False)))
 
 
 REGISTRY: dict[str, Kind] = {name: _load(name) for name in KINDS}

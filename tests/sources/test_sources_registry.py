@@ -51,3 +51,19 @@ def test_options_are_typed_with_defaults_and_checked_when_read():
 
     conn = ArchiveConnector(SourceConfig(name="a", kind="archive", options={"path": "/x", "max_row_bytes": "7"}), NetworkConfig())
     assert conn.limits.max_row_bytes == 7 and conn.options.html == "auto"
+
+
+def test_a_kind_that_serves_its_own_images_says_so_in_its_folder():
+    """Outside check of #13: the image job named `synthetic` itself; now each platform's folder
+    declares SERVES_IMAGES, and exactly those connectors override `image_bytes`."""
+    import importlib
+
+    from pipeline.sources.connector import Connector
+    from pipeline.sources.registry import REGISTRY
+
+    served = {name for name, kind in REGISTRY.items() if kind.serves_images}
+    assert served == {"synthetic"}
+    for name, kind in REGISTRY.items():
+        module, _, cls_name = kind.connector.partition(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        assert (cls.image_bytes is not Connector.image_bytes) == kind.serves_images, name
