@@ -191,7 +191,6 @@ def str_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-_strs = str_list  # the name the checks below use
 
 MAX_NAME_CHARS = 200
 MAX_SOURCE_NAME_CHARS = 100
@@ -212,20 +211,20 @@ def _parse_brand(raw: Any, i: int) -> Brand:
         products.append(
             Product(
                 name=p["name"].strip(),
-                keywords=_strs(p.get("keywords"), f"brands[{i}].products[{j}].keywords"),
-                hashtags=_strs(p.get("hashtags"), f"brands[{i}].products[{j}].hashtags"),
-                logo_classes=_strs(p.get("logo_classes"), f"brands[{i}].products[{j}].logo_classes"),
+                keywords=str_list(p.get("keywords"), f"brands[{i}].products[{j}].keywords"),
+                hashtags=str_list(p.get("hashtags"), f"brands[{i}].products[{j}].hashtags"),
+                logo_classes=str_list(p.get("logo_classes"), f"brands[{i}].products[{j}].logo_classes"),
             )
         )
     return Brand(
         name=name,
-        keywords=_strs(raw.get("keywords"), f"brands[{i}].keywords"),
-        hashtags=_strs(raw.get("hashtags"), f"brands[{i}].hashtags"),
-        aliases=_strs(raw.get("aliases"), f"brands[{i}].aliases"),
-        accounts=_strs(raw.get("accounts"), f"brands[{i}].accounts"),
-        exclude=_strs(raw.get("exclude"), f"brands[{i}].exclude"),
+        keywords=str_list(raw.get("keywords"), f"brands[{i}].keywords"),
+        hashtags=str_list(raw.get("hashtags"), f"brands[{i}].hashtags"),
+        aliases=str_list(raw.get("aliases"), f"brands[{i}].aliases"),
+        accounts=str_list(raw.get("accounts"), f"brands[{i}].accounts"),
+        exclude=str_list(raw.get("exclude"), f"brands[{i}].exclude"),
         products=tuple(products),
-        logo_classes=_strs(raw.get("logo_classes"), f"brands[{i}].logo_classes"),
+        logo_classes=str_list(raw.get("logo_classes"), f"brands[{i}].logo_classes"),
     )
 
 
@@ -257,7 +256,7 @@ def _typed_section(raw: Any, cls: type, where: str) -> dict[str, Any]:
             continue
         default = getattr(defaults, key)
         if isinstance(default, tuple):
-            value = _strs(value, f"{where}.{key}")
+            value = str_list(value, f"{where}.{key}")
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")

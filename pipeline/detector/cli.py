@@ -115,7 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from pipeline.detector.infer import detect, parse_batch_key
+    from pipeline.dag_assets import parse_batch_key
+    from pipeline.detector.infer import detect
     from pipeline.detector.registry import UnknownModel, active_version
 
     ctx = _ctx()

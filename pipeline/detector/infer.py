@@ -26,7 +26,7 @@ import numpy as np
 from sqlalchemy import and_, select
 
 from pipeline.context import Context
-from pipeline.dag_assets import BadBatchKey, make_batch_key, parse_batch_key  # noqa: F401 (re-exported)
+from pipeline.dag_assets import make_batch_key
 from pipeline.database import upsert
 from pipeline.detector import NO_LOGO
 from pipeline.dirty import mark_days_of_images

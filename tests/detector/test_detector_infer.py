@@ -10,7 +10,7 @@ import pytest
 from detector_helpers import jpeg_bytes, scene, store_images
 from sqlalchemy import select
 
-from pipeline.detector.infer import parse_batch_key
+from pipeline.dag_assets import parse_batch_key
 from pipeline.detector.jobs import detect_pending, pending_batches
 from pipeline.detector.review import export_queue, import_labels
 from pipeline.dirty import pending_days
