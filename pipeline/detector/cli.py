@@ -93,6 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, s in m["per_signal_test"].items():
             print(f"  {name:8s} P {s['logo']['precision']:.3f}  R {s['logo']['recall']:.3f}  "
                   f"top-1 {s['brand_accuracy']:.3f}")
+        if m.get("intervals"):
+            from pipeline.detector.evaluate import interval_text
+
+            print(f"  {m['signal']}, 95% Wilson intervals: " + "  ".join(interval_text(k, v) for k, v in m["intervals"].items()))
         training = m.get("training") or {}
         if training.get("cut_by_time_budget"):
             from pipeline.detector.train import budget_cut_message

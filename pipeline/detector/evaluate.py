@@ -2,7 +2,8 @@
 
 Every signal the model has is scored on its own and fused (CNN, matcher, fused), each at the
 threshold the training run chose for it on its validation split, so the figures printed here
-are the ones the model would produce in `brandmon detect`. Folder names match the model's
+are the ones the model would produce in `brandmon detect`. Logo precision, recall and brand
+top-1 come with their 95% Wilson score intervals and counts (`intervals`, per signal too). Folder names match the model's
 classes case-insensitively; `no_logo` (any case) holds the images without a brand; a folder
 whose class the model does not know counts as a brand the model must miss.
 """
@@ -90,12 +91,20 @@ def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, 
     report["signal"] = main
     report["signals"] = {
         name: {"logo": {k: m["logo"][k] for k in ("precision", "recall", "f1")}, "brand_accuracy": m["brand_accuracy"],
-               "average_precision": m["average_precision"], "threshold": m["threshold"]}
+               "average_precision": m["average_precision"], "threshold": m["threshold"], "intervals": m["intervals"]}
         for name, m in per_signal.items()
     }
     report["unknown_classes"] = sorted({lab for lab in labels if lab not in spec.classes})
     report["unreadable"] = unreadable
     return report
+
+
+INTERVAL_NAMES = {"logo_precision": "logo P", "logo_recall": "logo R", "brand_accuracy": "brand top-1"}
+
+
+def interval_text(key: str, iv: dict[str, Any]) -> str:
+    """`logo P 0.956 [0.901, 0.981] (87/91)`: a proportion, its interval and its counts."""
+    return f"{INTERVAL_NAMES.get(key, key)} {iv['estimate']:.3f} [{iv['low']:.3f}, {iv['high']:.3f}] ({iv['k']}/{iv['n']})"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -110,6 +119,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {name:8s} logo P {lo['precision']:.3f}  R {lo['recall']:.3f}  F1 {lo['f1']:.3f}  "
             f"brand top-1 {m['brand_accuracy']:.3f}  AP {m['average_precision']:.3f}"
         )
+    lines.append(f"  {report['signal']} with {report.get('interval_method', 'Wilson score, 95% two-sided')} intervals "
+                 "[low, high] (count/out of):")
+    lines.append("    " + "  ".join(interval_text(k, v) for k, v in report["intervals"].items()))
     if report["unknown_classes"]:
         lines.append(f"  classes the model does not know: {', '.join(report['unknown_classes'])}")
     if report["unreadable"]:

@@ -1,5 +1,9 @@
 """Detector metrics in plain numpy: per-class P/R/F1, logo-vs-no-logo P/R, confusion, PR curve.
 
+Every proportion reported (logo precision, recall, brand top-1) carries its 95% Wilson score
+interval and the counts behind it (`intervals`): on a split of ~200 photos a point estimate
+moves by several points from one sample of photos to the next.
+
 Conventions (the same for every signal: CNN, matcher, fused): each image has a score per
 brand class; its *logo score* is the highest brand score; it is called a logo when that score
 reaches the threshold, and its predicted class is then the top brand, else `no_logo`.
@@ -8,8 +12,10 @@ reaches the threshold, and its predicted class is then the top brand, else `no_l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -24,8 +30,8 @@ def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
 
 
-def pr_curve(is_logo: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision, recall and threshold at every distinct score (descending thresholds)."""
+def pr_counts(is_logo: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives called at every distinct score (descending thresholds)."""
     is_logo = np.asarray(is_logo, bool)
     score = np.asarray(score, float)
     order = np.argsort(-score, kind="stable")
@@ -33,8 +39,13 @@ def pr_curve(is_logo: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nda
     tp = np.cumsum(y)
     fp = np.cumsum(~y)
     last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1] if len(s) else np.array([], int)
-    tp, fp, thr = tp[last], fp[last], s[last]
-    pos = max(1, int(is_logo.sum()))
+    return tp[last], fp[last], s[last]
+
+
+def pr_curve(is_logo: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at every distinct score (descending thresholds)."""
+    tp, fp, thr = pr_counts(is_logo, score)
+    pos = max(1, int(np.asarray(is_logo, bool).sum()))
     precision = tp / np.maximum(1, tp + fp)
     recall = tp / pos
     return precision, recall, thr
@@ -48,30 +59,88 @@ def average_precision(is_logo: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum((recall - prev) * precision))
 
 
-def threshold_for_precision(is_logo: np.ndarray, score: np.ndarray, target: float) -> dict[str, Any]:
-    """The lowest threshold whose precision reaches `target` (most recall at that precision).
+THRESHOLD_RULES = ("wilson", "point")
+INTERVAL_METHOD = "Wilson score, 95% two-sided"
 
-    If no threshold reaches it, the one with the best F1 is returned and `target_met` is false,
-    so a caller can say so rather than silently shipping a low-precision model.
+
+def z_of(confidence: float) -> float:
+    """The two-sided normal quantile of a confidence level (0.95 -> 1.96)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, not {confidence!r}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion k/n (two-sided; (0, 1) when n is 0).
+
+    Why Wilson: unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse
+    to a point at k = n, which is where a detector's precision usually sits.
     """
-    precision, recall, thr = pr_curve(is_logo, score)
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    z = z_of(confidence)
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def proportion(k: int, n: int, confidence: float = 0.95) -> dict[str, Any]:
+    """A proportion with its Wilson interval and the counts behind it (JSON-ready)."""
+    low, high = wilson_interval(k, n, confidence)
+    return {"estimate": round(k / n, 4) if n else 0.0, "low": round(low, 4), "high": round(high, 4),
+            "k": int(k), "n": int(n)}
+
+
+def threshold_for_precision(is_logo: np.ndarray, score: np.ndarray, target: float, rule: str = "point",
+                            confidence: float = 0.95) -> dict[str, Any]:
+    """The lowest threshold (most recall) whose precision reaches `target` under `rule`.
+
+    `point`: the precision measured on these images reaches `target` -- on a small validation
+    split about half of such choices fall below `target` on new images. `wilson`: the lower end
+    of the precision's Wilson interval at `confidence` reaches it -- a margin that shrinks as
+    the split grows. When no threshold has that margin, `wilson` takes, among the thresholds
+    whose measured precision reaches `target`, the one with the highest lower bound, and says
+    `margin_met: false`. If none reaches `target` at all, the best-F1 threshold is returned with
+    `target_met: false`, so a caller can say so rather than silently ship a low-precision model.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}")
+    tp, fp, thr = pr_counts(is_logo, score)
+    precision = tp / np.maximum(1, tp + fp)
+    recall = tp / max(1, int(np.asarray(is_logo, bool).sum()))
+    if not len(thr):
+        return {"threshold": 0.5, "precision": 0.0, "recall": 0.0, "target": target, "target_met": False,
+                "rule": rule, "margin_met": False}
+    called = tp + fp
+    lows = np.array([wilson_interval(int(a), int(b), confidence)[0] for a, b in zip(tp, called, strict=True)])
     ok = np.nonzero(precision >= target)[0]
-    if len(ok):
+    sure = np.nonzero(lows >= target)[0]
+    if rule == "wilson" and len(sure):
+        i = int(sure[np.argmax(recall[sure])])
+    elif rule == "wilson" and len(ok):
+        i = int(ok[np.argmax(lows[ok])])
+    elif len(ok):
+        # ok is sorted by threshold desc and recall rises along it: argmax = the lowest threshold
         i = int(ok[np.argmax(recall[ok])])
-        # among equal-recall points prefer the lowest threshold (ok is sorted by threshold desc)
-        met = True
     else:
         f1 = 2 * precision * recall / np.maximum(1e-9, precision + recall)
-        i = int(np.argmax(f1)) if len(f1) else 0
-        met = False
-    if not len(thr):
-        return {"threshold": 0.5, "precision": 0.0, "recall": 0.0, "target": target, "target_met": False}
+        i = int(np.argmax(f1))
     return {
         "threshold": float(thr[i]),
         "precision": round(float(precision[i]), 4),
         "recall": round(float(recall[i]), 4),
         "target": target,
-        "target_met": met,
+        "target_met": bool(precision[i] >= target),
+        "rule": rule,
+        "confidence": confidence,
+        "precision_low": round(float(lows[i]), 4),
+        "margin_met": bool(lows[i] >= target),
+        "tp": int(tp[i]),
+        "called": int(called[i]),
     }
 
 
@@ -113,6 +182,11 @@ def evaluate_scores(
         ctp = int(confusion[k, k])
         per_class[c] = {**_prf(ctp, int(confusion[:, k].sum()) - ctp, support - ctp), "support": support}
     exact = sum(1 for t, p in zip(y_true, pred, strict=True) if t == p)
+    intervals = {
+        "logo_precision": proportion(tp, tp + fp),  # photos called a logo that have one
+        "logo_recall": proportion(tp, tp + fn),  # logo photos called a logo
+        "brand_accuracy": proportion(brand_hits, len(with_brand)),  # logo photos whose top brand is right
+    }
     return {
         "n_images": n,
         "n_logo": int(is_logo.sum()),
@@ -123,6 +197,8 @@ def evaluate_scores(
         "average_precision": round(average_precision(is_logo, logo_score), 4),
         "per_class": per_class,
         "confusion": {"labels": labels, "matrix": confusion.tolist()},
+        "intervals": intervals,
+        "interval_method": INTERVAL_METHOD,
     }
 
 

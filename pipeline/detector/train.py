@@ -97,7 +97,8 @@ def train(
         fitted = fit_classifier(ctx, prepared, cfg, wpath, tb_root, progress)
         clock.lap("train")
         inputs = (matcher_refs(prepared), prepared.prep.native, cfg.runtime.matcher_workers) if prepared.want_matcher else None
-        cal = calibrate(fitted.probs, prepared.classes, prepared.labels("val"), target_precision, inputs, progress)
+        cal = calibrate(fitted.probs, prepared.classes, prepared.labels("val"), target_precision, inputs, progress,
+                        rule=cfg.model.threshold_rule)
         clock.lap("calibrate")
         metrics = heldout_metrics(cal, prepared.brands, prepared.labels("val"), prepared.labels("test"), target_precision)
         metrics["training"] = training_summary(fitted.history, cfg)
@@ -142,7 +143,8 @@ def register_and_activate(
     version = registry.register(ctx, spec, artifact, fingerprint([*samples["train"], *samples["val"], *samples["test"]]),
                                 metrics, params)
     clock.lap("save")
-    files = write_reports(ctx, version, samples["test"], cal.signals["test"])
+    files = write_reports(ctx, version, samples["test"], cal.signals["test"],
+                          (prepared.brands, cal.signals, {k: prepared.labels(k) for k in ("val", "test")}))
     clock.lap("reports")
     baseline = _score_active_on(ctx, files["eval_dir"], activate, progress)
     if baseline is not None:

@@ -1,16 +1,19 @@
 """Stage 3, calibrate: everything chosen is chosen on the validation split only -- the matcher's
-fusion weights and each signal's decision threshold for the target precision. The test split
+fusion weights and each signal's decision threshold for the target precision (by default with
+a margin for the split's size: `choose_thresholds`). The test split
 is scored with those choices here, and only ever reported (`report`)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.detector import NO_LOGO
-from pipeline.detector.metrics import threshold_for_precision
+from pipeline.detector.data import DataError
+from pipeline.detector.metrics import THRESHOLD_RULES, threshold_for_precision
 from pipeline.detector.training.narrate import say
 from pipeline.progress import Progress
 
@@ -75,8 +78,14 @@ def fit_matcher(
     return matcher, match, combiner
 
 
-def choose_thresholds(val_signals: dict[str, np.ndarray], y_val: list[str], target_precision: float) -> dict[str, dict[str, Any]]:
-    """Per signal: the lowest threshold reaching `target_precision` on val (else best F1)."""
+def choose_thresholds(val_signals: dict[str, np.ndarray], y_val: list[str], target_precision: float,
+                      rule: str = "wilson") -> dict[str, dict[str, Any]]:
+    """Per signal: the lowest threshold reaching `target_precision` on val under `rule` (else best F1).
+
+    `wilson` (default) asks the lower end of the 95% Wilson interval of val precision to reach
+    the target, so the margin fits the split's size: the old `point` rule, on a 181-photo val
+    split, shipped thresholds whose precision fell to 0.85 on new photos (issue #14).
+    """
     val_logo = np.array([y != NO_LOGO for y in y_val])
     out: dict[str, dict[str, Any]] = {}
     for name, mat in val_signals.items():
@@ -84,19 +93,21 @@ def choose_thresholds(val_signals: dict[str, np.ndarray], y_val: list[str], targ
             out[name] = {"threshold": 0.5, "target_met": False, "target": target_precision}
             continue
         score = mat.max(axis=1) if mat.size else np.zeros(len(y_val))
-        out[name] = threshold_for_precision(val_logo, score, target_precision)
+        out[name] = threshold_for_precision(val_logo, score, target_precision, rule=rule)
     return out
 
 
 def calibrate(
     probs: dict[str, np.ndarray], classes: list[str], y_val: list[str], target_precision: float,
     matcher_inputs: tuple[list[tuple[str, np.ndarray]], dict[str, list[np.ndarray]], int] | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, rule: str = "wilson",
 ) -> Calibration:
     """Stage 3: matcher and fusion (when `matcher_inputs` = refs, native crops, workers), thresholds.
 
     `probs` holds the classifier's val/test softmax; nothing of the test split is used to choose.
     """
+    if rule not in THRESHOLD_RULES:
+        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}")
     brands = [c for c in classes if c != NO_LOGO]
     matcher, combiner = None, None
     match: dict[str, MatchScores | None] = {"val": None, "test": None}
@@ -105,9 +116,14 @@ def calibrate(
         matcher, fitted, combiner = fit_matcher(refs, native, probs["val"], classes, y_val, workers, progress)
         match.update(fitted)
     signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner) for split in ("val", "test")}
-    thresholds = choose_thresholds(signals["val"], y_val, target_precision)
+    thresholds = choose_thresholds(signals["val"], y_val, target_precision, rule)
     main = "fused" if "fused" in signals["test"] else "cnn"
-    if not thresholds[main].get("target_met"):
+    chosen = thresholds[main]
+    if not chosen.get("target_met"):
         say(progress, f"warning: no threshold reaches precision {target_precision} on the validation split; "
-            f"using the best-F1 threshold {float(thresholds[main]['threshold']):.3f}")
+            f"using the best-F1 threshold {float(chosen['threshold']):.3f}")
+    elif rule == "wilson" and not chosen.get("margin_met"):
+        say(progress, f"the validation split is too small to show precision {target_precision} with 95% "
+            f"confidence (best lower bound {chosen['precision_low']:.3f} at {chosen['tp']}/{chosen['called']}); "
+            f"threshold {float(chosen['threshold']):.3f} may fall below the target on new photos", level=logging.WARNING)
     return Calibration(matcher=matcher, combiner=combiner, thresholds=thresholds, signals=signals, main=main)

@@ -11,6 +11,7 @@ from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pipeline.detector.data import DataError, SampleSpec
+from pipeline.detector.metrics import THRESHOLD_RULES
 from pipeline.detector.split import DEFAULT_FRACTIONS
 
 
@@ -33,6 +34,9 @@ class ModelConfig:
     input_size: int | None = None  # None: 299 with pretrained weights, 128 from scratch
     dropout: float = 0.3
     matcher: str = "auto"  # auto (when the data has boxes) | on | off
+    # how calibrate picks each signal's threshold on val: wilson (the 95% Wilson lower bound of
+    # precision reaches the target: holds on new photos) | point (the measured precision does)
+    threshold_rule: str = "wilson"
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
         cfg = TrainConfig.of(**values)
     except TypeError as exc:
         raise DataError(f"bad training options: {exc}") from None
+    if cfg.model.threshold_rule not in THRESHOLD_RULES:
+        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {cfg.model.threshold_rule!r}")
     fit = cfg.fit
     mode = fit.mode if fit.mode != "auto" else ("head" if pretrained else "full")
     check_mode(mode)
