@@ -98,7 +98,7 @@ def train(
         clock.lap("train")
         inputs = (matcher_refs(prepared), prepared.prep.native, cfg.runtime.matcher_workers) if prepared.want_matcher else None
         cal = calibrate(fitted.probs, prepared.classes, prepared.labels("val"), target_precision, inputs, progress,
-                        rule=cfg.model.threshold_rule)
+                        rule=cfg.model.threshold_rule, fusion=cfg.model.fusion)
         clock.lap("calibrate")
         metrics = heldout_metrics(cal, prepared.brands, prepared.labels("val"), prepared.labels("test"), target_precision)
         metrics["training"] = training_summary(fitted.history, cfg)

@@ -20,7 +20,7 @@ from pipeline.detector.metrics import (
     threshold_for_precision,
     wilson_interval,
 )
-from pipeline.detector.training.calibrate import calibrate, choose_thresholds
+from pipeline.detector.training.calibrate import calibrate, choose_thresholds, signal_matrices
 from pipeline.detector.training.config import resolve_config
 from pipeline.detector.training.report import SCORES_FILE, save_scores
 
@@ -181,3 +181,48 @@ def test_saved_scores_round_trip_exactly(tmp_path: Path):
         assert list(z["brands"]) == ["A", "B"]
         assert list(z["val/labels"]) == labels["val"]
         assert np.array_equal(z["test/fused"], signals["test"]["fused"])  # bit-exact: thresholds are these values
+
+
+def _fusion_case(cnn_on_negatives: float, matched: int) -> tuple[np.ndarray, list[dict], list[str]]:
+    """60 logo photos (A, B) and 60 without: the matcher finds `matched` logos (score 0.8) and
+    nothing else; the CNN gives every logo photo's brand 0.5 and every 3rd negative
+    `cnn_on_negatives` for A."""
+    classes = ["no_logo", "A", "B"]
+    y = ["A", "B"] * 30 + ["no_logo"] * 60
+    probs = np.zeros((len(y), 3))
+    match: list[dict] = []
+    for i, lab in enumerate(y):
+        if lab == "no_logo":
+            p_a = cnn_on_negatives if i % 3 == 0 else 0.02
+            probs[i] = [1 - p_a - 0.01, p_a, 0.01]
+            match.append({})
+        else:
+            probs[i] = [0.25, 0.25, 0.25]
+            probs[i, classes.index(lab)] = 0.5
+            match.append({lab: (0.8, None)} if i < matched else {})
+    return probs, match, y
+
+
+def test_fusion_is_chosen_on_val_by_the_recall_it_keeps_at_the_margin():
+    from pipeline.detector.training.calibrate import MATCHER_ONLY, choose_fusion
+
+    classes, brands = ["no_logo", "A", "B"], ["A", "B"]
+    noisy_or = {"kind": "noisy_or", "w_cnn": 1.0, "w_match": 1.0}
+    # the CNN is surer of 20 negatives than of any logo: fused with it, they rank above the
+    # matched logos; alone, the matcher keeps its 50 clean matches
+    probs, match, y = _fusion_case(cnn_on_negatives=0.97, matched=50)
+    comb, record = choose_fusion(brands, probs, classes, match, noisy_or, y, 0.9, "wilson")
+    assert record["chosen"] == "matcher_only" and comb == MATCHER_ONLY
+    assert record["candidates"]["matcher_only"]["recall"] == pytest.approx(50 / 60, abs=1e-4)
+    assert record["candidates"]["matcher_only"]["margin_met"] and not record["candidates"]["fitted"]["target_met"]
+    fused = signal_matrices(brands, probs, classes, match, comb)
+    assert np.array_equal(fused["fused"], fused["matcher"])  # matcher alone, through the fused path
+    # a CNN that separates cleanly adds the 30 logos the matcher misses: the fitted fusion stays
+    probs, match, y = _fusion_case(cnn_on_negatives=0.02, matched=30)
+    comb, record = choose_fusion(brands, probs, classes, match, noisy_or, y, 0.9, "wilson")
+    assert record["chosen"] == "fitted" and comb == noisy_or
+    assert record["candidates"]["fitted"]["recall"] == 1.0
+    with pytest.raises(DataError, match="fusion"):
+        calibrate({"val": probs, "test": probs}, classes, y, 0.9, fusion="best")
+    with pytest.raises(DataError, match="fusion"):
+        resolve_config("default", False, None, {"fusion": "best"})

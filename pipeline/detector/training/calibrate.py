@@ -18,6 +18,9 @@ from pipeline.detector.training.narrate import say
 from pipeline.progress import Progress
 
 MatchScores = list[dict[str, tuple[float, Any]]]
+# The matcher's scores alone, through the fused path `detect` uses (noisy-or with the CNN weighted 0)
+MATCHER_ONLY: dict[str, Any] = {"kind": "noisy_or", "w_cnn": 0.0, "w_match": 1.0}
+FUSION_CHOICES = ("val", "fitted")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Calibration:
     thresholds: dict[str, dict[str, Any]]  # signal -> threshold_for_precision's answer
     signals: dict[str, dict[str, np.ndarray]]  # val/test -> signal -> (n, n_brands)
     main: str  # the signal the model decides with: fused when there is a matcher
+    fusion: dict[str, Any] | None = None  # which fusion was chosen on val, and each candidate's figures
 
     @property
     def threshold(self) -> float:
@@ -97,24 +101,63 @@ def choose_thresholds(val_signals: dict[str, np.ndarray], y_val: list[str], targ
     return out
 
 
+def choose_fusion(
+    brands: list[str], val_probs: np.ndarray, classes: list[str], val_match: MatchScores, fitted: dict[str, Any],
+    y_val: list[str], target_precision: float, rule: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(combiner, record): the fitted fusion or the matcher alone, whichever keeps more val
+    recall at the threshold `rule` picks (the fitted one on a tie or when neither holds).
+
+    Why: the fusion is fitted for the whole ranking, but the operating point sits at the top of
+    it, where a from-scratch CNN can shuffle the matcher's sure matches with its confident
+    mistakes; with a margin for the split's size that cost 0.19 recall on FL27 (bench/operating_point.py).
+    """
+    candidates = {"fitted": fitted, "matcher_only": MATCHER_ONLY}
+    picks = {}
+    for name, comb in candidates.items():
+        fused = signal_matrices(brands, val_probs, classes, val_match, comb)["fused"]
+        picks[name] = choose_thresholds({"fused": fused}, y_val, target_precision, rule)["fused"]
+
+    def held(c: dict[str, Any]) -> bool:
+        return bool(c.get("margin_met", c["target_met"]) if rule == "wilson" else c["target_met"])
+
+    best = "fitted"
+    if held(picks["matcher_only"]) and (not held(picks["fitted"]) or picks["matcher_only"]["recall"] > picks["fitted"]["recall"]):
+        best = "matcher_only"
+    record = {"chosen": best, "candidates": {k: {"combiner": candidates[k], **{f: v.get(f) for f in (
+        "threshold", "precision", "precision_low", "recall", "target_met", "margin_met")}} for k, v in picks.items()}}
+    return dict(candidates[best]), record
+
+
 def calibrate(
     probs: dict[str, np.ndarray], classes: list[str], y_val: list[str], target_precision: float,
     matcher_inputs: tuple[list[tuple[str, np.ndarray]], dict[str, list[np.ndarray]], int] | None = None,
-    progress: Progress | None = None, rule: str = "wilson",
+    progress: Progress | None = None, rule: str = "wilson", fusion: str = "val",
 ) -> Calibration:
     """Stage 3: matcher and fusion (when `matcher_inputs` = refs, native crops, workers), thresholds.
 
     `probs` holds the classifier's val/test softmax; nothing of the test split is used to choose.
+    `rule`: how each threshold is picked (`choose_thresholds`); `fusion`: `val` chooses between
+    the fitted fusion and the matcher alone on val (`choose_fusion`), `fitted` keeps the fitted one.
     """
     if rule not in THRESHOLD_RULES:
         raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}")
+    if fusion not in FUSION_CHOICES:
+        raise DataError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, not {fusion!r}")
     brands = [c for c in classes if c != NO_LOGO]
-    matcher, combiner = None, None
+    matcher, combiner, record = None, None, None
     match: dict[str, MatchScores | None] = {"val": None, "test": None}
     if matcher_inputs is not None:
         refs, native, workers = matcher_inputs
-        matcher, fitted, combiner = fit_matcher(refs, native, probs["val"], classes, y_val, workers, progress)
-        match.update(fitted)
+        matcher, scored, combiner = fit_matcher(refs, native, probs["val"], classes, y_val, workers, progress)
+        match.update(scored)
+        if fusion == "val" and len(y_val):
+            combiner, record = choose_fusion(brands, probs["val"], classes, scored["val"], combiner, y_val,
+                                             target_precision, rule)
+            if record["chosen"] == "matcher_only":
+                say(progress, "fusion: the matcher alone keeps more validation recall at the operating point "
+                    f"({record['candidates']['matcher_only']['recall']:.3f} vs {record['candidates']['fitted']['recall']:.3f} "
+                    "fused with the CNN); deciding with it")
     signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner) for split in ("val", "test")}
     thresholds = choose_thresholds(signals["val"], y_val, target_precision, rule)
     main = "fused" if "fused" in signals["test"] else "cnn"
@@ -126,4 +169,5 @@ def calibrate(
         say(progress, f"the validation split is too small to show precision {target_precision} with 95% "
             f"confidence (best lower bound {chosen['precision_low']:.3f} at {chosen['tp']}/{chosen['called']}); "
             f"threshold {float(chosen['threshold']):.3f} may fall below the target on new photos", level=logging.WARNING)
-    return Calibration(matcher=matcher, combiner=combiner, thresholds=thresholds, signals=signals, main=main)
+    return Calibration(matcher=matcher, combiner=combiner, thresholds=thresholds, signals=signals, main=main,
+                       fusion=record)

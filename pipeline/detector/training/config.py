@@ -37,6 +37,8 @@ class ModelConfig:
     # how calibrate picks each signal's threshold on val: wilson (the 95% Wilson lower bound of
     # precision reaches the target: holds on new photos) | point (the measured precision does)
     threshold_rule: str = "wilson"
+    # val: choose on val between the fitted CNN+matcher fusion and the matcher alone | fitted
+    fusion: str = "val"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
         raise DataError(f"bad training options: {exc}") from None
     if cfg.model.threshold_rule not in THRESHOLD_RULES:
         raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {cfg.model.threshold_rule!r}")
+    if cfg.model.fusion not in ("val", "fitted"):
+        raise DataError(f"fusion must be val or fitted, not {cfg.model.fusion!r}")
     fit = cfg.fit
     mode = fit.mode if fit.mode != "auto" else ("head" if pretrained else "full")
     check_mode(mode)

@@ -45,6 +45,7 @@ def heldout_metrics(cal: Calibration, brands: list[str], y_val: list[str], y_tes
         "n_test": headline["n_images"],
         "target_precision": target_precision,
         "thresholds": cal.thresholds,
+        "fusion": cal.fusion,
         "test": test,
         "val": {k: summary(v) for k, v in val.items()},
         "per_signal_test": {k: summary(v) for k, v in test.items()},
