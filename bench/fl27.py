@@ -6,7 +6,8 @@ Runs exactly what a user runs, in a throwaway home (SQLite + local lake):
     brandmon evaluate --data <home>/eval/<version> --json           (the held-out test photos)
 
 and prints the wall time, the base weights used, and logo precision/recall/F1 + brand top-1
-for each signal alone (CNN, matcher) and fused. The split is the content-hash split; the
+for each signal alone (CNN, matcher) and fused, with 95% Wilson intervals and their counts for
+the deciding signal. How the threshold holds on new photos: bench/operating_point.py --home. The split is the content-hash split; the
 thresholds and the fusion come from the validation split; the test photos are only scored.
 Baseline in the same run: a chance detector (always "logo", uniformly random brand).
 
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target (logo P >= {FLOOR['precision']}, R >= {FLOOR['recall']}) on signal {report['signal']}: "
               f"{'MET' if ok else 'MISSED'}")
         print(json.dumps({"train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "signals": report["signals"],
-                          "n_images": report["n_images"], "n_logo": report["n_logo"]}, indent=1))
+                          "n_images": report["n_images"], "n_logo": report["n_logo"], "intervals": report["intervals"],
+                          "interval_method": report["interval_method"], "fusion": result["metrics"].get("fusion"),
+                          "thresholds": result["metrics"]["thresholds"]}, indent=1))
         ctx.close()
     return 0 if ok else 1
 

@@ -36,6 +36,13 @@ def test_training_beats_chance_and_registers_an_active_model(make_ctx, tmp_path:
     assert {p.name for p in eval_dir.iterdir()} <= {"Reddisc", "Bluesquare", "no_logo"}
     assert Path(result["pr_curve"]).read_bytes()[:4] == b"\x89PNG"
     assert ctx.store.exists(f"models/{result['version']}/pr_curve.png")
+    # the per-photo val/test scores the thresholds were chosen from, and intervals with counts
+    with np.load(result["scores"], allow_pickle=False) as z:
+        assert len(z["test/labels"]) == result["metrics"]["n_test"] and z["test/fused" if "test/fused" in z else "test/cnn"].shape[1] == 2
+    assert ctx.store.exists(f"models/{result['version']}/scores.npz")
+    iv = result["metrics"]["intervals"]["logo_precision"]
+    assert iv["low"] <= result["metrics"]["precision"] <= iv["high"] and iv["n"] > 0
+    assert result["metrics"]["thresholds"]["cnn"]["rule"] == "wilson"
     # TensorBoard event files of the run, with the per-epoch loss
     events = list(Path(result["params"]["tensorboard"]).rglob("events.out.tfevents.*"))
     assert events and any(b"epoch_loss" in e.read_bytes() for e in events)
@@ -47,6 +54,7 @@ def test_training_beats_chance_and_registers_an_active_model(make_ctx, tmp_path:
     assert {"n_images", "logo", "brand_accuracy", "per_class"} <= set(report)
     assert {"precision", "recall", "f1"} <= set(report["logo"])
     assert report["n_images"] == 45
+    assert report["intervals"]["logo_recall"]["n"] == 30 and report["signals"]["cnn"]["intervals"]
     assert report["unknown_classes"] == []  # class names matched case-insensitively
     assert report["accuracy"] >= 0.7, report
     assert report["brand_accuracy"] >= 0.8, report
@@ -100,6 +108,10 @@ def test_boxes_training_with_matcher_reports_each_signal(make_ctx, tmp_path: Pat
     assert set(m["per_signal_test"]) == {"cnn", "matcher", "fused"}
     assert m["signal"] == "fused"
     assert result["params"]["matcher"]["references"] > 0
+    # the fusion was chosen on val (fitted, or the matcher alone), and decides with its own threshold
+    chosen = m["fusion"]["chosen"]
+    assert chosen in {"fitted", "matcher_only"} and set(m["fusion"]["candidates"]) == {"fitted", "matcher_only"}
+    assert m["fusion"]["candidates"][chosen]["threshold"] == m["thresholds"]["fused"]["threshold"]
     counts = result["params"]["class_counts"]["before"]
     assert counts["no_logo"] > 0 and counts["Reddisc"] > 0  # regions away from boxes became negatives
 
