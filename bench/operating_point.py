@@ -227,19 +227,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['threshold_median']:8.3f}{extra}")
 
     print("\nwhole splits (pick on val, report test), with 95% Wilson intervals [counts]:")
-    y_val, y_test = [str(y) for y in scores["val/labels"]], [str(y) for y in scores["test/labels"]]
-    from pipeline.detector.metrics import threshold_for_precision
-
-    for sig in signals:
-        for rule in ("point", "wilson"):
-            val_logo = np.array([y != "no_logo" for y in y_val])
-            choice = threshold_for_precision(val_logo, scores[f"val/{sig}"].max(axis=1), args.target, rule=rule)
-            m = evaluate_scores(y_test, scores[f"test/{sig}"], brands, choice["threshold"])
-            iv = m["intervals"]
-            print(f"  {sig:8s} {rule:6s} thr {choice['threshold']:.3f} (val P {choice['precision']:.3f}, low "
-                  f"{choice.get('precision_low', float('nan')):.3f}): test " + "  ".join(
-                      f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}] ({v['k']}/{v['n']})" for k, v in iv.items()))
-            doc[f"whole/{sig}/{rule}"] = {"threshold": choice["threshold"], "test": iv}
+    y_test = [str(y) for y in scores["test/labels"]]
+    val_logo = scores["val/labels"] != "no_logo"
+    val_score = {sig: scores[f"val/{sig}"].max(axis=1) for sig in signals}
+    every = np.arange(len(val_logo))
+    cases = [(sig, rule, [sig]) for sig in signals for rule in ("point (old)", "wilson 95% (new)")]
+    if {"matcher", "fused"} <= set(signals):
+        cases += [("best", rule, ["fused", "matcher"]) for rule in ("point (old)", "wilson 95% (new)")]
+    for name, rule, cands in cases:
+        sig, choice = pick(val_logo, val_score, every, {**RULES[rule], "signals": cands}, args.target)
+        m = evaluate_scores(y_test, scores[f"test/{sig}"], brands, choice["threshold"])
+        iv = m["intervals"]
+        print(f"  {name:8s} {rule:17s} {sig:8s} thr {choice['threshold']:.3f} (val P {choice['precision']:.3f}, low "
+              f"{choice['precision_low']:.3f}, R {choice['recall']:.3f}): test " + "  ".join(
+                  f"{k} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}] ({v['k']}/{v['n']})" for k, v in iv.items()))
+        doc[f"whole/{name}/{rule}"] = {"signal": sig, "threshold": choice["threshold"], "test": iv}
     print(f"\nseconds: {time.monotonic() - started:.0f}; load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(json.dumps(doc, indent=1, default=float))
     return 0
