@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_cli_evaluate_detect_and_model_list(make_ctx, install_model, monkeypatch
     assert {"precision", "recall", "f1"} <= set(report["logo"])
     assert 0 <= report["brand_accuracy"] <= 1 and "Reddisc" in report["per_class"]
     assert set(report["signals"]) == {"cnn"}
+    iv = report["intervals"]  # 95% Wilson intervals with their counts
+    assert iv["brand_accuracy"]["n"] == 8 and iv["logo_recall"]["n"] == 8 and report["interval_method"].startswith("Wilson")
+    assert iv["logo_precision"]["low"] <= report["logo"]["precision"] <= iv["logo_precision"]["high"]
 
     store_images(ctx, [jpeg_bytes(scene("Reddisc", 900 + i)) for i in range(3)])
     assert main(["detect", "--json", "--quiet"]) == 0
@@ -77,7 +81,8 @@ def test_cli_evaluate_detect_and_model_list(make_ctx, install_model, monkeypatch
     listed = json.loads(capsys.readouterr().out)
     assert [r["version"] for r in listed if r["active"]] == [version]
     assert main(["evaluate", "--data", str(data)]) == 0  # the human summary, one line per signal
-    assert "cnn" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "cnn" in summary and re.search(r"logo R \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \(\d+/8\)", summary), summary
 
     out = tmp_path / "review"
     assert main(["review", "export", "--out", str(out)]) == 0
