@@ -124,7 +124,8 @@ def threshold_for_precision(is_logo: np.ndarray, score: np.ndarray, target: floa
     elif rule == "wilson" and len(ok):
         i = int(ok[np.argmax(lows[ok])])
     elif len(ok):
-        # ok is sorted by threshold desc and recall rises along it: argmax = the lowest threshold
+        # ok runs from high to low thresholds: argmax takes the most recall, and of equal-recall
+        # points the highest threshold (no extra false positive for the same hits)
         i = int(ok[np.argmax(recall[ok])])
     else:
         f1 = 2 * precision * recall / np.maximum(1e-9, precision + recall)
