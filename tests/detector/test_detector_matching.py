@@ -300,3 +300,16 @@ def test_affine_fallback_rescues_a_flung_homography_only_above_its_floor():
     hull = _verify(*args, MatcherParams(fallback="hull", fallback_min_inliers=14), 80.0, 80.0, (640, 480))
     assert hull is not None and hull[0] == 16 and np.allclose(hull[1], dst)  # the box: where the inliers are
     assert _verify(*args, MatcherParams(fallback="affine", fallback_min_inliers=17), 80.0, 80.0, (640, 480)) is None
+
+
+def test_a_format_2_artifact_keeps_its_raw_inlier_scoring(matcher: LogoMatcher):
+    def as_format_2(meta: dict) -> None:  # saved before fallback / count / ref_views existed
+        meta["format"] = 2
+        for key in ("fallback", "fallback_min_inliers", "count", "distinct_px", "min_distinct", "ref_views"):
+            del meta["params"][key]
+
+    old = LogoMatcher.from_bytes(_with_meta(matcher.to_bytes(), as_format_2))
+    assert (old.params.fallback, old.params.count) == ("none", "all")
+    assert (old.params.rematch, old.params.ransac_method) == (matcher.params.rematch, matcher.params.ransac_method)
+    image = _paste(_background(7), _logo(1), QUAD)
+    assert old.inliers(image)["Alpha"] >= matcher.inliers(image)["Alpha"]  # all inliers >= distinct ones
