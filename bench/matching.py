@@ -13,6 +13,8 @@ Protocol (nothing is tuned on what is reported):
 Baseline measured in the same run: a chance classifier (always "logo", random brand).
 
     BRANDMON_FL27_DIR=../shared/datasets/flickr_logos_27 nice -n 10 .venv/bin/python bench/matching.py
+    ... bench/matching.py --val-only --param fallback=none   # choose parameters on val only
+    ... bench/matching.py --baseline   # previous defaults (PREVIOUS_DEFAULTS) and current, one run
 """
 
 from __future__ import annotations
