@@ -13,6 +13,8 @@ Protocol (nothing is tuned on what is reported):
 Baseline measured in the same run: a chance classifier (always "logo", random brand).
 
     BRANDMON_FL27_DIR=../shared/datasets/flickr_logos_27 nice -n 10 .venv/bin/python bench/matching.py
+    ... bench/matching.py --val-only --param fallback=none   # choose parameters on val only
+    ... bench/matching.py --baseline   # previous defaults (PREVIOUS_DEFAULTS) and current, one run
 """
 
 from __future__ import annotations
@@ -115,10 +117,22 @@ def summarize(scores: list[dict], labels: list[set[str]]) -> tuple[np.ndarray, l
     return top_score, top_class
 
 
+# The defaults before issue #14's matcher round (commit 3c9a09d): every inlier counted, a
+# homography rejected for its shape is not retried. `--baseline` scores them in the same run.
+PREVIOUS_DEFAULTS: dict = {"fallback": "none", "count": "all"}
+
+
 def run(root: Path, workers: int, target_precision: float, params: MatcherParams, splits: tuple[str, ...] = ("val", "test")) -> dict:
     t0 = time.perf_counter()
     data = load_fl27(root)
-    t_load = time.perf_counter() - t0
+    return evaluate(data, time.perf_counter() - t0, workers, target_precision, params, splits)
+
+
+def evaluate(
+    data: Fl27, t_load: float, workers: int, target_precision: float, params: MatcherParams,
+    splits: tuple[str, ...] = ("val", "test"),
+) -> dict:
+    """Fit on the train-split references, score `splits`, threshold from val (see module doc)."""
     t1 = time.perf_counter()
     matcher = LogoMatcher(params).fit(data.references)
     t_fit = time.perf_counter() - t1
@@ -138,17 +152,17 @@ def run(root: Path, workers: int, target_precision: float, params: MatcherParams
     results = {}
     for split in splits:
         es = data.sets[split]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         scores = matcher.score_many(es.images, workers=workers, progress=terminal)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         top_score, top_class = summarize(scores, es.labels)
-        results[split] = (es, scores, top_score, top_class, elapsed)
-    es, _, val_top, _, _ = results["val"]
+        results[split] = (es, scores, top_score, top_class, elapsed, cpu)
+    es, _, val_top, _, _, _ = results["val"]
     val_pos = np.array([bool(lab) for lab in es.labels])
     thr = choose_threshold(val_top, val_pos, target_precision)
     out["threshold"] = thr
     for split in splits:
-        es, scores, top, top_class, elapsed = results[split]
+        es, scores, top, top_class, elapsed, cpu = results[split]
         pos = np.array([bool(lab) for lab in es.labels])
         m = logo_metrics(top, pos, thr)
         photo_px = [
@@ -192,6 +206,8 @@ def run(root: Path, workers: int, target_precision: float, params: MatcherParams
                 "brand_top1": round(chance_top1, 4),
             },
             "s_per_image": round(elapsed / len(es.images), 4),
+            "cpu_s_per_image": round(cpu / len(es.images), 4),
+            "load_average": [round(v, 2) for v in os.getloadavg()],
             "mean_photo_px": int(np.mean(photo_px)),
         }
     return out
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1 = one core)")
     ap.add_argument("--param", action="append", default=[], help="matcher param override k=v")
     ap.add_argument("--val-only", action="store_true", help="score the validation split only (for choosing params)")
+    ap.add_argument("--baseline", action="store_true", help="also score the previous defaults (PREVIOUS_DEFAULTS) in this run")
     args = ap.parse_args(argv)
     if not args.data or not Path(args.data, "annotations.txt").exists():
         print("FlickrLogos-27 not found: set BRANDMON_FL27_DIR or pass --data", file=sys.stderr)
@@ -216,12 +233,38 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.param:
         k, v = kv.split("=", 1)
         typ = type(getattr(MatcherParams(), k))
-        overrides[k] = typ(v)
+        overrides[k] = v.lower() in ("1", "true") if typ is bool else typ(v)
     splits = ("val",) if args.val_only else ("val", "test")
-    res = run(Path(args.data), args.workers, args.target_precision, MatcherParams(**overrides), splits)
-    res["params"] = overrides
-    print(json.dumps(res, indent=2))
+    t0 = time.perf_counter()
+    data = load_fl27(Path(args.data))
+    t_load = time.perf_counter() - t0
+    runs = {}
+    if args.baseline:
+        runs["previous"] = (PREVIOUS_DEFAULTS, MatcherParams(**PREVIOUS_DEFAULTS))
+    runs["current"] = (overrides, MatcherParams(**overrides))
+    report = {}
+    for name, (given, params) in runs.items():
+        res = evaluate(data, t_load, args.workers, args.target_precision, params, splits)
+        res["params"] = given
+        report[name] = res
+        print(f"# {name}: " + json.dumps(res, indent=2))
+    print(table(report, splits))
     return 0
+
+
+def table(report: dict, splits: tuple[str, ...]) -> str:
+    """One line per (configuration, split): the figures BENCHMARKS.md quotes."""
+    lines = ["config    split  logo P  logo R  (tp, fp)   brand top-1  thr     CPU s/img  load avg (1 min)"]
+    for name, res in report.items():
+        for split in splits:
+            r = res[split]
+            m = r["logo"]
+            lines.append(
+                f"{name:9s} {split:5s}  {m['precision']:.3f}   {m['recall']:.3f}   ({m['tp']}, {m['fp']})"
+                f"{'':3s}{r['brand_top1']:.3f}        {res['threshold']:.3f}   {r['cpu_s_per_image']:.3f}"
+                f"      {r['load_average'][0]:.1f}"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

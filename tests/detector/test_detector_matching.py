@@ -13,15 +13,18 @@ from pipeline.detector.matching import (
     LEGACY_PARAMS,
     LogoMatcher,
     MatcherParams,
+    _distinct,
     _query_scale,
     _resize,
     _root_sift,
     _sift,
     _to_gray,
+    _verify,
     choose_threshold,
     combine,
     fit_combiner,
     logo_metrics,
+    reference_views,
 )
 
 
@@ -212,3 +215,101 @@ def test_threshold_for_target_precision_and_metrics():
     assert t == pytest.approx(0.7)
     m = logo_metrics(scores, positive, t)
     assert (m["precision"], m["recall"], m["tp"], m["fp"], m["fn"]) == (1.0, 0.6667, 2, 0, 1)
+
+
+def test_root_sift_is_unit_length_and_hellinger():
+    rng = np.random.default_rng(0)
+    desc = rng.integers(0, 255, (5, 128)).astype(np.float32)
+    root = _root_sift(desc)
+    assert np.allclose(np.linalg.norm(root, axis=1), 1.0, atol=1e-4)
+    # Euclidean distance of RootSIFT = Hellinger distance of the L1-normalised descriptors
+    a, b = desc[0] / desc[0].sum(), desc[1] / desc[1].sum()
+    hellinger = np.sqrt(2 - 2 * np.sum(np.sqrt(a * b)))
+    assert np.isclose(np.linalg.norm(root[0] - root[1]), hellinger, atol=1e-4)
+
+
+def test_reference_views_are_deterministic_and_map_back_to_the_crop():
+    gray = _to_gray(_logo(4, 120))
+    names = "tilt_l,tilt_r,tilt_t,tilt_b,lowres"
+    views = reference_views(gray, names)
+    again = reference_views(gray, names)
+    assert len(views) == 6 and views[0][1] is None and views[0][0] is gray
+    for (v1, m1), (v2, m2) in zip(views[1:], again[1:], strict=True):
+        assert np.array_equal(v1, v2) and np.array_equal(m1, m2) and v1.shape == gray.shape
+    # A point of the tilted view maps back to the crop pixel it was warped from.
+    view, to_canon = views[1]
+    to_view = np.linalg.inv(to_canon)
+    pt = np.array([[[30.0, 70.0]]], np.float32)
+    there = cv2.perspectiveTransform(pt, to_view)
+    assert np.allclose(cv2.perspectiveTransform(there, to_canon), pt, atol=1e-3)
+    x, y = (int(round(v)) for v in there[0, 0])
+    assert abs(int(view[y, x]) - int(gray[70, 30])) < 60  # same content, resampled
+    with pytest.raises(ValueError):
+        reference_views(gray, "mirror")
+    with pytest.raises(ValueError):
+        MatcherParams(ref_views="tilt_l,mirror")
+
+
+def test_views_add_references_in_the_crop_frame_and_still_find_the_box():
+    refs = [("Alpha", _logo(1)), ("Beta", _logo(2))]
+    plain = LogoMatcher(MatcherParams()).fit(refs)
+    viewed = LogoMatcher(MatcherParams(ref_views="tilt_l,lowres")).fit(refs)
+    assert viewed.n_references == 3 * plain.n_references
+    idx = viewed._index
+    assert np.all(idx.xy >= 0) and np.all(idx.xy < idx.ref_size[idx.ref])  # all in the crop's frame
+    alpha, box = viewed.score(_paste(_background(7), _logo(1), QUAD))["Alpha"]
+    assert alpha > 0.5
+    assert abs(box[0] - 140) <= 8 and abs(box[1] - 90) <= 8 and abs(box[2] - 330) <= 8 and abs(box[3] - 280) <= 8
+
+
+def test_distinct_evidence_does_not_count_one_spot_many_times():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(5, 150, (10, 2)).astype(np.float32)
+    hmat = np.array([[1.2, 0.1, 40], [-0.05, 1.1, 30], [0.0005, 0.0002, 1]])
+    dst = cv2.perspectiveTransform(src[None], hmat)[0]
+    # Each keypoint three times at the same spot (SIFT's one-keypoint-per-orientation), plus a
+    # repeated texture: 12 reference keypoints sent to one query spot.
+    src3, dst3 = np.repeat(src, 3, axis=0), np.repeat(dst, 3, axis=0)
+    assert _distinct(src3, 3.0) == 10 and _distinct(np.zeros((12, 2)), 3.0) == 1
+    distinct = _verify(src3, dst3, cv2.USAC_MAGSAC, MatcherParams(), 160.0, 160.0, (640, 480))
+    every = _verify(src3, dst3, cv2.USAC_MAGSAC, MatcherParams(count="all"), 160.0, 160.0, (640, 480))
+    assert distinct is not None and every is not None
+    assert distinct[0] == 10 and every[0] == 30
+    # A repeated texture: many reference keypoints, all landing on a few query spots.
+    spot = np.repeat(dst[:3], 8, axis=0) + rng.uniform(-0.5, 0.5, (24, 2)).astype(np.float32)
+    src_rep = rng.uniform(5, 150, (24, 2)).astype(np.float32)
+    texture = _verify(src_rep, spot, cv2.USAC_MAGSAC, MatcherParams(), 160.0, 160.0, (640, 480))
+    assert texture is None or texture[0] <= 3
+
+
+def test_affine_fallback_rescues_a_flung_homography_only_above_its_floor():
+    # 16 inliers clustered in one corner of an 80-px reference, under a strong perspective: the
+    # homography fits them exactly but throws the far corners out of the frame; an affine map
+    # of the same points keeps the reference in the image.
+    hmat = np.array([[1.0, 0, 300], [0, 1.0, 200], [-0.01, 0.0, 1]])
+    src = (np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2) * 4.0 + 2).astype(np.float32)
+    dst = cv2.perspectiveTransform(src[None], hmat)[0]
+    args = (src, dst, cv2.USAC_MAGSAC)
+    assert _verify(*args, MatcherParams(fallback="none"), 80.0, 80.0, (640, 480)) is None
+    rescued = _verify(*args, MatcherParams(fallback="affine", fallback_min_inliers=14), 80.0, 80.0, (640, 480))
+    assert rescued is not None and rescued[0] == 16
+    outline = rescued[1]  # the reference's corners under the affine map, mostly in the 640x480 frame
+    (x1, y1), (x2, y2) = outline.min(axis=0), outline.max(axis=0)
+    inside = (min(x2, 640) - max(x1, 0)) * (min(y2, 480) - max(y1, 0))
+    assert outline.shape == (4, 2) and inside >= 0.5 * (x2 - x1) * (y2 - y1)
+    hull = _verify(*args, MatcherParams(fallback="hull", fallback_min_inliers=14), 80.0, 80.0, (640, 480))
+    assert hull is not None and hull[0] == 16 and np.allclose(hull[1], dst)  # the box: where the inliers are
+    assert _verify(*args, MatcherParams(fallback="affine", fallback_min_inliers=17), 80.0, 80.0, (640, 480)) is None
+
+
+def test_a_format_2_artifact_keeps_its_raw_inlier_scoring(matcher: LogoMatcher):
+    def as_format_2(meta: dict) -> None:  # saved before fallback / count / ref_views existed
+        meta["format"] = 2
+        for key in ("fallback", "fallback_min_inliers", "count", "distinct_px", "min_distinct", "ref_views"):
+            del meta["params"][key]
+
+    old = LogoMatcher.from_bytes(_with_meta(matcher.to_bytes(), as_format_2))
+    assert (old.params.fallback, old.params.count) == ("none", "all")
+    assert (old.params.rematch, old.params.ransac_method) == (matcher.params.rematch, matcher.params.ransac_method)
+    image = _paste(_background(7), _logo(1), QUAD)
+    assert old.inliers(image)["Alpha"] >= matcher.inliers(image)["Alpha"]  # all inliers >= distinct ones
