@@ -68,6 +68,11 @@ def test_export_load_and_score_reproduce_the_keras_classifier(make_ctx, install_
     else:  # int8: valid probabilities that depend on the image
         assert np.isfinite(got).all() and (got >= 0).all()
         assert np.abs(got - got[:1]).max() > 0 or np.abs(want - want[:1]).max() < 1e-6
+        if fmt == "openvino" and _have("nncf"):  # NNCF on the IR, in a child process of bounded size
+            assert meta["quantizer"].startswith("nncf ")
+            assert 0 < meta["quantize_peak_rss_bytes"] < 4 * 1024**3
+            # the tiny model's near-uniform scores: 11 of 12 top classes kept when measured
+            assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.8
     # a different batch size works too (the runtimes reshape)
     np.testing.assert_allclose(exported.predict(x[:3]), got[:3], atol=1e-5)
 
@@ -106,6 +111,32 @@ def test_detect_uses_the_export_and_falls_back_to_keras_when_its_runtime_is_miss
     assert [c["runtime"] for c in done] == ["onnx", "keras"]
     assert done[0]["precision"] == "int8"
     assert len(scored) == 6 and all(r.status == "ok" and r.top_class for r in scored)
+
+
+@pytest.mark.skipif(not _have("openvino", "onnxruntime", "tf2onnx"), reason="needs openvino + onnxruntime + tf2onnx")
+def test_openvino_int8_without_nncf_falls_back_to_the_qdq_quantiser(make_ctx, install_model, monkeypatch):
+    from pipeline.detector.export import ExportError, export_model
+    from pipeline.detector.runtimes import open_export
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if NNCF were not installed
+    meta = export_model(ctx, version, "openvino", calibration_images=8)
+    assert meta["precision"] == "int8" and meta["quantizer"].startswith("onnxruntime ") and "QDQ" in meta["quantizer"]
+    x = _batch(meta["input_size"], n=6)
+    got = open_export(ctx.store.get(meta["key"]), threads=2).predict(x)
+    assert got.shape == (6, len(meta["classes"])) and np.allclose(got.sum(axis=1), 1.0, atol=1e-3)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # neither quantiser: a clear refusal
+    with pytest.raises(ExportError, match="needs onnxruntime"):
+        export_model(ctx, version, "openvino")
+
+
+@pytest.mark.skipif(not _have("nncf", "openvino"), reason="needs nncf + openvino (extra `runtimes`)")
+def test_a_failing_quantisation_child_is_one_clear_error():
+    from pipeline.detector.quantize import QuantizeError, quantize_ir
+
+    with pytest.raises(QuantizeError, match="int8 quantisation failed: .+"):
+        quantize_ir(b"<not an IR/>", b"", np.zeros((1, 8, 8, 3), np.uint8))
 
 
 def test_forcing_a_runtime_by_setting_and_bad_values(make_ctx, install_model, monkeypatch):
