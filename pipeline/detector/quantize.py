@@ -49,10 +49,9 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
         np.save(d / "calib.npy", np.ascontiguousarray(calib, np.uint8))
         root = str(Path(pipeline.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        limit = _limit_memory(memory_bytes) if memory_bytes and sys.platform.startswith("linux") else None
-        try:
-            proc = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(d)], env=env,
-                                  capture_output=True, text=True, timeout=timeout, preexec_fn=limit, check=False)
+        try:  # the child sets its own memory limit (no preexec_fn: the caller runs TensorFlow threads)
+            proc = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(d), str(memory_bytes or 0)],
+                                  env=env, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise QuantizeError(f"int8 quantisation did not finish within {timeout:.0f}s") from None
         result = d / "result.json"
@@ -63,13 +62,14 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
         return (d / "int8.xml").read_bytes(), (d / "int8.bin").read_bytes(), stats
 
 
-def _limit_memory(limit: int) -> Any:
-    def apply() -> None:
+def limit_memory(limit: int) -> None:
+    """Cap this process's address space at `limit` bytes (Linux; elsewhere a no-op)."""
+    try:
         import resource
-
+    except ImportError:
+        return
+    if limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return apply
 
 
 def peak_rss_bytes() -> int:
@@ -106,8 +106,9 @@ def quantize_in_this_process(folder: Path) -> dict[str, Any]:
     return stats
 
 
-if __name__ == "__main__":  # the child: python -m pipeline.detector.quantize FOLDER
+if __name__ == "__main__":  # the child: python -m pipeline.detector.quantize FOLDER [MEMORY_BYTES]
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    limit_memory(int(sys.argv[2]) if len(sys.argv) > 2 else QUANTIZE_MEMORY_BYTES)
     quantize_in_this_process(Path(sys.argv[1]))

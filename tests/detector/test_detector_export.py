@@ -132,11 +132,28 @@ def test_openvino_int8_without_nncf_falls_back_to_the_qdq_quantiser(make_ctx, in
 
 
 @pytest.mark.skipif(not _have("nncf", "openvino"), reason="needs nncf + openvino (extra `runtimes`)")
-def test_a_failing_quantisation_child_is_one_clear_error():
+def test_the_quantisation_child_is_bounded_and_fails_with_one_clear_error(tmp_path):
+    import openvino as ov
+    import openvino.opset13 as ops
+
     from pipeline.detector.quantize import QuantizeError, quantize_ir
 
+    image = ops.parameter([1, 8, 8, 3], ov.Type.u8, name="image")
+    x = ops.transpose(ops.convert(image, "f32"), ops.constant(np.array([0, 3, 1, 2], np.int64)))
+    conv = ops.convolution(x, ops.constant(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32)),
+                           [1, 1], [0, 0], [0, 0], [1, 1])
+    ov.save_model(ov.Model([ops.relu(conv)], [image]), str(tmp_path / "m.xml"), compress_to_fp16=False)
+    xml, weights = (tmp_path / "m.xml").read_bytes(), (tmp_path / "m.bin").read_bytes()
+    calib = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+
+    q_xml, q_bin, stats = quantize_ir(xml, weights, calib)
+    assert stats["quantizer"].startswith("nncf ") and stats["calibration_images"] == 4
+    assert 0 < stats["peak_rss_bytes"] < 4 * 1024**3  # the child's VmHWM, not this process's
+    assert b"FakeQuantize" in q_xml and q_bin
+    with pytest.raises(QuantizeError, match="int8 quantisation failed: .+"):  # its memory cap is real
+        quantize_ir(xml, weights, calib, memory_bytes=64 * 1024**2)
     with pytest.raises(QuantizeError, match="int8 quantisation failed: .+"):
-        quantize_ir(b"<not an IR/>", b"", np.zeros((1, 8, 8, 3), np.uint8))
+        quantize_ir(b"<not an IR/>", b"", calib)
 
 
 def test_forcing_a_runtime_by_setting_and_bad_values(make_ctx, install_model, monkeypatch):
