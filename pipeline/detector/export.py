@@ -3,9 +3,10 @@
 The exported network is the Keras classifier in fp32 with its head folded into constants
 (feature standardisation, dense layer, softmax; dropout is the identity at inference), taking
 a uint8 (n, s, s, 3) batch. int8 post-training quantisation (the default where the format has
-it: ONNX and OpenVINO through ONNX Runtime's static QDQ quantisation, TFLite through its
-converter) is calibrated on the model's own training images: the training split of the data
-recorded with the version (`--calibration DIR` for another folder of images).
+it: OpenVINO through NNCF on the fp32 IR in a child process, `quantize.py`; ONNX, and OpenVINO
+without nncf, through ONNX Runtime's static QDQ quantisation; TFLite through its converter) is
+calibrated on the model's own training images: the training split of the data recorded with
+the version (`--calibration DIR` for another folder of images).
 
 The zip (see `runtimes.py`) is stored at `models/exports/<artifact sha>/<format>.zip`, so a
 re-export replaces it and a retrained model never picks up another model's export.
