@@ -149,7 +149,9 @@ def export_random(ctx, version: str, root: Path, fmts: list[str]) -> dict[str, d
     for fmt in fmts:
         t0 = time.perf_counter()
         out[fmt] = export_model(ctx, version, fmt, calibration=calib, calibration_images=32)
-        print(f"exported {fmt} ({out[fmt]['precision']}) in {time.perf_counter() - t0:.0f}s", flush=True)
+        q = out[fmt].get("quantizer")
+        how = f", {q}, quantiser peak RSS {out[fmt]['quantize_peak_rss_bytes'] / 2**20:.0f} MB" if q else ""
+        print(f"exported {fmt} ({out[fmt]['precision']}{how}) in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
 
 

@@ -3,9 +3,10 @@
 The exported network is the Keras classifier in fp32 with its head folded into constants
 (feature standardisation, dense layer, softmax; dropout is the identity at inference), taking
 a uint8 (n, s, s, 3) batch. int8 post-training quantisation (the default where the format has
-it: ONNX and OpenVINO through ONNX Runtime's static QDQ quantisation, TFLite through its
-converter) is calibrated on the model's own training images: the training split of the data
-recorded with the version (`--calibration DIR` for another folder of images).
+it: OpenVINO through NNCF on the fp32 IR in a child process, `quantize.py`; ONNX, and OpenVINO
+without nncf, through ONNX Runtime's static QDQ quantisation; TFLite through its converter) is
+calibrated on the model's own training images: the training split of the data recorded with
+the version (`--calibration DIR` for another folder of images).
 
 The zip (see `runtimes.py`) is stored at `models/exports/<artifact sha>/<format>.zip`, so a
 re-export replaces it and a retrained model never picks up another model's export.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.context import Context
+from pipeline.detector.quantize import QuantizeError, peak_rss_bytes, quantize_ir
 from pipeline.detector.runtimes import EXPORT_FORMAT, FORMATS, export_key, runtime_importable
 from pipeline.errors import BrandmonError
 
@@ -175,26 +177,46 @@ def _quantize_onnx(model: bytes, calib: np.ndarray) -> bytes:
         return out.read_bytes()
 
 
-def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarray | None) -> dict[str, bytes]:
-    """The runtime files of one format (name -> bytes)."""
+def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarray | None,
+                 info: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The runtime files of one format (name -> bytes); `info` receives how int8 was made
+    (quantiser, its peak RSS)."""
     import tensorflow as tf
+
+    info = {} if info is None else info
 
     fn = inference_function(net, spec)
     if fmt == "onnx":
         model = _onnx_bytes(fn)
-        return {"model.onnx": _quantize_onnx(model, calib) if precision == "int8" else model}
+        if precision != "int8":
+            return {"model.onnx": model}
+        quantized = _quantize_onnx(model, calib)
+        info.update(quantizer=f"onnxruntime {_version('onnxruntime')} QDQ", quantize_peak_rss_bytes=peak_rss_bytes())
+        return {"model.onnx": quantized}
     if fmt == "openvino":
         import openvino as ov
 
         with tempfile.TemporaryDirectory() as tmp:
-            if precision == "int8":  # OpenVINO runs ONNX Runtime's QDQ graph as int8
+            if precision == "int8" and not _installed("nncf"):  # OpenVINO runs ONNX Runtime's QDQ graph as int8
+                log.warning("nncf is not installed: quantising the OpenVINO export with ONNX Runtime's QDQ quantiser "
+                            "(lower agreement with fp32, more memory; pip install 'brandmon[runtimes]')")
                 path = Path(tmp, "int8.onnx")
                 path.write_bytes(_quantize_onnx(_onnx_bytes(fn), calib))
                 model = ov.convert_model(str(path))
+                info.update(quantizer=f"onnxruntime {_version('onnxruntime')} QDQ", quantize_peak_rss_bytes=peak_rss_bytes())
             else:
                 model = ov.convert_model(fn.get_concrete_function())
             ov.save_model(model, str(Path(tmp, "model.xml")), compress_to_fp16=False)
-            return {"model.xml": Path(tmp, "model.xml").read_bytes(), "model.bin": Path(tmp, "model.bin").read_bytes()}
+            xml, weights = Path(tmp, "model.xml").read_bytes(), Path(tmp, "model.bin").read_bytes()
+        if precision == "int8" and _installed("nncf"):  # NNCF on the fp32 IR, in a child process
+            del model
+            try:
+                xml, weights, stats = quantize_ir(xml, weights, calib)
+            except QuantizeError as exc:
+                raise ExportError(str(exc)) from None
+            info.update(quantizer=stats["quantizer"], quantize_peak_rss_bytes=stats["peak_rss_bytes"],
+                        quantize_seconds=stats["seconds"])
+        return {"model.xml": xml, "model.bin": weights}
     if fmt == "tflite":
         if precision != "int8":
             converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
@@ -237,9 +259,7 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         raise ExportError(f"export precision must be auto, int8 or fp32, not {precision!r}")
     if precision == "int8" and fmt not in INT8_FORMATS:
         raise ExportError(f"{fmt} exports are fp32 only (int8: {', '.join(INT8_FORMATS)})")
-    needs = {"openvino": ["openvino"] + (["onnxruntime", "tf2onnx"] if precision == "int8" else []),
-             "onnx": ["tf2onnx"] + (["onnxruntime"] if precision == "int8" else [])}.get(fmt, [])
-    missing = [m for m in needs if not _importable(m)]
+    missing = [m for m in _needs(fmt, precision) if not _importable(m)]
     if missing:
         raise ExportError(f"{fmt} export ({precision}) needs {', '.join(missing)} (pip install 'brandmon[runtimes]')")
     row = get_version(ctx, version)
@@ -249,14 +269,15 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
     calib = None
     if precision == "int8":
         calib = calibration_batch(ctx, row, spec.input_size, calibration_images, calibration)
-    files = export_files(fmt, model.net, spec, precision, calib)
+    info: dict[str, Any] = {}
+    files = export_files(fmt, model.net, spec, precision, calib, info)
     meta = {
         "export_format": EXPORT_FORMAT, "format": fmt, "precision": precision, "model_version": version,
         "model_artifact": row["artifact_key"], "classes": list(spec.classes), "input_size": spec.input_size,
         "input": "uint8 (n, s, s, 3) RGB, squash-resized as detect does", "output": "class probabilities",
         "runtime": _runtime_version(fmt), "calibration_images": 0 if calib is None else int(len(calib)),
         "calibration_source": None if calib is None else str(calibration or (row.get("params") or {}).get("data")),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **info,
     }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -277,6 +298,37 @@ def _importable(name: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def _needs(fmt: str, precision: str) -> list[str]:
+    """The Python packages an export needs. OpenVINO int8: NNCF, or without it ONNX Runtime's
+    QDQ quantiser on the tf2onnx graph (the previous path, kept as the fallback)."""
+    if fmt == "openvino":
+        if precision != "int8" or _installed("nncf"):
+            return ["openvino"]
+        return ["openvino", "onnxruntime", "tf2onnx"]
+    if fmt == "onnx":
+        return ["tf2onnx"] + (["onnxruntime"] if precision == "int8" else [])
+    return []
+
+
+def _installed(name: str) -> bool:
+    """`name` can be imported, without importing it (a `sys.modules[name] = None` entry: not)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
 
 
 def _runtime_version(fmt: str) -> str:
