@@ -157,7 +157,7 @@ class Stack:
                 errors = self.request("GET", "/api/v2/importErrors")
                 assert errors["total_entries"] == 0, errors
                 return
-            time.sleep(2)
+            time.sleep(1)
         raise AssertionError(f"DAGs not parsed in {timeout}s:\n{self.log_tail('dag-processor')}")
 
     def runs(self, dag_id: str) -> list[dict[str, Any]]:
@@ -171,7 +171,7 @@ class Stack:
             run = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}")
             if run["state"] in ("success", "failed"):
                 return run
-            time.sleep(2)
+            time.sleep(1)
         raise AssertionError(f"{dag_id} {run_id} not finished in {timeout}s:\n{self.log_tail('worker')}")
 
 

@@ -239,9 +239,23 @@ def wait_settled(s: Stack, ingest_runs: int, timeout: float) -> float:
         calm = calm + 1 if done and not busy and not waiting else 0
         if calm >= 3:
             return time.monotonic() - t0
-        time.sleep(3)
+        time.sleep(1.5)  # 3 calm looks in a row span >= 3 s plus their REST calls
     raise AssertionError(f"stack not settled in {timeout}s: "
                          f"{ {d: [r['state'] for r in s.runs(d)] for d in PIPELINE_DAGS} }\n{s.log_tail('scheduler')}")
+
+
+def wait_reprocessing(s: Stack, cleared_run: str, timeout: float = 60) -> None:
+    """Until the cleared run and the backfill's runs are seen (not all runs succeeded, or the
+    ingest tasks already ran again), so that `wait_settled` cannot return before they start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = s.runs("brandmon_ingest")
+        if any(r["state"] != "success" for r in runs) or sum(
+                t["dag_id"] == "brandmon_ingest" and t["task_id"] == "ingest" and t["try_number"] > 1
+                for t in task_instances(s)) >= 3:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the cleared run {cleared_run} and the backfill did not start in {timeout}s")
 
 
 def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack: Stack, tmp_path: Path):
@@ -338,7 +352,7 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
               "--from-date", (START + dt.timedelta(days=1)).isoformat(),
               "--to-date", (START + dt.timedelta(days=2)).isoformat(),
               "--reprocess-behavior", "completed")
-    time.sleep(5)
+    wait_reprocessing(s, cleared_run)
     wait_settled(s, DAYS, timeout=600)
     timings["clear+backfill"] = time.monotonic() - started
     tis = task_instances(s)
