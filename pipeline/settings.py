@@ -523,6 +523,13 @@ def environ() -> Mapping[str, str]:
     return os.environ
 
 
+def child_env(import_root: str) -> dict[str, str]:
+    """This process's environment for a Python child that must import the package from
+    `import_root` first (the quantiser runs `python -m pipeline...` in a bounded child)."""
+    path = [import_root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def lock_ttl_s() -> float:
     """Seconds a lock outlives its holder's last heartbeat: BRANDMON_LOCK_TTL_S, default 120."""
     raw = os.environ.get("BRANDMON_LOCK_TTL_S")

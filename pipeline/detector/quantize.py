@@ -16,7 +16,6 @@ probability by up to 0.95), head (MatMul, Softmax) left float as in the QDQ path
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
     """(int8 xml, int8 bin, stats) of the fp32 IR `xml`/`weights`, calibrated on `calib`
     (uint8 (n, s, s, 3)); stats: quantiser version, seconds, the child's peak RSS in bytes."""
     import pipeline
+    from pipeline.settings import child_env
 
     with tempfile.TemporaryDirectory(prefix="brandmon-quantize-") as tmp:
         d = Path(tmp)
@@ -48,7 +48,7 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
         (d / "model.bin").write_bytes(weights)
         np.save(d / "calib.npy", np.ascontiguousarray(calib, np.uint8))
         root = str(Path(pipeline.__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = child_env(root)
         try:  # the child sets its own memory limit (no preexec_fn: the caller runs TensorFlow threads)
             proc = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(d), str(memory_bytes or 0)],
                                   env=env, capture_output=True, text=True, timeout=timeout, check=False)
