@@ -4,16 +4,15 @@ Revision ID: 0001
 Revises:
 
 Explicit operations (rendered from `pipeline.schema` at the first release and frozen): a later
-change to the schema is a new revision, never an edit of this one. `UTCDateTime` is the one
-custom column type (tz-aware UTC in and out on every backend).
+change to the schema is a new revision, never an edit of this one. Timestamps are plain
+`DateTime(timezone=True)` here, the DDL that `pipeline.schema.UTCDateTime` emits; that type's
+tz-aware conversion happens in the application, so no revision imports application code.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-from pipeline.schema import UTCDateTime
 
 revision = "0001"
 down_revision = None
@@ -27,7 +26,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("config", sa.JSON(), nullable=False),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_brands")),
         sa.UniqueConstraint("name", name=op.f("uq_brands_name")),
     )
@@ -35,7 +34,7 @@ def upgrade() -> None:
         "dirty_days",
         sa.Column("day", sa.Date(), nullable=False),
         sa.Column("reason", sa.String(length=64), nullable=False),
-        sa.Column("marked_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("marked_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("day", name=op.f("pk_dirty_days")),
     )
     op.create_table(
@@ -43,7 +42,7 @@ def upgrade() -> None:
         sa.Column("cache_key", sa.String(length=128), nullable=False),
         sa.Column("image_sha256", sa.String(length=64), nullable=False),
         sa.Column("vector", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("cache_key", "image_sha256", name=op.f("pk_feature_cache")),
     )
     op.create_table(
@@ -54,15 +53,15 @@ def upgrade() -> None:
         sa.Column("width", sa.Integer(), nullable=True),
         sa.Column("height", sa.Integer(), nullable=True),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("sha256", name=op.f("pk_images")),
     )
     op.create_table(
         "locks",
         sa.Column("name", sa.String(length=256), nullable=False),
         sa.Column("owner", sa.String(length=128), nullable=False),
-        sa.Column("acquired_at", UTCDateTime(timezone=True), nullable=False),
-        sa.Column("expires_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("acquired_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_locks")),
     )
     op.create_table(
@@ -84,7 +83,7 @@ def upgrade() -> None:
         sa.Column("spike", sa.Boolean(), nullable=False),
         sa.Column("share_of_voice", sa.Float(), nullable=True),
         sa.Column("model_version", sa.String(length=64), nullable=True),
-        sa.Column("computed_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint(
             "day", "brand", "product", "platform", "source", name=op.f("pk_mention_daily")
         ),
@@ -101,7 +100,7 @@ def upgrade() -> None:
     op.create_table(
         "model_versions",
         sa.Column("version", sa.String(length=64), nullable=False),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("classes", sa.JSON(), nullable=False),
         sa.Column("base", sa.String(length=64), nullable=False),
         sa.Column("weights", sa.String(length=256), nullable=False),
@@ -128,13 +127,13 @@ def upgrade() -> None:
         sa.Column("author_hash", sa.String(length=64), nullable=False),
         sa.Column("text", sa.Text(), nullable=False),
         sa.Column("lang", sa.String(length=16), nullable=True),
-        sa.Column("posted_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("posted_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("url", sa.Text(), nullable=True),
         sa.Column("repost_of", sa.String(length=256), nullable=True),
         sa.Column("content_hash", sa.String(length=64), nullable=False),
         sa.Column("raw_key", sa.Text(), nullable=True),
-        sa.Column("ingested_at", UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ingested_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_posts")),
         sa.UniqueConstraint("platform", "external_id", name=op.f("uq_posts_platform_external_id")),
     )
@@ -149,12 +148,12 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("source", sa.String(length=128), nullable=False),
-        sa.Column("window_start", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("window_start", sa.DateTime(timezone=True), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("record_ref", sa.String(length=512), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("excerpt", sa.Text(), nullable=True),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_quarantine")),
         sa.UniqueConstraint(
             "source",
@@ -174,11 +173,11 @@ def upgrade() -> None:
         ),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("source", sa.String(length=128), nullable=True),
-        sa.Column("window_start", UTCDateTime(timezone=True), nullable=True),
-        sa.Column("window_end", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("window_start", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("window_end", sa.DateTime(timezone=True), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column("started_at", UTCDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("counts", sa.JSON(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("owner", sa.String(length=128), nullable=True),
@@ -192,7 +191,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("cursor", sa.JSON(), nullable=True),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_sources")),
     )
     op.create_table(
@@ -202,7 +201,7 @@ def upgrade() -> None:
         sa.Column("class_name", sa.String(length=200), nullable=False),
         sa.Column("score", sa.Float(), nullable=False),
         sa.Column("box", sa.JSON(), nullable=True),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["image_sha256"], ["images.sha256"], name=op.f("fk_detections_image_sha256_images")
         ),
@@ -226,7 +225,7 @@ def upgrade() -> None:
         sa.Column("top_class", sa.String(length=200), nullable=True),
         sa.Column("top_score", sa.Float(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
-        sa.Column("scored_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["image_sha256"], ["images.sha256"], name=op.f("fk_image_scores_image_sha256_images")
         ),
@@ -253,7 +252,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status in ('pending','stored','failed','quarantined')",
             name=op.f("ck_post_images_status"),
@@ -292,7 +291,7 @@ def upgrade() -> None:
         sa.Column("score", sa.Float(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("label", sa.String(length=200), nullable=True),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["image_sha256"], ["images.sha256"], name=op.f("fk_review_queue_image_sha256_images")
         ),

@@ -15,8 +15,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from pipeline.schema import UTCDateTime
-
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -28,7 +26,7 @@ NEW_KEY = "uq_quarantine_source_window_start_window_end_kind_record_ref"
 
 def upgrade() -> None:
     with op.batch_alter_table("quarantine") as batch:
-        batch.add_column(sa.Column("window_end", UTCDateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("window_end", sa.DateTime(timezone=True), nullable=True))
         batch.drop_constraint(OLD_KEY, type_="unique")
         batch.create_unique_constraint(NEW_KEY, ["source", "window_start", "window_end", "kind", "record_ref"])
     op.execute(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from pipeline.schema import UTCDateTime
-
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
@@ -35,10 +33,10 @@ def upgrade() -> None:
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("claim", sa.String(32), nullable=True),
-        sa.Column("claimed_at", UTCDateTime(timezone=True), nullable=True),
-        sa.Column("sent_at", UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alert_ledger")),
         sa.UniqueConstraint("rule", "day", "key", "destination", name=op.f("uq_alert_ledger_rule_day_key_destination")),
         sa.CheckConstraint("status in ('sending','sent','failed','skipped')", name=op.f("ck_alert_ledger_status")),

@@ -17,8 +17,6 @@ import importlib
 import sqlalchemy as sa
 from alembic import op
 
-from pipeline.schema import UTCDateTime
-
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -61,7 +59,7 @@ def upgrade() -> None:
         sa.Column("mase", sa.Float(), nullable=True),
         sa.Column("beats_baseline", sa.Boolean(), nullable=True),
         sa.Column("input_hash", sa.String(64), nullable=False),
-        sa.Column("computed_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("brand", "product", "platform", "issued_on", "day", name="pk_demand_signal"),
     )
     revision_0002 = importlib.import_module("pipeline.migrations.versions.0002_views")
