@@ -75,7 +75,7 @@ def test_env_overrides_yaml(tmp_path: Path) -> None:
         ("sources:\n  - {name: a, kind: archive, path: /x, fetch_images: maybe}\n", "`fetch_images` must be true or false"),
         ("sources:\n  - {name: a, kind: archive, path: [x]}\n", "`path` must be a string"),
         ("sources:\n  - {name: a, kind: archive, path: /x, html: sometimes}\n", "`html` must be one of auto, always, never"),
-        ("sources:\n  - {name: m, kind: mastodon, hashtags: {a: 1}}\n", "hashtags must be a list of strings"),
+        ("sources:\n  - {name: m, kind: mastodon, hashtags: {a: 1}}\n", "source 'm': `hashtags` must be a list of strings"),
         ("sources:\n  - {name: s, kind: synthetic, start: someday}\n", "`start` must be a date"),
     ],
 )
@@ -211,8 +211,8 @@ def test_unknown_keys_are_named_loudly_with_the_closest_known_one(tmp_path: Path
     s = load_settings(env=_env(tmp_path, BRANDMON_CONFIG=str(cfg)))
     assert s.network.timeout_s == 5
     text = caplog.text
-    assert "sources (m1): unknown key `limt` is ignored (did you mean `limit`?)" in text
-    assert "sources (m1): unknown key `walk` is ignored" in text
+    assert "source 'm1': unknown key `limt` is ignored (did you mean `limit`?)" in text
+    assert "source 'm1': unknown key `walk` is ignored" in text
     assert "unknown key `max_retires` is ignored (did you mean `max_retries`?)" in text
     caplog.clear()
     load_settings(env=_env(tmp_path))  # a config with only known keys says nothing

@@ -92,7 +92,7 @@ def check_option(source: str, key: str, value: Any, spec: Spec) -> Any:
     """`value` in the type option `key` needs, or ConfigError naming the source and the option."""
     kind, fld = spec
     meta = fld.metadata if fld is not None else {}
-    where = f"sources ({source}): `{key}`"
+    where = f"source {source!r}: `{key}`"
     if kind == "int":
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
@@ -116,7 +116,7 @@ def check_option(source: str, key: str, value: Any, spec: Spec) -> Any:
     if kind == "list":
         from pipeline.settings import str_list  # the one reader of string lists (brands use it too)
 
-        return list(str_list(value, f"sources ({source}).{key}"))
+        return list(str_list(value, f"source {source!r}: `{key}`"))
     if kind == "date" and isinstance(value, dt.date):  # YAML reads an unquoted 2026-10-01 as a date
         value = value.isoformat()
     if not isinstance(value, str):

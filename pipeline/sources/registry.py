@@ -89,7 +89,7 @@ def check_options(source: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]
         elif key.endswith("_env"):
             spec = STRING
         else:
-            unknown_key(f"sources ({source})", key, sorted(own))
+            unknown_key(f"source {source!r}", key, sorted(own))
             out[key] = value
             continue
         out[key] = check_option(source, key, value, spec)

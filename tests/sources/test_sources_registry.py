@@ -43,7 +43,7 @@ def test_options_are_typed_with_defaults_and_checked_when_read():
 
     opts = MastodonOptions.read(SourceConfig(name="m", kind="mastodon", options={"limit": "5", "hashtags": "acme", "other": 1}))
     assert (opts.limit, opts.hashtags, opts.max_pages, opts.walk) == (5, ["acme"], 10_000, "auto")
-    with pytest.raises(ConfigError, match=r"sources \(m\): `limit` must be at least 1"):
+    with pytest.raises(ConfigError, match=r"source 'm': `limit` must be at least 1"):
         MastodonOptions.read(SourceConfig(name="m", kind="mastodon", options={"limit": 0}))
     with pytest.raises(ConfigError, match="give `hashtags` and/or `accounts`"):
         registry.make_connector(load_settings(env={}), SourceConfig(name="m", kind="mastodon", options={"base_url": "https://x.example"}))
