@@ -109,3 +109,23 @@ def test_readme_architecture_tree_names_every_package_folder_and_only_real_paths
         assert folder in named or parent in named and parent.endswith("sources/") or folder == "pipeline/migrations/", (
             f"{folder} has no line in README's Architecture tree")
     assert "pipeline/detector/train.py" in tree and "tests/support/" in tree
+
+
+def test_tests_is_a_regular_package_that_a_dependencys_tests_folder_cannot_shadow(tmp_path):
+    """tf2onnx installs a top-level `tests/` (no `__init__.py`) into site-packages. As a namespace
+    package ours would merge with it, and a dependency shipping `tests/__init__.py` would shadow
+    it (`python -m tests.support.services` in .ci/run would then fail). Ours is regular, so the
+    first `tests` on the path (the checkout, as pytest and `python -m` from the root put it) wins
+    even over a regular impostor package later on the path."""
+    import tests
+
+    assert Path(tests.__file__).resolve() == ROOT / "tests" / "__init__.py"
+    impostor = tmp_path / "site" / "tests"
+    (impostor / "support").mkdir(parents=True)
+    (impostor / "__init__.py").write_text("")
+    (impostor / "support" / "__init__.py").write_text("raise SystemExit('the impostor was imported')\n")
+    probe = "import tests.support.services as s, pathlib; print(pathlib.Path(s.__file__).resolve())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == ROOT / "tests" / "support" / "services.py"
