@@ -270,8 +270,8 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--profile", choices=["default", "demo"], default="default")
     t.add_argument("--activate", choices=["if_better", "always", "never"], default="if_better",
                    help="if_better (default): activate only when it beats the active model at the operating point, "
-                        "both scored on the new validation split (first: reaching --target-precision with the 95%% "
-                        "lower bound, then recall, brand top-1, F1); always; never (register only)")
+                        "both scored on the new validation split (first: the 95%% Wilson lower bound of precision "
+                        "reaching --target-precision, then recall, brand top-1, F1); always; never (register only)")
     t.add_argument("--threshold-rule", choices=THRESHOLD_RULES, metavar="{wilson,point}",
                    help="how each threshold is picked on the validation split: wilson (default) = the lowest whose "
                         "95%% Wilson lower bound of precision reaches --target-precision (holds on new photos); "
