@@ -322,7 +322,7 @@ def choose_report_day(param: Any, triggering_asset_events: Any, run_after: Any) 
 
 
 def train_summary(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The XCom of a training run: version, activated and why (one line), the numeric headline metrics."""
+    """The XCom of a training run: version, activated, and the numeric headline metrics."""
     metrics = result.get("metrics") or {}
     return {
         "version": result.get("version"),
@@ -332,7 +332,6 @@ def train_summary(result: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         },
-        **({"why": str(result["promotion"].get("reason", ""))[:500]} if isinstance(result.get("promotion"), Mapping) else {}),
     }
 
 
