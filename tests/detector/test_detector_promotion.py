@@ -130,3 +130,24 @@ def test_a_baseline_of_another_version_is_not_used(make_ctx):
     loose = _register(ctx, _report(95, 5, 5))
     stale = figures(_report(10, 10, 90), "v99", "scored")
     assert not promote(ctx, loose, "if_better", stale)["promoted"]
+
+
+def test_the_real_threshold_rules_point_loses_to_wilson_at_the_operating_point():
+    """One validation split of 200 photos scored by the same network: the `point` rule's
+    threshold has more recall and F1, but a precision it cannot show with 95% confidence; the
+    `wilson` threshold keeps the promise, so `if_better` prefers it (F1 would not)."""
+    import numpy as np
+
+    from pipeline.detector.metrics import threshold_for_precision
+
+    rng = np.random.default_rng(7)
+    labels = ["A"] * 100 + ["no_logo"] * 100
+    score = np.r_[rng.beta(5, 2, 100), rng.beta(2, 5, 100)]
+    is_logo = np.array([y != "no_logo" for y in labels])
+    picks = {rule: threshold_for_precision(is_logo, score, 0.9, rule=rule) for rule in ("point", "wilson")}
+    assert picks["point"]["target_met"] and not picks["point"]["margin_met"] and picks["wilson"]["margin_met"]
+    fig = {rule: figures(evaluate_scores(labels, score[:, None], ["A"], pick["threshold"]), f"v-{rule}", "val")
+           for rule, pick in picks.items()}
+    assert fig["point"]["f1"] > fig["wilson"]["f1"] and fig["point"]["recall"] > fig["wilson"]["recall"]
+    assert compare(fig["wilson"], fig["point"], 0.9)["promoted"]  # the cautious model replaces the point-rule one
+    assert not compare(fig["point"], fig["wilson"], 0.9)["promoted"]  # and never the other way round

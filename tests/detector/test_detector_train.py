@@ -254,3 +254,21 @@ def test_brandmon_train_warns_in_its_summary_when_the_budget_cut_training(make_c
     assert main([*args, "--epochs", "1", "--activate", "never"]) == 0  # no budget: nothing to warn about
     out = capsys.readouterr().out
     assert "model v2" in out and "warning" not in out
+
+
+
+def test_if_better_rescoring_the_active_model_on_the_new_val_split_is_like_with_like(make_ctx, tmp_path: Path):
+    """The same deterministic network trained twice: the active one, re-scored on the new
+    model's validation split (exported as files, through `evaluate`), gets exactly the figures
+    training recorded for the new one, so the rule compares like with like; a tie keeps it."""
+    ctx = make_ctx()
+    data = make_folders(tmp_path / "d", {"Reddisc": 30, "Bluesquare": 30, "no_logo": 30}, seed=11)
+    opts = {**FAST, "deterministic": True, "head_epochs": 4, "target_precision": 0.7}
+    v1 = train_model(ctx, data, weights="none", activate="always", **opts)
+    v2 = train_model(ctx, data, weights="none", **opts)
+    rec = v2["promotion"]
+    same = ("n_images", "threshold", "precision", "precision_low", "called", "recall", "brand_accuracy", "f1", "floor_met")
+    assert {k: rec["new"][k] for k in same} == {k: rec["active"][k] for k in same} and rec["new"]["called"] > 0
+    assert rec["active"]["version"] == v1["version"] and rec["active"]["source"].startswith("scored on the new model's")
+    assert not rec["promoted"] and rec["reason"].endswith("a tie on every figure keeps the active model")
+    assert active_model(ctx)["version"] == v1["version"]
