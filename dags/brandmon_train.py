@@ -90,7 +90,8 @@ DEFAULT_ARGS = dag_support.default_args()
             "if_better",
             type="string",
             enum=["if_better", "always", "never"],
-            description="if_better: only when it beats the active model on the same held-out images; "
+            description="if_better: only when it beats the active model at the operating point, both scored on "
+            "the new validation split (precision lower bound, then recall, brand top-1, F1); "
             "never: register only (activate later with `brandmon model activate V`)",
         ),
         "options": Param(

@@ -13,6 +13,9 @@ from typing import Any
 
 from pipeline.progress import for_cli
 
+# the choices of TrainConfig.model (threshold_rule, fusion), kept here so `--help` needs no import of the training stages
+THRESHOLD_RULES = ("wilson", "point")
+FUSION_CHOICES = ("val", "fitted")
 RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
 
 
@@ -77,6 +80,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         options["matcher"] = args.matcher
     if args.time_budget is not None:
         options["time_budget_s"] = args.time_budget
+    if args.threshold_rule:
+        options["threshold_rule"] = args.threshold_rule
+    if args.fusion:
+        options["fusion"] = args.fusion
     ctx = _ctx()
     result = train_model(
         ctx, args.data, fmt=args.format, weights=args.weights, epochs=args.epochs,
@@ -84,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=for_cli(args.quiet), **options,
     )
     if args.json:
-        _print_json({k: result[k] for k in ("version", "activated", "metrics", "pr_curve", "eval_dir")})
+        _print_json({k: result.get(k) for k in ("version", "activated", "promotion", "metrics", "pr_curve", "eval_dir")})
     else:
         m = result["metrics"]
         print(f"model {result['version']}{' (active)' if result['activated'] else ''}: held-out test split "
@@ -102,6 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             from pipeline.detector.train import budget_cut_message
 
             print(f"warning: {budget_cut_message(training)}")
+        if result.get("promotion"):
+            from pipeline.detector.train import promotion_line
+
+            print(promotion_line(result["promotion"]))
         print(f"PR curve: {result['pr_curve']}")
         print(f"held-out split as folders: {result['eval_dir']}  (re-score: brandmon evaluate --data {result['eval_dir']} --model {result['version']})")
     return 0
@@ -257,7 +268,18 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--epochs", type=_bounded(int, 1, 500), help="image-training epochs (default: per profile/mode)")
     t.add_argument("--target-precision", type=_bounded(float, 0.5, 1.0), default=0.9, help="logo precision the threshold aims for (default 0.9)")
     t.add_argument("--profile", choices=["default", "demo"], default="default")
-    t.add_argument("--activate", choices=["if_better", "always", "never"], default="if_better")
+    t.add_argument("--activate", choices=["if_better", "always", "never"], default="if_better",
+                   help="if_better (default): activate only when it beats the active model at the operating point, "
+                        "both scored on the new validation split (first: the 95%% Wilson lower bound of precision "
+                        "reaching --target-precision, then recall, brand top-1, F1); always; never (register only)")
+    t.add_argument("--threshold-rule", choices=THRESHOLD_RULES, metavar="{wilson,point}",
+                   help="how each threshold is picked on the validation split: wilson (default) = the lowest whose "
+                        "95%% Wilson lower bound of precision reaches --target-precision (holds on new photos); "
+                        "point = the measured precision alone reaches it (the old rule: more recall, less sure)")
+    t.add_argument("--fusion", choices=FUSION_CHOICES, metavar="{val,fitted}",
+                   help="val (default): choose on the validation split between the fitted CNN+matcher fusion and "
+                        "the matcher alone, by the recall each keeps at the operating point; fitted: always the "
+                        "fitted fusion")
     t.add_argument("--input-size", type=_bounded(int, MIN_INPUT, MAX_INPUT), help="square input side in px (default: 299 pretrained, 128 from scratch)")
     t.add_argument("--mode", choices=["auto", "head", "full"], help="train the head on cached features, or the whole network")
     t.add_argument("--fine-tune", type=int, metavar="N", help="after the head, also train the top N Inception blocks")

@@ -127,24 +127,53 @@ def activate(ctx: Context, version: str) -> None:
                 raise BrandmonError(f"could not activate {version}: {ACTIVATE_ATTEMPTS} concurrent activations") from None
 
 
-def maybe_activate(ctx: Context, version: str, policy: str, baseline_f1: float | None = None) -> bool:
-    """`always`, `never`, or `if_better`: no active version yet, or a held-out F1 that beats it.
+def promote(ctx: Context, version: str, policy: str, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply `policy` (`always`, `never`, `if_better`) to a registered version; returns the record
+    of the decision (`promoted`, `reason`; for `if_better` both models' figures and the rule, see
+    `promotion`), which is also stored in the version's `metrics.promotion` so a user sees why.
 
-    `baseline_f1` is the active model's F1 on the new model's own held-out split (train scores
-    it there), so both numbers come from the same images; without it the active model's
-    recorded F1 (from its own, older split) is the fallback. A tie keeps the active version:
-    switching models restates image counts, which is only worth it for a measurably better model.
+    `baseline`: the active model's figures on the new model's validation split (train scores it
+    there, so both sets of figures come from the same photos); without it the active model's
+    recorded figures (its own, older split) stand in, and the record says so.
     """
-    if policy == "never":
-        return False
+    from pipeline.detector import promotion
+
+    if policy not in ("always", "never", "if_better"):
+        raise BrandmonError(f"activate must be if_better, always or never, not {policy!r}")
     current = active_version(ctx)
-    if policy == "if_better" and current is not None:
-        new = float(get_version(ctx, version)["metrics"].get("f1", 0.0) or 0.0)
-        old = baseline_f1 if baseline_f1 is not None else float((current["metrics"] or {}).get("f1", 0.0) or 0.0)
-        if new <= old:
-            return False
-    activate(ctx, version)
-    return True
+    if policy == "never":
+        record: dict[str, Any] = {"policy": policy, "promoted": False, "reason": "--activate never: registered only"}
+    elif policy == "always" or current is None:
+        why = "--activate always" if policy == "always" else "no active model yet"
+        record = {"policy": policy, "promoted": True, "reason": why}
+    else:
+        row = get_version(ctx, version)
+        metrics = row["metrics"] or {}
+        new = promotion.recorded_figures(row)
+        new["source"] = "its validation split" if new["source"].endswith("validation split") else new["source"]
+        old = baseline if baseline is not None and baseline.get("version") == current["version"] else None
+        if old is None:
+            old = promotion.recorded_figures(current)
+        record = promotion.compare(new, old, float(metrics.get("target_precision") or 0.9))
+    if record["promoted"]:
+        activate(ctx, version)
+    record_metric(ctx, version, "promotion", record)
+    return record
+
+
+def maybe_activate(ctx: Context, version: str, policy: str, baseline: dict[str, Any] | None = None) -> bool:
+    """`promote`, answering only whether `version` is now active."""
+    return bool(promote(ctx, version, policy, baseline)["promoted"])
+
+
+def record_metric(ctx: Context, version: str, key: str, value: Any) -> None:
+    """Add (or replace) one key of a version's `metrics` (JSON), e.g. the promotion decision."""
+    with ctx.engine.begin() as conn:
+        row = conn.execute(select(model_versions.c.metrics).where(model_versions.c.version == version)).first()
+        if row is None:
+            raise UnknownModel(f"no model version {version!r}")
+        conn.execute(update(model_versions).where(model_versions.c.version == version)
+                     .values(metrics={**(row.metrics or {}), key: value}))
 
 
 _LOADED: dict[tuple[str, str, str], Any] = {}

@@ -146,13 +146,14 @@ def register_and_activate(
     files = write_reports(ctx, version, samples["test"], cal.signals["test"],
                           (prepared.brands, cal.signals, {k: prepared.labels(k) for k in ("val", "test")}))
     clock.lap("reports")
-    baseline = _score_active_on(ctx, files["eval_dir"], activate, progress)
+    baseline = _score_active_on_val(ctx, samples["val"], activate, progress)
     if baseline is not None:
         params["baseline"] = baseline
-        say(progress, f"active model {baseline['version']} on this held-out split: logo F1 {baseline['f1']:.3f} "
-            f"(new {version}: {metrics['f1']:.3f})")
-    activated = registry.maybe_activate(ctx, version, activate, baseline["f1"] if baseline else None)
-    return {"version": version, "metrics": metrics, "activated": activated, "params": params, **files}
+    record = registry.promote(ctx, version, activate, baseline)
+    metrics["promotion"] = record
+    say(progress, promotion_line(record))
+    return {"version": version, "metrics": metrics, "activated": record["promoted"], "params": params,
+            "promotion": record, **files}
 
 
 def training_summary(history: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -186,27 +187,46 @@ def warn_budget_cut(training: dict[str, Any], progress: Progress | None) -> None
     say(progress, budget_cut_message(training), level=logging.WARNING)
 
 
-def _score_active_on(ctx: Context, eval_dir: str, activate: str, progress: Progress | None) -> dict[str, Any] | None:
-    """The active model's figures on the new model's held-out split, for `if_better`.
+def promotion_line(record: dict[str, Any]) -> str:
+    """The activation decision in one line (`promotion.summary_line`)."""
+    from pipeline.detector.promotion import summary_line
 
-    Why: each model's recorded F1 comes from its own split; comparing those would compare
-    different images. Scoring the active model on the new split compares like with like. If it
-    cannot be scored (its artifact is gone, say), the registry falls back to its recorded F1.
+    return summary_line(record)
+
+
+def _score_active_on_val(ctx: Context, val: list[Any], activate: str, progress: Progress | None) -> dict[str, Any] | None:
+    """The active model's operating-point figures on the new model's validation split, for `if_better`.
+
+    Why: each model's recorded figures come from its own split; comparing those would compare
+    different photos. Scoring the active model, at its own threshold, on the photos the new
+    model's thresholds were chosen on compares like with like, and leaves the test split
+    report-only. If it cannot be scored (its artifact is gone, say), `registry.promote` falls
+    back to its recorded figures and says so.
     """
-    from pipeline.detector.evaluate import evaluate_folder
-    from pipeline.detector.registry import active_version
+    import shutil
+    import tempfile
 
-    if activate != "if_better":
+    from pipeline.detector.evaluate import evaluate_folder
+    from pipeline.detector.promotion import figures
+    from pipeline.detector.registry import active_version
+    from pipeline.detector.training.report import export_split
+
+    if activate != "if_better" or not val:
         return None
     current = active_version(ctx)
     if current is None:
         return None
+    home = Path(ctx.settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".val-", dir=home))
     try:
-        report = evaluate_folder(ctx, eval_dir, current["version"], progress=progress)
+        report = evaluate_folder(ctx, export_split(val, folder), current["version"], progress=progress)
     except BrandmonError as exc:
-        say(progress, f"cannot score the active model {current['version']} on the new split ({exc}); "
-            "comparing with its recorded F1", level=logging.WARNING)
+        say(progress, f"cannot score the active model {current['version']} on the new validation split ({exc}); "
+            "comparing with its recorded figures", level=logging.WARNING)
         return None
-    return {"version": current["version"], "signal": report["signal"], "f1": float(report["logo"]["f1"]),
-            "precision": float(report["logo"]["precision"]), "recall": float(report["logo"]["recall"]),
-            "n_images": int(report["n_images"])}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    out = figures(report, current["version"], f"scored on the new model's validation split ({report['n_images']} photos)")
+    out["signal"] = report["signal"]
+    return out

@@ -116,3 +116,88 @@ def test_cli_model_export_then_evaluate_and_detect_with_it(make_ctx, install_mod
     assert main(["model", "export", version, "--format", "savedmodel", "--precision", "int8"]) == 2
     err = capsys.readouterr().err
     assert "fp32 only" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_help_documents_the_threshold_rule_and_fusion_with_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--threshold-rule {wilson,point}" in text and "--fusion {val,fitted}" in text
+    assert "wilson (default)" in text and "95% Wilson lower bound" in text and "point = the measured precision" in text
+    assert "val (default)" in text and "fitted: always the fitted fusion" in text
+    assert "if_better (default)" in text
+
+
+def test_train_choices_match_the_training_config():
+    """The CLI keeps its own copy of the choices (no import of the training stages for --help)."""
+    from pipeline.detector import cli
+    from pipeline.detector.metrics import THRESHOLD_RULES
+    from pipeline.detector.training.calibrate import FUSION_CHOICES
+
+    assert cli.THRESHOLD_RULES == THRESHOLD_RULES and cli.FUSION_CHOICES == FUSION_CHOICES
+
+
+@pytest.mark.parametrize(("flag", "value", "choices"), [
+    ("--threshold-rule", "strict", ("wilson", "point")),
+    ("--threshold-rule", "Wilson", ("wilson", "point")),
+    ("--fusion", "matcher", ("val", "fitted")),
+    ("--fusion", "", ("val", "fitted")),
+])
+def test_train_refuses_an_unknown_rule_or_fusion_in_one_line(flag, value, choices, capsys, tmp_path: Path):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"argument {flag}: invalid choice: " in err and repr(value) in err  # the quoting is argparse's
+    assert err.index(choices[0]) < err.index(choices[1], err.index(choices[0]))  # "(choose from ...)"
+
+
+def test_train_passes_the_rule_and_fusion_to_training(monkeypatch, capsys, tmp_path: Path):
+    """Only the flags given are passed: without them TrainConfig's defaults (wilson, val) apply."""
+    from pipeline.detector import cli, jobs
+
+    seen: list[dict] = []
+
+    def fake_train(ctx, data, **kw):
+        seen.append(kw)
+        raise SystemExit(0)  # stop before any training: only the options are checked here
+
+    monkeypatch.setattr(cli, "_ctx", lambda: None)
+    monkeypatch.setattr(jobs, "train_model", fake_train)
+    for extra in ([], ["--threshold-rule", "point", "--fusion", "fitted"]):
+        with pytest.raises(SystemExit):
+            main(["train", "--data", str(tmp_path), *extra])
+    assert "threshold_rule" not in seen[0] and "fusion" not in seen[0]
+    assert seen[1]["threshold_rule"] == "point" and seen[1]["fusion"] == "fitted"
+
+
+@pytest.mark.integration
+def test_cli_train_with_the_old_rule_then_if_better_says_why(make_ctx, monkeypatch, capsys, tmp_path: Path):
+    """`--threshold-rule point --fusion fitted` reach the model; the next `train` prints the
+    promotion decision with both models' figures, and the registry keeps it."""
+    from detector_helpers import FAST, make_folders
+
+    from pipeline.detector import jobs
+    from pipeline.detector.registry import get_version
+
+    ctx = make_ctx()
+    _env(monkeypatch, ctx)
+    real = jobs.train_model
+    monkeypatch.setattr(jobs, "train_model", lambda *a, **kw: real(*a, **{**FAST, **kw}))
+    data = make_folders(tmp_path / "train", {"Reddisc": 16, "no_logo": 16}, seed=5)
+    args = ["train", "--data", str(data), "--weights", "none", "--quiet", "--input-size", "75"]
+    assert main([*args, "--threshold-rule", "point", "--fusion", "fitted", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["activated"] and first["promotion"]["reason"] == "no active model yet"
+    row = get_version(ctx, first["version"])
+    assert row["params"]["config"]["threshold_rule"] == "point" and row["params"]["config"]["fusion"] == "fitted"
+    assert {t["rule"] for t in row["metrics"]["thresholds"].values()} == {"point"}
+
+    assert main([*args, "--threshold-rule", "wilson"]) == 0
+    out = capsys.readouterr().out
+    line = next(li for li in out.splitlines() if li.startswith("if_better: v2 "))
+    assert re.match(r"if_better: v2 (promoted|not promoted): (both reach|neither reaches|the (new|active) model's)", line)
+    assert f"active {first['version']} R " in line and "scored on the new model's validation split" in line
+    stored = get_version(ctx, "v2")["metrics"]["promotion"]
+    assert stored["reason"] in line and stored["active"]["version"] == first["version"]
+    assert get_version(ctx, "v2")["active"] is stored["promoted"]
