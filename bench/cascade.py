@@ -1,0 +1,230 @@
+"""Can a precision cascade give int8 speed with the fp32 model's top class? (issue 15)
+
+The cascade scores every image with the int8 OpenVINO export and re-scores, with the
+higher-precision IR (fp32 weights, run in bf16 or in f32), the images whose int8 top-1/top-2
+probability margin is below m. This script measures, on an FL27 model (`--home`: a copy of a
+`bench/fl27.py --home`; the script writes exports into its lake):
+
+1. the int8 margin distribution, and how far int8 moves the margin against Keras fp32;
+2. per m: the re-score fraction and the top-class agreement with Keras fp32 of the cascade
+   (with bf16 and with f32 re-scoring) on the model's training and validation photos (where m
+   is chosen) and on the held-out test photos (where it is only reported);
+3. the network's CPU time per image in int8, in the bf16 IR and in the f32 IR at the
+   throughput bench's size (Inception v3, 299 px, random weights) and at the model's own size,
+   and from them the end-to-end rate the cascade can reach at the chosen m.
+
+    nice -n 5 .venv/bin/python bench/cascade.py --home COPY_OF_FL27_HOME [--train-images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+GRID = [0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2]
+
+
+def margins(p: np.ndarray) -> np.ndarray:
+    s = np.sort(p, 1)
+    return s[:, -1] - s[:, -2]
+
+
+def curve(ref: np.ndarray, low: np.ndarray, high: dict[str, np.ndarray], grid: list[float]) -> list[dict]:
+    """Per m: re-scored fraction and top-class agreement of int8 + re-score with each `high`."""
+    m8 = margins(low)
+    top = ref.argmax(1)
+    rows = []
+    for m in grid:
+        redo = m8 < m
+        row = {"m": m, "rescored": round(float(redo.mean()), 4)}
+        for name, hi in high.items():
+            got = np.where(redo[:, None], hi, low)
+            row[f"agree_{name}"] = round(float((got.argmax(1) == top).mean()), 4)
+        rows.append(row)
+    return rows
+
+
+def smallest_m(ref: np.ndarray, low: np.ndarray, hi: np.ndarray, target: float) -> float:
+    """The smallest m (over the observed int8 margins) whose cascade agreement is >= target."""
+    m8 = margins(low)
+    top = ref.argmax(1)
+    for m in [0.0, *sorted(set(np.round(m8 + 1e-6, 6).tolist()))]:
+        got = np.where((m8 < m)[:, None], hi, low)
+        if (got.argmax(1) == top).mean() >= target:
+            return float(m)
+    return float("inf")
+
+
+def cpu_ms_per_image(predict, batch: np.ndarray, seconds: float = 5.0) -> tuple[float, float]:
+    predict(batch)
+    t0, c0, k = time.perf_counter(), time.process_time(), 0
+    while time.perf_counter() - t0 < seconds:
+        predict(batch)
+        k += len(batch)
+    return round(1000 * (time.process_time() - c0) / k, 2), round(k / (time.perf_counter() - t0), 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", type=Path, required=True, help="a COPY of a bench/fl27.py --home (exports are written)")
+    ap.add_argument("--train-images", type=int, default=300, help="training photos beside the validation ones")
+    ap.add_argument("--target", type=float, default=0.995)
+    ap.add_argument("--skip-timing", action="store_true")
+    args = ap.parse_args()
+
+    from pipeline.context import Context
+    from pipeline.detector.data import decode_rgb, load_boxes, load_folders
+    from pipeline.detector.export import CALIBRATION_IMAGES, export_model
+    from pipeline.detector.model import resize_batch
+    from pipeline.detector.registry import active_version, load_model
+    from pipeline.detector.runtimes import export_key, open_export
+    from pipeline.detector.split import DEFAULT_FRACTIONS, split_of
+    from pipeline.settings import load_settings
+
+    load0 = os.getloadavg()
+    home = args.home
+    env = {"BRANDMON_HOME": str(home / "var"), "BRANDMON_DATABASE_URL": f"sqlite:///{home / 'fl27.db'}",
+           "BRANDMON_STORAGE_URL": (home / "lake").as_uri(), "BRANDMON_AUTHOR_SALT": "bench"}
+    ctx = Context(load_settings(env=env))
+    row = active_version(ctx)
+    version = row["version"]
+    params = row["params"] or {}
+    keras = load_model(ctx, version, precision="fp32", runtime="keras", with_matcher=False)
+    size = keras.spec.input_size
+
+    # The photos: validation and training (after the calibration ones) from the training data,
+    # test from the held-out folder the FL27 run wrote.
+    fractions = tuple((params.get("config") or {}).get("fractions") or DEFAULT_FRACTIONS)
+    sources = sorted(load_boxes(params["data"]), key=lambda s: s.sha256)
+    train = [s for s in sources if split_of(s.sha256, fractions) == "train"][CALIBRATION_IMAGES:][: args.train_images]
+    val = [s for s in sources if split_of(s.sha256, fractions) == "val"]
+    test = load_folders(home / "var" / "eval" / version)
+    sets = {"train": train, "val": val, "test": test}
+    x = {k: resize_batch([decode_rgb(s.read()) for s in v], size) for k, v in sets.items()}
+    print(f"model {version} at {size} px; photos: " + ", ".join(f"{k} {len(v)}" for k, v in x.items()), flush=True)
+
+    def run(fn, xs: np.ndarray) -> np.ndarray:
+        return np.concatenate([fn(xs[i:i + 32]) for i in range(0, len(xs), 32)])
+
+    probs: dict[str, dict[str, np.ndarray]] = {k: {"keras": run(keras.predict_arrays, v)} for k, v in x.items()}
+    export_model(ctx, version, "openvino")  # int8, NNCF, calibrated on the first training photos
+    blob8 = ctx.store.get(export_key(row["artifact_key"], "openvino"))
+    export_model(ctx, version, "openvino", precision="fp32")
+    blob32 = ctx.store.get(export_key(row["artifact_key"], "openvino"))
+    nets = {"int8": open_export(blob8, 2), "bf16": open_export(blob32, 2, precision="bf16"),
+            "f32": open_export(blob32, 2, precision="fp32")}
+    for k, v in x.items():
+        for name, net in nets.items():
+            probs[k][name] = run(net.predict, v)
+
+    out: dict = {"model": version, "input_size": size, "photos": {k: len(v) for k, v in x.items()}}
+    for k in x:
+        p = probs[k]
+        ref_top = p["keras"].argmax(1)
+        m8, mref = margins(p["int8"]), margins(p["keras"])
+        flipped = p["int8"].argmax(1) != ref_top
+        out[k] = {
+            "agree": {n: round(float((p[n].argmax(1) == ref_top).mean()), 4) for n in nets},
+            "keras_margin_median": round(float(np.median(mref)), 4),
+            "int8_margin_quantiles": {q: round(float(np.quantile(m8, q)), 4) for q in (0.01, 0.05, 0.1, 0.25, 0.5)},
+            "int8_margin_shift_abs_median": round(float(np.median(np.abs(m8 - mref))), 4),
+            "int8_margin_shift_abs_p95": round(float(np.quantile(np.abs(m8 - mref), 0.95)), 4),
+            "flipped_int8_margins": sorted(round(float(v), 4) for v in m8[flipped]),
+            "curve": curve(p["keras"], p["int8"], {"bf16": p["bf16"], "f32": p["f32"]}, GRID),
+        }
+        print(f"{k}: agreement with Keras fp32 int8 {out[k]['agree']['int8']:.4f}, bf16 IR {out[k]['agree']['bf16']:.4f}, "
+              f"f32 IR {out[k]['agree']['f32']:.4f}; int8 margin quantiles {out[k]['int8_margin_quantiles']}; "
+              f"|int8 - fp32 margin| median {out[k]['int8_margin_shift_abs_median']} p95 {out[k]['int8_margin_shift_abs_p95']}",
+              flush=True)
+        print(f"  int8 margins of the {int(flipped.sum())} flipped photos: {out[k]['flipped_int8_margins']}", flush=True)
+        for r in out[k]["curve"]:
+            print(f"  m={r['m']:<6} re-scored {100 * r['rescored']:5.1f}%  agreement bf16 {100 * r['agree_bf16']:5.1f}%  "
+                  f"f32 {100 * r['agree_f32']:5.1f}%", flush=True)
+
+    # m chosen on training + validation photos, applied to test.
+    fit = {n: np.concatenate([probs["train"][n], probs["val"][n]]) for n in ("keras", "int8", "bf16", "f32")}
+    for hi in ("bf16", "f32"):
+        m = smallest_m(fit["keras"], fit["int8"], fit[hi], args.target)
+        res = {"m": m}
+        for k in ("train", "val", "test"):
+            p = probs[k]
+            redo = margins(p["int8"]) < m
+            got = np.where(redo[:, None], p[hi], p["int8"])
+            res[k] = {"rescored": round(float(redo.mean()), 4),
+                      "agree": round(float((got.argmax(1) == p["keras"].argmax(1)).mean()), 4)}
+        out[f"chosen_{hi}"] = res
+        print(f"cascade with {hi} re-scoring: m={m:.4f} (smallest reaching {100 * args.target:.1f}% on train+val); "
+              + "; ".join(f"{k}: re-scored {100 * res[k]['rescored']:.1f}%, agreement {100 * res[k]['agree']:.1f}%"
+                          for k in ("train", "val", "test")), flush=True)
+
+    if not args.skip_timing:
+        out["timing"] = timing(ctx, x["test"], nets, size)
+        t = out["timing"]
+        for hi in ("bf16", "f32"):
+            for k in ("val", "test"):
+                f = out[f"chosen_{hi}"][k]["rescored"]
+                est = t["299"]["pipeline_cpu_ms_int8"] + f * t["299"][f"net_cpu_ms_{hi}"]
+                print(f"estimate at 299 px, {hi} re-scoring, {k} fraction {100 * f:.1f}%: {est:.1f} ms CPU/img "
+                      f"(int8 pipeline {t['299']['pipeline_cpu_ms_int8']} + f x {t['299'][f'net_cpu_ms_{hi}']}) "
+                      f"-> ~{t['299']['pipeline_img_s_int8'] * t['299']['pipeline_cpu_ms_int8'] / est:.1f} img/s "
+                      "(int8 pipeline rate scaled by CPU per image)", flush=True)
+    load1 = os.getloadavg()
+    out["load_avg_start_end"] = [round(load0[0], 2), round(load1[0], 2)]
+    print(f"load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f}; {os.cpu_count()} cores", flush=True)
+    ctx.close()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def timing(ctx, test_x: np.ndarray, nets: dict, size: int) -> dict:
+    """Network CPU ms/img per precision at the model's size and at 299 px (random Inception v3);
+    the int8 pipeline's reference figures (bench/results/detect.txt run 8) for the estimate."""
+    import io
+    import tempfile
+    import zipfile
+
+    from pipeline.detector.export import export_files
+    from pipeline.detector.model import ModelSpec, build_network
+    from pipeline.detector.runtimes import EXPORT_FORMAT, open_export
+
+    out: dict = {str(size): {}}
+    batch = np.ascontiguousarray(np.resize(test_x, (32, size, size, 3)))
+    for name, net in nets.items():
+        out[str(size)][f"net_cpu_ms_{name}"], out[str(size)][f"net_img_s_{name}"] = cpu_ms_per_image(net.predict, batch)
+    print(f"network alone at {size} px (batch 32): {out[str(size)]}", flush=True)
+
+    classes = ["no_logo", "Acme", "Globex", "Initech"]
+    net = build_network(len(classes), 299)
+    spec = ModelSpec(classes=classes, input_size=299, weights="none", threshold=0.5)
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, 256, (16, 299, 299, 3), dtype=np.uint8)
+    big = rng.integers(0, 256, (32, 299, 299, 3), dtype=np.uint8)
+
+    def zipped(files: dict, precision: str) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("export.json", json.dumps({"export_format": EXPORT_FORMAT, "format": "openvino", "precision": precision}))
+            for n, b in files.items():
+                zf.writestr(n, b)
+        return buf.getvalue()
+
+    with tempfile.TemporaryDirectory():
+        f8 = zipped(export_files("openvino", net, spec, "int8", calib), "int8")
+        f32 = zipped(export_files("openvino", net, spec, "fp32", None), "fp32")
+    t = out["299"] = {"pipeline_cpu_ms_int8": 33.5, "pipeline_img_s_int8": 49.65}
+    for name, blob, prec in (("int8", f8, "auto"), ("bf16", f32, "bf16"), ("f32", f32, "fp32")):
+        t[f"net_cpu_ms_{name}"], t[f"net_img_s_{name}"] = cpu_ms_per_image(open_export(blob, 2, precision=prec).predict, big)
+    print(f"network alone at 299 px (batch 32, random weights): {t}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
