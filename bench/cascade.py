@@ -231,7 +231,6 @@ def main() -> int:
 def timing(ctx, test_x: np.ndarray, nets: dict, size: int) -> dict:
     """Network CPU ms/img per precision at the model's size and at 299 px (random Inception v3);
     the int8 pipeline's reference figures (bench/results/detect.txt run 8) for the estimate."""
-
     out: dict = {str(size): {}}
     batch = np.ascontiguousarray(np.resize(test_x, (32, size, size, 3)))
     for name, net in nets.items():
