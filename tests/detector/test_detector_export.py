@@ -196,3 +196,28 @@ def test_export_refuses_clearly(make_ctx, install_model, tmp_path):
     with pytest.raises(ExportError, match="--calibration DIR"):
         export_model(ctx, version, "tflite")
     assert set(RUNTIME_MODULES) == set(FORMATS)
+
+
+@pytest.mark.skipif(not _have("nncf", "openvino"), reason="needs nncf + openvino (extra `runtimes`)")
+def test_the_quantiser_uses_full_bias_correction_unless_asked_for_the_fast_one(tmp_path):
+    """Full bias correction is the default (it kept more fp32 top classes on FL27,
+    bench/results/cascade.txt); the fast one stays selectable, and the stats say which ran."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from pipeline.detector.quantize import quantize_ir
+
+    rng = np.random.default_rng(2)
+    image = ops.parameter([1, 8, 8, 3], ov.Type.u8, name="image")
+    x = ops.transpose(ops.convert(image, "f32"), ops.constant(np.array([0, 3, 1, 2], np.int64)))
+    conv = ops.convolution(x, ops.constant(rng.normal(size=(4, 3, 3, 3)).astype(np.float32)), [1, 1], [0, 0], [0, 0], [1, 1])
+    biased = ops.add(conv, ops.constant(rng.normal(size=(1, 4, 1, 1)).astype(np.float32)))
+    ov.save_model(ov.Model([ops.relu(biased)], [image]), str(tmp_path / "m.xml"), compress_to_fp16=False)
+    xml, weights = (tmp_path / "m.xml").read_bytes(), (tmp_path / "m.bin").read_bytes()
+    calib = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+
+    _, _, full = quantize_ir(xml, weights, calib)
+    fast_xml, _, fast = quantize_ir(xml, weights, calib, fast_bias_correction=True)
+    assert full["quantizer"].endswith(" full bias correction")
+    assert fast["quantizer"].endswith(" fast bias correction")
+    assert b"FakeQuantize" in fast_xml
