@@ -39,6 +39,9 @@ class ModelConfig:
     threshold_rule: str = "wilson"
     # val: choose on val between the fitted CNN+matcher fusion and the matcher alone | fitted
     fusion: str = "val"
+    # the crop net (detector/cropnet.py), a small conv net trained on the boxes and folded into
+    # the matcher's scores when that wins on val: auto (when the data has boxes and a matcher) | off
+    crop_net: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class FitConfig:
     augment: bool | None = None  # None: on when the base trains from scratch
     augment_flip: bool = False  # logos with text are not mirror-symmetric: off by default
     time_budget_s: float | None = None  # stop image training after this long (checked every step)
+    crop_net_budget_s: float = 420.0  # the crop net's training seconds (its own budget, after the classifier's)
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
         raise DataError(f"bad training options: {exc}") from None
     if cfg.model.threshold_rule not in THRESHOLD_RULES:
         raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {cfg.model.threshold_rule!r}")
+    if cfg.model.crop_net not in ("auto", "off"):
+        raise DataError(f"crop_net must be auto or off, not {cfg.model.crop_net!r}")
     if cfg.model.fusion not in ("val", "fitted"):
         raise DataError(f"fusion must be val or fitted, not {cfg.model.fusion!r}")
     fit = cfg.fit
