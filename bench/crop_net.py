@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--save", help="save the val (and test) crop-net score matrices here (.npz)")
     ap.add_argument("--test", action="store_true", help="also score the test split (report only)")
+    ap.add_argument("--net", help="save the trained crop net here; if the file exists, load it instead of training")
     ap.add_argument("--load", help="skip training: report the fusions of crop-net scores saved by --save")
     args = ap.parse_args(argv)
     if not args.data:
@@ -103,12 +105,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(backgrounds)} logo-free backgrounds, {len(evals['val'])} val samples; {time.monotonic() - t0:.0f}s",
           flush=True)
 
-    from pipeline.detector.cropnet import train_crop_net
+    from pipeline.detector.cropnet import CropNet, train_crop_net
 
-    net, hist = train_crop_net(train, backgrounds, brands, args.budget, seed=args.seed, width=args.width,
-                               batch_size=args.batch, lr=args.lr, say=lambda m: print(" ", m, flush=True))
-    print(f"trained {hist['steps']} steps = {hist['patches']} patches in {hist['seconds']:.0f}s, loss "
-          f"{hist['final_loss']}; load {os.getloadavg()}", flush=True)
+    if args.net and Path(args.net).is_file():
+        net = CropNet.from_bytes(Path(args.net).read_bytes())
+        print(f"loaded the crop net from {args.net}", flush=True)
+    else:
+        net, hist = train_crop_net(train, backgrounds, brands, args.budget, seed=args.seed, width=args.width,
+                                   batch_size=args.batch, lr=args.lr, say=lambda m: print(" ", m, flush=True))
+        print(f"trained {hist['steps']} steps = {hist['patches']} patches in {hist['seconds']:.0f}s, loss "
+              f"{hist['final_loss']}; load {os.getloadavg()}", flush=True)
+        if args.net:
+            Path(args.net).write_bytes(net.to_bytes())
 
     net.sides = tuple(int(s) for s in args.sides.split(","))
     splits = ["val", "test"] if args.test else ["val"]

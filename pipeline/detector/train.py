@@ -94,6 +94,9 @@ def train(
     with recorded_run(ctx.engine, "train", source=str(data)[:128]) as counts:
         prepared = prepare_data(data, fmt, cfg, progress, weights_tag=tag)
         clock.lap("prepare")
+        if prepared.want_crop and cfg.fit.time_budget_s:  # the crop net's minutes come out of the run's budget
+            cfg = cfg.with_options(time_budget_s=max(60.0, cfg.fit.time_budget_s - cfg.fit.crop_net_budget_s))
+            say(progress, f"time budget: classifier {cfg.fit.time_budget_s:.0f} s, crop net {cfg.fit.crop_net_budget_s:.0f} s")
         fitted = fit_classifier(ctx, prepared, cfg, wpath, tb_root, progress)
         clock.lap("train")
         crop_net = None

@@ -123,3 +123,44 @@ def test_boxes_training_with_the_crop_net_saves_what_val_chose(make_ctx, tmp_pat
     # a model from before the crop net (the session's tiny model) loads and scores without one
     old = load_artifact(tiny_model["artifact"])
     assert old.cropnet is None and "cropnet.zip" not in zipfile.ZipFile(io.BytesIO(tiny_model["artifact"])).namelist()
+
+
+@pytest.mark.integration
+def test_detect_folds_a_saved_crop_net_into_the_matcher_scores(make_ctx, tiny_model, tmp_path: Path):
+    """`detect` scores with what the artifact carries: the same model with a crop net that is
+    always sure (tc tiny) calls every photo with the crop net's box; without it, the matcher decides."""
+    from detector_helpers import jpeg_bytes, scene, store_images
+    from sqlalchemy import select
+
+    from pipeline.detector import registry
+    from pipeline.detector.cropnet import build
+    from pipeline.detector.infer import detect
+    from pipeline.detector.matching import LogoMatcher
+    from pipeline.detector.model import load_artifact, save_artifact
+    from pipeline.detector.training.calibrate import MATCHER_ONLY
+    from pipeline.schema import detections, image_scores
+
+    base = load_artifact(tiny_model["artifact"])
+    brands = base.spec.brands
+    refs = [(box.cls, np.ascontiguousarray(arr[box.y1:box.y2, box.x1:box.x2]))
+            for arr, (box,) in photos_of(make_boxes(tmp_path / "b", 6, seed=11), 6)]
+    matcher = LogoMatcher().fit(refs)
+    row = tiny_model["row"]
+    results = {}
+    for with_crop in (False, True):
+        ctx = make_ctx()
+        spec = base.spec
+        spec.combiner, spec.threshold = dict(MATCHER_ONLY), 0.5
+        spec.extra = {"signal": "fused", "thresholds": {"fused": 0.5}, **({"crop": {"tm": 0.2, "tc": 1e-4}} if with_crop else {})}
+        crop = CropNet(build(len(brands) + 1), brands) if with_crop else None
+        artifact = save_artifact(spec, base.net, matcher, crop)
+        version = registry.register(ctx, spec, artifact, row["data_fingerprint"], row["metrics"], row["params"])
+        registry.activate(ctx, version)
+        store_images(ctx, [jpeg_bytes(scene(None, 100 + i, 160)) for i in range(3)])
+        assert detect(ctx)["scored"] == 3
+        with ctx.engine.connect() as conn:
+            tops = [r.top_score for r in conn.execute(select(image_scores.c.top_score))]
+            boxes = [r.box for r in conn.execute(select(detections.c.box))]
+        results[with_crop] = (tops, boxes)
+    assert all(t == pytest.approx(1.0) for t in results[True][0]) and all(b is not None for b in results[True][1])
+    assert all(t < 0.5 for t in results[False][0])  # logo-free scenes: the matcher alone calls nothing
