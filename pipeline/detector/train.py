@@ -95,12 +95,14 @@ def train(
         prepared = prepare_data(data, fmt, cfg, progress, weights_tag=tag)
         clock.lap("prepare")
         if prepared.want_crop and cfg.fit.time_budget_s:  # the crop net's minutes come out of the run's budget
-            cfg = cfg.with_options(time_budget_s=max(60.0, cfg.fit.time_budget_s - cfg.fit.crop_net_budget_s))
+            budget = cfg.fit.time_budget_s
+            crop_s = max(0.0, min(cfg.fit.crop_net_budget_s, budget - 60.0))  # the classifier keeps >= a minute
+            cfg = cfg.with_options(time_budget_s=max(1.0, budget - crop_s), crop_net_budget_s=crop_s)
             say(progress, f"time budget: classifier {cfg.fit.time_budget_s:.0f} s, crop net {cfg.fit.crop_net_budget_s:.0f} s")
         fitted = fit_classifier(ctx, prepared, cfg, wpath, tb_root, progress)
         clock.lap("train")
         crop_net = None
-        if prepared.want_crop:
+        if prepared.want_crop and cfg.fit.crop_net_budget_s > 0:
             crop_net = fit_crop_net(prepared, cfg, fitted.history, progress)
             clock.lap("crop_net")
         inputs = (matcher_refs(prepared), prepared.prep.native, cfg.runtime.matcher_workers) if prepared.want_matcher else None

@@ -59,7 +59,7 @@ class FitConfig:
     augment_flip: bool = False  # logos with text are not mirror-symmetric: off by default
     time_budget_s: float | None = None  # stop image training after this long (checked every step)
     # the crop net's training seconds; taken out of time_budget_s when the crop net trains (the
-    # classifier gets the rest, at least a minute)
+    # classifier gets the rest, at least a minute of it)
     crop_net_budget_s: float = 420.0
 
 
