@@ -134,7 +134,8 @@ class PatchMaker:
         self.present = [k for k, b in enumerate(brands) if self.by_class.get(b)]
 
     def _free(self) -> np.ndarray:
-        while True:
+        """A logo-free patch; bounded: photos that are all box and no backgrounds give plain noise."""
+        for _ in range(50):
             if self.backgrounds and self.rng.random() < 0.5:
                 p = window(self.rng, self.rng.choice(self.backgrounds))
             else:
@@ -142,6 +143,8 @@ class PatchMaker:
                 p = window(self.rng, arr, boxes)
             if p is not None:
                 return p
+        base = self.nrng.uniform(0, 255, (1, 1, 3))
+        return np.clip(base + self.nrng.normal(0, 30, (PATCH, PATCH, 3)), 0, 255).astype(np.uint8)
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         import cv2

@@ -41,6 +41,14 @@ def test_patches_hold_the_warped_logo_or_no_box(tmp_path: Path):
     assert red[y == 2].mean() > red[y == 1].mean() + 20
 
 
+def test_photos_that_are_all_logo_still_give_none_patches():
+    """No box-free window anywhere and no backgrounds: the `none` class falls back to plain noise, no hang."""
+    arr = np.full((80, 80, 3), 200, np.uint8)
+    maker = PatchMaker([(arr, [Box("A", 0, 0, 80, 80)])], [], ["A"], seed=0, p_none=1.0)
+    x, y = maker.batch(4)
+    assert x.shape == (4, PATCH, PATCH, 3) and not y.any()
+
+
 def test_merge_keeps_the_matcher_units_and_takes_the_winning_box():
     params = {"tm": 0.2, "tc": 0.8}
     match = {"A": (0.3, [0, 0, 5, 5]), "B": (0.05, None)}
