@@ -419,6 +419,7 @@ TRAIN_OPTION_RANGES: dict[str, tuple[float, float]] = {
     "synthetic_size": (32, 1024),
     "matcher_workers": (1, 64),
     "time_budget_s": (1.0, 12 * 3600.0),  # the train task's execution_timeout
+    "crop_net_budget_s": (0.0, 12 * 3600.0),
     "seed": (0, 2**32 - 1),  # numpy's seed range
 }
 SAMPLE_OPTION_RANGES: dict[str, tuple[float, float]] = {
@@ -515,6 +516,9 @@ def check_train_options(options: Any) -> dict[str, Any]:
     matcher = options.get("matcher")
     if matcher is not None and matcher not in ("auto", "on", "off"):
         raise ConfigError(f"train option matcher={matcher!r} is not valid; use auto, on or off")
+    crop_net = options.get("crop_net")
+    if crop_net is not None and crop_net not in ("auto", "off"):
+        raise ConfigError(f"train option crop_net={crop_net!r} is not valid; use auto or off")
     return dict(options)
 
 

@@ -37,10 +37,11 @@ def score_arrays(model: Any, arrays: list[np.ndarray], progress: Progress | None
         tracker.update(len(part))
     tracker.close()
     cnn = np.concatenate(probs) if probs else np.zeros((0, len(spec.classes)), np.float32)
-    match = None
+    match, crop = None, None
     if model.matcher is not None:
-        match = model.matcher.score_many([matcher_view(a) for a in arrays], workers=2, progress=progress)
-    return signal_matrices(spec.brands, cnn, spec.classes, match, spec.combiner)
+        views = [matcher_view(a) for a in arrays]
+        match, crop = model.local_scores(views, workers=2, progress=progress)
+    return signal_matrices(spec.brands, cnn, spec.classes, match, spec.combiner, crop)
 
 
 def evaluate_folder(ctx: Context, data: str | Path, version: str | None = None, progress: Progress | None = None,

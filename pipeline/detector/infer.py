@@ -275,7 +275,7 @@ class _BatchScorer:
             (h, w), (vh, vw) = shapes[k], vshapes[k]
             crops.append(np.ascontiguousarray(views[k, :vh, :vw]))
             scales.append((float(w) / float(vw), float(h) / float(vh)))
-        return self.model.matcher.score_many(crops, workers=2), scales
+        return self.model.local_scores(crops, workers=2)[0], scales
 
     def score(self, batch: Any) -> tuple[list[dict], list[dict], list[dict]]:
         import tensorflow as tf

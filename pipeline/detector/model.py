@@ -433,7 +433,19 @@ class LoadedModel:
     version: str = ""
     runtime: str = "keras"  # keras | an export format (pipeline.detector.runtimes)
     exported: Any | None = None  # runtimes.ExportedClassifier when runtime != keras
+    cropnet: Any | None = None  # pipeline.detector.cropnet.CropNet, folded into the matcher's scores
     _traced: Any = field(default=None, repr=False, compare=False)
+
+    def local_scores(self, views: list[np.ndarray], workers: int = 2, progress: Any = None) -> tuple[list[Any], list[Any] | None]:
+        """(per image {brand: (score, box)}: the matcher's, with the crop net folded in when the
+        model has one; the crop net's own scores, or None)."""
+        match = self.matcher.score_many(views, workers=workers, progress=progress)
+        if self.cropnet is None or "crop" not in (self.spec.extra or {}):
+            return match, None
+        from pipeline.detector.cropnet import merge_local
+
+        crop = self.cropnet.score_many(views)
+        return [merge_local(m, c, self.spec.extra["crop"]) for m, c in zip(match, crop, strict=True)], crop
 
     def scorer(self) -> Any:
         """A callable: uint8 (n, s, s, 3) batch (array or tensor) -> float32 probabilities."""
@@ -469,8 +481,8 @@ class LoadedModel:
         return np.asarray(out, np.float32)
 
 
-def save_artifact(spec: ModelSpec, net: Network, matcher: Any | None = None) -> bytes:
-    """One zip with the spec JSON, the classifier weights and the matcher (if any)."""
+def save_artifact(spec: ModelSpec, net: Network, matcher: Any | None = None, cropnet: Any | None = None) -> bytes:
+    """One zip with the spec JSON, the classifier weights, the matcher and the crop net (if any)."""
     with tempfile.TemporaryDirectory() as tmp:
         wpath = Path(tmp) / "classifier.weights.h5"
         net.classifier.save_weights(str(wpath))
@@ -481,6 +493,8 @@ def save_artifact(spec: ModelSpec, net: Network, matcher: Any | None = None) -> 
             zf.write(wpath, "classifier.weights.h5", compress_type=zipfile.ZIP_STORED)  # floats barely compress
             if matcher is not None:
                 zf.writestr("matcher.npz", matcher.to_bytes())
+            if cropnet is not None:
+                zf.writestr("cropnet.zip", cropnet.to_bytes(), compress_type=zipfile.ZIP_STORED)
         return buf.getvalue()
 
 
@@ -515,7 +529,12 @@ def load_artifact(data: bytes, precision: str = "fp32", with_matcher: bool = Tru
             from pipeline.detector.matching import LogoMatcher
 
             matcher = LogoMatcher.from_bytes(zf.read("matcher.npz"))
-    return LoadedModel(spec=spec, net=net, matcher=matcher, precision=precision)
+        cropnet = None
+        if matcher is not None and "cropnet.zip" in zf.namelist():  # models before the crop net have none
+            from pipeline.detector.cropnet import CropNet
+
+            cropnet = CropNet.from_bytes(zf.read("cropnet.zip"))
+    return LoadedModel(spec=spec, net=net, matcher=matcher, precision=precision, cropnet=cropnet)
 
 
 def fused_scores(spec: ModelSpec, probs: np.ndarray, match: dict[str, tuple[float, Any]] | None) -> dict[str, float]:

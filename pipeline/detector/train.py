@@ -94,11 +94,20 @@ def train(
     with recorded_run(ctx.engine, "train", source=str(data)[:128]) as counts:
         prepared = prepare_data(data, fmt, cfg, progress, weights_tag=tag)
         clock.lap("prepare")
+        if prepared.want_crop and cfg.fit.time_budget_s:  # the crop net's minutes come out of the run's budget
+            budget = cfg.fit.time_budget_s
+            crop_s = max(0.0, min(cfg.fit.crop_net_budget_s, budget - 60.0))  # the classifier keeps >= a minute
+            cfg = cfg.with_options(time_budget_s=max(1.0, budget - crop_s), crop_net_budget_s=crop_s)
+            say(progress, f"time budget: classifier {cfg.fit.time_budget_s:.0f} s, crop net {cfg.fit.crop_net_budget_s:.0f} s")
         fitted = fit_classifier(ctx, prepared, cfg, wpath, tb_root, progress)
         clock.lap("train")
+        crop_net = None
+        if prepared.want_crop and cfg.fit.crop_net_budget_s > 0:
+            crop_net = fit_crop_net(prepared, cfg, fitted.history, progress)
+            clock.lap("crop_net")
         inputs = (matcher_refs(prepared), prepared.prep.native, cfg.runtime.matcher_workers) if prepared.want_matcher else None
         cal = calibrate(fitted.probs, prepared.classes, prepared.labels("val"), target_precision, inputs, progress,
-                        rule=cfg.model.threshold_rule, fusion=cfg.model.fusion)
+                        rule=cfg.model.threshold_rule, fusion=cfg.model.fusion, crop_net=crop_net)
         clock.lap("calibrate")
         metrics = heldout_metrics(cal, prepared.brands, prepared.labels("val"), prepared.labels("test"), target_precision)
         metrics["training"] = training_summary(fitted.history, cfg)
@@ -124,6 +133,21 @@ def train(
     return result
 
 
+def fit_crop_net(prepared: TrainingData, cfg: TrainConfig, history: dict[str, Any], progress: Progress | None) -> Any:
+    """The crop net on the training split's boxes, within its own time budget; its run joins `history`."""
+    from pipeline.detector.cropnet import train_crop_net
+
+    prep = prepared.prep
+    say(progress, f"crop net: {sum(len(b) for _a, b in prep.photos)} boxes in {len(prep.photos)} training photos, "
+        f"{len(prep.backgrounds)} logo-free photos; {cfg.fit.crop_net_budget_s:.0f} s")
+    net, hist = train_crop_net(prep.photos, prep.backgrounds, prepared.brands, cfg.fit.crop_net_budget_s,
+                               seed=cfg.runtime.seed, say=lambda m: say(progress, m))
+    history["crop_net"] = hist
+    say(progress, f"crop net: {hist['steps']} steps ({hist['patches']} patches) in {hist['seconds']:.0f} s, "
+        f"loss {hist['final_loss']}")
+    return net
+
+
 def register_and_activate(
     ctx: Context, prepared: TrainingData, fitted: Fitted, cal: Calibration, cfg: TrainConfig, tag: str,
     metrics: dict[str, Any], params: dict[str, Any], activate: str, progress: Progress | None, clock: StageClock,
@@ -135,9 +159,10 @@ def register_and_activate(
     spec = ModelSpec(
         classes=prepared.classes, input_size=cfg.model.input_size, weights=tag, dropout=cfg.model.dropout,
         threshold=cal.threshold, combiner=cal.combiner, matcher_threshold=cal.thresholds.get("matcher", {}).get("threshold"),
-        extra={"thresholds": {k: v["threshold"] for k, v in cal.thresholds.items()}, "signal": cal.main},
+        extra={"thresholds": {k: v["threshold"] for k, v in cal.thresholds.items()}, "signal": cal.main,
+               **({"crop": cal.crop} if cal.crop_net is not None else {})},
     )
-    artifact = save_artifact(spec, fitted.net, cal.matcher)
+    artifact = save_artifact(spec, fitted.net, cal.matcher, cal.crop_net)
     samples = prepared.prep.samples
     params.update(seconds=clock.total(), stage_seconds=clock.seconds)
     version = registry.register(ctx, spec, artifact, fingerprint([*samples["train"], *samples["val"], *samples["test"]]),

@@ -29,6 +29,7 @@ FAST = {
     "batch_size": 16,
     "synthetic_negatives": 0,
     "matcher": "off",
+    "crop_net": "off",  # its own tests turn it on (tests/detector/test_detector_cropnet.py)
 }
 MARKS = {"Reddisc": ((210, 30, 30), "disc"), "Bluesquare": ((30, 60, 210), "square")}
 

@@ -33,17 +33,25 @@ class Calibration:
     signals: dict[str, dict[str, np.ndarray]]  # val/test -> signal -> (n, n_brands)
     main: str  # the signal the model decides with: fused when there is a matcher
     fusion: dict[str, Any] | None = None  # which fusion was chosen on val, and each candidate's figures
+    crop_net: Any | None = None  # the crop net when val chose to fold it into the matcher's scores
+    crop: dict[str, Any] | None = None  # its merge parameters (tm, tc) for `cropnet.merge_local`
 
     @property
     def threshold(self) -> float:
         return float(self.thresholds[self.main]["threshold"])
 
 
+def score_matrix(brands: list[str], scores: MatchScores) -> np.ndarray:
+    """(n, n_brands) from per-image {brand: (score, box)} dicts (matcher or crop net)."""
+    return np.array([[float(m.get(b, (0.0, None))[0]) for b in brands] for m in scores]).reshape(len(scores), len(brands))
+
+
 def signal_matrices(
     brands: list[str], cnn_probs: np.ndarray, classes: list[str], match: MatchScores | None,
-    combiner: dict[str, Any] | None,
+    combiner: dict[str, Any] | None, crop: MatchScores | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-signal (n, n_brands) score matrices: cnn, and matcher + fused when a matcher exists."""
+    """Per-signal (n, n_brands) score matrices: cnn, and matcher + fused when a matcher exists
+    (`matcher` is the matcher with the crop net folded in when the model has one; `crop` alone beside it)."""
     col = {c: i for i, c in enumerate(classes)}
     cnn = np.stack([cnn_probs[:, col[b]] for b in brands], axis=1) if len(cnn_probs) else np.zeros((0, len(brands)))
     out = {"cnn": cnn}
@@ -59,6 +67,8 @@ def signal_matrices(
             f = combine(cp, ms, combiner)
             fused[i] = [f.get(b, 0.0) for b in brands]
         out["fused"] = fused
+    if crop is not None:
+        out["crop"] = score_matrix(brands, crop)
     return out
 
 
@@ -129,16 +139,47 @@ def choose_fusion(
     return dict(candidates[best]), record
 
 
+def choose_crop(brands: list[str], match: dict[str, MatchScores], crop: dict[str, MatchScores], y_val: list[str],
+                target_precision: float, rule: str) -> tuple[dict[str, MatchScores] | None, dict[str, Any]]:
+    """(the matcher's scores with the crop net folded in, or None; record): kept only when that
+    keeps more val recall at the threshold `rule` picks than the matcher alone, with the margin held.
+
+    The merge (`cropnet.merge_local`) scales each signal by its own val threshold under `rule`.
+    """
+    from pipeline.detector.cropnet import merge_local
+
+    val_logo = np.array([y != NO_LOGO for y in y_val])
+    mat_m, mat_c = score_matrix(brands, match["val"]), score_matrix(brands, crop["val"])
+    pick_m = threshold_for_precision(val_logo, mat_m.max(axis=1), target_precision, rule=rule)
+    pick_c = threshold_for_precision(val_logo, mat_c.max(axis=1), target_precision, rule=rule)
+    params = {"kind": "max_scaled", "tm": max(1e-6, float(pick_m["threshold"])), "tc": max(1e-6, float(pick_c["threshold"]))}
+    merged = {split: [merge_local(m, c, params) for m, c in zip(match[split], crop[split], strict=True)]
+              for split in match}
+    pick_f = threshold_for_precision(val_logo, score_matrix(brands, merged["val"]).max(axis=1), target_precision, rule=rule)
+
+    def held(c: dict[str, Any]) -> bool:
+        return bool(c.get("margin_met", c["target_met"]) if rule == "wilson" else c["target_met"])
+
+    keep = held(pick_f) and (not held(pick_m) or pick_f["recall"] > pick_m["recall"])
+    fields = ("threshold", "precision", "precision_low", "recall", "target_met", "margin_met")
+    record = {"chosen": "matcher+crop" if keep else "matcher", "params": params,
+              "candidates": {name: {f: p.get(f) for f in fields}
+                             for name, p in (("matcher", pick_m), ("crop", pick_c), ("matcher+crop", pick_f))}}
+    return (merged if keep else None), record
+
+
 def calibrate(
     probs: dict[str, np.ndarray], classes: list[str], y_val: list[str], target_precision: float,
     matcher_inputs: tuple[list[tuple[str, np.ndarray]], dict[str, list[np.ndarray]], int] | None = None,
-    progress: Progress | None = None, rule: str = "wilson", fusion: str = "val",
+    progress: Progress | None = None, rule: str = "wilson", fusion: str = "val", crop_net: Any | None = None,
 ) -> Calibration:
     """Stage 3: matcher and fusion (when `matcher_inputs` = refs, native crops, workers), thresholds.
 
     `probs` holds the classifier's val/test softmax; nothing of the test split is used to choose.
     `rule`: how each threshold is picked (`choose_thresholds`); `fusion`: `val` chooses between
     the fitted fusion and the matcher alone on val (`choose_fusion`), `fitted` keeps the fitted one.
+    `crop_net` (with a matcher): scored on val/test and folded into the matcher's scores when
+    that wins on val (`choose_crop`); the model then carries it.
     """
     if rule not in THRESHOLD_RULES:
         raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}")
@@ -147,9 +188,27 @@ def calibrate(
     brands = [c for c in classes if c != NO_LOGO]
     matcher, combiner, record = None, None, None
     match: dict[str, MatchScores | None] = {"val": None, "test": None}
+    crop: dict[str, MatchScores | None] = {"val": None, "test": None}
+    kept_crop, crop_record = None, None
     if matcher_inputs is not None:
         refs, native, workers = matcher_inputs
         matcher, scored, combiner = fit_matcher(refs, native, probs["val"], classes, y_val, workers, progress)
+        if crop_net is not None and len(y_val):
+            crop = {split: crop_net.score_many(native[split]) for split in ("val", "test")}
+            merged, crop_record = choose_crop(brands, scored, crop, y_val, target_precision, rule)
+            cands = crop_record["candidates"]
+            say(progress, f"crop net: val recall at the operating point {cands['crop']['recall']:.3f} alone, "
+                f"{cands['matcher+crop']['recall']:.3f} folded into the matcher (matcher alone "
+                f"{cands['matcher']['recall']:.3f}); {'keeping it' if merged else 'not used'}")
+            if merged is not None:
+                from pipeline.detector.matching import DEFAULT_COMBINER, fit_combiner
+
+                scored, kept_crop = merged, crop_net
+                val_cnn = [{c: float(p) for c, p in zip(classes, row, strict=True)} for row in probs["val"]]
+                try:
+                    combiner = fit_combiner(val_cnn, [{c: s for c, (s, _b) in m.items()} for m in scored["val"]], y_val)
+                except ValueError:
+                    combiner = dict(DEFAULT_COMBINER)
         match.update(scored)
         if fusion == "val" and len(y_val):
             combiner, record = choose_fusion(brands, probs["val"], classes, scored["val"], combiner, y_val,
@@ -158,7 +217,8 @@ def calibrate(
                 say(progress, "fusion: the matcher alone keeps more validation recall at the operating point "
                     f"({record['candidates']['matcher_only']['recall']:.3f} vs {record['candidates']['fitted']['recall']:.3f} "
                     "fused with the CNN); deciding with it")
-    signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner) for split in ("val", "test")}
+    signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner, crop[split])
+               for split in ("val", "test")}
     thresholds = choose_thresholds(signals["val"], y_val, target_precision, rule)
     main = "fused" if "fused" in signals["test"] else "cnn"
     chosen = thresholds[main]
@@ -169,5 +229,7 @@ def calibrate(
         say(progress, f"the validation split is too small to show precision {target_precision} with 95% "
             f"confidence (best lower bound {chosen['precision_low']:.3f} at {chosen['tp']}/{chosen['called']}); "
             f"threshold {float(chosen['threshold']):.3f} may fall below the target on new photos", level=logging.WARNING)
+    if crop_record is not None:
+        record = {**(record or {}), "crop": crop_record}
     return Calibration(matcher=matcher, combiner=combiner, thresholds=thresholds, signals=signals, main=main,
-                       fusion=record)
+                       fusion=record, crop_net=kept_crop, crop=crop_record["params"] if kept_crop is not None else None)

@@ -7,7 +7,7 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import (
+    Box,
     DataError,
     Sample,
     SourceImage,
@@ -43,6 +44,9 @@ class Prepared:
     native: dict[str, list[np.ndarray]]  # val/test: the sample at (capped) native resolution
     refs: list[tuple[str, np.ndarray]]  # training logo crops (tight boxes) for the matcher
     has_boxes: bool
+    # for the crop net (training split only): photos with their boxes, and logo-free photos
+    photos: list[tuple[np.ndarray, list[Box]]] = field(default_factory=list)
+    backgrounds: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class TrainingData:
     class_weight: dict[int, float] | None
     counts: dict[str, dict[str, int]]  # per class, before and after up-sampling
     want_matcher: bool
+    want_crop: bool = False
 
     @property
     def brands(self) -> list[str]:
@@ -93,7 +98,24 @@ def class_weight_map(labels: list[str], classes: list[str]) -> dict[int, float]:
     return {i: (n / (k * counts[c]) if counts.get(c) else 1.0) for i, c in enumerate(classes)}
 
 
-def prepare(sources: list[SourceImage], cfg: TrainConfig, progress: Progress | None, want_refs: bool) -> Prepared:
+CROP_MAX_SIDE = 640  # training photos kept for the crop net are shrunk to this long side (memory)
+
+
+def shrink_with_boxes(arr: np.ndarray, boxes: list[Box], max_side: int = CROP_MAX_SIDE) -> tuple[np.ndarray, list[Box]]:
+    """The photo at most `max_side` long, its boxes scaled with it."""
+    import cv2
+
+    h, w = arr.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1:
+        return np.ascontiguousarray(arr), boxes
+    small = cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return small, [Box(b.cls, int(b.x1 * s), int(b.y1 * s), max(int(b.x1 * s) + 1, int(b.x2 * s)),
+                       max(int(b.y1 * s) + 1, int(b.y2 * s))) for b in boxes]
+
+
+def prepare(sources: list[SourceImage], cfg: TrainConfig, progress: Progress | None, want_refs: bool,
+            want_crop: bool = False) -> Prepared:
     """Decode each source once; cut its samples for its split; resize them to the input size."""
     from pipeline.detector.model import matcher_view, resize_batch
 
@@ -103,6 +125,8 @@ def prepare(sources: list[SourceImage], cfg: TrainConfig, progress: Progress | N
     pix: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     native: dict[str, list[np.ndarray]] = {"val": [], "test": []}
     refs: list[tuple[str, np.ndarray]] = []
+    photos: list[tuple[np.ndarray, list[Box]]] = []
+    backgrounds: list[np.ndarray] = []
     bad = 0
     tracker = of(progress)(len(sources), "prepare data", "img")
     for src in sources:
@@ -126,11 +150,18 @@ def prepare(sources: list[SourceImage], cfg: TrainConfig, progress: Progress | N
                 cb = clip_box(b, w, h)
                 if cb is not None:
                     refs.append((cb.cls, np.ascontiguousarray(crop(arr, cb.region))))
+        if want_crop and split == "train":
+            kept = [cb for cb in (clip_box(b, w, h) for b in src.boxes) if cb is not None and cb.cls != NO_LOGO]
+            if kept:
+                photos.append(shrink_with_boxes(arr, kept))
+            elif not src.boxes and (src.label or NO_LOGO) == NO_LOGO:
+                backgrounds.append(shrink_with_boxes(arr, [])[0])
     tracker.close()
     if bad:
         say(progress, f"skipped {bad} unreadable image(s)")
     pixels = {k: (np.concatenate(v) if v else np.zeros((0, size, size, 3), np.uint8)) for k, v in pix.items()}
-    return Prepared(samples, pixels, native, refs, has_boxes=any(s.boxes for s in sources))
+    return Prepared(samples, pixels, native, refs, has_boxes=any(s.boxes for s in sources), photos=photos,
+                    backgrounds=backgrounds)
 
 
 def prepare_data(data: str | Path, fmt: str, cfg: TrainConfig, progress: Progress | None = None,
@@ -143,7 +174,8 @@ def prepare_data(data: str | Path, fmt: str, cfg: TrainConfig, progress: Progres
     want_matcher = cfg.model.matcher == "on" or (cfg.model.matcher == "auto" and has_boxes)
     if want_matcher and cfg.model.matcher == "on" and not has_boxes:
         say(progress, "matcher: no boxes in the data; using whole training images of each brand as references")
-    prep = prepare(sources, cfg, progress, want_refs=want_matcher)
+    want_crop = want_matcher and has_boxes and cfg.model.crop_net == "auto" and cfg.fit.crop_net_budget_s > 0
+    prep = prepare(sources, cfg, progress, want_refs=want_matcher, want_crop=want_crop)
     train_s = prep.samples["train"]
     brands = sorted({s.label for s in train_s if s.label != NO_LOGO})
     if not brands:
@@ -164,7 +196,7 @@ def prepare_data(data: str | Path, fmt: str, cfg: TrainConfig, progress: Progres
     return TrainingData(
         prep=prep, classes=classes, order=order, y_train=np.array([col[x] for x in labels], np.int64),
         class_weight=class_weight_map(labels, classes) if cfg.data.class_weights else None,
-        counts={"before": before, "after": after}, want_matcher=want_matcher,
+        counts={"before": before, "after": after}, want_matcher=want_matcher, want_crop=want_crop and bool(prep.photos),
     )
 
 
