@@ -42,6 +42,36 @@ if not os.environ.get("BRANDMON_FL27_DIR") and (_FL27 / "annotations.txt").is_fi
 TEST_SALT = "test-salt-5f1c0ffee"
 
 
+# --- pytest-xdist (`make test` runs on 2 workers) --------------------------------------------
+
+_worker_tallies: list[dict[str, Any]] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: keep each worker's reliability tally (tests/reliability/conftest.py)."""
+    tally = getattr(node, "workeroutput", {}).get("reliability_tally")
+    if tally:
+        _worker_tallies.append(tally)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """xdist controller: the reliability summary, summed over the workers (without xdist,
+    tests/reliability/conftest.py prints it itself)."""
+    if not _worker_tallies:
+        return
+    from tests.reliability.rel_helpers import Tally
+
+    total = Tally()
+    for tally in _worker_tallies:
+        total.merge(tally)
+    if not (total.totals["tests_passed"] or total.totals["tests_failed"]):
+        return
+    terminalreporter.section("brandmon reliability summary")
+    for line in total.lines():
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     """Admin URL of a real Postgres server (tests create their own databases on it)."""

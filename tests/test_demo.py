@@ -29,7 +29,9 @@ from sqlalchemy import create_engine, select
 
 from pipeline.schema import metadata, runs
 
-pytestmark = pytest.mark.integration
+# serial: `make test` runs it alone, after the parallel session, so that "idle" means idle
+# and the busy run's spinners slow no other test
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 BRANDS = ["Acme", "Globex", "Initech"]
 FIRST, DAYS = dt.date(2026, 10, 1), 30

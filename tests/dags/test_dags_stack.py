@@ -5,7 +5,8 @@ lake through the `brandmon_aws` connection.
 
 It trains a quick model through the REST API, emits `brandmon://model` with `brandmon model
 activate` against the real api-server, unpauses the DAGs and lets catch-up run the synthetic
-source's 30 days through the asset chain; then asserts: no failed task, every asset event
+source's 12 days through the asset chain (three waves of 4 concurrent ingest runs: what 30 days
+would check, in 40% of the tasks); then asserts: no failed task, every asset event
 consumed by a run with no manual trigger (the tail too), a cleared task and a backfill with
 `--reprocess-behavior completed` change nothing, no secret in the task logs fetched through
 the REST API, and `mention_daily` equal to the command line's on the same config and model.
@@ -40,9 +41,9 @@ from tests.support.services import create_bucket, create_database, drop_database
 
 pytestmark = pytest.mark.integration
 
-DAYS = 30
+DAYS = 12  # > ingest's max_active_runs (4) twice over; >= 6 for the cleared run and the backfill below
 TODAY = dt.datetime.now(dt.UTC).date()
-START = TODAY - dt.timedelta(days=DAYS)  # catch-up: exactly the source's 30 daily intervals
+START = TODAY - dt.timedelta(days=DAYS)  # catch-up: exactly the source's daily intervals
 QUICK_MODEL = {"input_size": 75, "mode": "head", "head_epochs": 3, "synthetic_negatives": 0, "matcher": "off"}
 PIPELINE_DAGS = ("brandmon_ingest", "brandmon_detect", "brandmon_aggregate")
 DETECT_ASSETS = {"brandmon://posts", "brandmon://model", "brandmon://detect-backlog"}
@@ -302,7 +303,7 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
     # and lake (it runs while Airflow catches up: both wait on each other's idle moments)
     start_cli_side(s, cli_env, version, tmp_path)
 
-    # --- unpause: catch-up runs the 30 intervals through the asset chain ----------------------
+    # --- unpause: catch-up runs the DAYS intervals through the asset chain --------------------
     for dag_id in PIPELINE_DAGS:
         s.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
     settle = wait_settled(s, DAYS, timeout=900)
@@ -395,7 +396,7 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
                  for k in sorted(set(a) & set(c), key=str) if a[k] != c[k]]
         raise AssertionError(f"mention_daily differs: only Airflow {sorted(set(a) - set(c), key=str)[:10]}, "
                              f"only CLI {sorted(set(c) - set(a), key=str)[:10]}, {len(diffs)} keys differ: {diffs[:10]}")
-    # ... and the comparison is not vacuous: all 30 days, text, image and both mentions
+    # ... and the comparison is not vacuous: all DAYS days, text, image and both mentions
     assert {k[0] for k in airflow_daily} == {START + dt.timedelta(days=i) for i in range(DAYS)}
     totals = {src: sum(dict(v)["posts"] for k, v in airflow_daily.items() if k[2:] == ("*", "*", src))
               for src in ("text", "image", "both")}
@@ -404,7 +405,7 @@ def test_stack_catch_up_on_celery_consumes_every_event_and_matches_the_cli(stack
 
 
 def start_cli_side(s: Stack, cli_env: dict[str, str], version: str, tmp_path: Path) -> None:
-    """`brandmon backfill demo` over the same 30 days, `detect`, `aggregate` into the CLI
+    """`brandmon backfill demo` over the same DAYS days, `detect`, `aggregate` into the CLI
     database and lake, with the model Airflow trained (its row and artifact copied, so both
     sides score with the same weights), as a job `s.wait_job("cli")` collects."""
     import boto3

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +19,25 @@ from pipeline.settings import load_settings
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Artifact bytes + registry fields of a model trained once on generated marks."""
+    """Artifact bytes + registry fields of a model trained once on generated marks: once per
+    test session, even on several pytest-xdist workers (the first trains it, under a file
+    lock in the session's shared temporary directory; the others read what it wrote)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/, above each worker's popen-gwK/
+    saved = shared / "tiny_model.pickle"
+    with open(shared / "tiny_model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.exists():
+            model = _train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+            saved.with_suffix(".tmp").write_bytes(pickle.dumps(model))
+            saved.with_suffix(".tmp").replace(saved)
+    return pickle.loads(saved.read_bytes())  # written above, by this test session
+
+
+def _train_tiny_model(root: Path) -> dict[str, Any]:
     from pipeline.detector.jobs import train_model
 
-    root = tmp_path_factory.mktemp("tiny_model")
     env = {
         "BRANDMON_HOME": str(root / "var"),
         "BRANDMON_DATABASE_URL": f"sqlite:///{root / 'b.db'}",

@@ -3,7 +3,8 @@ generated hostile payloads, table snapshots and child processes to kill.
 
 The tally is module state read by `conftest.pytest_terminal_summary`: each test reports the
 faults it injected, the bad inputs it tried and the rows it compared (and lost); faults of a
-test that passed count as survived.
+test that passed count as survived. Under pytest-xdist each worker sends its tally to the
+controller, which prints the sum (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ class Tally:
             self.totals["bad_inputs_handled"] += cur["bad_inputs"]
         self.totals["tests_passed" if passed else "tests_failed"] += 1
         self.current = Counter()
+
+    def dump(self) -> dict[str, dict[str, int]]:
+        """The finished tests' counters, as plain dicts (what a pytest-xdist worker sends back)."""
+        return {"totals": dict(self.totals), "kinds": dict(self.kinds), "outcomes": dict(self.outcomes)}
+
+    def merge(self, dumped: dict[str, dict[str, int]]) -> None:
+        """Add another process's `dump()` (the xdist controller sums its workers' tallies)."""
+        self.totals.update(dumped["totals"])
+        self.kinds.update(dumped["kinds"])
+        self.outcomes.update(dumped["outcomes"])
 
     def lines(self) -> list[str]:
         t = self.totals
