@@ -152,6 +152,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figure(value: object) -> str:
+    """A stored figure for the table, `n/a` when it is missing or not a number (a hand-edited row)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:>6.3f}"
+    return f"{'n/a':>6}"
+
+
 def cmd_model_list(args: argparse.Namespace) -> int:
     from pipeline.detector.registry import list_versions
 
@@ -171,8 +178,8 @@ def cmd_model_list(args: argparse.Namespace) -> int:
         m = r["metrics"] or {}
         weights = r["weights"] if len(r["weights"]) <= 10 else r["weights"][:10]
         print(f"{'*' if r['active'] else ' ':2}{r['version']:8} {r['created_at']:%Y-%m-%d %H:%M} {len(r['classes']):>7} "
-              f"{weights:10} {r['input_size']:>5} {r['threshold']:>6.3f} {m.get('precision', 0):>6.3f} "
-              f"{m.get('recall', 0):>6.3f}  {m.get('signal', '')}")
+              f"{weights:10} {r['input_size']:>5} {r['threshold']:>6.3f} {_figure(m.get('precision'))} "
+              f"{_figure(m.get('recall'))}  {m.get('signal', '') if isinstance(m.get('signal'), str) else ''}")
     print("(* = active; P/R = logo precision/recall on the held-out test split)")
     return 0
 

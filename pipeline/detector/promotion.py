@@ -62,8 +62,9 @@ def figures(report: Mapping[str, Any], version: str, source: str) -> dict[str, A
 def recorded_figures(row: Mapping[str, Any]) -> dict[str, Any]:
     """A registry row's own recorded figures: its validation split at its main signal when the
     metrics have it, else the headline (test) figures of an older model."""
-    metrics = row.get("metrics") or {}
-    val = (metrics.get("val") or {}).get(metrics.get("signal") or "") if isinstance(metrics.get("val"), Mapping) else None
+    metrics = row.get("metrics") if isinstance(row.get("metrics"), Mapping) else {}
+    signal = metrics.get("signal")
+    val = metrics["val"].get(signal) if isinstance(metrics.get("val"), Mapping) and isinstance(signal, str) else None
     if isinstance(val, Mapping):
         return figures(val, row["version"], "recorded on its own validation split")
     return figures(metrics, row["version"], "recorded headline figures (its own split)")

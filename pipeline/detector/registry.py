@@ -8,7 +8,9 @@ row insert decides who gets the number and the loser takes the next one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -17,6 +19,22 @@ from sqlalchemy.exc import IntegrityError
 from pipeline.context import Context
 from pipeline.errors import BrandmonError
 from pipeline.schema import model_versions, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A registry row with `metrics` always a mapping: a hand-edited or corrupt metrics value
+    (a string, a list) is read as empty with a warning naming the version, so `status`,
+    `aggregate`, `model list` and `train` keep working instead of failing on it."""
+    out = dict(row)
+    metrics = out.get("metrics")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        log.warning("model %s: its stored metrics are a %s, not a JSON object; read as empty (re-register "
+                    "or re-train the model to restore them)", out.get("version"), type(metrics).__name__)
+        metrics = None
+    out["metrics"] = dict(metrics or {})
+    return out
 
 _VERSION = re.compile(r"^v(\d+)$")
 ACTIVATE_ATTEMPTS = 5
@@ -67,7 +85,7 @@ def register(
 def list_versions(ctx: Context) -> list[dict[str, Any]]:
     with ctx.engine.connect() as conn:
         rows = conn.execute(select(model_versions).order_by(model_versions.c.created_at)).mappings().all()
-    return sorted((dict(r) for r in rows), key=lambda r: (int(m.group(1)) if (m := _VERSION.match(r["version"])) else 0, r["created_at"]))
+    return sorted((_row(r) for r in rows), key=lambda r: (int(m.group(1)) if (m := _VERSION.match(r["version"])) else 0, r["created_at"]))
 
 
 def get_version(ctx: Context, version: str) -> dict[str, Any]:
@@ -76,7 +94,7 @@ def get_version(ctx: Context, version: str) -> dict[str, Any]:
     if row is None:
         known = ", ".join(r["version"] for r in list_versions(ctx)) or "none; run `brandmon train`"
         raise UnknownModel(f"no model version {version!r} (known: {known})")
-    return dict(row)
+    return _row(row)
 
 
 def active_row(conn: Connection) -> dict[str, Any] | None:
@@ -91,7 +109,7 @@ def active_row(conn: Connection) -> dict[str, Any] | None:
         .order_by(model_versions.c.created_at.desc(), model_versions.c.version.desc())
         .limit(1)
     ).mappings().first()
-    return dict(row) if row else None
+    return _row(row) if row else None
 
 
 def active_version(ctx: Context) -> dict[str, Any] | None:
@@ -173,7 +191,7 @@ def record_metric(ctx: Context, version: str, key: str, value: Any) -> None:
         if row is None:
             raise UnknownModel(f"no model version {version!r}")
         conn.execute(update(model_versions).where(model_versions.c.version == version)
-                     .values(metrics={**(row.metrics or {}), key: value}))
+                     .values(metrics={**(row.metrics if isinstance(row.metrics, Mapping) else {}), key: value}))
 
 
 _LOADED: dict[tuple[str, str, str], Any] = {}

@@ -201,3 +201,62 @@ def test_cli_train_with_the_old_rule_then_if_better_says_why(make_ctx, monkeypat
     stored = get_version(ctx, "v2")["metrics"]["promotion"]
     assert stored["reason"] in line and stored["active"]["version"] == first["version"]
     assert get_version(ctx, "v2")["active"] is stored["promoted"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_hand_edited_metrics_row_is_read_as_empty_not_a_crash(make_ctx, monkeypatch, capsys, caplog, backend):
+    """Outside check (stop 20): an active model whose `metrics` JSON was hand-edited into a
+    string broke `status`, `aggregate` and `model list` with internal errors; a non-numeric
+    precision broke `model list`'s table. Now the row reads as empty metrics with a warning
+    naming the version, and the table shows `n/a`."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import update
+
+    from pipeline.detector.registry import (
+        activate,
+        active_row,
+        get_version,
+        list_versions,
+        register,
+    )
+    from pipeline.schema import model_versions
+
+    ctx = make_ctx(backend=backend)
+    spec = SimpleNamespace(classes=["no_logo", "Acme"], base="inception_v3", weights="none", input_size=75, threshold=0.5)
+    v1 = register(ctx, spec, b"artifact-1", "fp", {"precision": "high", "recall": 0.5, "signal": ["fused"]}, {})
+    v2 = register(ctx, spec, b"artifact-2", "fp", {"precision": 0.9, "recall": 0.6}, {})
+    activate(ctx, v2)
+    with ctx.engine.begin() as conn:
+        conn.execute(update(model_versions).where(model_versions.c.version == v2).values(metrics="garbage"))
+    with ctx.engine.connect() as conn:
+        assert active_row(conn)["metrics"] == {}
+    assert get_version(ctx, v2)["metrics"] == {}
+    assert [r["metrics"] for r in list_versions(ctx)][1] == {}
+    assert f"model {v2}: its stored metrics are a str, not a JSON object; read as empty" in caplog.text
+    if backend != "sqlite":
+        return  # the commands below read the environment of a local (SQLite + folder) home
+    _env(monkeypatch, ctx)
+    capsys.readouterr()
+    for argv in (["model", "list"], ["status"], ["aggregate"]):
+        assert main(argv) == 0, argv
+        captured = capsys.readouterr()
+        assert "internal error" not in captured.err and "Traceback" not in captured.err, argv
+        if argv == ["model", "list"]:
+            table = captured.out.splitlines()
+            row1 = next(line for line in table if v1 in line)
+            assert "n/a" in row1 and "0.500" in row1 and "['fused']" not in row1
+            assert any(v2 in line and line.startswith("*") and line.count("n/a") == 2 for line in table)
+
+
+def test_promotion_reads_a_row_whose_signal_is_not_a_name():
+    """Outside check (stop 20): `metrics.signal` hand-edited into a list crashed `brandmon
+    train` after training (unhashable type), leaving the new version without its promotion
+    record. A non-string signal now falls back to the headline figures."""
+    from pipeline.detector.promotion import recorded_figures
+
+    row = {"version": "v1", "metrics": {"signal": ["fused"], "val": {"fused": {"precision": 0.99}},
+                                         "precision": 0.9, "recall": 0.5}}
+    figures = recorded_figures(row)
+    assert figures["source"] == "recorded headline figures (its own split)"
+    assert recorded_figures({"version": "v1", "metrics": "garbage"})["source"].startswith("recorded headline")
