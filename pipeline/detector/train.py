@@ -94,11 +94,16 @@ def train(
     with recorded_run(ctx.engine, "train", source=str(data)[:128]) as counts:
         prepared = prepare_data(data, fmt, cfg, progress, weights_tag=tag)
         clock.lap("prepare")
+        crop_skipped = None
         if prepared.want_crop and cfg.fit.time_budget_s:  # the crop net's minutes come out of the run's budget
             budget = cfg.fit.time_budget_s
             crop_s = max(0.0, min(cfg.fit.crop_net_budget_s, budget - 60.0))  # the classifier keeps >= a minute
             cfg = cfg.with_options(time_budget_s=max(1.0, budget - crop_s), crop_net_budget_s=crop_s)
             say(progress, f"time budget: classifier {cfg.fit.time_budget_s:.0f} s, crop net {cfg.fit.crop_net_budget_s:.0f} s")
+            if crop_s <= 0:
+                crop_skipped = (f"crop net skipped: the time budget of {budget:.0f} s leaves it nothing (the classifier "
+                                f"keeps at least 60 s); raise --time-budget above 60 s to train it")
+                say(progress, crop_skipped, level=logging.WARNING)
         fitted = fit_classifier(ctx, prepared, cfg, wpath, tb_root, progress)
         clock.lap("train")
         crop_net = None
@@ -111,6 +116,8 @@ def train(
         clock.lap("calibrate")
         metrics = heldout_metrics(cal, prepared.brands, prepared.labels("val"), prepared.labels("test"), target_precision)
         metrics["training"] = training_summary(fitted.history, cfg)
+        if crop_skipped:
+            metrics["training"]["crop_net_skipped"] = crop_skipped
         if metrics["training"]["cut_by_time_budget"]:
             warn_budget_cut(metrics["training"], progress)
         clock.lap("evaluate")

@@ -4,6 +4,7 @@ val choice, and a whole boxes training run that may carry it (old models still l
 from __future__ import annotations
 
 import io
+import logging
 import random
 import zipfile
 from pathlib import Path
@@ -78,8 +79,26 @@ def test_val_keeps_the_crop_net_only_when_it_adds_recall():
     merged, rec = choose_crop(brands, match, {"val": _dicts(good, brands)}, y, 0.9, "wilson")
     assert rec["chosen"] == "matcher+crop" and merged is not None
     assert rec["candidates"]["matcher+crop"]["recall"] > rec["candidates"]["matcher"]["recall"]
+    assert rec["reason"].startswith("kept: folded in, val recall 0.")
     merged, rec = choose_crop(brands, match, {"val": _dicts(noise, brands)}, y, 0.9, "wilson")
-    assert rec["chosen"] == "matcher" and merged is None
+    assert rec["chosen"] == "matcher" and merged is None and rec["reason"].startswith("not used: ")
+
+
+def test_the_crop_nets_record_says_why_it_was_not_used():
+    """Outside check (stop 20): a crop net dropped for the Wilson margin (not for recall) was
+    reported only as 'not used'. The record now names the reason the user can act on."""
+    brands = ["A"]
+    y = ["A"] * 3 + [NO_LOGO] * 2  # 5 val photos: no lower bound can reach 0.9
+    m = np.array([[0.8], [0.0], [0.0], [0.0], [0.0]])
+    c = np.array([[0.9], [0.9], [0.9], [0.1], [0.1]])
+    merged, rec = choose_crop(brands, {"val": _dicts(m, brands)}, {"val": _dicts(c, brands)}, y, 0.9, "wilson")
+    assert merged is None
+    assert "lower bound of val precision does not reach the target 0.9 (5 val photos" in rec["reason"]
+    merged, rec = choose_crop(brands, {"val": _dicts(m, brands)}, {"val": _dicts(c, brands)}, y, 0.9, "point")
+    assert merged is not None and rec["reason"].startswith("kept")
+    same = {"val": _dicts(m, brands)}
+    merged, rec = choose_crop(brands, same, {"val": _dicts(m, brands)}, y, 0.9, "point")
+    assert merged is None and "is not above the matcher alone's" in rec["reason"]
 
 
 @pytest.mark.integration
@@ -131,6 +150,24 @@ def test_boxes_training_with_the_crop_net_saves_what_val_chose(make_ctx, tmp_pat
     # a model from before the crop net (the session's tiny model) loads and scores without one
     old = load_artifact(tiny_model["artifact"])
     assert old.cropnet is None and "cropnet.zip" not in zipfile.ZipFile(io.BytesIO(tiny_model["artifact"])).namelist()
+
+
+@pytest.mark.integration
+def test_a_time_budget_too_short_for_the_crop_net_says_so_and_records_it(make_ctx, tmp_path: Path, caplog):
+    """Outside check (stop 20): `--time-budget 60` on boxes data skipped the crop net without a
+    word (the classifier keeps its minute). Now a warning says so and the metrics record it."""
+    from pipeline.detector.jobs import train_model
+
+    ctx = make_ctx()
+    data = make_boxes(tmp_path / "boxes", 24, seed=5, style="fl27")
+    opts = {**FAST, "head_epochs": 2, "matcher": "auto", "crop_net": "auto", "crop_net_budget_s": 25.0,
+            "time_budget_s": 60.0}
+    with caplog.at_level(logging.WARNING):
+        result = train_model(ctx, data, fmt="boxes", weights="none", activate="always", **opts)
+    skipped = result["metrics"]["training"]["crop_net_skipped"]
+    assert skipped.startswith("crop net skipped: the time budget of 60 s leaves it nothing")
+    assert skipped in caplog.text and "crop_net" not in result["params"]["history"]
+    assert "crop" not in result["metrics"].get("fusion", {})
 
 
 @pytest.mark.integration

@@ -161,8 +161,17 @@ def choose_crop(brands: list[str], match: dict[str, MatchScores], crop: dict[str
         return bool(c.get("margin_met", c["target_met"]) if rule == "wilson" else c["target_met"])
 
     keep = held(pick_f) and (not held(pick_m) or pick_f["recall"] > pick_m["recall"])
+    bound = "its 95% lower bound of" if rule == "wilson" else "its"
+    if keep:
+        reason = f"kept: folded in, val recall {pick_f['recall']:.3f} against {pick_m['recall']:.3f} for the matcher alone"
+    elif not held(pick_f):
+        reason = (f"not used: folded in, {bound} val precision does not reach the target {target_precision:g} "
+                  f"({len(y_val)} val photos; more val photos or `--threshold-rule point` show it)")
+    else:
+        reason = (f"not used: folded in, val recall {pick_f['recall']:.3f} is not above the matcher alone's "
+                  f"{pick_m['recall']:.3f}")
     fields = ("threshold", "precision", "precision_low", "recall", "target_met", "margin_met")
-    record = {"chosen": "matcher+crop" if keep else "matcher", "params": params,
+    record = {"chosen": "matcher+crop" if keep else "matcher", "reason": reason, "params": params,
               "candidates": {name: {f: p.get(f) for f in fields}
                              for name, p in (("matcher", pick_m), ("crop", pick_c), ("matcher+crop", pick_f))}}
     return (merged if keep else None), record
@@ -199,7 +208,7 @@ def calibrate(
             cands = crop_record["candidates"]
             say(progress, f"crop net: val recall at the operating point {cands['crop']['recall']:.3f} alone, "
                 f"{cands['matcher+crop']['recall']:.3f} folded into the matcher (matcher alone "
-                f"{cands['matcher']['recall']:.3f}); {'keeping it' if merged else 'not used'}")
+                f"{cands['matcher']['recall']:.3f}); {crop_record['reason']}", level=logging.WARNING if merged is None else logging.INFO)
             if merged is not None:
                 from pipeline.detector.matching import DEFAULT_COMBINER, fit_combiner
 
