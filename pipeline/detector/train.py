@@ -183,7 +183,7 @@ def register_and_activate(
         params["baseline"] = baseline
     record = registry.promote(ctx, version, activate, baseline)
     metrics["promotion"] = record
-    say(progress, promotion_line(record))
+    log.info("%s", promotion_line(record))  # logged for DAG runs; `brandmon train` prints it once, in its summary
     return {"version": version, "metrics": metrics, "activated": record["promoted"], "params": params,
             "promotion": record, **files}
 

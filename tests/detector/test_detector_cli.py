@@ -193,8 +193,11 @@ def test_cli_train_with_the_old_rule_then_if_better_says_why(make_ctx, monkeypat
     assert row["params"]["config"]["threshold_rule"] == "point" and row["params"]["config"]["fusion"] == "fitted"
     assert {t["rule"] for t in row["metrics"]["thresholds"].values()} == {"point"}
 
-    assert main([*args, "--threshold-rule", "wilson"]) == 0
-    out = capsys.readouterr().out
+    loud = [a for a in args if a != "--quiet"]  # with progress shown the decision is still said once
+    assert main([*loud, "--threshold-rule", "wilson"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert (out + captured.err).count("if_better: v2 ") == 1
     line = next(li for li in out.splitlines() if li.startswith("if_better: v2 "))
     assert re.match(r"if_better: v2 (promoted|not promoted): (both reach|neither reaches|the (new|active) model's)", line)
     assert f"active {first['version']} R " in line and "scored on the new model's validation split" in line
