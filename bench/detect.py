@@ -148,7 +148,8 @@ def export_random(ctx, version: str, root: Path, fmts: list[str]) -> dict[str, d
     out = {}
     for fmt in fmts:
         t0 = time.perf_counter()
-        out[fmt] = export_model(ctx, version, fmt, calibration=calib, calibration_images=32)
+        out[fmt] = export_model(ctx, version, fmt, calibration=calib, calibration_images=32,
+                                **({"rescore": "off"} if fmt == "openvino" else {}))
         q = out[fmt].get("quantizer")
         how = f", {q}, quantiser peak RSS {out[fmt]['quantize_peak_rss_bytes'] / 2**20:.0f} MB" if q else ""
         print(f"exported {fmt} ({out[fmt]['precision']}{how}) in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -167,7 +168,52 @@ def runtime_pipeline(ctx, runtime: str) -> tuple[int, float, float, float]:
     return counts["scored"] + counts["corrupt"], time.perf_counter() - started, time.process_time() - cpu, warm
 
 
-def where_time_goes(ctx, version: str, runtimes: list[str], n: int) -> dict[str, float]:
+def cascade_at_share(ctx, version: str, root: Path, share: float) -> float:
+    """Export the throughput model as the OpenVINO int8 cascade, with its margin set so that it
+    re-scores `share` of the stored images (random weights give near ties everywhere; the share
+    that matters is the trained model's, measured on FL27). Returns the margin."""
+    import io
+    import json as _json
+    import zipfile
+
+    from pipeline.detector import registry
+    from pipeline.detector.export import export_model
+    from pipeline.detector.infer import _pending_select, image_stream
+    from pipeline.detector.registry import get_version
+    from pipeline.detector.rescore import margins
+    from pipeline.detector.runtimes import _open_openvino, export_key, read_export
+
+    export_model(ctx, version, "openvino", calibration=root / "calib", calibration_images=32)
+    key = export_key(get_version(ctx, version)["artifact_key"], "openvino")
+    meta, files = read_export(ctx.store.get(key))
+    with ctx.engine.connect() as conn:
+        rows = list(conn.execute(_pending_select(version)))
+    int8, _ = _open_openvino({k: v for k, v in meta.items() if k != "rescore_margin"}, files, 2, "auto")
+    found = [margins(int8(b[1].numpy())) for b in image_stream(ctx, rows, meta["input_size"], 32, False)]
+    allm = np.sort(np.concatenate(found))
+    margin = float(allm[min(len(allm) - 1, max(0, int(round(share * len(allm))) - 1))]) if share > 0 else -1.0
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("export.json", _json.dumps({**meta, "rescore_margin": margin}))
+        for name, blob in files.items():
+            zf.writestr(name, blob)
+    ctx.store.put(key, buf.getvalue(), content_type="application/zip")
+    registry._LOADED.clear()
+    return margin
+
+
+def last_detect_counts(ctx) -> dict:
+    """The counts of the newest detect run (the timed one)."""
+    from sqlalchemy import select
+
+    from pipeline.schema import runs
+
+    with ctx.engine.connect() as conn:
+        return conn.execute(select(runs.c.counts).where(runs.c.kind == "detect").order_by(runs.c.id.desc())
+                            .limit(1)).scalar_one() or {}
+
+
+def where_time_goes(ctx, version: str, runtimes: list[str], n: int, size: int = 299) -> dict[str, float]:
     """Images/s of the input stream alone (lake read + decode + resize, tf.data) and of each
     network alone on a ready uint8 batch: the pipeline cannot beat the slower of the two."""
     from pipeline.detector.infer import _pending_select, image_stream
@@ -178,7 +224,7 @@ def where_time_goes(ctx, version: str, runtimes: list[str], n: int) -> dict[str,
     out: dict[str, float] = {}
     t0, c0 = time.perf_counter(), time.process_time()
     batch = None
-    for b in image_stream(ctx, rows, 299, 32, False):
+    for b in image_stream(ctx, rows, size, 32, False):
         batch = b[1].numpy() if batch is None else batch
     out["stream_img_s"] = round(len(rows) / (time.perf_counter() - t0), 1)
     out["stream_cpu_ms"] = round(1000 * (time.process_time() - c0) / len(rows), 1)
@@ -260,8 +306,16 @@ def agreement(home: Path, runtimes: list[str]) -> dict:
     bf = load_model(ctx, version, precision="bf16", runtime="keras")
     out["keras_bf16"] = compare(np.concatenate([bf.predict_arrays(x[i:i + 32]) for i in range(0, len(x), 32)]), "bf16")
     for rt in runtimes:
-        export_model(ctx, version, rt)  # int8, calibrated on the model's own training images
+        # int8 alone, calibrated on the model's own training images
+        export_model(ctx, version, rt, **({"rescore": "off"} if rt == "openvino" else {}))
         out[rt] = compare(scores(open_export(ctx.store.get(export_key(row["artifact_key"], rt)), 2)), "int8")
+    if "openvino" in runtimes:  # the default OpenVINO export: int8 + the bf16 re-score of near ties
+        meta = export_model(ctx, version, "openvino")
+        exp = open_export(ctx.store.get(export_key(row["artifact_key"], "openvino")), 2)
+        out["openvino_cascade"] = compare(scores(exp), exp.precision)
+        out["openvino_cascade"].update(
+            rescore_margin=meta["rescore_margin"], check_images=meta["rescore_check_images"], check=meta["rescore_check"],
+            test_rescored_share=round(exp.meta["rescored"]["rescored"] / max(1, exp.meta["rescored"]["images"]), 4))
     if "openvino" in runtimes:  # the fp32 IR, run in bf16 on this CPU
         export_model(ctx, version, "openvino", precision="fp32")
         exp = open_export(ctx.store.get(export_key(row["artifact_key"], "openvino")), 2, precision="bf16")
@@ -277,6 +331,8 @@ def workers_needed(out: dict, runtimes: list[str], matcher_cpu_s: float) -> dict
 
     need = 3_000_000 / 86_400
     best = f"batched_{runtimes[0]}_int8_cpu_ms_per_img" if runtimes else "batched_keras_bf16_cpu_ms_per_img"
+    if "batched_openvino_int8+fp32_cascade_cpu_ms_per_img" in out:  # the default OpenVINO export
+        best = "batched_openvino_int8+fp32_cascade_cpu_ms_per_img"
     cpu_s = out[best] / 1000
     return {"pipeline": best, "cpu_s_per_img": round(cpu_s, 4), "without_matcher": math.ceil(need * cpu_s / 2),
             "with_matcher": math.ceil(need * (cpu_s + matcher_cpu_s) / 2)}
@@ -318,6 +374,11 @@ def main() -> int:
     ap.add_argument("--keras-fp32", action="store_true", help="also time the Keras fp32 pipeline")
     ap.add_argument("--fl27-home", type=Path, help="home of a bench/fl27.py --home run (trained model + test split)")
     ap.add_argument("--runtimes", default="openvino,onnx", help="exported runtimes to time (default openvino,onnx)")
+    ap.add_argument("--rescore-share", type=float,
+                    help="share of images the timed OpenVINO cascade re-scores (default: the share it re-scored on "
+                         "the FL27 test photos with --fl27-home, else 0.5)")
+    ap.add_argument("--input-size", type=int, default=299,
+                    help="throughput model's input side in px (299: the pretrained default; 128: the from-scratch default)")
     args = ap.parse_args()
 
     from pipeline.detector.model import choose_precision, cpu_supports_bf16
@@ -326,14 +387,19 @@ def main() -> int:
     out: dict = {"cpu_bf16": cpu_supports_bf16(), "auto_precision": choose_precision("auto"), "cores": os.cpu_count()}
     runtimes = [r for r in args.runtimes.split(",") if r and runtime_importable(r)]
     print(f"runtimes installed and timed: {runtimes or 'none (Keras only)'}", flush=True)
+    # The FL27 agreement first: the cascade's timed share is the one it re-scored there.
+    a = agreement(args.fl27_home, runtimes) if args.fl27_home else None
+    share = args.rescore_share
+    if share is None:
+        share = a["openvino_cascade"]["test_rescored_share"] if a and "openvino_cascade" in a else 0.5
     with tempfile.TemporaryDirectory(prefix="brandmon-bench-") as tmp:
         root = Path(tmp)
         ctx = make_ctx(root / "infer")
         store_scenes(ctx, args.images)
-        version = register_random_model(ctx)
+        version = register_random_model(ctx, args.input_size)
         out["exports"] = {k: {f: v[f] for f in ("precision", "bytes", "seconds", "runtime")}
                           for k, v in export_random(ctx, version, root, runtimes).items()}
-        out["where_time_goes"] = where_time_goes(ctx, version, [*runtimes, "keras"], min(256, args.images))
+        out["where_time_goes"] = where_time_goes(ctx, version, [*runtimes, "keras"], min(256, args.images), args.input_size)
         w = out["where_time_goes"]
         print(f"where the time goes: input stream alone (lake read + decode + resize) {w['stream_img_s']} img/s, "
               f"{w['stream_cpu_ms']} ms CPU/img; network alone: "
@@ -349,10 +415,20 @@ def main() -> int:
         clear_scores(ctx)
         pipelines = [(f"{rt} int8", rt) for rt in runtimes] + [("keras bf16", "bf16")] + ([("keras fp32", "fp32")] if args.keras_fp32 else [])
         if "openvino" in runtimes:
+            pipelines.append(("openvino int8+fp32 cascade", "openvino-cascade"))
             pipelines.append(("openvino bf16", "openvino-bf16"))
         for label, what in pipelines:
             if what in ("bf16", "fp32"):
                 n, t, c, warm = batched(ctx, what)
+            elif what == "openvino-cascade":  # the default OpenVINO export, at the FL27 share re-scored
+                margin = cascade_at_share(ctx, version, root, share)
+                n, t, c, warm = runtime_pipeline(ctx, "openvino")
+                done = last_detect_counts(ctx)
+                out["cascade_timed"] = {"margin": round(margin, 5), "target_share": share,
+                                        "rescored_share": round(done.get("rescored", 0) / max(1, done.get("images", 1)), 4),
+                                        "precision": done.get("precision")}
+                print(f"  (cascade timed at margin {margin:.4f}: re-scored {100 * out['cascade_timed']['rescored_share']:.1f}% "
+                      f"of the timed images in fp32, aiming at {100 * share:.1f}%)", flush=True)
             elif what == "openvino-bf16":  # the fp32 IR, run in bf16 (replaces the int8 export)
                 from pipeline.detector import registry
                 from pipeline.detector.export import export_model
@@ -388,19 +464,25 @@ def main() -> int:
         out["load_avg_start_end"] = [round(load0[0], 2), round(load1[0], 2)]
         print(f"load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f}; {os.cpu_count()} cores", flush=True)
         ctx.close()
-        if args.fl27_home:
-            a = out["fl27_agreement"] = agreement(args.fl27_home, runtimes)
+        if a is not None:
+            out["fl27_agreement"] = a
             print(f"FL27 test split ({a['images']} photos, {a['with_brand']} with a brand; model {a['model']} at "
                   f"{a['input_size']} px, signal {a['signal']} at {a['threshold']}): Keras fp32 P {a['keras_fp32']['precision']} "
                   f"R {a['keras_fp32']['recall']} top-1 {a['keras_fp32']['brand_top1']}", flush=True)
             print(f"  (the CNN alone: median top probability {a['cnn_top_prob_median']}, median margin to the "
                   f"second class {a['cnn_margin_median']})", flush=True)
-            for rt in ["keras_bf16", *runtimes, *(["openvino_bf16"] if "openvino" in runtimes else [])]:
+            for rt in ["keras_bf16", *runtimes, *(["openvino_cascade", "openvino_bf16"] if "openvino" in runtimes else [])]:
                 r = a[rt]
                 print(f"  {rt} ({r['precision_mode']}) vs Keras fp32: top-class agreement {100 * r['top_class_agreement']:.1f}%, "
                       f"decision agreement {100 * r['decision_agreement']:.1f}%, CNN-alone top class "
                       f"{100 * r['cnn_top_class_agreement']:.1f}%; P {r['precision']} R {r['recall']} "
                       f"top-1 {r['brand_top1']} (max |prob diff| {r['max_abs_prob_diff']})", flush=True)
+                if "rescore_margin" in r:
+                    c = r["check"]
+                    print(f"    cascade margin {r['rescore_margin']} chosen on {r['check_images']} training images "
+                          f"(there: re-scored {100 * c['rescored_share']:.1f}%, agreement int8 "
+                          f"{100 * c['int8_top_class_agreement']:.1f}% -> cascade {100 * c['cascade_top_class_agreement']:.1f}%); "
+                          f"test photos re-scored {100 * r['test_rescored_share']:.1f}%", flush=True)
             if "matcher_s_per_img" in a:
                 print(f"  matcher: {a['matcher_s_per_img']} s/img wall with 2 threads, {a['matcher_cpu_s_per_img']} "
                       "CPU-s/img", flush=True)

@@ -6,7 +6,9 @@ a uint8 (n, s, s, 3) batch. int8 post-training quantisation (the default where t
 it: OpenVINO through NNCF on the fp32 IR in a child process, `quantize.py`; ONNX, and OpenVINO
 without nncf, through ONNX Runtime's static QDQ quantisation; TFLite through its converter) is
 calibrated on the model's own training images: the training split of the data recorded with
-the version (`--calibration DIR` for another folder of images).
+the version (`--calibration DIR` for another folder of images). The OpenVINO int8 export also
+holds the fp32 network and the margin below which `detect` re-scores a photo with it (the
+precision cascade, `rescore.py`; `--rescore off` for int8 alone).
 
 The zip (see `runtimes.py`) is stored at `models/exports/<artifact sha>/<format>.zip`, so a
 re-export replaces it and a retrained model never picks up another model's export.
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 INT8_FORMATS = ("openvino", "onnx", "tflite")
 ONNX_OPSET = 17
 CALIBRATION_IMAGES = 64
+CHECK_IMAGES = 256  # further training images the precision cascade's margin is chosen on
+MIN_CHECK_IMAGES = 32
 
 
 class ExportError(BrandmonError):
@@ -131,6 +135,33 @@ def _any_images(root: Path) -> list[Any]:
     return out
 
 
+def rescore_figures(files: dict[str, bytes], check: np.ndarray, threads: int = 0) -> dict[str, Any]:
+    """The precision cascade of an OpenVINO int8 export (rescore.py): its margin, chosen on the
+    `check` images from the int8 error against the fp32 IR run in fp32 (which re-scores), and
+    what that margin does there (share re-scored, top-class agreement of int8 alone and of the
+    cascade)."""
+    import os
+
+    import openvino as ov
+
+    from pipeline.detector.rescore import check_figures, choose_margin
+    from pipeline.detector.runtimes import openvino_runner, read_ir
+
+    threads = threads or (os.cpu_count() or 1)
+    core = ov.Core()
+
+    def probs(xml: str, weights: str, hint: str) -> np.ndarray:
+        run = openvino_runner(core, read_ir(core, files[xml], files[weights]), hint, threads)
+        return np.concatenate([run(check[i : i + 32]) for i in range(0, len(check), 32)]).astype(np.float64)
+
+    low = probs("model.xml", "model.bin", "f32")
+    ref = probs("rescore.xml", "rescore.bin", "f32")  # what detect re-scores with
+    margin = choose_margin(low, ref)
+    figures = check_figures(low, ref, ref, margin)
+    return {"rescore_margin": round(margin, 6), "rescore_check_images": int(len(check)),
+            "rescore_check": {**figures, "rescore_precision": "fp32"}}
+
+
 # --- per format ------------------------------------------------------------------------------
 
 
@@ -178,9 +209,11 @@ def _quantize_onnx(model: bytes, calib: np.ndarray) -> bytes:
 
 
 def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarray | None,
-                 info: dict[str, Any] | None = None) -> dict[str, bytes]:
+                 info: dict[str, Any] | None = None, check: np.ndarray | None = None,
+                 rescore: bool = True) -> dict[str, bytes]:
     """The runtime files of one format (name -> bytes); `info` receives how int8 was made
-    (quantiser, its peak RSS)."""
+    (quantiser, its peak RSS) and, for OpenVINO int8 with `rescore`, the precision cascade's
+    margin chosen on the `check` images (`rescore_figures`)."""
     import tensorflow as tf
 
     info = {} if info is None else info
@@ -197,26 +230,32 @@ def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarra
         import openvino as ov
 
         with tempfile.TemporaryDirectory() as tmp:
-            if precision == "int8" and not _installed("nncf"):  # OpenVINO runs ONNX Runtime's QDQ graph as int8
+            model = ov.convert_model(fn.get_concrete_function())
+            ov.save_model(model, str(Path(tmp, "model.xml")), compress_to_fp16=False)
+            del model
+            xml32, bin32 = Path(tmp, "model.xml").read_bytes(), Path(tmp, "model.bin").read_bytes()
+            if precision != "int8":
+                return {"model.xml": xml32, "model.bin": bin32}
+            if not _installed("nncf"):  # OpenVINO runs ONNX Runtime's QDQ graph as int8
                 log.warning("nncf is not installed: quantising the OpenVINO export with ONNX Runtime's QDQ quantiser "
                             "(lower agreement with fp32, more memory; pip install 'brandmon[runtimes]')")
                 path = Path(tmp, "int8.onnx")
                 path.write_bytes(_quantize_onnx(_onnx_bytes(fn), calib))
-                model = ov.convert_model(str(path))
+                ov.save_model(ov.convert_model(str(path)), str(Path(tmp, "int8.xml")), compress_to_fp16=False)
+                xml, weights = Path(tmp, "int8.xml").read_bytes(), Path(tmp, "int8.bin").read_bytes()
                 info.update(quantizer=f"onnxruntime {_version('onnxruntime')} QDQ", quantize_peak_rss_bytes=peak_rss_bytes())
-            else:
-                model = ov.convert_model(fn.get_concrete_function())
-            ov.save_model(model, str(Path(tmp, "model.xml")), compress_to_fp16=False)
-            xml, weights = Path(tmp, "model.xml").read_bytes(), Path(tmp, "model.bin").read_bytes()
-        if precision == "int8" and _installed("nncf"):  # NNCF on the fp32 IR, in a child process
-            del model
+        if _installed("nncf"):  # NNCF on the fp32 IR, in a child process
             try:
-                xml, weights, stats = quantize_ir(xml, weights, calib)
+                xml, weights, stats = quantize_ir(xml32, bin32, calib)
             except QuantizeError as exc:
                 raise ExportError(str(exc)) from None
             info.update(quantizer=stats["quantizer"], quantize_peak_rss_bytes=stats["peak_rss_bytes"],
                         quantize_seconds=stats["seconds"])
-        return {"model.xml": xml, "model.bin": weights}
+        files = {"model.xml": xml, "model.bin": weights}
+        if rescore and check is not None and len(check):
+            files.update({"rescore.xml": xml32, "rescore.bin": bin32})
+            info.update(rescore_figures(files, check))
+        return files
     if fmt == "tflite":
         if precision != "int8":
             converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
@@ -243,10 +282,14 @@ def export_files(fmt: str, net: Any, spec: Any, precision: str, calib: np.ndarra
 
 
 def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", calibration: str | Path | None = None,
-                 calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
+                 calibration_images: int = CALIBRATION_IMAGES, rescore: str = "auto",
+                 check_images: int = CHECK_IMAGES) -> dict[str, Any]:
     """Export model `version` as `fmt` into the lake; returns what was written (JSON-ready).
 
     `precision`: `auto` (int8 where the format has it, else fp32), `int8` or `fp32`.
+    `rescore` (OpenVINO int8): `auto` adds the fp32 network and the margin below which detect
+    scores a photo again with it (the precision cascade, rescore.py), chosen on up to
+    `check_images` further training images; `off`: int8 alone.
     """
     from pipeline.detector.model import load_artifact
     from pipeline.detector.registry import get_version
@@ -257,6 +300,8 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         precision = "int8" if fmt in INT8_FORMATS else "fp32"
     if precision not in ("int8", "fp32"):
         raise ExportError(f"export precision must be auto, int8 or fp32, not {precision!r}")
+    if rescore not in ("auto", "off"):
+        raise ExportError(f"--rescore must be auto or off, not {str(rescore)[:40]!r}")
     if precision == "int8" and fmt not in INT8_FORMATS:
         raise ExportError(f"{fmt} exports are fp32 only (int8: {', '.join(INT8_FORMATS)})")
     missing = [m for m in _needs(fmt, precision) if not _importable(m)]
@@ -266,11 +311,20 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
     started = time.monotonic()
     model = load_artifact(ctx.store.get(row["artifact_key"]), precision="fp32", with_matcher=False)
     spec = model.spec
-    calib = None
+    calib = check = None
+    cascade = precision == "int8" and fmt == "openvino" and rescore == "auto"
     if precision == "int8":
-        calib = calibration_batch(ctx, row, spec.input_size, calibration_images, calibration)
+        images = calibration_batch(ctx, row, spec.input_size, calibration_images + (check_images if cascade else 0),
+                                   calibration)
+        calib, check = images[:calibration_images], images[calibration_images:]
+        if cascade and len(check) < MIN_CHECK_IMAGES:
+            # Too few images beyond the calibration ones: the margin is chosen on all of them
+            # (the quantiser has seen them, so the int8 error there is a little smaller).
+            log.warning("only %d images beyond the %d calibration ones: the re-score margin is chosen on all %d",
+                        len(check), len(calib), len(images))
+            check = images
     info: dict[str, Any] = {}
-    files = export_files(fmt, model.net, spec, precision, calib, info)
+    files = export_files(fmt, model.net, spec, precision, calib, info, check=check, rescore=cascade)
     meta = {
         "export_format": EXPORT_FORMAT, "format": fmt, "precision": precision, "model_version": version,
         "model_artifact": row["artifact_key"], "classes": list(spec.classes), "input_size": spec.input_size,

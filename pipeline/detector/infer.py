@@ -230,6 +230,7 @@ def detect(
     with recorded_run(ctx.engine, "detect", source=model.version) as run_counts, BatchWriter(ctx) as writer:
         failed: dict[int, str] = {}  # images the lake could not serve: left unscored for a re-run
         scorer = _BatchScorer(ctx, model, rows, batch_size, failed)
+        rescored_before = _rescored(model)
         for batch in image_stream(ctx, rows, model.spec.input_size, batch_size, model.matcher is not None, failed):
             score_rows, det_rows, review_rows = scorer.score(batch)
             writer.submit(score_rows, det_rows, review_rows)  # commits while the next batch computes
@@ -248,11 +249,20 @@ def detect(
         tracker.close()
         run_counts.update(counts, seconds=round(time.monotonic() - started, 2), precision=model.precision,
                           runtime=model.runtime)
+        if rescored_before is not None:  # the int8 precision cascade: how many near ties it re-scored
+            run_counts["rescored"] = _rescored(model) - rescored_before
         if failed:
             run_counts["unreadable"] = len(failed)
             raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "
                                "they stay unscored: re-run detect")
     return counts
+
+
+def _rescored(model: Any) -> int | None:
+    """Images the loaded export's precision cascade has re-scored so far (None: no cascade)."""
+    exported = getattr(model, "exported", None)
+    stats = (getattr(exported, "meta", None) or {}).get("rescored")
+    return int(stats["rescored"]) if isinstance(stats, dict) else None
 
 
 class _BatchScorer:

@@ -109,7 +109,9 @@ class ExportedClassifier:
 
     @property
     def precision(self) -> str:
-        return str(self.meta.get("precision", "fp32"))
+        """`int8`, `fp32`, or `int8+fp32` for the precision cascade."""
+        base = str(self.meta.get("precision", "fp32"))
+        return f"{base}+{self.meta['rescore_precision']}" if self.meta.get("rescore_precision") else base
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(np.ascontiguousarray(batch, np.uint8)), np.float32)
@@ -155,19 +157,12 @@ def _unpack(files: dict[str, bytes]) -> tempfile.TemporaryDirectory:
     return tmp
 
 
-def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
-    import openvino as ov
+def openvino_runner(core: Any, model: Any, hint: str, threads: int) -> Any:
+    """`run(uint8 batch) -> probabilities` of an OpenVINO model compiled for this CPU.
 
-    from pipeline.detector.model import choose_precision
-
-    core = ov.Core()
-    model = core.read_model(model=files["model.xml"], weights=ov.Tensor(np.frombuffer(files["model.bin"], np.uint8)))
-    # int8 exports keep their float remainder in f32 (measured no faster in bf16); fp32 ones
-    # run in bf16 where the CPU has it, as the Keras path does.
-    hint = "f32" if meta.get("precision") == "int8" or choose_precision(precision) == "fp32" else "bf16"
-    # Two streams sharing the threads, each scoring half of the batch: on 2 cores no barrier
-    # between the threads of one convolution (measured 30% faster on 2 shared cores than one
-    # 2-thread request, and a little less CPU per image).
+    Two streams sharing the threads, each scoring half of the batch: on 2 cores no barrier
+    between the threads of one convolution (measured 30% faster on 2 shared cores than one
+    2-thread request, and a little less CPU per image)."""
     streams = 2 if threads >= 2 else 1
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
                                                  "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
@@ -178,12 +173,50 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
         parts = [p for p in np.array_split(x, min(len(requests), max(1, len(x)))) if len(p)]
         with lock:
             for req, part in zip(requests, parts, strict=False):
-                req.start_async({0: part})
+                req.start_async({0: np.ascontiguousarray(part)})
             for req in requests[: len(parts)]:
                 req.wait()
             return np.concatenate([req.get_output_tensor(0).data.copy() for req in requests[: len(parts)]])
 
-    return run, None
+    return run
+
+
+def read_ir(core: Any, xml: bytes, weights: bytes) -> Any:
+    import openvino as ov
+
+    return core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, np.uint8)))
+
+
+def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    import openvino as ov
+
+    from pipeline.detector.model import choose_precision
+    from pipeline.detector.rescore import cascade
+
+    core = ov.Core()
+    float_hint = "f32" if choose_precision(precision) == "fp32" else "bf16"
+    # int8 exports keep their float remainder in f32 (measured no faster in bf16); fp32 ones
+    # run in bf16 where the CPU has it, as the Keras path does.
+    hint = "f32" if meta.get("precision") == "int8" else float_hint
+    run = openvino_runner(core, read_ir(core, files["model.xml"], files["model.bin"]), hint, threads)
+    margin = meta.get("rescore_margin")
+    if meta.get("precision") != "int8" or margin is None or "rescore.xml" not in files:
+        return run, None
+    if not isinstance(margin, (int, float)) or not margin >= 0:
+        raise RuntimeUnavailable(f"model export has an invalid rescore_margin {margin!r}; export it again")
+    # The precision cascade (rescore.py): the near ties of int8 are scored again by the fp32 IR,
+    # in fp32: bf16 would flip some of the same near ties (it keeps ~99.5% of top classes).
+    high = openvino_runner(core, read_ir(core, files["rescore.xml"], files["rescore.bin"]), "f32", threads)
+    meta["rescore_precision"] = "fp32"
+    stats = meta.setdefault("rescored", {"images": 0, "rescored": 0})
+
+    def run_cascade(x: np.ndarray) -> np.ndarray:
+        probs, k = cascade(run(x), float(margin), high, x)
+        stats["images"] += len(x)
+        stats["rescored"] += k
+        return probs
+
+    return run_cascade, None
 
 
 def _open_onnx(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:

@@ -118,6 +118,25 @@ def test_cli_model_export_then_evaluate_and_detect_with_it(make_ctx, install_mod
     assert "fp32 only" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("openvino", "nncf")),
+                    reason="needs openvino + nncf (extra `runtimes`)")
+def test_cli_openvino_export_says_what_its_precision_cascade_does(make_ctx, install_model, monkeypatch, capsys):
+    ctx = make_ctx()
+    version = install_model(ctx)
+    _env(monkeypatch, ctx)
+    assert main(["model", "export", version, "--format", "openvino", "--calibration-images", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(int8," in out and "precision cascade: photos whose int8 top-two margin is below" in out
+    assert re.search(r"on \d+ training images it re-scored \d+\.\d% and kept \d+\.\d% of the fp32 top classes", out)
+    assert main(["model", "export", version, "--format", "openvino", "--calibration-images", "8", "--rescore", "off",
+                 "--json"]) == 0
+    assert "rescore_margin" not in json.loads(capsys.readouterr().out)
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "export", version, "--format", "openvino", "--rescore", "always"])
+    assert exc.value.code == 2 and "--rescore: invalid choice" in capsys.readouterr().err
+
+
 def test_train_help_documents_the_threshold_rule_and_fusion_with_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -221,3 +221,64 @@ def test_the_quantiser_uses_full_bias_correction_unless_asked_for_the_fast_one(t
     assert full["quantizer"].endswith(" full bias correction")
     assert fast["quantizer"].endswith(" fast bias correction")
     assert b"FakeQuantize" in fast_xml
+
+
+@pytest.mark.skipif(not _have("nncf", "openvino"), reason="needs nncf + openvino (extra `runtimes`)")
+def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, install_model, monkeypatch):
+    """The default OpenVINO int8 export is the precision cascade: int8 where its top two
+    classes are far apart, the fp32 network's own scores where they are close (margin chosen
+    on training images, recorded with what it did there); `--rescore off` is int8 alone; detect
+    records the re-scored count; a tampered margin is refused."""
+    import io
+    import json
+    import zipfile
+
+    from pipeline.detector.export import export_model
+    from pipeline.detector.infer import detect
+    from pipeline.detector.rescore import margins
+    from pipeline.detector.runtimes import RuntimeUnavailable, open_export, read_export
+    from pipeline.schema import runs
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    off = export_model(ctx, version, "openvino", calibration_images=8, rescore="off")
+    x = _batch(off["input_size"], n=24)
+    assert "rescore_margin" not in off
+    meta_off, files_off = read_export(ctx.store.get(off["key"]))
+    assert "rescore.xml" not in files_off
+    int8 = open_export(ctx.store.get(off["key"]), threads=2)
+    assert int8.precision == "int8"
+    low = int8.predict(x)
+
+    meta = export_model(ctx, version, "openvino", calibration_images=8)
+    assert meta["rescore_margin"] >= 0 and meta["rescore_check_images"] > 0
+    check = meta["rescore_check"]
+    assert check["rescore_precision"] == "fp32" and 0 <= check["rescored_share"] <= 1
+    assert check["cascade_top_class_agreement"] >= max(0.99, check["int8_top_class_agreement"]) or \
+        meta["rescore_check_images"] < 100  # >= 99% wherever 1% is at least one image
+    exp = open_export(ctx.store.get(meta["key"]), threads=2)
+    assert exp.precision == "int8+fp32"
+    got = exp.predict(x)
+    want = _keras_probs(ctx, version, x)
+    close = margins(low) <= meta["rescore_margin"]
+    np.testing.assert_allclose(got[~close], low[~close], atol=1e-6)  # int8 kept where it is sure
+    np.testing.assert_allclose(got[close], want[close], atol=1e-4)  # fp32 where it is not
+    assert exp.meta["rescored"] == {"images": len(x), "rescored": int(close.sum())}
+
+    kinds = ["Reddisc", "Bluesquare", None]
+    store_images(ctx, [jpeg_bytes(scene(kinds[i % 3], 950 + i, size=120)) for i in range(5)])
+    monkeypatch.setenv("BRANDMON_DETECT_RUNTIME", "openvino")
+    assert detect(ctx)["scored"] == 5
+    with ctx.engine.connect() as conn:
+        done = conn.execute(select(runs.c.counts).where(runs.c.kind == "detect")).scalar_one()
+    assert done["runtime"] == "openvino" and done["precision"] == "int8+fp32" and 0 <= done["rescored"] <= 5
+
+    meta_on, files_on = read_export(ctx.store.get(meta["key"]))
+    for bad in ("0.1", -1, float("nan")):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("export.json", json.dumps({**meta_on, "rescore_margin": bad}))
+            for name, blob in files_on.items():
+                zf.writestr(name, blob)
+        with pytest.raises(RuntimeUnavailable, match="rescore_margin"):
+            open_export(buf.getvalue(), threads=1)
