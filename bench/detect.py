@@ -427,7 +427,7 @@ def main() -> int:
                 out["cascade_timed"] = {"margin": round(margin, 5), "target_share": share,
                                         "rescored_share": round(done.get("rescored", 0) / max(1, done.get("images", 1)), 4),
                                         "precision": done.get("precision")}
-                print(f"  (cascade timed at margin {margin:.4f}: re-scored {100 * out['cascade_timed']['rescored_share']:.1f}% "
+                print(f"  (cascade timed at margin {margin:.3g}: re-scored {100 * out['cascade_timed']['rescored_share']:.1f}% "
                       f"of the timed images in fp32, aiming at {100 * share:.1f}%)", flush=True)
             elif what == "openvino-bf16":  # the fp32 IR, run in bf16 (replaces the int8 export)
                 from pipeline.detector import registry
