@@ -23,3 +23,13 @@ class InvalidKeyError(StorageError):
 
 class DatabaseError(BrandmonError):
     """The database cannot be reached or its schema is not at the expected revision."""
+
+
+SHOWN_CHARS = 40
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters with an ellipsis: a user's
+    5000-character value would otherwise fill the terminal (or a task log) in place of one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"
