@@ -486,6 +486,7 @@ def check_train_options(options: Any) -> dict[str, Any]:
     from pipeline.detector.training.config import (
         CROP_NET_CHOICES,
         FUSION_CHOICES,
+        MATCHER_CHOICES,
         check_mode,
         option_fields,
     )
@@ -518,7 +519,7 @@ def check_train_options(options: Any) -> dict[str, Any]:
                 "(N = 1..11: how many top Inception blocks also train, e.g. finetune:2)"
             ) from None
     # the named choices, exactly as resolve_config refuses them (case matters: `Wilson` is not `wilson`)
-    for key, choices in (("matcher", ("auto", "on", "off")), ("crop_net", CROP_NET_CHOICES),
+    for key, choices in (("matcher", MATCHER_CHOICES), ("crop_net", CROP_NET_CHOICES),
                          ("threshold_rule", THRESHOLD_RULES), ("fusion", FUSION_CHOICES)):
         value = options.get(key)
         if value is not None and value not in choices:

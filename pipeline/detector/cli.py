@@ -14,11 +14,12 @@ from typing import Any
 from pipeline.errors import cut, shown
 from pipeline.progress import for_cli
 
-# the choices of TrainConfig.model (threshold_rule, fusion, crop_net), kept here so `--help` needs no import of the
+# the choices of TrainConfig.model (threshold_rule, fusion, crop_net, matcher), kept here so `--help` needs no import of the
 # training stages (a test keeps them equal)
 THRESHOLD_RULES = ("wilson", "point")
 FUSION_CHOICES = ("val", "fitted")
 CROP_NET_CHOICES = ("auto", "off")
+MATCHER_CHOICES = ("auto", "on", "off")
 MAX_BUDGET_S = 30 * 86400  # --time-budget and --crop-net-budget: up to 30 days
 RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
 
@@ -308,7 +309,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--flip", action="store_true", help="add horizontal flips to the augmentation")
     t.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
     t.add_argument("--class-weights", action="store_true", help="also weight the loss by inverse class frequency")
-    t.add_argument("--matcher", choices=["auto", "on", "off"], help="local-feature matcher (default auto: with boxes)")
+    t.add_argument("--matcher", choices=MATCHER_CHOICES, help="local-feature matcher (default auto: with boxes)")
     t.add_argument("--time-budget", type=_bounded(float, 1, MAX_BUDGET_S), metavar="SECONDS", help="stop image training after this long")
     t.add_argument("--crop-net", choices=CROP_NET_CHOICES, metavar="{auto,off}",
                    help="auto (default): with boxes and a matcher, also train the crop net (a small conv net on the "

@@ -321,9 +321,8 @@ def test_train_options_refuse_exactly_what_the_config_step_refuses(key, value, u
     with pytest.raises(ConfigError) as err:
         af.check_train_options({key: value})
     assert str(err.value) == f"train option {key}={value!r} is not valid; {use}"
-    if key != "matcher":  # the matcher's choice is checked where it is used
-        with pytest.raises(DataError, match=key):
-            resolve_config("default", False, None, {key: value})
+    with pytest.raises(DataError, match=key):
+        resolve_config("default", False, None, {key: value})
     good = value.lower() if value.lower() in use else use.split()[1].rstrip(",")
     assert af.check_train_options({key: good}) == {key: good}
     resolve_config("default", False, None, {key: good})  # and what the check lets through, the config takes

@@ -136,11 +136,16 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     # the named choices are the ones resolve_config takes, case and all (outside check, #14: "Wilson" got through)
-    from pipeline.detector.training.config import CROP_NET_CHOICES, FUSION_CHOICES, THRESHOLD_RULES
+    from pipeline.detector.training.config import (
+        CROP_NET_CHOICES,
+        FUSION_CHOICES,
+        MATCHER_CHOICES,
+        THRESHOLD_RULES,
+    )
 
     props = schema["properties"]
     assert props["threshold_rule"]["enum"] == list(THRESHOLD_RULES) and props["fusion"]["enum"] == list(FUSION_CHOICES)
-    assert props["crop_net"]["enum"] == list(CROP_NET_CHOICES)
+    assert props["crop_net"]["enum"] == list(CROP_NET_CHOICES) and props["matcher"]["enum"] == list(MATCHER_CHOICES)
     jsonschema.validate({"threshold_rule": "point", "fusion": "fitted", "crop_net": "off"}, schema)
     for bad in ({"threshold_rule": "Wilson"}, {"fusion": "Val"}, {"crop_net": "OFF"}, {"threshold_rule": None}):
         with pytest.raises(jsonschema.ValidationError):

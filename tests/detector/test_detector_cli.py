@@ -153,10 +153,11 @@ def test_train_choices_match_the_training_config():
     from pipeline.detector import cli
     from pipeline.detector.metrics import THRESHOLD_RULES
     from pipeline.detector.training.calibrate import FUSION_CHOICES
-    from pipeline.detector.training.config import CROP_NET_CHOICES, ModelConfig
+    from pipeline.detector.training.config import CROP_NET_CHOICES, MATCHER_CHOICES, ModelConfig
 
     assert cli.THRESHOLD_RULES == THRESHOLD_RULES and cli.FUSION_CHOICES == FUSION_CHOICES
     assert cli.CROP_NET_CHOICES == CROP_NET_CHOICES and ModelConfig().crop_net == CROP_NET_CHOICES[0]
+    assert cli.MATCHER_CHOICES == MATCHER_CHOICES
     assert TRAIN_OPTION_RANGES["crop_net_budget_s"][0] <= 1  # the flag's floor is a budget the DAG accepts too
 
 

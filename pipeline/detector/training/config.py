@@ -15,7 +15,8 @@ from pipeline.detector.metrics import THRESHOLD_RULES
 from pipeline.detector.split import DEFAULT_FRACTIONS
 from pipeline.errors import cut, shown
 
-# the choices of ModelConfig.crop_net and .fusion (the CLI keeps a copy for --help; a test keeps them equal)
+# the choices of ModelConfig.matcher, .crop_net and .fusion (the CLI and the train DAG keep copies; tests keep them equal)
+MATCHER_CHOICES = ("auto", "on", "off")
 CROP_NET_CHOICES = ("auto", "off")
 FUSION_CHOICES = ("val", "fitted")
 
@@ -160,6 +161,8 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
         raise DataError(f"bad training options: {str(exc)[:200]}") from None
     if cfg.model.threshold_rule not in THRESHOLD_RULES:
         raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {shown(cfg.model.threshold_rule)}")
+    if cfg.model.matcher not in MATCHER_CHOICES:
+        raise DataError(f"matcher must be auto, on or off, not {shown(cfg.model.matcher)}")
     if cfg.model.crop_net not in CROP_NET_CHOICES:
         raise DataError(f"crop_net must be auto or off, not {shown(cfg.model.crop_net)}")
     if cfg.model.fusion not in FUSION_CHOICES:
