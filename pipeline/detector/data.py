@@ -233,9 +233,9 @@ class UnfitBoxes:
 
     def warn(self, root: Path) -> None:
         if self.clipped or self.dropped:
-            log.warning("%d of %d boxes under %s do not fit their photo: %d clipped to it (or corners reordered), %d dropped (outside it, "
-                        "of zero or negative size, or under 4 px once clipped); e.g. %s", self.clipped + self.dropped,
-                        self.total, root, self.clipped, self.dropped, self.example)
+            log.warning("%d of %d boxes under %s do not fit their photo: %d clipped to it (or corners reordered), "
+                        "%d dropped (outside it, of zero or negative size, or under 4 px once clipped); e.g. %s",
+                        self.clipped + self.dropped, self.total, root, self.clipped, self.dropped, self.example)
 
 
 def load_boxes(root: Path | str) -> list[SourceImage]:
