@@ -14,8 +14,9 @@ When the new version is activated, `publish` emits `brandmon://model`, which sch
 images belong to for re-aggregation); a version that is not activated emits nothing.
 
 The `options` param is checked before anything loads (unknown keys, a `mode` other than
-auto/head/full/finetune:N, values of the wrong type or out of range, e.g. more than 500
-epochs or an input over 1024 px): a bad one fails the run with one line.
+auto/head/full/finetune:N, a `threshold_rule`, `fusion`, `crop_net` or `matcher` other than
+its lower-case choices, values of the wrong type or out of range, e.g. more than 500 epochs
+or an input over 1024 px): a bad one fails the run with one line.
 Parse-time settings: BRANDMON_TF_POOL, BRANDMON_TASK_RETRIES, BRANDMON_RETRY_DELAY_S (a
 non-numeric value is an import error naming the variable).
 """
@@ -105,6 +106,10 @@ DEFAULT_ARGS = dag_support.default_args()
                 "head_epochs": {"type": "integer", "minimum": 0, "maximum": 1000},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
                 "matcher": {"type": "string", "enum": ["auto", "on", "off"]},
+                # the choices resolve_config accepts, case and all (a test keeps them equal)
+                "threshold_rule": {"type": "string", "enum": ["wilson", "point"]},
+                "fusion": {"type": "string", "enum": ["val", "fitted"]},
+                "crop_net": {"type": "string", "enum": ["auto", "off"]},
             },
             description='Advanced settings overriding the profile, e.g. {"input_size": 128, "mode": "finetune:2"}',
         ),

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pipeline.dates import as_utc
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, cut, shown
 from pipeline.redact import redact_url, scrub_text, url_passwords
 from pipeline.settings import (
     Settings,
@@ -432,31 +432,29 @@ SAMPLE_OPTION_RANGES: dict[str, tuple[float, float]] = {
 
 def _check_range(name: str, value: Any, bounds: tuple[float, float]) -> None:
     """A numeric option within `bounds` (and finite); None and bools are checked elsewhere."""
-    import math
-
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return
     lo, hi = bounds
-    if not math.isfinite(value) or not lo <= value <= hi:
-        shown = [str(int(b)) if float(b).is_integer() else f"{b:g}" for b in bounds]
-        raise ConfigError(f"train option {name}={value!r} is out of range; use {shown[0]}..{shown[1]}")
+    if not lo <= value <= hi:  # also refuses nan and inf; exact for a huge int (math.isfinite would overflow)
+        ends = [str(int(b)) if float(b).is_integer() else f"{b:g}" for b in bounds]
+        raise ConfigError(f"train option {name}={shown(value)} is out of range; use {ends[0]}..{ends[1]}")
 
 
 def _check_samples(value: Any) -> None:
     """The `samples` option: an object of SampleSpec fields with numbers in range."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"train option samples={str(value)[:40]!r} must be an object, e.g. {{\"margin\": 0.15}}")
+        raise ConfigError(f"train option samples={shown(value)} must be an object, e.g. {{\"margin\": 0.15}}")
     known = {**SAMPLE_OPTION_RANGES, "whole_positive": None}
     unknown = sorted(set(value) - set(known))
     if unknown:
-        raise ConfigError(f"unknown samples option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown samples option(s) {', '.join(cut(str(k)) for k in unknown)}; known: {', '.join(sorted(known))}")
     for key, item in value.items():
         if key == "whole_positive":
             if not isinstance(item, bool):
-                raise ConfigError(f"train option samples.whole_positive={item!r} must be true or false")
+                raise ConfigError(f"train option samples.whole_positive={shown(item)} must be true or false")
             continue
         if isinstance(item, bool) or not isinstance(item, int | float) or (key != "margin" and not isinstance(item, int)):
-            raise ConfigError(f"train option samples.{key}={item!r} must be a {'number' if key == 'margin' else 'whole number'}")
+            raise ConfigError(f"train option samples.{key}={shown(item)} must be a {'number' if key == 'margin' else 'whole number'}")
         _check_range(f"samples.{key}", item, SAMPLE_OPTION_RANGES[key])
 
 
@@ -472,7 +470,7 @@ def _check_fractions(value: Any) -> None:
         and value[0] > 0
     )
     if not ok:
-        raise ConfigError(f"train option fractions={str(value)[:60]} must be [train, val, test] shares summing to 1, e.g. [0.7, 0.15, 0.15]")
+        raise ConfigError(f"train option fractions={cut(str(value))} must be [train, val, test] shares summing to 1, e.g. [0.7, 0.15, 0.15]")
 
 
 def check_train_options(options: Any) -> dict[str, Any]:
@@ -484,19 +482,26 @@ def check_train_options(options: Any) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise ConfigError(f"train options must be a JSON object of settings, got {type(options).__name__}")
     from pipeline.detector.data import DataError
-    from pipeline.detector.training.config import check_mode, option_fields
+    from pipeline.detector.metrics import THRESHOLD_RULES
+    from pipeline.detector.training.config import (
+        CROP_NET_CHOICES,
+        FUSION_CHOICES,
+        MATCHER_CHOICES,
+        check_mode,
+        option_fields,
+    )
 
     fields = option_fields()
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown train option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown train option(s) {', '.join(cut(str(k)) for k in unknown)}; known: {', '.join(sorted(fields))}")
     for key, value in options.items():
         names = [t.strip() for t in str(fields[key].type).split("|")]
         if not all(n in _TYPES for n in names):
             continue  # tuples and nested specs: TrainConfig itself checks them
         allowed = tuple(t for n in names for t in _TYPES[n])
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ConfigError(f"train option {key}={value!r} must be {' or '.join(names)}")
+            raise ConfigError(f"train option {key}={shown(value)} must be {' or '.join(names)}")
     for key, value in options.items():
         if key in TRAIN_OPTION_RANGES:
             _check_range(key, value, TRAIN_OPTION_RANGES[key])
@@ -510,15 +515,16 @@ def check_train_options(options: Any) -> dict[str, Any]:
             check_mode(str(mode))
         except DataError:
             raise ConfigError(
-                f"train option mode={mode!r} is not valid; use auto, head, full or finetune:N "
+                f"train option mode={shown(mode)} is not valid; use auto, head, full or finetune:N "
                 "(N = 1..11: how many top Inception blocks also train, e.g. finetune:2)"
             ) from None
-    matcher = options.get("matcher")
-    if matcher is not None and matcher not in ("auto", "on", "off"):
-        raise ConfigError(f"train option matcher={matcher!r} is not valid; use auto, on or off")
-    crop_net = options.get("crop_net")
-    if crop_net is not None and crop_net not in ("auto", "off"):
-        raise ConfigError(f"train option crop_net={crop_net!r} is not valid; use auto or off")
+    # the named choices, exactly as resolve_config refuses them (case matters: `Wilson` is not `wilson`)
+    for key, choices in (("matcher", MATCHER_CHOICES), ("crop_net", CROP_NET_CHOICES),
+                         ("threshold_rule", THRESHOLD_RULES), ("fusion", FUSION_CHOICES)):
+        value = options.get(key)
+        if value is not None and value not in choices:
+            said = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+            raise ConfigError(f"train option {key}={shown(value)} is not valid; use {said}")
     return dict(options)
 
 

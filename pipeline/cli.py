@@ -12,12 +12,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from pipeline import __version__
-from pipeline.errors import BrandmonError
+from pipeline.errors import SHOWN_CHARS, BrandmonError
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -50,6 +51,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         line = " ".join(message.split())
+        # argparse echoes a bad value in full ("invalid choice: '...'"): cut each long one (quoted,
+        # or a bare word such as an unrecognized argument) to SHOWN_CHARS with an ellipsis
+        line = re.sub(rf"'([^']{{{SHOWN_CHARS}}})[^']+'", "'\\1…'", line)
+        line = re.sub(rf"(?<!\S)([^\s']{{{SHOWN_CHARS}}})\S+", "\\1…", line)
         self.exit(2, f"{self.prog}: error: {line} (see `{self.prog} --help`)\n")
 
 

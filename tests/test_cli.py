@@ -18,6 +18,21 @@ def test_help_lists_all_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"\n    {name} " in out or f"\n    {name}\n" in out, name
 
 
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["demo", "--threads", "7" * 5000], "argument --threads: invalid int value: '" + "7" * 40 + "…'"),
+    (["train", "--data", "d", "--profile", "p " * 2500], "argument --profile: invalid choice: '" + "p " * 20 + "…'"),
+    (["train", "--data", "d", "--profile", "fast"], "argument --profile: invalid choice: 'fast' (choose from"),  # short: whole
+    (["status", "x" * 5000], "unrecognized arguments: " + "x" * 40 + "… (see"),
+])
+def test_a_usage_error_cuts_a_long_value_to_one_short_line(argv, shown, capsys) -> None:
+    """argparse echoes a bad value whole (a 5000-character one filled the terminal): cut to 40 + `…`."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 250, err[:300]
+    assert shown in " ".join(err.split()), err
+
+
 def _run(monkeypatch, capsys, tmp_path, argv: list[str], **env: str) -> tuple[int, str]:
     for key in ("BRANDMON_DATABASE_URL", "BRANDMON_STORAGE_URL", "BRANDMON_CONFIG", "BRANDMON_S3_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)

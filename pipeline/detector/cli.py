@@ -11,11 +11,16 @@ import json
 import sys
 from typing import Any
 
+from pipeline.errors import cut, shown
 from pipeline.progress import for_cli
 
-# the choices of TrainConfig.model (threshold_rule, fusion), kept here so `--help` needs no import of the training stages
+# the choices of TrainConfig.model (threshold_rule, fusion, crop_net, matcher), kept here so `--help` needs no import of the
+# training stages (a test keeps them equal)
 THRESHOLD_RULES = ("wilson", "point")
 FUSION_CHOICES = ("val", "fitted")
+CROP_NET_CHOICES = ("auto", "off")
+MATCHER_CHOICES = ("auto", "on", "off")
+MAX_BUDGET_S = 30 * 86400  # --time-budget and --crop-net-budget: up to 30 days
 RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
 
 
@@ -30,7 +35,7 @@ def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number: {shown(text)}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
@@ -46,9 +51,9 @@ def _bounded(kind: type, low: float, high: float) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text[:40]!r}") from None
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {shown(text)}") from None
         if not low <= value <= high:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {text[:40]}")
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g}, got {cut(text)}")
         return value
 
     return parse
@@ -84,6 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         options["threshold_rule"] = args.threshold_rule
     if args.fusion:
         options["fusion"] = args.fusion
+    if args.crop_net:
+        options["crop_net"] = args.crop_net
+    if args.crop_net_budget is not None:
+        options["crop_net_budget_s"] = args.crop_net_budget
     ctx = _ctx()
     result = train_model(
         ctx, args.data, fmt=args.format, weights=args.weights, epochs=args.epochs,
@@ -300,8 +309,15 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--flip", action="store_true", help="add horizontal flips to the augmentation")
     t.add_argument("--no-upsample", action="store_true", help="do not up-sample rare classes")
     t.add_argument("--class-weights", action="store_true", help="also weight the loss by inverse class frequency")
-    t.add_argument("--matcher", choices=["auto", "on", "off"], help="local-feature matcher (default auto: with boxes)")
-    t.add_argument("--time-budget", type=_bounded(float, 1, 30 * 86400), metavar="SECONDS", help="stop image training after this long")
+    t.add_argument("--matcher", choices=MATCHER_CHOICES, help="local-feature matcher (default auto: with boxes)")
+    t.add_argument("--time-budget", type=_bounded(float, 1, MAX_BUDGET_S), metavar="SECONDS", help="stop image training after this long")
+    t.add_argument("--crop-net", choices=CROP_NET_CHOICES, metavar="{auto,off}",
+                   help="auto (default): with boxes and a matcher, also train the crop net (a small conv net on the "
+                        "box crops) and fold it into the matcher's scores when that keeps more validation recall; "
+                        "off: skip it")
+    t.add_argument("--crop-net-budget", type=_bounded(float, 1, MAX_BUDGET_S), metavar="SECONDS",
+                   help="the crop net's training time, taken out of --time-budget (the classifier keeps at least "
+                        "60 s of it) (default: 840 with the default profile, else 420)")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)

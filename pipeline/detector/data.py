@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.detector import NO_LOGO
-from pipeline.errors import BrandmonError
+from pipeline.errors import BrandmonError, shown
 from pipeline.safepath import UnsafePath, check_part, inside
 
 log = logging.getLogger(__name__)
@@ -198,11 +198,52 @@ def _looks_like_fl27(path: Path) -> bool:
     return bool(_FL27_LINE.match(first.strip()))
 
 
+class UnfitBoxes:
+    """Boxes that do not fit their photo, counted while loading: training clips them to it (a
+    box reaching outside, corners swapped) or drops them (outside it, zero or negative size,
+    under 4 px once clipped) -- said once per data set, so a bad annotation file is noticed."""
+
+    def __init__(self) -> None:
+        self.total = self.clipped = self.dropped = 0
+        self.example = ""
+
+    def check(self, fname: str, data: bytes, boxes: Iterable[Box]) -> None:
+        import io
+
+        from PIL import Image
+
+        boxes = list(boxes)
+        self.total += len(boxes)
+        try:
+            with Image.open(io.BytesIO(data)) as img:  # the header only
+                width, height = img.size
+        except Exception:  # noqa: BLE001 - an unreadable photo is skipped (and said) when it is decoded
+            return
+        for b in boxes:
+            kept = clip_box(b, width, height)
+            if kept == b:
+                continue
+            if kept is None:
+                self.dropped += 1
+            else:
+                self.clipped += 1
+            if not self.example:
+                self.example = (f"{fname[:60]} {b.cls[:40]} ({b.x1}, {b.y1}, {b.x2}, {b.y2}) on a {width}x{height} photo "
+                                f"{'dropped' if kept is None else 'clipped to ' + str(kept.region)}")
+
+    def warn(self, root: Path) -> None:
+        if self.clipped or self.dropped:
+            log.warning("%d of %d boxes under %s do not fit their photo: %d clipped to it (or corners reordered), "
+                        "%d dropped (outside it, of zero or negative size, or under 4 px once clipped); e.g. %s",
+                        self.clipped + self.dropped, self.total, root, self.clipped, self.dropped, self.example)
+
+
 def load_boxes(root: Path | str) -> list[SourceImage]:
     """Images plus box annotations: FlickrLogos-27 text files and/or per-image JSON files.
 
     Images are found anywhere under `root` by file name; an image listed in an annotation
-    file but missing on disk is reported (once, as a count) and skipped.
+    file but missing on disk is reported (once, as a count) and skipped, and so are boxes that
+    do not fit their photo (`UnfitBoxes`: clipped or dropped later, as before).
     """
     root = Path(root)
     if not root.is_dir():
@@ -234,14 +275,18 @@ def load_boxes(root: Path | str) -> list[SourceImage]:
         )
     out: list[SourceImage] = []
     missing = 0
+    unfit = UnfitBoxes()
     for fname in sorted(boxes):
         path = by_name.get(fname)
         if path is None:
             missing += 1
             continue
-        out.append(SourceImage(sha256_bytes(path.read_bytes()), path, boxes=tuple(boxes[fname]), origin="boxes"))
+        data = path.read_bytes()
+        unfit.check(fname, data, boxes[fname])
+        out.append(SourceImage(sha256_bytes(data), path, boxes=tuple(boxes[fname]), origin="boxes"))
     if missing:
         log.warning("%d annotated images not found under %s; skipped", missing, root)
+    unfit.warn(root)
     if not out:
         raise DataError(f"none of the annotated images were found under {root}")
     return out
@@ -252,7 +297,7 @@ def load_sources(root: Path | str, fmt: str = "folders") -> list[SourceImage]:
         return load_folders(root)
     if fmt == "boxes":
         return load_boxes(root)
-    raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    raise DataError(f"unknown data format {shown(fmt)}; use one of {', '.join(FORMATS)}")
 
 
 def synthetic_negatives(n: int, size: int = 299, seed: int = 0) -> list[SourceImage]:

@@ -25,7 +25,7 @@ from pipeline.detector.training.fit import Fitted, fit_classifier
 from pipeline.detector.training.narrate import say
 from pipeline.detector.training.prepare import TrainingData, matcher_refs, prepare_data
 from pipeline.detector.training.report import heldout_metrics, write_reports
-from pipeline.errors import BrandmonError
+from pipeline.errors import BrandmonError, shown
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def train(
     from pipeline.runlog import recorded_run
 
     if activate not in ACTIVATE_POLICIES:
-        raise DataError(f"activate must be if_better, always or never, not {activate!r}")
+        raise DataError(f"activate must be if_better, always or never, not {shown(activate)}")
     clock = StageClock()
     cfg, (tag, wpath, note), tb_root = setup_run(ctx, profile, weights, epochs, overrides)
     with recorded_run(ctx.engine, "train", source=str(data)[:128]) as counts:
@@ -134,9 +134,10 @@ def train(
                        "train_samples": len(prepared.prep.samples["train"]),
                        "test_samples": len(prepared.prep.samples["test"]),
                        "precision": metrics["precision"], "recall": metrics["recall"]})
-    say(progress, f"model {result['version']}: held-out test ({cal.main}) logo precision {metrics['precision']:.3f}, "
-        f"recall {metrics['recall']:.3f}, brand top-1 {metrics['brand_accuracy']:.3f}"
-        + (" (activated)" if result["activated"] else ""))
+    # logged for DAG runs and the demo's log; `brandmon train` prints it once, in its summary
+    log.info("model %s: held-out test (%s) logo precision %.3f, recall %.3f, brand top-1 %.3f%s", result["version"],
+             cal.main, metrics["precision"], metrics["recall"], metrics["brand_accuracy"],
+             " (activated)" if result["activated"] else "")
     return result
 
 

@@ -304,6 +304,43 @@ def test_train_options_are_checked_with_one_line_errors():
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("key", "value", "use"), [
+    ("threshold_rule", "Wilson", "use wilson or point"),
+    ("threshold_rule", "median", "use wilson or point"),
+    ("fusion", "Fitted", "use val or fitted"),
+    ("fusion", "best", "use val or fitted"),
+    ("crop_net", "OFF", "use auto or off"),
+    ("matcher", "On", "use auto, on or off"),
+])
+def test_train_options_refuse_exactly_what_the_config_step_refuses(key, value, use):
+    """Outside check (#14): `threshold_rule: "Wilson"` passed the options check and failed later,
+    in resolve_config; now both refuse the same values (case matters), the check in one line."""
+    from pipeline.detector.data import DataError
+    from pipeline.detector.training.config import resolve_config
+
+    with pytest.raises(ConfigError) as err:
+        af.check_train_options({key: value})
+    assert str(err.value) == f"train option {key}={value!r} is not valid; {use}"
+    with pytest.raises(DataError, match=key):
+        resolve_config("default", False, None, {key: value})
+    good = value.lower() if value.lower() in use else use.split()[1].rstrip(",")
+    assert af.check_train_options({key: good}) == {key: good}
+    resolve_config("default", False, None, {key: good})  # and what the check lets through, the config takes
+
+
+def test_train_option_errors_cut_a_long_value_short():
+    """Outside check (#14): a 5000-character value was echoed whole in the one-line error."""
+    long = "W" * 5000
+    for bad in ({"threshold_rule": long}, {"mode": long}, {"learning_rate": long}, {long: 1},
+                {"samples": {long: 1}}, {"samples": [long]}, {"fractions": [long]}, {"epochs": 10**50 + 7}):
+        with pytest.raises(ConfigError) as err:
+            af.check_train_options(bad)
+        assert len(str(err.value)) < 900 and "…" in str(err.value) and "W" * 41 not in str(err.value), str(err.value)[:300]
+    with pytest.raises(ConfigError) as err:  # over 4300 digits: Python has no repr for it, and no overflow here
+        af.check_train_options({"epochs": 10**5000})
+    assert str(err.value) == "train option epochs=<a number too long to show> is out of range; use 0..500"
+
+
 def test_conditional_asset_events_skip_instead_of_emitting():
     """A skipped task emits no asset event: the model event only on activation, the detect
     backlog only when work is left and the run made progress."""

@@ -135,6 +135,21 @@ def test_train_is_manual_with_typed_params_in_the_tf_pool(parsed):
     for bad in ({"mode": "finetune:x"}, {"mode": "finetune"}, {"mode": "finetune:12"}, {"input_size": "big"}, {"input_size": 100000}, {"matcher": "yes"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+    # the named choices are the ones resolve_config takes, case and all (outside check, #14: "Wilson" got through)
+    from pipeline.detector.training.config import (
+        CROP_NET_CHOICES,
+        FUSION_CHOICES,
+        MATCHER_CHOICES,
+        THRESHOLD_RULES,
+    )
+
+    props = schema["properties"]
+    assert props["threshold_rule"]["enum"] == list(THRESHOLD_RULES) and props["fusion"]["enum"] == list(FUSION_CHOICES)
+    assert props["crop_net"]["enum"] == list(CROP_NET_CHOICES) and props["matcher"]["enum"] == list(MATCHER_CHOICES)
+    jsonschema.validate({"threshold_rule": "point", "fusion": "fitted", "crop_net": "off"}, schema)
+    for bad in ({"threshold_rule": "Wilson"}, {"fusion": "Val"}, {"crop_net": "OFF"}, {"threshold_rule": None}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
 
 
 def test_parsing_is_fast_and_imports_nothing_heavy(parsed):

@@ -149,11 +149,16 @@ def test_train_help_documents_the_threshold_rule_and_fusion_with_their_defaults(
 
 def test_train_choices_match_the_training_config():
     """The CLI keeps its own copy of the choices (no import of the training stages for --help)."""
+    from pipeline.airflow_support import TRAIN_OPTION_RANGES
     from pipeline.detector import cli
     from pipeline.detector.metrics import THRESHOLD_RULES
     from pipeline.detector.training.calibrate import FUSION_CHOICES
+    from pipeline.detector.training.config import CROP_NET_CHOICES, MATCHER_CHOICES, ModelConfig
 
     assert cli.THRESHOLD_RULES == THRESHOLD_RULES and cli.FUSION_CHOICES == FUSION_CHOICES
+    assert cli.CROP_NET_CHOICES == CROP_NET_CHOICES and ModelConfig().crop_net == CROP_NET_CHOICES[0]
+    assert cli.MATCHER_CHOICES == MATCHER_CHOICES
+    assert TRAIN_OPTION_RANGES["crop_net_budget_s"][0] <= 1  # the flag's floor is a budget the DAG accepts too
 
 
 @pytest.mark.parametrize(("flag", "value", "choices"), [
@@ -183,11 +188,62 @@ def test_train_passes_the_rule_and_fusion_to_training(monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(cli, "_ctx", lambda: None)
     monkeypatch.setattr(jobs, "train_model", fake_train)
-    for extra in ([], ["--threshold-rule", "point", "--fusion", "fitted"]):
+    for extra in ([], ["--threshold-rule", "point", "--fusion", "fitted"],
+                  ["--crop-net", "off", "--crop-net-budget", "90.5"]):
         with pytest.raises(SystemExit):
             main(["train", "--data", str(tmp_path), *extra])
     assert "threshold_rule" not in seen[0] and "fusion" not in seen[0]
     assert seen[1]["threshold_rule"] == "point" and seen[1]["fusion"] == "fitted"
+    assert "crop_net" not in seen[0] and "crop_net_budget_s" not in seen[0] and "crop_net" not in seen[1]
+    assert seen[2]["crop_net"] == "off" and seen[2]["crop_net_budget_s"] == 90.5
+
+
+def test_train_help_documents_the_crop_net_flags_with_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(capsys.readouterr().out.split()))  # argparse wraps at hyphens
+    assert "--crop-net {auto,off}" in text and "--crop-net-budget SECONDS" in text
+    assert "auto (default): with boxes and a matcher, also train the crop net" in text and "off: skip it" in text
+    assert "taken out of --time-budget" in text and "(default: 840 with the default profile, else 420)" in text
+
+
+def test_the_crop_net_defaults_in_help_are_the_configs():
+    from pipeline.detector.training.config import PROFILES, FitConfig
+
+    assert PROFILES["default"]["crop_net_budget_s"] == 840 and FitConfig().crop_net_budget_s == 420
+    assert "crop_net_budget_s" not in PROFILES["demo"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--crop-net", "Auto"], "argument --crop-net: invalid choice: 'Auto'"),
+    (["--crop-net-budget", "0"], "argument --crop-net-budget: must be from 1 to "),
+    (["--crop-net-budget", "-60"], "argument --crop-net-budget: must be from 1 to "),
+    (["--crop-net-budget", "nan"], "argument --crop-net-budget: must be from 1 to "),
+    (["--crop-net-budget", "1e12"], "argument --crop-net-budget: must be from 1 to "),
+    (["--crop-net-budget", "soon"], "argument --crop-net-budget: not a number: 'soon'"),
+])
+def test_train_refuses_a_bad_crop_net_flag_in_one_line(extra, message, capsys, tmp_path: Path):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("extra", [
+    ["--threshold-rule", "w" * 5000],
+    ["--crop-net", "a b " * 2500],
+    ["--fine-tune", "9" * 4999 + "x"],
+    ["--epochs", "e" * 5000],
+    ["--crop-net-budget", "1" + "0" * 4999],
+    ["w" * 5000],  # an unrecognized argument
+])
+def test_a_long_bad_value_is_echoed_cut_short(extra, capsys, tmp_path: Path):
+    """Outside check (#14): a 5000-character value was echoed whole; now 40 characters and an ellipsis."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert len(err) < 250 and "…" in err and extra[-1][:40] in err and extra[-1][:41] not in err, err
 
 
 @pytest.mark.integration
@@ -217,6 +273,8 @@ def test_cli_train_with_the_old_rule_then_if_better_says_why(make_ctx, monkeypat
     captured = capsys.readouterr()
     out = captured.out
     assert (out + captured.err).count("if_better: v2 ") == 1
+    assert (out + captured.err).count("held-out test") == 1  # the summary's line, not the job's as well
+    assert re.search(r"^model v2( \(active\))?: held-out test split \(", out, re.M)
     line = next(li for li in out.splitlines() if li.startswith("if_better: v2 "))
     assert re.match(r"if_better: v2 (promoted|not promoted): (both reach|neither reaches|the (new|active) model's)", line)
     assert f"active {first['version']} R " in line and "scored on the new model's validation split" in line

@@ -5,7 +5,9 @@ import random
 from pathlib import Path
 
 import pytest
-from detector_helpers import make_boxes, make_folders
+from detector_helpers import jpeg_bytes, make_boxes, make_folders
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import (
@@ -13,7 +15,9 @@ from pipeline.detector.data import (
     DataError,
     SampleSpec,
     SourceImage,
+    UnfitBoxes,
     canonical_class,
+    clip_box,
     fingerprint,
     free_regions,
     load_boxes,
@@ -144,3 +148,53 @@ def test_json_sidecar_errors_name_the_file(tmp_path: Path):
         load_boxes(tmp_path)
     (tmp_path / "img0000.json").write_text(json.dumps([{"xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9, "classtxt": "Reddisc"}]))
     assert load_boxes(tmp_path)[0].boxes[0].cls == "Reddisc"
+
+
+def test_boxes_that_do_not_fit_their_photo_are_said_once_per_data_set(tmp_path: Path, caplog):
+    """Outside check (#14): boxes outside the photo, of zero area or negative were clipped or
+    dropped without a word; loading says it once, with the counts and an example, and keeps
+    the boxes as given (training clips and drops them as before)."""
+    import logging
+
+    make_boxes(tmp_path, 6, style="fl27")  # 160 px photos, one good box each
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.data"):
+        good = load_boxes(tmp_path)
+    assert not [r for r in caplog.records if "do not fit" in r.getMessage()]
+    odd = ["img0000.jpg Reddisc 1 150 150 400 400",  # reaches outside: clipped to 150..160
+           "img0001.jpg Reddisc 1 500 500 600 600",  # outside the photo: dropped
+           "img0002.jpg Reddisc 1 30 30 30 80",  # zero area: dropped
+           "img0003.jpg Reddisc 1 -20 -20 50 50"]  # negative corner: clipped
+    with (tmp_path / "annotations.txt").open("a") as fh:
+        fh.write("\n".join(odd) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.data"):
+        srcs = load_boxes(tmp_path)
+    said = [r.getMessage() for r in caplog.records if "do not fit" in r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"4 of 10 boxes under {tmp_path} do not fit their photo: 2 clipped to it")
+    assert "2 dropped (outside it, of zero or negative size" in said[0]
+    assert "e.g. img0000.jpg Reddisc (150, 150, 400, 400) on a 160x160 photo clipped to (150, 150, 160, 160)" in said[0]
+    # otherwise the same: the boxes as written, and the samples training cuts from them
+    by_name = {s.name: s for s in srcs}
+    assert Box("Reddisc", -20, -20, 50, 50) in by_name["img0003.jpg"].boxes
+    spec = SampleSpec()
+    for before in good:
+        after = by_name[before.name]
+        assert after.sha256 == before.sha256 and after.boxes[: len(before.boxes)] == before.boxes
+    assert [s.region for s in samples_of(by_name["img0001.jpg"], "train", spec, size=(160, 160))] == [
+        s.region for s in samples_of(next(g for g in good if g.name == "img0001.jpg"), "train", spec, size=(160, 160))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(*[st.integers(-300, 300)] * 4), max_size=8), st.integers(1, 64), st.integers(1, 64))
+def test_unfit_boxes_counts_exactly_what_training_clips_or_drops(coords, width, height):
+    from PIL import Image
+
+    data = jpeg_bytes(Image.new("RGB", (width, height)))
+    boxes = [Box("A", *c) for c in coords]
+    unfit = UnfitBoxes()
+    unfit.check("x.jpg", data, boxes)
+    assert unfit.total == len(boxes)
+    assert unfit.dropped == sum(clip_box(b, width, height) is None for b in boxes)
+    assert unfit.clipped == sum(clip_box(b, width, height) not in (None, b) for b in boxes)
+    assert bool(unfit.example) == bool(unfit.clipped or unfit.dropped)

@@ -226,3 +226,26 @@ def test_fusion_is_chosen_on_val_by_the_recall_it_keeps_at_the_margin():
         calibrate({"val": probs, "test": probs}, classes, y, 0.9, fusion="best")
     with pytest.raises(DataError, match="fusion"):
         resolve_config("default", False, None, {"fusion": "best"})
+
+
+def test_fusion_fitted_is_recorded_in_the_metrics_as_forced(monkeypatch):
+    """Outside check (#14): with `fusion: val` the metrics say which fusion decides
+    (`fusion.chosen`), with `fitted` they said nothing; now `fitted`, marked as forced."""
+    from pipeline.detector.training import calibrate as cal_mod
+    from pipeline.detector.training.report import heldout_metrics
+
+    classes, brands = ["no_logo", "A", "B"], ["A", "B"]
+    noisy_or = {"kind": "noisy_or", "w_cnn": 1.0, "w_match": 1.0}
+    # the case where `val` would choose the matcher alone: the record must not pretend it chose
+    probs, match, y = _fusion_case(cnn_on_negatives=0.97, matched=50)
+    # the matcher stage itself (references, keypoints) is not under test: its scores are given
+    monkeypatch.setattr(cal_mod, "fit_matcher", lambda *a, **kw: (object(), {"val": match, "test": match}, dict(noisy_or)))
+    inputs = ([], {"val": [], "test": []}, 1)
+    by_fusion = {fusion: cal_mod.calibrate({"val": probs, "test": probs}, classes, y, 0.9, inputs, fusion=fusion)
+                 for fusion in ("val", "fitted")}
+    assert by_fusion["val"].fusion["chosen"] == "matcher_only" and by_fusion["val"].fusion["forced"] is False
+    forced = by_fusion["fitted"]
+    assert forced.combiner == noisy_or
+    metrics = heldout_metrics(forced, brands, y, y, 0.9)
+    assert metrics["fusion"]["chosen"] == "fitted" and metrics["fusion"]["forced"] is True
+    assert metrics["fusion"]["combiner"] == noisy_or and "not chosen on val" in metrics["fusion"]["reason"]

@@ -14,13 +14,14 @@ import numpy as np
 from pipeline.detector import NO_LOGO
 from pipeline.detector.data import DataError
 from pipeline.detector.metrics import THRESHOLD_RULES, threshold_for_precision
+from pipeline.detector.training.config import FUSION_CHOICES
 from pipeline.detector.training.narrate import say
+from pipeline.errors import shown
 from pipeline.progress import Progress
 
 MatchScores = list[dict[str, tuple[float, Any]]]
 # The matcher's scores alone, through the fused path `detect` uses (noisy-or with the CNN weighted 0)
 MATCHER_ONLY: dict[str, Any] = {"kind": "noisy_or", "w_cnn": 0.0, "w_match": 1.0}
-FUSION_CHOICES = ("val", "fitted")
 
 
 @dataclass
@@ -134,7 +135,7 @@ def choose_fusion(
     best = "fitted"
     if held(picks["matcher_only"]) and (not held(picks["fitted"]) or picks["matcher_only"]["recall"] > picks["fitted"]["recall"]):
         best = "matcher_only"
-    record = {"chosen": best, "candidates": {k: {"combiner": candidates[k], **{f: v.get(f) for f in (
+    record = {"chosen": best, "forced": False, "candidates": {k: {"combiner": candidates[k], **{f: v.get(f) for f in (
         "threshold", "precision", "precision_low", "recall", "target_met", "margin_met")}} for k, v in picks.items()}}
     return dict(candidates[best]), record
 
@@ -191,9 +192,9 @@ def calibrate(
     that wins on val (`choose_crop`); the model then carries it.
     """
     if rule not in THRESHOLD_RULES:
-        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {rule!r}")
+        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {shown(rule)}")
     if fusion not in FUSION_CHOICES:
-        raise DataError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, not {fusion!r}")
+        raise DataError(f"fusion must be one of {', '.join(FUSION_CHOICES)}, not {shown(fusion)}")
     brands = [c for c in classes if c != NO_LOGO]
     matcher, combiner, record = None, None, None
     match: dict[str, MatchScores | None] = {"val": None, "test": None}
@@ -226,6 +227,9 @@ def calibrate(
                 say(progress, "fusion: the matcher alone keeps more validation recall at the operating point "
                     f"({record['candidates']['matcher_only']['recall']:.3f} vs {record['candidates']['fitted']['recall']:.3f} "
                     "fused with the CNN); deciding with it")
+        elif fusion == "fitted":  # recorded like a choice, so the metrics say which fusion decides either way
+            record = {"chosen": "fitted", "forced": True, "reason": "fusion: fitted was asked for; not chosen on val",
+                      "combiner": dict(combiner)}
     signals = {split: signal_matrices(brands, probs[split], classes, match[split], combiner, crop[split])
                for split in ("val", "test")}
     thresholds = choose_thresholds(signals["val"], y_val, target_precision, rule)

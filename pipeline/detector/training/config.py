@@ -13,6 +13,12 @@ from typing import Any
 from pipeline.detector.data import DataError, SampleSpec
 from pipeline.detector.metrics import THRESHOLD_RULES
 from pipeline.detector.split import DEFAULT_FRACTIONS
+from pipeline.errors import cut, shown
+
+# the choices of ModelConfig.matcher, .crop_net and .fusion (the CLI and the train DAG keep copies; tests keep them equal)
+MATCHER_CHOICES = ("auto", "on", "off")
+CROP_NET_CHOICES = ("auto", "off")
+FUSION_CHOICES = ("val", "fitted")
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class TrainConfig:
         where = _section_of()
         unknown = set(flat) - set(where)
         if unknown:
-            raise DataError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+            raise DataError(f"unknown training option(s): {', '.join(cut(str(k)) for k in sorted(unknown))}")
         parts: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
             parts.setdefault(where[key], {})[key] = value
@@ -143,7 +149,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides: dict[str, Any]) -> TrainConfig:
     """The profile, then the caller's options, then the per-mode defaults filled in."""
     if profile not in PROFILES:
-        raise DataError(f"unknown training profile {profile!r}; use one of {', '.join(PROFILES)}")
+        raise DataError(f"unknown training profile {shown(profile)}; use one of {', '.join(PROFILES)}")
     values: dict[str, Any] = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
     if epochs is not None:
         values["epochs"] = epochs
@@ -152,13 +158,15 @@ def resolve_config(profile: str, pretrained: bool, epochs: int | None, overrides
     try:
         cfg = TrainConfig.of(**values)
     except TypeError as exc:
-        raise DataError(f"bad training options: {exc}") from None
+        raise DataError(f"bad training options: {str(exc)[:200]}") from None
     if cfg.model.threshold_rule not in THRESHOLD_RULES:
-        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {cfg.model.threshold_rule!r}")
-    if cfg.model.crop_net not in ("auto", "off"):
-        raise DataError(f"crop_net must be auto or off, not {cfg.model.crop_net!r}")
-    if cfg.model.fusion not in ("val", "fitted"):
-        raise DataError(f"fusion must be val or fitted, not {cfg.model.fusion!r}")
+        raise DataError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, not {shown(cfg.model.threshold_rule)}")
+    if cfg.model.matcher not in MATCHER_CHOICES:
+        raise DataError(f"matcher must be auto, on or off, not {shown(cfg.model.matcher)}")
+    if cfg.model.crop_net not in CROP_NET_CHOICES:
+        raise DataError(f"crop_net must be auto or off, not {shown(cfg.model.crop_net)}")
+    if cfg.model.fusion not in FUSION_CHOICES:
+        raise DataError(f"fusion must be val or fitted, not {shown(cfg.model.fusion)}")
     fit = cfg.fit
     mode = fit.mode if fit.mode != "auto" else ("head" if pretrained else "full")
     check_mode(mode)
@@ -175,7 +183,7 @@ def check_mode(mode: str) -> None:
         return
     head, _, n = mode.partition(":")
     if head != "finetune" or not n.isdigit() or not 1 <= int(n) <= 11:
-        raise DataError(f"training mode must be auto, head, full or finetune:N (N = 1..11 top Inception blocks), not {mode!r}")
+        raise DataError(f"training mode must be auto, head, full or finetune:N (N = 1..11 top Inception blocks), not {shown(mode)}")
 
 
 def _jsonable(value: Any) -> Any:
