@@ -227,18 +227,23 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     from pipeline.detector.export import export_model
 
     meta = export_model(_ctx(), args.version, args.format, precision=args.precision, calibration=args.calibration,
-                        calibration_images=args.calibration_images, rescore=args.rescore)
+                        calibration_images=args.calibration_images, rescore=args.rescore or "auto")
+    if args.rescore and not (meta["format"] == "openvino" and meta["precision"] == "int8"):
+        print(f"note: --rescore applies to OpenVINO int8 exports only; ignored for {meta['format']} "
+              f"{meta['precision']}", file=sys.stderr)
     if args.json:
         _print_json(meta)
     else:
-        calib = f", calibrated on {meta['calibration_images']} images" if meta["calibration_images"] else ""
+        n = meta["calibration_images"]
+        calib = f", calibrated on {n} image{'s' if n != 1 else ''}" if n else ""
         print(f"model {args.version} exported as {meta['format']} ({meta['precision']}, {meta['runtime']}{calib}): "
               f"{meta['key']} ({meta['bytes'] / 1e6:.1f} MB, {meta['seconds']}s); `brandmon detect` uses it "
               "when its runtime is installed (detector.runtime: auto)")
         if "rescore_margin" in meta:
             c = meta["rescore_check"]
-            print(f"precision cascade: photos whose int8 top-two margin is below {meta['rescore_margin']:.4f} are scored "
-                  f"again in {c['rescore_precision']}; on {meta['rescore_check_images']} training images it re-scored "
+            print(f"precision cascade: photos whose int8 top-two margin is at or below {meta['rescore_margin']:.4f} are "
+                  f"scored again in {c['rescore_precision']}; on {meta['rescore_check_images']} "
+                  f"{'training' if not args.calibration else 'calibration-folder'} images it re-scored "
                   f"{100 * c['rescored_share']:.1f}% and kept {100 * c['cascade_top_class_agreement']:.1f}% of the fp32 "
                   f"top classes (int8 alone {100 * c['int8_top_class_agreement']:.1f}%; --rescore off: int8 alone)")
     return 0
@@ -365,11 +370,12 @@ def _add_model(sub: Any) -> None:
     mx.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                     help="auto: int8 for openvino/onnx/tflite, fp32 for savedmodel")
     mx.add_argument("--calibration", metavar="DIR", help="calibration images (default: the model's training split)")
-    mx.add_argument("--calibration-images", type=int, default=64, metavar="N", help="calibration images used (default 64)")
-    mx.add_argument("--rescore", choices=["auto", "off"], default="auto",
-                    help="openvino int8: auto = also store the fp32 network and score again in bf16 the photos whose "
-                         "int8 top two classes are close (margin chosen on up to 256 further training images), "
-                         "so >= 99%% of fp32 top classes hold; off = int8 alone")
+    mx.add_argument("--calibration-images", type=_bounded(int, 8, 100_000), default=64, metavar="N",
+                    help="calibration images used (default 64, at least 8)")
+    mx.add_argument("--rescore", choices=["auto", "off"],
+                    help="openvino int8 only: auto (default) = also store the fp32 network and score again in fp32 the "
+                         "photos whose int8 top two classes are close (margin chosen on up to 256 further images of the "
+                         "calibration source), so >= 99%% of fp32 top classes hold; off = int8 alone")
     mx.add_argument("--json", action="store_true")
     mx.set_defaults(func=cmd_model_export)
 

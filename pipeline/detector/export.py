@@ -40,6 +40,7 @@ ONNX_OPSET = 17
 CALIBRATION_IMAGES = 64
 CHECK_IMAGES = 256  # further training images the precision cascade's margin is chosen on
 MIN_CHECK_IMAGES = 32
+MIN_CALIBRATION_IMAGES = 8  # int8: fewer images than this calibrate nothing worth shipping
 
 
 class ExportError(BrandmonError):
@@ -302,6 +303,9 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         raise ExportError(f"export precision must be auto, int8 or fp32, not {precision!r}")
     if rescore not in ("auto", "off"):
         raise ExportError(f"--rescore must be auto or off, not {str(rescore)[:40]!r}")
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < MIN_CALIBRATION_IMAGES:
+        raise ExportError(f"--calibration-images must be a whole number >= {MIN_CALIBRATION_IMAGES}, "
+                          f"not {str(calibration_images)[:40]}")
     if precision == "int8" and fmt not in INT8_FORMATS:
         raise ExportError(f"{fmt} exports are fp32 only (int8: {', '.join(INT8_FORMATS)})")
     missing = [m for m in _needs(fmt, precision) if not _importable(m)]
@@ -316,11 +320,15 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
     if precision == "int8":
         images = calibration_batch(ctx, row, spec.input_size, calibration_images + (check_images if cascade else 0),
                                    calibration)
+        if len(images) < MIN_CALIBRATION_IMAGES:
+            raise ExportError(f"int8 export: only {len(images)} readable calibration image(s); it needs at least "
+                              f"{MIN_CALIBRATION_IMAGES} like the ones to score (--calibration DIR), or --precision fp32")
         calib, check = images[:calibration_images], images[calibration_images:]
         if cascade and len(check) < MIN_CHECK_IMAGES:
             # Too few images beyond the calibration ones: the margin is chosen on all of them
             # (the quantiser has seen them, so the int8 error there is a little smaller).
-            log.warning("only %d images beyond the %d calibration ones: the re-score margin is chosen on all %d",
+            log.warning("only %d images beyond the %d calibration ones: the re-score margin is chosen on all %d "
+                        "(below 100 images, as their largest int8 error); the >= 99%% figure needs 100 or more",
                         len(check), len(calib), len(images))
             check = images
     info: dict[str, Any] = {}

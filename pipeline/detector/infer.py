@@ -247,10 +247,10 @@ def detect(
             tracker.update(len(tail))
         writer.drain()
         tracker.close()
-        run_counts.update(counts, seconds=round(time.monotonic() - started, 2), precision=model.precision,
-                          runtime=model.runtime)
+        counts.update(runtime=model.runtime, precision=model.precision)
         if rescored_before is not None:  # the int8 precision cascade: how many near ties it re-scored
-            run_counts["rescored"] = _rescored(model) - rescored_before
+            counts["rescored"] = _rescored(model) - rescored_before
+        run_counts.update(counts, seconds=round(time.monotonic() - started, 2))
         if failed:
             run_counts["unreadable"] = len(failed)
             raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "
@@ -293,7 +293,7 @@ class _BatchScorer:
         det, version, spec = self.ctx.settings.detector, self.model.version, self.model.spec
         idx, x = batch[0].numpy(), batch[1]
         n = int(x.shape[0])
-        if n < self.batch_size:  # fixed-size batches: one traced graph
+        if n < self.batch_size and getattr(self.model, "exported", None) is None:  # Keras: one traced graph
             x = tf.concat([x, tf.zeros((self.batch_size - n, spec.input_size, spec.input_size, 3), x.dtype)], 0)
         probs = self.forward(x)[:n]
         matches, scales = self._matches(batch, n)

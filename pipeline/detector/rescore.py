@@ -46,10 +46,13 @@ def int8_error(low: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def choose_margin(low: np.ndarray, ref: np.ndarray, quantile: float = RESCORE_QUANTILE) -> float:
-    """The re-score margin: the `quantile` (upper, nearest rank) of the int8 error over the rows."""
+    """The re-score margin: the `quantile` (upper, nearest rank) of the int8 error over the rows;
+    on fewer rows than the quantile can resolve (under 100 for 0.99), their largest error."""
     err = np.sort(int8_error(low, ref))
     if not len(err):
         return 0.0
+    if len(err) * (1 - quantile) < 1:
+        return float(err[-1])
     rank = min(len(err) - 1, max(0, math.ceil(quantile * len(err)) - 1))
     return float(err[rank])
 

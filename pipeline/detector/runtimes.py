@@ -124,6 +124,9 @@ def read_export(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
             if sum(i.file_size for i in zf.infolist()) > MAX_EXPORT_BYTES:
                 raise RuntimeUnavailable(f"export unpacks to more than {MAX_EXPORT_BYTES} bytes; refusing it")
             meta = json.loads(zf.read("export.json"))
+            if not isinstance(meta, dict) or "format" not in meta:
+                raise RuntimeUnavailable("model export is damaged (export.json is not an object with a format); "
+                                         "export it again with `brandmon model export`")
             files = {n: zf.read(n) for n in zf.namelist() if n != "export.json" and not n.endswith("/")}
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
         raise RuntimeUnavailable(f"not a brandmon model export: {exc}") from None
@@ -139,10 +142,19 @@ def open_export(data: bytes, threads: int = 0, precision: str = "auto") -> Expor
     fmt = meta["format"]
     loader = {"openvino": _open_openvino, "onnx": _open_onnx, "tflite": _open_tflite, "savedmodel": _open_savedmodel}.get(fmt)
     if loader is None:
-        raise RuntimeUnavailable(f"unknown export format {fmt!r}")
+        raise RuntimeUnavailable(f"unknown export format {str(fmt)[:40]!r}")
+    if meta.get("precision", "fp32") not in ("int8", "fp32"):
+        raise RuntimeUnavailable(f"model export is damaged (precision {str(meta.get('precision'))[:40]!r}); "
+                                 "export it again with `brandmon model export`")
     if not runtime_importable(fmt):
         raise RuntimeUnavailable(f"the {fmt} runtime ({RUNTIME_MODULES[fmt]}) is not installed")
-    run, tmp = loader(meta, files, threads or (os.cpu_count() or 1), precision)
+    try:
+        run, tmp = loader(meta, files, threads or (os.cpu_count() or 1), precision)
+    except BrandmonError:
+        raise
+    except (KeyError, RuntimeError, ValueError, TypeError, OSError) as exc:  # a missing or corrupt file of the zip
+        raise RuntimeUnavailable(f"model export is damaged ({type(exc).__name__}: {str(exc).strip()[:160]}); "
+                                 "export it again with `brandmon model export`") from None
     return ExportedClassifier(fmt=fmt, meta=meta, _run=run, _tmp=tmp)
 
 
@@ -200,10 +212,16 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     hint = "f32" if meta.get("precision") == "int8" else float_hint
     run = openvino_runner(core, read_ir(core, files["model.xml"], files["model.bin"]), hint, threads)
     margin = meta.get("rescore_margin")
-    if meta.get("precision") != "int8" or margin is None or "rescore.xml" not in files:
+    if meta.get("precision") != "int8" or margin is None:
         return run, None
-    if not isinstance(margin, (int, float)) or not margin >= 0:
-        raise RuntimeUnavailable(f"model export has an invalid rescore_margin {margin!r}; export it again")
+    # a margin is a difference of two probabilities: a number in [0, 1]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 1:
+        raise RuntimeUnavailable(f"model export has an invalid rescore_margin {str(margin)[:40]!r} (a number in [0, 1]); "
+                                 "export it again")
+    missing = [n for n in ("rescore.xml", "rescore.bin") if n not in files]
+    if missing:
+        raise RuntimeUnavailable(f"model export is damaged: it has a rescore_margin but no {' or '.join(missing)}; "
+                                 "export it again (or with --rescore off)")
     # The precision cascade (rescore.py): the near ties of int8 are scored again by the fp32 IR,
     # in fp32: bf16 would flip some of the same near ties (it keeps ~99.5% of top classes).
     high = openvino_runner(core, read_ir(core, files["rescore.xml"], files["rescore.bin"]), "f32", threads)

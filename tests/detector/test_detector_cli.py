@@ -127,7 +127,7 @@ def test_cli_openvino_export_says_what_its_precision_cascade_does(make_ctx, inst
     _env(monkeypatch, ctx)
     assert main(["model", "export", version, "--format", "openvino", "--calibration-images", "8"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "(int8," in out and "precision cascade: photos whose int8 top-two margin is below" in out
+    assert "(int8," in out and "precision cascade: photos whose int8 top-two margin is at or below" in out
     assert re.search(r"on \d+ training images it re-scored \d+\.\d% and kept \d+\.\d% of the fp32 top classes", out)
     assert main(["model", "export", version, "--format", "openvino", "--calibration-images", "8", "--rescore", "off",
                  "--json"]) == 0
@@ -135,6 +135,12 @@ def test_cli_openvino_export_says_what_its_precision_cascade_does(make_ctx, inst
     with pytest.raises(SystemExit) as exc:
         main(["model", "export", version, "--format", "openvino", "--rescore", "always"])
     assert exc.value.code == 2 and "--rescore: invalid choice" in capsys.readouterr().err
+    for n in ("0", "-5", "7"):
+        with pytest.raises(SystemExit) as exc:
+            main(["model", "export", version, "--format", "openvino", "--calibration-images", n])
+        assert exc.value.code == 2 and "--calibration-images" in capsys.readouterr().err
+    assert main(["model", "export", version, "--format", "openvino", "--precision", "fp32", "--rescore", "off"]) == 0
+    assert "note: --rescore applies to OpenVINO int8 exports only; ignored for openvino fp32" in capsys.readouterr().err
 
 
 def test_train_help_documents_the_threshold_rule_and_fusion_with_their_defaults(capsys):

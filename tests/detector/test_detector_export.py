@@ -273,12 +273,61 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
         done = conn.execute(select(runs.c.counts).where(runs.c.kind == "detect")).scalar_one()
     assert done["runtime"] == "openvino" and done["precision"] == "int8+fp32" and 0 <= done["rescored"] <= 5
 
+    # a margin of 1 re-scores every photo: only the real ones, not the padding of a short batch
     meta_on, files_on = read_export(ctx.store.get(meta["key"]))
-    for bad in ("0.1", -1, float("nan")):
+
+    def zipped(meta_json: object, files: dict[str, bytes]) -> bytes:
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("export.json", json.dumps({**meta_on, "rescore_margin": bad}))
-            for name, blob in files_on.items():
+            zf.writestr("export.json", json.dumps(meta_json))
+            for name, blob in files.items():
                 zf.writestr(name, blob)
+        return buf.getvalue()
+
+    from pipeline.detector import registry
+    from pipeline.schema import detections, image_scores, review_queue
+
+    ctx.store.put(meta["key"], zipped({**meta_on, "rescore_margin": 1.0}, files_on))
+    registry._LOADED.clear()
+    with ctx.engine.begin() as conn:
+        for table in (detections, review_queue, image_scores):
+            conn.execute(table.delete())
+    counts = detect(ctx)
+    assert counts["scored"] == 5 + 0 and counts["rescored"] == counts["images"]  # not the batch size
+    assert counts["runtime"] == "openvino" and counts["precision"] == "int8+fp32"
+
+    # a tampered or damaged export: one clear error, never an internal one
+    for bad in ("0.1", -1, float("nan"), float("inf"), 2.0, True):
         with pytest.raises(RuntimeUnavailable, match="rescore_margin"):
-            open_export(buf.getvalue(), threads=1)
+            open_export(zipped({**meta_on, "rescore_margin": bad}, files_on), threads=1)
+    damaged = [
+        ({k: v for k, v in files_on.items() if k != "rescore.bin"}, "no rescore.bin"),
+        ({k: v for k, v in files_on.items() if k != "rescore.xml"}, "no rescore.xml"),
+        ({**files_on, "rescore.xml": b"<not an IR"}, "damaged"),
+        ({**files_on, "rescore.bin": files_on["rescore.bin"][:100]}, "damaged"),
+        ({k: v for k, v in files_on.items() if k != "model.xml"}, "damaged"),
+    ]
+    for files, message in damaged:
+        with pytest.raises(RuntimeUnavailable, match=message):
+            open_export(zipped(meta_on, files), threads=1)
+    with pytest.raises(RuntimeUnavailable, match="damaged"):
+        open_export(zipped({**meta_on, "precision": "int4"}, files_on), threads=1)
+    for meta_json in ([1, 2], {k: v for k, v in meta_on.items() if k != "format"}):
+        with pytest.raises(RuntimeUnavailable, match="damaged"):
+            open_export(zipped(meta_json, files_on), threads=1)
+
+
+@pytest.mark.skipif(not _have("nncf", "openvino"), reason="needs nncf + openvino (extra `runtimes`)")
+def test_int8_export_refuses_too_few_calibration_images(make_ctx, install_model, tmp_path):
+    from pipeline.detector.export import ExportError, export_model
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.jpg").write_bytes(jpeg_bytes(scene("Reddisc", 5)))
+    with pytest.raises(ExportError, match="only 1 readable calibration image.*at least 8"):
+        export_model(ctx, version, "openvino", calibration=one)
+    for n in (0, -5, 7, True):
+        with pytest.raises(ExportError, match="--calibration-images must be a whole number >= 8"):
+            export_model(ctx, version, "openvino", calibration_images=n)
