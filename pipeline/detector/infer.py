@@ -247,10 +247,11 @@ def detect(
             tracker.update(len(tail))
         writer.drain()
         tracker.close()
-        counts.update(runtime=model.runtime, precision=model.precision)
         if rescored_before is not None:  # the int8 precision cascade: how many near ties it re-scored
             counts["rescored"] = _rescored(model) - rescored_before
-        run_counts.update(counts, seconds=round(time.monotonic() - started, 2))
+        # counts stay numbers (callers sum them); the run log also names the runtime and precision
+        run_counts.update(counts, seconds=round(time.monotonic() - started, 2), precision=model.precision,
+                          runtime=model.runtime)
         if failed:
             run_counts["unreadable"] = len(failed)
             raise StorageError(f"{len(failed)} image(s) could not be read from the lake ({next(iter(failed.values()))}); "

@@ -294,7 +294,7 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
             conn.execute(table.delete())
     counts = detect(ctx)
     assert counts["scored"] == 5 + 0 and counts["rescored"] == counts["images"]  # not the batch size
-    assert counts["runtime"] == "openvino" and counts["precision"] == "int8+fp32"
+    assert all(isinstance(v, int) for v in counts.values())  # callers sum them
 
     # a tampered or damaged export: one clear error, never an internal one
     for bad in ("0.1", -1, float("nan"), float("inf"), 2.0, True):
