@@ -172,16 +172,12 @@ def cascade_at_share(ctx, version: str, root: Path, share: float) -> float:
     """Export the throughput model as the OpenVINO int8 cascade, with its margin set so that it
     re-scores `share` of the stored images (random weights give near ties everywhere; the share
     that matters is the trained model's, measured on FL27). Returns the margin."""
-    import io
-    import json as _json
-    import zipfile
-
     from pipeline.detector import registry
     from pipeline.detector.export import export_model
     from pipeline.detector.infer import _pending_select, image_stream
     from pipeline.detector.registry import get_version
     from pipeline.detector.rescore import margins
-    from pipeline.detector.runtimes import _open_openvino, export_key, read_export
+    from pipeline.detector.runtimes import _open_openvino, export_key, read_export, write_export
 
     export_model(ctx, version, "openvino", calibration=root / "calib", calibration_images=32)
     key = export_key(get_version(ctx, version)["artifact_key"], "openvino")
@@ -192,12 +188,7 @@ def cascade_at_share(ctx, version: str, root: Path, share: float) -> float:
     found = [margins(int8(b[1].numpy())) for b in image_stream(ctx, rows, meta["input_size"], 32, False)]
     allm = np.sort(np.concatenate(found))
     margin = float(allm[min(len(allm) - 1, max(0, int(round(share * len(allm))) - 1))]) if share > 0 else -1.0
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("export.json", _json.dumps({**meta, "rescore_margin": margin}))
-        for name, blob in files.items():
-            zf.writestr(name, blob)
-    ctx.store.put(key, buf.getvalue(), content_type="application/zip")
+    ctx.store.put(key, write_export({**meta, "rescore_margin": margin}, files), content_type="application/zip")
     registry._LOADED.clear()
     return margin
 
@@ -309,13 +300,13 @@ def agreement(home: Path, runtimes: list[str]) -> dict:
         # int8 alone, calibrated on the model's own training images
         export_model(ctx, version, rt, **({"rescore": "off"} if rt == "openvino" else {}))
         out[rt] = compare(scores(open_export(ctx.store.get(export_key(row["artifact_key"], rt)), 2)), "int8")
-    if "openvino" in runtimes:  # the default OpenVINO export: int8 + the bf16 re-score of near ties
+    if "openvino" in runtimes:  # the default OpenVINO export: int8 + the fp32 re-score of near ties
         meta = export_model(ctx, version, "openvino")
         exp = open_export(ctx.store.get(export_key(row["artifact_key"], "openvino")), 2)
         out["openvino_cascade"] = compare(scores(exp), exp.precision)
         out["openvino_cascade"].update(
             rescore_margin=meta["rescore_margin"], check_images=meta["rescore_check_images"], check=meta["rescore_check"],
-            test_rescored_share=round(exp.meta["rescored"]["rescored"] / max(1, exp.meta["rescored"]["images"]), 4))
+            test_rescored_share=round(exp.rescored["rescored"] / max(1, exp.rescored["images"]), 4))
     if "openvino" in runtimes:  # the fp32 IR, run in bf16 on this CPU
         export_model(ctx, version, "openvino", precision="fp32")
         exp = open_export(ctx.store.get(export_key(row["artifact_key"], "openvino")), 2, precision="bf16")

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import logging
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,13 @@ import numpy as np
 
 from pipeline.context import Context
 from pipeline.detector.quantize import QuantizeError, peak_rss_bytes, quantize_ir
-from pipeline.detector.runtimes import EXPORT_FORMAT, FORMATS, export_key, runtime_importable
+from pipeline.detector.runtimes import (
+    EXPORT_FORMAT,
+    FORMATS,
+    export_key,
+    runtime_importable,
+    write_export,
+)
 from pipeline.errors import BrandmonError
 
 log = logging.getLogger(__name__)
@@ -158,7 +162,7 @@ def rescore_figures(files: dict[str, bytes], check: np.ndarray, threads: int = 0
     low = probs("model.xml", "model.bin", "f32")
     ref = probs("rescore.xml", "rescore.bin", "f32")  # what detect re-scores with
     margin = choose_margin(low, ref)
-    figures = check_figures(low, ref, ref, margin)
+    figures = check_figures(low, ref, margin)
     return {"rescore_margin": round(margin, 6), "rescore_check_images": int(len(check)),
             "rescore_check": {**figures, "rescore_precision": "fp32"}}
 
@@ -341,14 +345,10 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         "calibration_source": None if calib is None else str(calibration or (row.get("params") or {}).get("data")),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **info,
     }
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("export.json", json.dumps(meta, indent=2, sort_keys=True))
-        for name, blob in files.items():
-            zf.writestr(name, blob)
+    data = write_export(meta, files)
     key = export_key(row["artifact_key"], fmt)
-    ctx.store.put(key, buf.getvalue(), content_type="application/zip")
-    meta.update(key=key, bytes=len(buf.getvalue()), seconds=round(time.monotonic() - started, 1))
+    ctx.store.put(key, data, content_type="application/zip")
+    meta.update(key=key, bytes=len(data), seconds=round(time.monotonic() - started, 1))
     return meta
 
 

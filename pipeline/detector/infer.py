@@ -261,9 +261,8 @@ def detect(
 
 def _rescored(model: Any) -> int | None:
     """Images the loaded export's precision cascade has re-scored so far (None: no cascade)."""
-    exported = getattr(model, "exported", None)
-    stats = (getattr(exported, "meta", None) or {}).get("rescored")
-    return int(stats["rescored"]) if isinstance(stats, dict) else None
+    stats = getattr(getattr(model, "exported", None), "rescored", None)
+    return None if stats is None else int(stats["rescored"])
 
 
 class _BatchScorer:

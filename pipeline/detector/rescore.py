@@ -66,12 +66,12 @@ def cascade(low: np.ndarray, margin: float, rescore: Any, x: np.ndarray) -> tupl
     return out, int(len(rows))
 
 
-def check_figures(low: np.ndarray, ref: np.ndarray, high: np.ndarray, margin: float) -> dict[str, float]:
+def check_figures(low: np.ndarray, ref: np.ndarray, margin: float) -> dict[str, float]:
     """What the chosen margin does on the check images: share re-scored, top-class agreement
-    with fp32 of int8 alone and of the cascade (re-scored by `high`)."""
-    low, ref, high = (np.asarray(a, np.float64) for a in (low, ref, high))
+    with fp32 (`ref`, which also re-scores) of int8 alone and of the cascade."""
+    low, ref = (np.asarray(a, np.float64) for a in (low, ref))
     rescored = margins(low) <= margin
-    top = np.where(rescored, high.argmax(1), low.argmax(1))
+    top = np.where(rescored, ref.argmax(1), low.argmax(1))
     n = max(1, len(ref))
     return {"rescored_share": round(float(rescored.sum()) / n, 4),
             "int8_top_class_agreement": round(float((low.argmax(1) == ref.argmax(1)).sum()) / n, 4),

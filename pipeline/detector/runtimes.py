@@ -111,7 +111,12 @@ class ExportedClassifier:
     def precision(self) -> str:
         """`int8`, `fp32`, or `int8+fp32` for the precision cascade."""
         base = str(self.meta.get("precision", "fp32"))
-        return f"{base}+{self.meta['rescore_precision']}" if self.meta.get("rescore_precision") else base
+        return f"{base}+fp32" if self.rescored is not None else base
+
+    @property
+    def rescored(self) -> dict[str, int] | None:
+        """The precision cascade's running counts ({"images", "rescored"}); None without one."""
+        return getattr(self._run, "rescored", None)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._run(np.ascontiguousarray(batch, np.uint8)), np.float32)
@@ -225,8 +230,7 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     # The precision cascade (rescore.py): the near ties of int8 are scored again by the fp32 IR,
     # in fp32: bf16 would flip some of the same near ties (it keeps ~99.5% of top classes).
     high = openvino_runner(core, read_ir(core, files["rescore.xml"], files["rescore.bin"]), "f32", threads)
-    meta["rescore_precision"] = "fp32"
-    stats = meta.setdefault("rescored", {"images": 0, "rescored": 0})
+    stats = {"images": 0, "rescored": 0}
 
     def run_cascade(x: np.ndarray) -> np.ndarray:
         probs, k = cascade(run(x), float(margin), high, x)
@@ -234,7 +238,18 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
         stats["rescored"] += k
         return probs
 
+    run_cascade.rescored = stats  # type: ignore[attr-defined]  # read by ExportedClassifier.rescored
     return run_cascade, None
+
+
+def write_export(meta: dict[str, Any], files: dict[str, bytes]) -> bytes:
+    """An export zip (`read_export`'s inverse): export.json plus the runtime's files."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("export.json", json.dumps(meta, indent=2, sort_keys=True))
+        for name, blob in files.items():
+            zf.writestr(name, blob)
+    return buf.getvalue()
 
 
 def _open_onnx(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:

@@ -229,14 +229,16 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     classes are far apart, the fp32 network's own scores where they are close (margin chosen
     on training images, recorded with what it did there); `--rescore off` is int8 alone; detect
     records the re-scored count; a tampered margin is refused."""
-    import io
-    import json
-    import zipfile
 
     from pipeline.detector.export import export_model
     from pipeline.detector.infer import detect
     from pipeline.detector.rescore import margins
-    from pipeline.detector.runtimes import RuntimeUnavailable, open_export, read_export
+    from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
+        open_export,
+        read_export,
+        write_export,
+    )
     from pipeline.schema import runs
 
     ctx = make_ctx()
@@ -263,7 +265,7 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     close = margins(low) <= meta["rescore_margin"]
     np.testing.assert_allclose(got[~close], low[~close], atol=1e-6)  # int8 kept where it is sure
     np.testing.assert_allclose(got[close], want[close], atol=1e-4)  # fp32 where it is not
-    assert exp.meta["rescored"] == {"images": len(x), "rescored": int(close.sum())}
+    assert exp.rescored == {"images": len(x), "rescored": int(close.sum())}
 
     kinds = ["Reddisc", "Bluesquare", None]
     store_images(ctx, [jpeg_bytes(scene(kinds[i % 3], 950 + i, size=120)) for i in range(5)])
@@ -276,13 +278,7 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     # a margin of 1 re-scores every photo: only the real ones, not the padding of a short batch
     meta_on, files_on = read_export(ctx.store.get(meta["key"]))
 
-    def zipped(meta_json: object, files: dict[str, bytes]) -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            zf.writestr("export.json", json.dumps(meta_json))
-            for name, blob in files.items():
-                zf.writestr(name, blob)
-        return buf.getvalue()
+    zipped = write_export
 
     from pipeline.detector import registry
     from pipeline.schema import detections, image_scores, review_queue

@@ -63,6 +63,6 @@ def test_the_cascade_keeps_the_promised_share_of_reference_top_classes(data, n, 
     got, _ = cascade(low, m, lambda rows: ref[rows], np.arange(n))
     flipped = int(np.sum(got.argmax(1) != ref.astype(np.float32).argmax(1)))
     assert flipped <= int(np.floor((1 - q) * n + 1e-9))
-    figures = check_figures(low, ref, ref, m)
+    figures = check_figures(low, ref, m)
     assert 0.0 <= figures["rescored_share"] <= 1.0
     assert figures["cascade_top_class_agreement"] >= figures["int8_top_class_agreement"] - 1e-12
