@@ -133,9 +133,32 @@ def image_stream(ctx: Context, rows: list[Any], size: int, batch_size: int, with
             return i, small, view, tf.shape(img)[:2], tf.shape(view)[:2]
         return i, small
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+    ds = ds.map(decode, num_parallel_calls=decode_parallelism(), deterministic=True).ignore_errors()
     ds = ds.padded_batch(batch_size) if with_view else ds.batch(batch_size)
-    return ds.prefetch(2)
+    return ds.prefetch(2).with_options(stream_options())
+
+
+def decode_parallelism() -> int:
+    """Images decoded at once: one per core (the network runs between batches, not beside them)."""
+    import os
+
+    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+
+
+def stream_options() -> Any:
+    """tf.data options of the detect stream: autotuning off, fixed parallelism instead.
+
+    Why: with autotuning on, the end of a `from_generator` stream waits for the autotuner's
+    next wake-up, which comes 10 ms after the stream starts and then at doubling intervals
+    (10, 30, 70 ms ... 5.1, 10.2, 20.5 s). A run's wall time was rounded up to that tick:
+    bench/detect.py timed 2016 images in 7.1 s or exactly 10.3 s, 512 in 10.3 or 20.5 s
+    (issue 15, BENCHMARKS.md). Decode parallelism and prefetch are set by hand above.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def corrupt_reason(data: bytes, row: Any) -> str:
