@@ -294,7 +294,7 @@ class _BatchScorer:
 
     def __init__(self, ctx: Context, model: Any, rows: list[Any], batch_size: int, failed: dict[int, str]) -> None:
         self.ctx, self.model, self.rows, self.batch_size, self.failed = ctx, model, rows, batch_size, failed
-        self.forward = model.scorer()
+        self.forward = model.scorer(pad_to=batch_size)
         self.expected = 0  # next index we expect from the stream; gaps are corrupt images
         self.last_n = 0  # images of the last batch (its gap rows not counted)
 
@@ -311,14 +311,10 @@ class _BatchScorer:
         return self.model.local_scores(crops, workers=2)[0], scales
 
     def score(self, batch: Any) -> tuple[list[dict], list[dict], list[dict]]:
-        import tensorflow as tf
-
         det, version, spec = self.ctx.settings.detector, self.model.version, self.model.spec
         idx, x = batch[0].numpy(), batch[1]
         n = int(x.shape[0])
-        if n < self.batch_size and getattr(self.model, "exported", None) is None:  # Keras: one traced graph
-            x = tf.concat([x, tf.zeros((self.batch_size - n, spec.input_size, spec.input_size, 3), x.dtype)], 0)
-        probs = self.forward(x)[:n]
+        probs = self.forward(x)
         matches, scales = self._matches(batch, n)
         now = utcnow()
         score_rows: list[dict] = []

@@ -447,13 +447,27 @@ class LoadedModel:
         crop = self.cropnet.score_many(views)
         return [merge_local(m, c, self.spec.extra["crop"]) for m, c in zip(match, crop, strict=True)], crop
 
-    def scorer(self) -> Any:
-        """A callable: uint8 (n, s, s, 3) batch (array or tensor) -> float32 probabilities."""
+    def scorer(self, pad_to: int | None = None) -> Any:
+        """A callable: uint8 (n, s, s, 3) batch (array or tensor) -> float32 probabilities, n rows.
+
+        `pad_to`: the traced Keras graph is specialised to its batch shape, so a short batch
+        (a run's last) is padded with zeros to `pad_to` rows and the padding's rows dropped:
+        one graph per run. Exported runtimes take any batch size and score the real rows only
+        (the precision cascade would count padding as re-scored)."""
         if self.exported is not None:
             exported = self.exported
             return lambda x: exported.predict(np.asarray(x))
         traced = self.traced_classifier()
-        return lambda x: np.asarray(traced(x), np.float32)
+
+        def score(x: Any) -> np.ndarray:
+            n = int(x.shape[0])
+            if pad_to and n < pad_to:
+                import tensorflow as tf
+
+                x = tf.concat([x, tf.zeros((pad_to - n, *x.shape[1:]), x.dtype)], 0)
+            return np.asarray(traced(x), np.float32)[:n]
+
+        return score
 
     def traced_classifier(self) -> Any:
         """The classifier as a tf.function over uint8 batches, traced once per loaded model.

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import pytest
 from detector_helpers import jpeg_bytes, scene, store_images
 from sqlalchemy import select
@@ -184,3 +185,24 @@ def test_the_detect_stream_runs_without_the_autotuner_and_delivers_every_image()
     batches = [(b[0].numpy().tolist(), tuple(b[1].shape)) for b in ds]
     assert [i for idx, _ in batches for i in idx] == list(range(7))
     assert [shape for _, shape in batches] == [(3, 64, 64, 3), (3, 64, 64, 3), (1, 64, 64, 3)]
+
+
+def test_the_keras_scorer_pads_short_batches_to_one_traced_shape(make_ctx, install_model):
+    """Short batches (a run's last) are padded inside the Keras scorer, so every batch runs the
+    same traced graph, and only the real rows come back."""
+    from pipeline.detector.data import decode_rgb
+    from pipeline.detector.model import resize_batch
+    from pipeline.detector.registry import load_model
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    model = load_model(ctx, version, precision="fp32", with_matcher=False)
+
+    x = resize_batch([decode_rgb(b) for b in _blobs(5, seed=4)], model.spec.input_size)
+    score = model.scorer(pad_to=8)
+    before = model.traced_classifier().experimental_get_tracing_count()
+    three, five = score(x[:3]), score(x)
+    assert three.shape == (3, len(model.spec.classes)) and five.shape == (5, len(model.spec.classes))
+    assert model.traced_classifier().experimental_get_tracing_count() - before <= 1  # one shape: (8, s, s, 3)
+    np.testing.assert_allclose(three, five[:3], atol=1e-5)
+    np.testing.assert_allclose(five, model.predict_arrays(x), atol=1e-4)
