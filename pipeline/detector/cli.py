@@ -21,6 +21,7 @@ FUSION_CHOICES = ("val", "fitted")
 CROP_NET_CHOICES = ("auto", "off")
 MATCHER_CHOICES = ("auto", "on", "off")
 MAX_BUDGET_S = 30 * 86400  # --time-budget and --crop-net-budget: up to 30 days
+CASCADE_COST_NOTE = 1.5  # the export notes a cascade whose network time is this many times int8 alone's
 RUNTIMES = ["auto", "keras", "openvino", "onnx", "tflite", "savedmodel"]
 
 
@@ -246,7 +247,21 @@ def cmd_model_export(args: argparse.Namespace) -> int:
                   f"{'training' if not args.calibration else 'calibration-folder'} images it re-scored "
                   f"{100 * c['rescored_share']:.1f}% and kept {100 * c['cascade_top_class_agreement']:.1f}% of the fp32 "
                   f"top classes (int8 alone {100 * c['int8_top_class_agreement']:.1f}%; --rescore off: int8 alone)")
+            note = cascade_cost_note(c)
+            if note:
+                print(note)
     return 0
+
+
+def cascade_cost_note(check: dict[str, Any]) -> str | None:
+    """A line for an export whose cascade re-scores so many photos that its network time is
+    `CASCADE_COST_NOTE` times int8 alone's or more (None below): the speed is the user's trade."""
+    cost = check.get("network_time_vs_int8")
+    if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= CASCADE_COST_NOTE:  # NaN: no
+        return None
+    return (f"note: re-scoring that share makes the cascade's network time {cost:.1f}x int8 alone's (measured on "
+            f"those images); --rescore off trades it for int8 alone's {100 * check['int8_top_class_agreement']:.1f}% "
+            "top-class agreement")
 
 
 def cmd_review_export(args: argparse.Namespace) -> int:

@@ -215,7 +215,13 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     # int8 exports keep their float remainder in f32 (measured no faster in bf16); fp32 ones
     # run in bf16 where the CPU has it, as the Keras path does.
     hint = "f32" if meta.get("precision") == "int8" else float_hint
-    run = openvino_runner(core, read_ir(core, files["model.xml"], files["model.bin"]), hint, threads)
+    model = read_ir(core, files["model.xml"], files["model.bin"])
+    quantised = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    if quantised != (meta.get("precision") == "int8"):  # the run log would record the wrong precision
+        raise RuntimeUnavailable(f"model export is damaged (export.json says precision {str(meta.get('precision'))[:40]!r} "
+                                 f"but its network is {'int8' if quantised else 'not quantised'}); export it again "
+                                 "with `brandmon model export`")
+    run = openvino_runner(core, model, hint, threads)
     margin = meta.get("rescore_margin")
     if meta.get("precision") != "int8" or margin is None:
         return run, None

@@ -143,6 +143,19 @@ def test_cli_openvino_export_says_what_its_precision_cascade_does(make_ctx, inst
     assert "note: --rescore applies to OpenVINO int8 exports only; ignored for openvino fp32" in capsys.readouterr().err
 
 
+def test_an_export_whose_cascade_costs_much_more_than_int8_says_so():
+    """The FL27 model re-scored 42% of photos: 2-4x int8's network time. The export says what
+    the user trades (speed against top-class agreement) when the measured cost is 1.5x or more."""
+    from pipeline.detector.cli import CASCADE_COST_NOTE, cascade_cost_note
+
+    check = {"rescored_share": 0.42, "int8_top_class_agreement": 0.945, "cascade_top_class_agreement": 1.0}
+    note = cascade_cost_note({**check, "network_time_vs_int8": 2.64})
+    assert note and "2.6x int8 alone's" in note and "--rescore off" in note and "94.5%" in note
+    assert cascade_cost_note({**check, "network_time_vs_int8": CASCADE_COST_NOTE - 0.01}) is None
+    for odd in (None, "2.6", True, float("nan")):  # an older export, or a tampered one: no note, no crash
+        assert cascade_cost_note({**check, "network_time_vs_int8": odd}) is None
+
+
 def test_train_help_documents_the_threshold_rule_and_fusion_with_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -256,6 +256,7 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     assert meta["rescore_margin"] >= 0 and meta["rescore_check_images"] > 0
     check = meta["rescore_check"]
     assert check["rescore_precision"] == "fp32" and 0 <= check["rescored_share"] <= 1
+    assert check["network_time_vs_int8"] >= 1.0  # int8 on every photo, plus the share re-scored
     assert check["cascade_top_class_agreement"] >= max(0.99, check["int8_top_class_agreement"]) or \
         meta["rescore_check_images"] < 100  # >= 99% wherever 1% is at least one image
     exp = open_export(ctx.store.get(meta["key"]), threads=2)
@@ -308,6 +309,15 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
             open_export(zipped(meta_on, files), threads=1)
     with pytest.raises(RuntimeUnavailable, match="damaged"):
         open_export(zipped({**meta_on, "precision": "int4"}, files_on), threads=1)
+    # export.json's precision must be the network's: an int8 IR called fp32 (or the fp32 IR
+    # called int8) would run with the wrong settings and be logged with the wrong precision
+    with pytest.raises(RuntimeUnavailable, match="says precision 'fp32' but its network is int8"):
+        open_export(zipped({**meta_on, "precision": "fp32"}, files_on), threads=1)
+    fp32_as_int8 = {"model.xml": files_on["rescore.xml"], "model.bin": files_on["rescore.bin"]}
+    with pytest.raises(RuntimeUnavailable, match="says precision 'int8' but its network is not quantised"):
+        open_export(zipped({k: v for k, v in meta_on.items() if k != "rescore_margin"}, fp32_as_int8), threads=1)
+    assert open_export(zipped({**meta_on, "precision": "fp32", "rescore_margin": None}, fp32_as_int8),
+                       threads=1).precision == "fp32"
     for meta_json in ([1, 2], {k: v for k, v in meta_on.items() if k != "format"}):
         with pytest.raises(RuntimeUnavailable, match="damaged"):
             open_export(zipped(meta_json, files_on), threads=1)
