@@ -88,6 +88,20 @@ def _warning(run: dict[str, Any]) -> str:
     return f"WARNING: {warning}" if warning else ""
 
 
+def _detect_figures(run: dict[str, Any]) -> str:
+    """What a detect run scored and how: runtime, precision, images scored (and re-scored by
+    the int8 precision cascade), so the text report answers "which runtime ran" as --json does."""
+    counts = run.get("counts")
+    if run.get("kind") != "detect" or not isinstance(counts, dict) or "runtime" not in counts:
+        return ""
+    text = f"{str(counts['runtime'])[:20]} {str(counts.get('precision', '?'))[:20]}, {counts.get('scored', 0)} scored"
+    if "rescored" in counts:
+        text += f", {counts['rescored']} re-scored"
+    if "seconds" in counts:
+        text += f" in {counts['seconds']}s"
+    return text
+
+
 def format_status(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -104,7 +118,8 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"model    : {report.get('active_model') or '(no active model)'}")
     for run in report.get("recent_runs", []):
         window = run["window_start"].date().isoformat() if run["window_start"] else "-"
-        lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} {run['error'] or _warning(run)}")
+        lines.append(f"run {run['id']:>5} {run['kind']:<9} {run['source'] or '-':<12} {window:<10} {run['status']:<9} "
+                     f"{run['error'] or _warning(run) or _detect_figures(run)}")
     for warning in report.get("warnings", []):
         lines.append(f"WARNING  : {warning}")
     for problem in report["problems"]:

@@ -275,6 +275,13 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     with ctx.engine.connect() as conn:
         done = conn.execute(select(runs.c.counts).where(runs.c.kind == "detect")).scalar_one()
     assert done["runtime"] == "openvino" and done["precision"] == "int8+fp32" and 0 <= done["rescored"] <= 5
+    from pipeline.runlog import recent_runs
+    from pipeline.status import format_status
+
+    run = next(r for r in recent_runs(ctx.engine) if r["kind"] == "detect")  # the text report names them too
+    status = format_status({"settings": {"database_url": "x", "storage_url": "y", "s3_endpoint_url": None,
+                                         "config": None, "brands": [], "sources": []}, "problems": [], "recent_runs": [run]})
+    assert f"openvino int8+fp32, 5 scored, {done['rescored']} re-scored in " in status
 
     # a margin of 1 re-scores every photo: only the real ones, not the padding of a short batch
     meta_on, files_on = read_export(ctx.store.get(meta["key"]))
