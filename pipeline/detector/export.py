@@ -178,17 +178,24 @@ def rescore_figures(files: dict[str, bytes], check: np.ndarray, threads: int = 0
 
 
 def _onnx_bytes(fn: Any) -> bytes:
-    try:
-        import tf2onnx
-    except ImportError:
-        raise ExportError("ONNX export needs tf2onnx and onnx (pip install 'brandmon[export]')") from None
-    try:  # Keras' own shim for tf2onnx on NumPy 2 (np.object, np.bool, ...)
-        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    import warnings
 
-        patch_tf2onnx()
-    except ImportError:
-        pass
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=ONNX_OPSET)
+    # tf2onnx, and Keras' shim for it, probe NumPy aliases (np.object ...) that NumPy 2 warns
+    # about: notices about their code, nothing a user exporting a model can act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import tf2onnx
+        except ImportError:
+            raise ExportError("ONNX export needs tf2onnx and onnx (pip install 'brandmon[export]')") from None
+        try:  # Keras' own shim for tf2onnx on NumPy 2 (np.object, np.bool, ...)
+            from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+            patch_tf2onnx()
+        except ImportError:
+            pass
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=ONNX_OPSET)
     return proto.SerializeToString()
 
 

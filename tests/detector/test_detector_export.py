@@ -39,6 +39,7 @@ def _keras_probs(ctx, version: str, x: np.ndarray) -> np.ndarray:
 CASES = [(fmt, "fp32") for fmt in FORMATS] + [(fmt, "auto") for fmt in FORMATS if fmt != "savedmodel"]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # tf2onnx's NumPy notices reached users of `model export`
 @pytest.mark.parametrize(("fmt", "precision"), CASES)
 def test_export_load_and_score_reproduce_the_keras_classifier(make_ctx, install_model, fmt, precision):
     """fp32 exports compute the Keras classifier's function (to 1e-4); int8 ones load, score
