@@ -327,3 +327,107 @@ def test_int8_export_refuses_too_few_calibration_images(make_ctx, install_model,
     for n in (0, -5, 7, True):
         with pytest.raises(ExportError, match="--calibration-images must be a whole number >= 8"):
             export_model(ctx, version, "openvino", calibration_images=n)
+
+
+def _zip_with_header_patch(entries: dict[str, bytes], offsets: tuple[int, int], value: int, bit: bool) -> bytes:
+    """A stored zip of `entries` whose local/central headers get `value` at (local, central)
+    offsets: OR-ed in as flag bits when `bit`, else written (a compression method)."""
+    import io
+    import struct
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, blob in entries.items():
+            zf.writestr(name, blob)
+    data = bytearray(buf.getvalue())
+    for sig, off in ((b"PK\x03\x04", offsets[0]), (b"PK\x01\x02", offsets[1])):
+        i = data.find(sig)
+        while i >= 0:
+            old = struct.unpack("<H", data[i + off : i + off + 2])[0]
+            data[i + off : i + off + 2] = struct.pack("<H", old | value if bit else value)
+            i = data.find(sig, i + 4)
+    return bytes(data)
+
+
+def test_an_unreadable_export_zip_is_one_line_that_says_to_export_again():
+    """Every way a zip can refuse (not a zip, an unsupported compression method, an encrypted
+    entry, export.json that is not UTF-8 JSON, a format no runtime has) is a RuntimeUnavailable
+    that says what to do: zipfile raises NotImplementedError / RuntimeError for the middle two,
+    which reached the CLI as an internal error."""
+    import json
+
+    from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
+        open_export,
+        read_export,
+        write_export,
+    )
+
+    meta = {"export_format": 1, "format": "onnx", "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
+    entries = {"export.json": json.dumps(meta).encode(), "model.onnx": b"x" * 64}
+    assert read_export(_zip_with_header_patch(entries, (8, 10), 0, bit=False))[0] == meta  # the patcher itself
+    cases = {
+        "empty": b"",
+        "not a zip": b"PK\x03\x04 garbage",
+        "method 99": _zip_with_header_patch(entries, (8, 10), 99, bit=False),
+        "encrypted": _zip_with_header_patch(entries, (6, 8), 1, bit=True),
+        "latin-1 json": write_export({}, {}).replace(b"{}", b"{\"format\": \"\xff\"}"),
+    }
+    for name, data in cases.items():
+        with pytest.raises(RuntimeUnavailable, match=r"export it again with `brandmon model export`") as err:
+            read_export(data)
+        assert "\n" not in str(err.value), name
+    with pytest.raises(RuntimeUnavailable, match=r"damaged \(unknown export format '1'\).*export it again"):
+        open_export(write_export({**meta, "format": 1}, {}))
+
+
+@pytest.mark.skipif(not _have("onnxruntime"), reason="needs onnxruntime (extra `runtimes`)")
+def test_a_corrupt_onnx_file_or_a_tflite_int8_without_its_head_is_a_damaged_export():
+    """ONNX Runtime's InvalidProtobuf is not a RuntimeError: a truncated model.onnx was an
+    internal error. A TFLite int8 export without head.npz loaded as a features-only network and
+    failed mid-run (`zip() argument 2 is longer than argument 1`)."""
+    from pipeline.detector.runtimes import RuntimeUnavailable, open_export, write_export
+
+    meta = {"export_format": 1, "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
+    with pytest.raises(RuntimeUnavailable, match=r"damaged \(InvalidProtobuf.*export it again"):
+        open_export(write_export({**meta, "format": "onnx"}, {"model.onnx": b"\x08\x07garbage"}))
+    with pytest.raises(RuntimeUnavailable, match="needs its head.npz; export it again"):
+        open_export(write_export({**meta, "format": "tflite"}, {"model.tflite": b"TFL3"}))
+
+
+def test_an_export_that_is_not_this_models_is_refused_before_scoring(make_ctx, install_model):
+    """export.json's classes, input size, format and artifact must be the model's: an edited or
+    swapped export would map the network's columns to the wrong classes (or fail mid-run). The
+    network's own output width is checked on every batch too."""
+    from pipeline.detector import registry
+    from pipeline.detector.export import export_model
+    from pipeline.detector.registry import get_version, load_model
+    from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
+        open_export,
+        read_export,
+        write_export,
+    )
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    meta = export_model(ctx, version, "tflite", precision="fp32")
+    key, artifact = meta["key"], get_version(ctx, version)["artifact_key"]
+    good, files = read_export(ctx.store.get(key))
+    assert load_model(ctx, version, runtime="tflite").runtime == "tflite"  # as exported: accepted
+    tampered = {
+        "classes": {**good, "classes": list(reversed(good["classes"]))},
+        "input size": {**good, "input_size": good["input_size"] + 32},
+        "another model artifact": {**good, "model_artifact": "models/artifacts/other.zip"},
+    }
+    for reason, bad in tampered.items():
+        ctx.store.put(key, write_export(bad, files))
+        registry._LOADED.clear()  # a fresh load, not the accepted one cached above
+        with pytest.raises(RuntimeUnavailable, match=f"does not match this model.*{reason}.*export it again"):
+            load_model(ctx, version, runtime="tflite")
+    assert artifact == good["model_artifact"]
+    # one class more in export.json than the network has columns: refused on the first batch
+    wide = open_export(write_export({**good, "classes": [*good["classes"], "extra"]}, files))
+    with pytest.raises(RuntimeUnavailable, match=r"outputs shape \(2, \d+\), not one probability per class"):
+        wide.predict(_batch(good["input_size"], n=2))
