@@ -110,7 +110,11 @@ class ExportedClassifier:
 
     @property
     def precision(self) -> str:
-        """`int8`, `fp32`, or `int8+fp32` for the precision cascade."""
+        """`int8`, `fp32`, `bf16` (an fp32 export the runtime runs in bf16, as Keras records it),
+        or `int8+fp32` for the precision cascade."""
+        ran_in = getattr(self._run, "ran_in", None)
+        if ran_in:
+            return str(ran_in)
         base = str(self.meta.get("precision", "fp32"))
         return f"{base}+fp32" if self.rescored is not None else base
 
@@ -254,6 +258,7 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     run = openvino_runner(core, read_ir(core, files["model.xml"], files["model.bin"]), hint, threads)
     margin = meta.get("rescore_margin")
     if meta.get("precision") != "int8" or margin is None:
+        run.ran_in = "bf16" if hint == "bf16" else None  # type: ignore[attr-defined]  # read by .precision
         return run, None
     # a margin is a difference of two probabilities: a number in [0, 1]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 1:

@@ -473,3 +473,18 @@ def test_calibration_images_have_an_upper_bound(make_ctx, install_model, capsys)
     with pytest.raises(SystemExit) as exc:
         main(["model", "export", version, "--format", "tflite", "--calibration-images", "100000"])
     assert exc.value.code == 2 and "must be from 8 to 4096" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _have("openvino"), reason="needs openvino (extra `runtimes`)")
+def test_an_fp32_openvino_export_run_in_bf16_is_recorded_as_bf16(make_ctx, install_model):
+    """OpenVINO runs an fp32 export with the bf16 hint where detect's precision is bf16 (as Keras
+    does); the run log recorded `fp32` for it while Keras's run said `bf16`."""
+    from pipeline.detector.export import export_model
+    from pipeline.detector.model import choose_precision
+    from pipeline.detector.runtimes import open_export
+
+    ctx = make_ctx()
+    meta = export_model(ctx, install_model(ctx), "openvino", precision="fp32")
+    data = ctx.store.get(meta["key"])
+    assert open_export(data, threads=1, precision="fp32").precision == "fp32"
+    assert open_export(data, threads=1, precision="bf16").precision == choose_precision("bf16") == "bf16"
