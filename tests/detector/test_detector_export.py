@@ -488,3 +488,46 @@ def test_an_fp32_openvino_export_run_in_bf16_is_recorded_as_bf16(make_ctx, insta
     data = ctx.store.get(meta["key"])
     assert open_export(data, threads=1, precision="fp32").precision == "fp32"
     assert open_export(data, threads=1, precision="bf16").precision == choose_precision("bf16") == "bf16"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_quantisation_child_ends_with_its_parent_and_removes_its_folder(tmp_path):
+    """A SIGTERM to `brandmon model export` (an Airflow timeout, `kill`) left the NNCF child
+    quantising as an orphan for up to an hour, and its folder (~100 MB) in /tmp."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from pipeline.settings import child_env
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = child_env(root)
+    # a parent that is already gone: the child sees it at once
+    folder = tmp_path / "orphan"
+    folder.mkdir()
+    (folder / "model.xml").write_bytes(b"x")
+    done = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(folder), "0", "1"], env=env,
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 128 + 15 and not folder.exists()
+    # a parent killed while the child runs: the child gets SIGTERM, cleans up and ends
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / "model.xml").write_bytes(b"x")
+    spawn = ("import subprocess, sys, os, time; p = subprocess.Popen([sys.executable, '-m', "
+             f"'pipeline.detector.quantize', {str(folder)!r}, '0', str(os.getpid())]); print(p.pid, flush=True); "
+             "time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", spawn], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(timeout=30)
+
+    def running() -> bool:  # a zombie (reaped later by whoever adopted it) has ended
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and running():
+        time.sleep(0.2)
+    assert not running() and not folder.exists()
