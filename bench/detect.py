@@ -380,6 +380,9 @@ def main() -> int:
     print(f"runtimes installed and timed: {runtimes or 'none (Keras only)'}", flush=True)
     # The FL27 agreement first: the cascade's timed share is the one it re-scored there.
     a = agreement(args.fl27_home, runtimes) if args.fl27_home else None
+    if a is None:
+        print("agreement with Keras fp32 on the FL27 test photos: not measured (--fl27-home DIR: the --home of a "
+              "bench/fl27.py run)", flush=True)
     share = args.rescore_share
     if share is None:
         share = a["openvino_cascade"]["test_rescored_share"] if a and "openvino_cascade" in a else 0.5

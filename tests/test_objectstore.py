@@ -47,6 +47,23 @@ def test_local_writes_leave_no_temp_files(tmp_path) -> None:
     assert [p.name for p in (tmp_path / "lake" / "k").iterdir()] == ["v"]
 
 
+def test_a_local_write_that_the_filesystem_refuses_is_a_storage_error(tmp_path) -> None:
+    """A file where a folder of the key should be (or a full disk, a read-only mount) reached
+    `brandmon model export` as `internal error: NotADirectoryError`; nothing half-written stays."""
+    from pipeline.errors import StorageError
+
+    store = LocalStore(tmp_path / "lake")
+    store.put("models/exports", b"a file, not a folder")
+    with pytest.raises(StorageError, match=r"cannot write models/exports/x/onnx.zip into the lake folder .*: Not a directory"):
+        store.put("models/exports/x/onnx.zip", b"zip")
+    store.put("k/v", b"old")
+    (tmp_path / "lake" / "k" / "v").unlink()
+    (tmp_path / "lake" / "k" / "v").mkdir()  # os.replace onto a folder fails after the temp file is written
+    with pytest.raises(StorageError, match="cannot write k/v"):
+        store.put("k/v", b"new")
+    assert [p.name for p in (tmp_path / "lake" / "k").iterdir()] == ["v"]  # no .tmp- file left
+
+
 @pytest.mark.integration
 def test_missing_bucket_is_a_clear_error(s3_endpoint: str) -> None:
     store = open_store("s3://no-such-bucket-here/prefix", endpoint_url=s3_endpoint)

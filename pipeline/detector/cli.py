@@ -224,22 +224,36 @@ def _emit_model_event(settings: Any, version: str) -> int:
     return 0
 
 
+def _export_use(fmt: str) -> str:
+    """When `detect` scores with an export of `fmt`: `auto` picks by PREFERENCE and never the
+    SavedModel (it is for TF Serving-style deployment, no faster than Keras)."""
+    from pipeline.detector.runtimes import PREFERENCE
+
+    if fmt not in PREFERENCE:
+        return f"`brandmon detect --runtime {fmt}` (or detector.runtime: {fmt}) scores with it; auto does not pick it"
+    faster = PREFERENCE[: PREFERENCE.index(fmt)]
+    unless = f", unless the model also has an {' or '.join(faster)} export" if faster else ""
+    return f"`brandmon detect` uses it when its runtime is installed (detector.runtime: auto{unless})"
+
+
 def cmd_model_export(args: argparse.Namespace) -> int:
-    from pipeline.detector.export import export_model
+    from pipeline.detector.export import CALIBRATION_IMAGES, export_model
 
     meta = export_model(_ctx(), args.version, args.format, precision=args.precision, calibration=args.calibration,
                         calibration_images=args.calibration_images, rescore=args.rescore or "auto")
     if args.rescore and not (meta["format"] == "openvino" and meta["precision"] == "int8"):
         print(f"note: --rescore applies to OpenVINO int8 exports only; ignored for {meta['format']} "
               f"{meta['precision']}", file=sys.stderr)
+    if meta["precision"] != "int8" and (args.calibration or args.calibration_images != CALIBRATION_IMAGES):
+        print(f"note: --calibration and --calibration-images apply to int8 exports only; ignored for "
+              f"{meta['format']} {meta['precision']}", file=sys.stderr)
     if args.json:
         _print_json(meta)
     else:
         n = meta["calibration_images"]
         calib = f", calibrated on {n} image{'s' if n != 1 else ''}" if n else ""
         print(f"model {args.version} exported as {meta['format']} ({meta['precision']}, {meta['runtime']}{calib}): "
-              f"{meta['key']} ({meta['bytes'] / 1e6:.1f} MB, {meta['seconds']}s); `brandmon detect` uses it "
-              "when its runtime is installed (detector.runtime: auto)")
+              f"{meta['key']} ({meta['bytes'] / 1e6:.1f} MB, {meta['seconds']}s); {_export_use(meta['format'])}")
         if "rescore_margin" in meta:
             c = meta["rescore_check"]
             print(f"precision cascade: photos whose int8 top-two margin is at or below {meta['rescore_margin']:.4f} are "
@@ -385,8 +399,8 @@ def _add_model(sub: Any) -> None:
     mx.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                     help="auto: int8 for openvino/onnx/tflite, fp32 for savedmodel")
     mx.add_argument("--calibration", metavar="DIR", help="calibration images (default: the model's training split)")
-    mx.add_argument("--calibration-images", type=_bounded(int, 8, 100_000), default=64, metavar="N",
-                    help="calibration images used (default 64, at least 8)")
+    mx.add_argument("--calibration-images", type=_bounded(int, 8, 4096), default=64, metavar="N",
+                    help="calibration images used (default 64, 8 to 4096: they are held in memory)")
     mx.add_argument("--rescore", choices=["auto", "off"],
                     help="openvino int8 only: auto (default) = also store the fp32 network and score again in fp32 the "
                          "photos whose int8 top two classes are close (margin chosen on up to 256 further images of the "

@@ -45,6 +45,8 @@ CALIBRATION_IMAGES = 64
 CHECK_IMAGES = 256  # further training images the precision cascade's margin is chosen on
 MIN_CHECK_IMAGES = 32
 MIN_CALIBRATION_IMAGES = 8  # int8: fewer images than this calibrate nothing worth shipping
+# The calibration images are held in memory, resized: N x size^2 x 3 bytes (4096 at 299 px: 1.1 GB)
+MAX_CALIBRATION_IMAGES = 4096
 
 
 class ExportError(BrandmonError):
@@ -95,7 +97,7 @@ def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int =
                       folder: str | Path | None = None) -> np.ndarray:
     """Up to `limit` whole images of the model's training split (or of `folder`), resized as
     detection resizes them. Deterministic: sources sorted by content hash."""
-    from pipeline.detector.data import decode_rgb, load_boxes, load_folders
+    from pipeline.detector.data import IMAGE_EXTS, decode_rgb, load_boxes, load_folders
     from pipeline.detector.model import resize_batch
     from pipeline.detector.split import DEFAULT_FRACTIONS, split_of
 
@@ -115,17 +117,20 @@ def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int =
         fractions = tuple((params.get("config") or {}).get("fractions") or DEFAULT_FRACTIONS)
         chosen = [s for s in sources if split_of(s.sha256, fractions) == "train"]
     chosen = sorted(chosen, key=lambda s: s.sha256)
-    arrays = []
+    arrays = []  # each resized as soon as it is decoded: memory is limit x size^2, not limit photos
     for src in chosen:
         if len(arrays) >= limit:
             break
         try:
-            arrays.append(decode_rgb(src.read()))
+            arrays.append(resize_batch([decode_rgb(src.read())], size)[0])
         except Exception as exc:  # noqa: BLE001 - an unreadable photo is skipped, not fatal
             log.warning("calibration: skipping %s: %s", src.name, exc)
     if not arrays:
-        raise ExportError(f"model {row['version']}: no readable calibration images found")
-    return resize_batch(arrays, size)
+        where = f"in {folder}" if folder is not None else "in its training split"
+        raise ExportError(f"model {row['version']}: no readable calibration images {where} "
+                          f"({', '.join(sorted(IMAGE_EXTS))}); pass --calibration DIR with images like the ones "
+                          "to score, or --precision fp32")
+    return np.stack(arrays)
 
 
 def _any_images(root: Path) -> list[Any]:
@@ -321,9 +326,10 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         raise ExportError(f"export precision must be auto, int8 or fp32, not {precision!r}")
     if rescore not in ("auto", "off"):
         raise ExportError(f"--rescore must be auto or off, not {str(rescore)[:40]!r}")
-    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < MIN_CALIBRATION_IMAGES:
-        raise ExportError(f"--calibration-images must be a whole number >= {MIN_CALIBRATION_IMAGES}, "
-                          f"not {str(calibration_images)[:40]}")
+    if (isinstance(calibration_images, bool) or not isinstance(calibration_images, int)
+            or not MIN_CALIBRATION_IMAGES <= calibration_images <= MAX_CALIBRATION_IMAGES):
+        raise ExportError(f"--calibration-images must be a whole number >= {MIN_CALIBRATION_IMAGES} (at most "
+                          f"{MAX_CALIBRATION_IMAGES}: they are held in memory), not {str(calibration_images)[:40]}")
     if precision == "int8" and fmt not in INT8_FORMATS:
         raise ExportError(f"{fmt} exports are fp32 only (int8: {', '.join(INT8_FORMATS)})")
     missing = [m for m in _needs(fmt, precision) if not _importable(m)]
@@ -331,7 +337,13 @@ def export_model(ctx: Context, version: str, fmt: str, precision: str = "auto", 
         raise ExportError(f"{fmt} export ({precision}) needs {', '.join(missing)} (pip install 'brandmon[runtimes]')")
     row = get_version(ctx, version)
     started = time.monotonic()
-    model = load_artifact(ctx.store.get(row["artifact_key"]), precision="fp32", with_matcher=False)
+    try:
+        artifact = ctx.store.get(row["artifact_key"])
+    except KeyError:
+        raise ExportError(f"model {version}: its artifact {row['artifact_key']} is missing from the lake; "
+                          "restore it, or train the model again") from None
+    model = load_artifact(artifact, precision="fp32", with_matcher=False)
+    del artifact
     spec = model.spec
     calib = check = None
     cascade = precision == "int8" and fmt == "openvino" and rescore == "auto"

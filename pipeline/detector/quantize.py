@@ -19,7 +19,9 @@ classes on the FL27 test photos where the fast one kept 94.9%, at the same speed
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,7 +59,8 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
         root = str(Path(pipeline.__file__).resolve().parents[1])
         env = child_env(root)
         try:  # the child sets its own memory limit (no preexec_fn: the caller runs TensorFlow threads)
-            proc = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(d), str(memory_bytes or 0)],
+            proc = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(d), str(memory_bytes or 0),
+                                   str(os.getpid())],
                                   env=env, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise QuantizeError(f"int8 quantisation did not finish within {timeout:.0f}s") from None
@@ -67,6 +70,25 @@ def quantize_ir(xml: bytes, weights: bytes, calib: np.ndarray, timeout: float = 
             raise QuantizeError(f"int8 quantisation failed: {tail[0][:300]}")
         stats = json.loads(result.read_text())
         return (d / "int8.xml").read_bytes(), (d / "int8.bin").read_bytes(), stats
+
+
+def end_with_parent(folder: Path, parent: int) -> None:
+    """Linux: this child ends when the export that started it ends (an Airflow timeout, `kill`),
+    and removes the parent's temporary folder, which a killed parent cannot: without it the
+    child went on quantising for up to an hour as an orphan and its ~100 MB folder stayed."""
+    import ctypes
+    import shutil
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: only the check below
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:  # the parent ended before the line above
+        stop(signal.SIGTERM, None)
 
 
 def limit_memory(limit: int) -> None:
@@ -120,5 +142,6 @@ if __name__ == "__main__":  # the child: python -m pipeline.detector.quantize FO
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    end_with_parent(Path(sys.argv[1]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     limit_memory(int(sys.argv[2]) if len(sys.argv) > 2 else QUANTIZE_MEMORY_BYTES)
     quantize_in_this_process(Path(sys.argv[1]))

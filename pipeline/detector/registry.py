@@ -206,7 +206,12 @@ def load_model(
     installed runtime with an export of this model, else Keras). `loaded.runtime` says which.
     """
     from pipeline.detector.model import load_artifact
-    from pipeline.detector.runtimes import choose_runtime, export_key, open_export
+    from pipeline.detector.runtimes import (
+        check_export_matches,
+        choose_runtime,
+        export_key,
+        open_export,
+    )
 
     row = get_version(ctx, version) if version else active_version(ctx)
     if row is None:
@@ -225,6 +230,7 @@ def load_model(
             loaded = load_artifact(data, precision=precision, with_matcher=with_matcher, with_network=False)
             loaded.exported = open_export(ctx.store.get(export_key(row["artifact_key"], runtime)),
                                           threads=ctx.settings.detector.threads, precision=precision)
+            check_export_matches(loaded.exported.meta, runtime, loaded.spec, row["artifact_key"])
             loaded.runtime = runtime
             loaded.precision = loaded.exported.precision
             _LOADED[cache] = loaded

@@ -21,6 +21,7 @@ import os
 import tempfile
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,11 @@ class ExportedClassifier:
 
     @property
     def precision(self) -> str:
-        """`int8`, `fp32`, or `int8+fp32` for the precision cascade."""
+        """`int8`, `fp32`, `bf16` (an fp32 export the runtime runs in bf16, as Keras records it),
+        or `int8+fp32` for the precision cascade."""
+        ran_in = getattr(self._run, "ran_in", None)
+        if ran_in:
+            return str(ran_in)
         base = str(self.meta.get("precision", "fp32"))
         return f"{base}+fp32" if self.rescored is not None else base
 
@@ -119,7 +124,15 @@ class ExportedClassifier:
         return getattr(self._run, "rescored", None)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._run(np.ascontiguousarray(batch, np.uint8)), np.float32)
+        out = np.asarray(self._run(np.ascontiguousarray(batch, np.uint8)), np.float32)
+        classes = self.meta.get("classes")
+        if out.ndim != 2 or (isinstance(classes, list) and out.shape[1] != len(classes)):
+            # a network that is not this export's classifier (a swapped or half-written file):
+            # stop with a clear line rather than map columns to the wrong classes
+            raise RuntimeUnavailable(f"model export is damaged (its {self.fmt} network outputs shape {out.shape}, "
+                                     f"not one probability per class of {len(classes or [])}); "
+                                     "export it again with `brandmon model export`")
+        return out
 
 
 def read_export(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -133,8 +146,14 @@ def read_export(data: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
                 raise RuntimeUnavailable("model export is damaged (export.json is not an object with a format); "
                                          "export it again with `brandmon model export`")
             files = {n: zf.read(n) for n in zf.namelist() if n != "export.json" and not n.endswith("/")}
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        raise RuntimeUnavailable(f"not a brandmon model export: {exc}") from None
+    except BrandmonError:
+        raise
+    # zipfile's refusals are not all BadZipFile: an unsupported compression method is
+    # NotImplementedError, an encrypted entry RuntimeError, a broken deflate stream zlib.error
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, NotImplementedError, RuntimeError,
+            EOFError, OSError, zlib.error) as exc:
+        raise RuntimeUnavailable(f"not a brandmon model export ({type(exc).__name__}: {str(exc).strip()[:120]}); "
+                                 "export it again with `brandmon model export`") from None
     if meta.get("export_format") != EXPORT_FORMAT:
         raise RuntimeUnavailable("model export has an unknown format version; export it again with this brandmon")
     return meta, files
@@ -147,7 +166,8 @@ def open_export(data: bytes, threads: int = 0, precision: str = "auto") -> Expor
     fmt = meta["format"]
     loader = {"openvino": _open_openvino, "onnx": _open_onnx, "tflite": _open_tflite, "savedmodel": _open_savedmodel}.get(fmt)
     if loader is None:
-        raise RuntimeUnavailable(f"unknown export format {str(fmt)[:40]!r}")
+        raise RuntimeUnavailable(f"model export is damaged (unknown export format {str(fmt)[:40]!r}); "
+                                 "export it again with `brandmon model export`")
     if meta.get("precision", "fp32") not in ("int8", "fp32"):
         raise RuntimeUnavailable(f"model export is damaged (precision {str(meta.get('precision'))[:40]!r}); "
                                  "export it again with `brandmon model export`")
@@ -157,10 +177,30 @@ def open_export(data: bytes, threads: int = 0, precision: str = "auto") -> Expor
         run, tmp = loader(meta, files, threads or (os.cpu_count() or 1), precision)
     except BrandmonError:
         raise
-    except (KeyError, RuntimeError, ValueError, TypeError, OSError) as exc:  # a missing or corrupt file of the zip
+    # A missing or corrupt file of the zip. Each runtime has its own exception types (ONNX
+    # Runtime's InvalidProtobuf is a plain Exception), so anything its loader raises counts.
+    except Exception as exc:  # noqa: BLE001
         raise RuntimeUnavailable(f"model export is damaged ({type(exc).__name__}: {str(exc).strip()[:160]}); "
                                  "export it again with `brandmon model export`") from None
     return ExportedClassifier(fmt=fmt, meta=meta, _run=run, _tmp=tmp)
+
+
+def check_export_matches(meta: dict[str, Any], fmt: str, spec: Any, artifact_key: str) -> None:
+    """The export at a model's key was made from that model, for that runtime: the same classes in
+    the same order, the same input size, the same artifact. A swapped or edited export.json
+    would otherwise score every photo with the columns mapped to the wrong classes."""
+    wrong = []
+    if meta.get("format") != fmt:
+        wrong.append(f"format {str(meta.get('format'))[:40]!r}, not {fmt!r}")
+    if meta.get("classes") != list(spec.classes):
+        wrong.append("its classes differ from the model's")
+    if meta.get("input_size") != spec.input_size:
+        wrong.append(f"input size {str(meta.get('input_size'))[:20]}, not {spec.input_size}")
+    if meta.get("model_artifact") not in (None, artifact_key):
+        wrong.append("it was made from another model artifact")
+    if wrong:
+        raise RuntimeUnavailable(f"the {fmt} export does not match this model ({'; '.join(wrong)}); "
+                                 f"export it again with `brandmon model export VERSION --format {fmt}`")
 
 
 def _unpack(files: dict[str, bytes]) -> tempfile.TemporaryDirectory:
@@ -224,6 +264,7 @@ def _open_openvino(meta: dict, files: dict[str, bytes], threads: int, precision:
     run = openvino_runner(core, model, hint, threads)
     margin = meta.get("rescore_margin")
     if meta.get("precision") != "int8" or margin is None:
+        run.ran_in = "bf16" if hint == "bf16" else None  # type: ignore[attr-defined]  # read by .precision
         return run, None
     # a margin is a difference of two probabilities: a number in [0, 1]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 1:
@@ -284,6 +325,9 @@ def _tflite_interpreter(content: bytes, threads: int) -> Any:
 
 
 def _open_tflite(meta: dict, files: dict[str, bytes], threads: int, precision: str) -> tuple[Any, Any]:
+    if meta.get("precision") == "int8" and "head.npz" not in files:  # the int8 network ends at the features
+        raise RuntimeUnavailable("model export is damaged: a TFLite int8 export needs its head.npz; "
+                                 "export it again with `brandmon model export`")
     interp = _tflite_interpreter(files["model.tflite"], threads)
     inp = interp.get_input_details()[0]["index"]
     out = interp.get_output_details()[0]["index"]

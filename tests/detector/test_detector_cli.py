@@ -359,3 +359,33 @@ def test_promotion_reads_a_row_whose_signal_is_not_a_name():
     figures = recorded_figures(row)
     assert figures["source"] == "recorded headline figures (its own split)"
     assert recorded_figures({"version": "v1", "metrics": "garbage"})["source"].startswith("recorded headline")
+
+
+def test_the_export_line_says_which_runtime_setting_scores_with_it():
+    """`auto` never picks a SavedModel, and picks TFLite only without a faster export: the line
+    printed after an export said `detect uses it (detector.runtime: auto)` for every format."""
+    from pipeline.detector.cli import _export_use
+
+    assert "auto does not pick it" in _export_use("savedmodel") and "--runtime savedmodel" in _export_use("savedmodel")
+    assert _export_use("openvino").endswith("(detector.runtime: auto)")
+    assert _export_use("tflite").endswith("(detector.runtime: auto, unless the model also has an openvino or onnx export)")
+
+
+def test_export_notes_flags_that_do_not_apply_and_refuses_a_missing_artifact(make_ctx, install_model, monkeypatch,
+                                                                              capsys, tmp_path: Path):
+    """--calibration with an fp32 export was silently ignored; an export of a model whose
+    artifact is gone from the lake was `internal error: KeyError`."""
+    from pipeline.detector.registry import get_version
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    _env(monkeypatch, ctx)
+    (tmp_path / "cal").mkdir()
+    assert main(["model", "export", version, "--format", "savedmodel", "--calibration", str(tmp_path / "cal")]) == 0
+    captured = capsys.readouterr()
+    assert "note: --calibration and --calibration-images apply to int8 exports only" in captured.err
+    assert "auto does not pick it" in captured.out
+    ctx.store.delete(get_version(ctx, version)["artifact_key"])
+    assert main(["model", "export", version, "--format", "savedmodel"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is missing from the lake; restore it" in err and "internal" not in err

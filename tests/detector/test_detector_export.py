@@ -345,3 +345,207 @@ def test_int8_export_refuses_too_few_calibration_images(make_ctx, install_model,
     for n in (0, -5, 7, True):
         with pytest.raises(ExportError, match="--calibration-images must be a whole number >= 8"):
             export_model(ctx, version, "openvino", calibration_images=n)
+
+
+def _zip_with_header_patch(entries: dict[str, bytes], offsets: tuple[int, int], value: int, bit: bool) -> bytes:
+    """A stored zip of `entries` whose local/central headers get `value` at (local, central)
+    offsets: OR-ed in as flag bits when `bit`, else written (a compression method)."""
+    import io
+    import struct
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, blob in entries.items():
+            zf.writestr(name, blob)
+    data = bytearray(buf.getvalue())
+    for sig, off in ((b"PK\x03\x04", offsets[0]), (b"PK\x01\x02", offsets[1])):
+        i = data.find(sig)
+        while i >= 0:
+            old = struct.unpack("<H", data[i + off : i + off + 2])[0]
+            data[i + off : i + off + 2] = struct.pack("<H", old | value if bit else value)
+            i = data.find(sig, i + 4)
+    return bytes(data)
+
+
+def test_an_unreadable_export_zip_is_one_line_that_says_to_export_again():
+    """Every way a zip can refuse (not a zip, an unsupported compression method, an encrypted
+    entry, export.json that is not UTF-8 JSON, a format no runtime has) is a RuntimeUnavailable
+    that says what to do: zipfile raises NotImplementedError / RuntimeError for the middle two,
+    which reached the CLI as an internal error."""
+    import json
+
+    from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
+        open_export,
+        read_export,
+        write_export,
+    )
+
+    meta = {"export_format": 1, "format": "onnx", "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
+    entries = {"export.json": json.dumps(meta).encode(), "model.onnx": b"x" * 64}
+    assert read_export(_zip_with_header_patch(entries, (8, 10), 0, bit=False))[0] == meta  # the patcher itself
+    cases = {
+        "empty": b"",
+        "not a zip": b"PK\x03\x04 garbage",
+        "method 99": _zip_with_header_patch(entries, (8, 10), 99, bit=False),
+        "encrypted": _zip_with_header_patch(entries, (6, 8), 1, bit=True),
+        "latin-1 json": write_export({}, {}).replace(b"{}", b"{\"format\": \"\xff\"}"),
+    }
+    for name, data in cases.items():
+        with pytest.raises(RuntimeUnavailable, match=r"export it again with `brandmon model export`") as err:
+            read_export(data)
+        assert "\n" not in str(err.value), name
+    with pytest.raises(RuntimeUnavailable, match=r"damaged \(unknown export format '1'\).*export it again"):
+        open_export(write_export({**meta, "format": 1}, {}))
+
+
+@pytest.mark.skipif(not _have("onnxruntime"), reason="needs onnxruntime (extra `runtimes`)")
+def test_a_corrupt_onnx_file_or_a_tflite_int8_without_its_head_is_a_damaged_export():
+    """ONNX Runtime's InvalidProtobuf is not a RuntimeError: a truncated model.onnx was an
+    internal error. A TFLite int8 export without head.npz loaded as a features-only network and
+    failed mid-run (`zip() argument 2 is longer than argument 1`)."""
+    from pipeline.detector.runtimes import RuntimeUnavailable, open_export, write_export
+
+    meta = {"export_format": 1, "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
+    with pytest.raises(RuntimeUnavailable, match=r"damaged \(InvalidProtobuf.*export it again"):
+        open_export(write_export({**meta, "format": "onnx"}, {"model.onnx": b"\x08\x07garbage"}))
+    with pytest.raises(RuntimeUnavailable, match="needs its head.npz; export it again"):
+        open_export(write_export({**meta, "format": "tflite"}, {"model.tflite": b"TFL3"}))
+
+
+def test_an_export_that_is_not_this_models_is_refused_before_scoring(make_ctx, install_model):
+    """export.json's classes, input size, format and artifact must be the model's: an edited or
+    swapped export would map the network's columns to the wrong classes (or fail mid-run). The
+    network's own output width is checked on every batch too."""
+    from pipeline.detector import registry
+    from pipeline.detector.export import export_model
+    from pipeline.detector.registry import get_version, load_model
+    from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
+        open_export,
+        read_export,
+        write_export,
+    )
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    meta = export_model(ctx, version, "tflite", precision="fp32")
+    key, artifact = meta["key"], get_version(ctx, version)["artifact_key"]
+    good, files = read_export(ctx.store.get(key))
+    assert load_model(ctx, version, runtime="tflite").runtime == "tflite"  # as exported: accepted
+    tampered = {
+        "classes": {**good, "classes": list(reversed(good["classes"]))},
+        "input size": {**good, "input_size": good["input_size"] + 32},
+        "another model artifact": {**good, "model_artifact": "models/artifacts/other.zip"},
+    }
+    for reason, bad in tampered.items():
+        ctx.store.put(key, write_export(bad, files))
+        registry._LOADED.clear()  # a fresh load, not the accepted one cached above
+        with pytest.raises(RuntimeUnavailable, match=f"does not match this model.*{reason}.*export it again"):
+            load_model(ctx, version, runtime="tflite")
+    assert artifact == good["model_artifact"]
+    # one class more in export.json than the network has columns: refused on the first batch
+    wide = open_export(write_export({**good, "classes": [*good["classes"], "extra"]}, files))
+    with pytest.raises(RuntimeUnavailable, match=r"outputs shape \(2, \d+\), not one probability per class"):
+        wide.predict(_batch(good["input_size"], n=2))
+
+
+def test_calibration_images_are_resized_as_they_are_decoded_and_an_empty_folder_says_what_to_do(
+        make_ctx, install_model, tmp_path):
+    """The calibration batch held every decoded photo at full size until the end (320 phone
+    photos of 12 MP: 11 GB); now each is resized at once, with the same result."""
+    from pipeline.detector.data import decode_rgb, sha256_bytes
+    from pipeline.detector.export import ExportError, calibration_batch
+    from pipeline.detector.model import resize_batch
+    from pipeline.detector.registry import get_version
+
+    ctx = make_ctx()
+    row = get_version(ctx, install_model(ctx))
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    blobs = [jpeg_bytes(scene(["Reddisc", None][i % 2], 40 + i, size=160 + 20 * i)) for i in range(5)]
+    for i, blob in enumerate(blobs):
+        (folder / f"{i}.jpg").write_bytes(blob)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    got = calibration_batch(ctx, row, 48, limit=4, folder=folder)
+    assert got.shape == (4, 48, 48, 3) and got.dtype == np.uint8
+    chosen = sorted([*blobs, b"not a jpeg"], key=sha256_bytes)  # by content hash, the broken one skipped
+    want = resize_batch([decode_rgb(b) for b in chosen if b != b"not a jpeg"][:4], 48)
+    np.testing.assert_array_equal(got, want)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match=r"no readable calibration images in .*empty .*--calibration DIR.*--precision fp32"):
+        calibration_batch(ctx, row, 48, folder=tmp_path / "empty")
+
+
+def test_calibration_images_have_an_upper_bound(make_ctx, install_model, capsys):
+    """They are held in memory resized (N x size^2 x 3 bytes): `--calibration-images 100000`
+    over a large folder took 27 GB at 299 px before anything was quantised."""
+    from pipeline.cli import main
+    from pipeline.detector.export import MAX_CALIBRATION_IMAGES, ExportError, export_model
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    with pytest.raises(ExportError, match=r">= 8 \(at most 4096: they are held in memory\), not 4097"):
+        export_model(ctx, version, "tflite", calibration_images=MAX_CALIBRATION_IMAGES + 1)
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "export", version, "--format", "tflite", "--calibration-images", "100000"])
+    assert exc.value.code == 2 and "must be from 8 to 4096" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _have("openvino"), reason="needs openvino (extra `runtimes`)")
+def test_an_fp32_openvino_export_run_in_bf16_is_recorded_as_bf16(make_ctx, install_model):
+    """OpenVINO runs an fp32 export with the bf16 hint where detect's precision is bf16 (as Keras
+    does); the run log recorded `fp32` for it while Keras's run said `bf16`."""
+    from pipeline.detector.export import export_model
+    from pipeline.detector.model import choose_precision
+    from pipeline.detector.runtimes import open_export
+
+    ctx = make_ctx()
+    meta = export_model(ctx, install_model(ctx), "openvino", precision="fp32")
+    data = ctx.store.get(meta["key"])
+    assert open_export(data, threads=1, precision="fp32").precision == "fp32"
+    assert open_export(data, threads=1, precision="bf16").precision == choose_precision("bf16") == "bf16"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_quantisation_child_ends_with_its_parent_and_removes_its_folder(tmp_path):
+    """A SIGTERM to `brandmon model export` (an Airflow timeout, `kill`) left the NNCF child
+    quantising as an orphan for up to an hour, and its folder (~100 MB) in /tmp."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from pipeline.settings import child_env
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = child_env(root)
+    # a parent that is already gone: the child sees it at once
+    folder = tmp_path / "orphan"
+    folder.mkdir()
+    (folder / "model.xml").write_bytes(b"x")
+    done = subprocess.run([sys.executable, "-m", "pipeline.detector.quantize", str(folder), "0", "1"], env=env,
+                          capture_output=True, timeout=120, check=False)
+    assert done.returncode == 128 + 15 and not folder.exists()
+    # a parent killed while the child runs: the child gets SIGTERM, cleans up and ends
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / "model.xml").write_bytes(b"x")
+    spawn = ("import subprocess, sys, os, time; p = subprocess.Popen([sys.executable, '-m', "
+             f"'pipeline.detector.quantize', {str(folder)!r}, '0', str(os.getpid())]); print(p.pid, flush=True); "
+             "time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", spawn], env=env, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(timeout=30)
+
+    def running() -> bool:  # a zombie (reaped later by whoever adopted it) has ended
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and running():
+        time.sleep(0.2)
+    assert not running() and not folder.exists()
