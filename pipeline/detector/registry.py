@@ -207,6 +207,7 @@ def load_model(
     """
     from pipeline.detector.model import load_artifact
     from pipeline.detector.runtimes import (
+        RuntimeUnavailable,
         check_export_matches,
         choose_runtime,
         export_key,
@@ -216,24 +217,36 @@ def load_model(
     row = get_version(ctx, version) if version else active_version(ctx)
     if row is None:
         raise UnknownModel("no active model; train one (`brandmon train`) or `brandmon model activate V`")
-    runtime = choose_runtime(ctx, row["artifact_key"], runtime)
-    cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}:{runtime}")
+    chosen = choose_runtime(ctx, row["artifact_key"], runtime, version=row["version"])
+    cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}:{chosen}")
     if cache not in _LOADED:
         try:
             data = ctx.store.get(row["artifact_key"])
         except KeyError:
             raise UnknownModel(f"model {row['version']}: artifact {row['artifact_key']} is missing from the lake") from None
         _LOADED.clear()  # one model in memory at a time is plenty
-        if runtime == "keras":
-            _LOADED[cache] = load_artifact(data, precision=precision, with_matcher=with_matcher)
-        else:
+        loaded = None
+        if chosen != "keras":
             loaded = load_artifact(data, precision=precision, with_matcher=with_matcher, with_network=False)
-            loaded.exported = open_export(ctx.store.get(export_key(row["artifact_key"], runtime)),
-                                          threads=ctx.settings.detector.threads, precision=precision)
-            check_export_matches(loaded.exported.meta, runtime, loaded.spec, row["artifact_key"])
-            loaded.runtime = runtime
-            loaded.precision = loaded.exported.precision
-            _LOADED[cache] = loaded
+            try:
+                loaded.exported = open_export(ctx.store.get(export_key(row["artifact_key"], chosen)),
+                                              threads=ctx.settings.detector.threads, precision=precision)
+                check_export_matches(loaded.exported.meta, chosen, loaded.spec, row["artifact_key"])
+            except RuntimeUnavailable as exc:
+                if runtime != "auto":  # a runtime the user forced: its failure is the answer
+                    raise
+                # auto: a damaged export must not stop the nightly run; Keras scores it (slower),
+                # the run log records `keras`, and this warning says what to do
+                log.warning("model %s: its %s export cannot be used (%s); scoring with Keras: export it again "
+                            "(`brandmon model export %s --format %s`)", row["version"], chosen, exc, row["version"], chosen)
+                loaded, chosen = None, "keras"
+                cache = (ctx.store.url, row["artifact_key"], f"{precision}:{with_matcher}:{chosen}")
+            else:
+                loaded.runtime = chosen
+                loaded.precision = loaded.exported.precision
+        if loaded is None:
+            loaded = load_artifact(data, precision=precision, with_matcher=with_matcher)
+        _LOADED[cache] = loaded
     loaded = _LOADED[cache]
     loaded.version = row["version"]
     # The registry row is authoritative for the decision threshold (an operator may adjust it).

@@ -76,14 +76,15 @@ def runtime_setting(ctx: Any) -> str:
     return value
 
 
-def choose_runtime(ctx: Any, artifact_key: str, setting: str) -> str:
-    """The runtime to score with: `keras` or an export format (see the module doc)."""
+def choose_runtime(ctx: Any, artifact_key: str, setting: str, version: str = "VERSION") -> str:
+    """The runtime to score with: `keras` or an export format (see the module doc); `version`
+    names the model in the error that says how to export it."""
     if setting == "keras":
         return "keras"
     if setting != "auto":
         if not ctx.store.exists(export_key(artifact_key, setting)):
             raise RuntimeUnavailable(f"detector.runtime={setting}: this model has no {setting} export "
-                                     f"(run `brandmon model export VERSION --format {setting}`)")
+                                     f"(run `brandmon model export {version} --format {setting}`)")
         if not runtime_importable(setting):
             raise RuntimeUnavailable(f"detector.runtime={setting}: its Python package {RUNTIME_MODULES[setting]} "
                                      "is not installed (pip install 'brandmon[runtimes]')")

@@ -451,6 +451,39 @@ def test_an_export_that_is_not_this_models_is_refused_before_scoring(make_ctx, i
         wide.predict(_batch(good["input_size"], n=2))
 
 
+def test_a_damaged_export_under_auto_falls_back_to_keras_with_a_warning(make_ctx, install_model, monkeypatch, caplog):
+    """`detector.runtime: auto` picks the fastest export; when that export cannot be used (damaged,
+    foreign) the nightly run must go on: Keras scores, the run log says `keras`, a warning says
+    to export again. A runtime the user forced still fails with the reason."""
+    import logging
+
+    from pipeline.detector import registry
+    from pipeline.detector.export import export_model
+    from pipeline.detector.infer import detect
+    from pipeline.detector.runtimes import RuntimeUnavailable
+    from pipeline.schema import runs
+
+    ctx = make_ctx()
+    version = install_model(ctx)
+    meta = export_model(ctx, version, "tflite", precision="fp32")
+    ctx.store.put(meta["key"], b"PK\x03\x04 not really a zip")
+    registry._LOADED.clear()
+    kinds = ["Reddisc", "Bluesquare", None]
+    store_images(ctx, [jpeg_bytes(scene(kinds[i % 3], 1700 + i, size=120)) for i in range(4)])
+    monkeypatch.delenv("BRANDMON_DETECT_RUNTIME", raising=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.registry"):
+        assert detect(ctx, limit=2, runtime="auto")["scored"] == 2
+    warned = [r.getMessage() for r in caplog.records if "export cannot be used" in r.getMessage()]
+    assert warned and f"brandmon model export {version} --format tflite" in warned[0] and "scoring with Keras" in warned[0]
+    with ctx.engine.connect() as conn:
+        done = conn.execute(select(runs.c.counts).where(runs.c.kind == "detect")).scalar_one()
+    assert done["runtime"] == "keras" and done["scored"] == 2
+    with pytest.raises(RuntimeUnavailable, match="not a brandmon model export"):
+        detect(ctx, runtime="tflite")
+    with pytest.raises(RuntimeUnavailable, match=f"model export {version} --format onnx"):  # names the version
+        detect(ctx, runtime="onnx")
+
+
 def test_calibration_images_are_resized_as_they_are_decoded_and_an_empty_folder_says_what_to_do(
         make_ctx, install_model, tmp_path):
     """The calibration batch held every decoded photo at full size until the end (320 phone
