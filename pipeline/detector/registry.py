@@ -231,7 +231,7 @@ def load_model(
             try:
                 loaded.exported = open_export(ctx.store.get(export_key(row["artifact_key"], chosen)),
                                               threads=ctx.settings.detector.threads, precision=precision)
-                check_export_matches(loaded.exported.meta, chosen, loaded.spec, row["artifact_key"])
+                check_export_matches(loaded.exported.meta, chosen, loaded.spec, row["artifact_key"], row["version"])
             except RuntimeUnavailable as exc:
                 if runtime != "auto":  # a runtime the user forced: its failure is the answer
                     raise

@@ -186,7 +186,7 @@ def open_export(data: bytes, threads: int = 0, precision: str = "auto") -> Expor
     return ExportedClassifier(fmt=fmt, meta=meta, _run=run, _tmp=tmp)
 
 
-def check_export_matches(meta: dict[str, Any], fmt: str, spec: Any, artifact_key: str) -> None:
+def check_export_matches(meta: dict[str, Any], fmt: str, spec: Any, artifact_key: str, version: str = "VERSION") -> None:
     """The export at a model's key was made from that model, for that runtime: the same classes in
     the same order, the same input size, the same artifact. A swapped or edited export.json
     would otherwise score every photo with the columns mapped to the wrong classes."""
@@ -201,7 +201,7 @@ def check_export_matches(meta: dict[str, Any], fmt: str, spec: Any, artifact_key
         wrong.append("it was made from another model artifact")
     if wrong:
         raise RuntimeUnavailable(f"the {fmt} export does not match this model ({'; '.join(wrong)}); "
-                                 f"export it again with `brandmon model export VERSION --format {fmt}`")
+                                 f"export it again with `brandmon model export {version} --format {fmt}`")
 
 
 def _unpack(files: dict[str, bytes]) -> tempfile.TemporaryDirectory:

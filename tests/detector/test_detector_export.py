@@ -442,7 +442,8 @@ def test_an_export_that_is_not_this_models_is_refused_before_scoring(make_ctx, i
     for reason, bad in tampered.items():
         ctx.store.put(key, write_export(bad, files))
         registry._LOADED.clear()  # a fresh load, not the accepted one cached above
-        with pytest.raises(RuntimeUnavailable, match=f"does not match this model.*{reason}.*export it again"):
+        with pytest.raises(RuntimeUnavailable, match=f"does not match this model.*{reason}.*export it again.*"
+                                                     f"model export {version} --format tflite"):
             load_model(ctx, version, runtime="tflite")
     assert artifact == good["model_artifact"]
     # one class more in export.json than the network has columns: refused on the first batch
