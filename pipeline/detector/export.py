@@ -21,6 +21,7 @@ import io
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ MIN_CHECK_IMAGES = 32
 MIN_CALIBRATION_IMAGES = 8  # int8: fewer images than this calibrate nothing worth shipping
 # The calibration images are held in memory, resized: N x size^2 x 3 bytes (4096 at 299 px: 1.1 GB)
 MAX_CALIBRATION_IMAGES = 4096
+MAX_CALIBRATION_FILE_BYTES = 64 * 1024**2  # a --calibration photo larger than this is skipped
 
 
 class ExportError(BrandmonError):
@@ -96,16 +98,16 @@ def inference_function(net: Any, spec: Any, head: bool = True) -> Any:
 def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int = CALIBRATION_IMAGES,
                       folder: str | Path | None = None) -> np.ndarray:
     """Up to `limit` whole images of the model's training split (or of `folder`), resized as
-    detection resizes them. Deterministic: sources sorted by content hash."""
+    detection resizes them. Deterministic: the training split sorted by content hash, a folder
+    walked in name order (read only until `limit` images are in, each file bounded in size)."""
     from pipeline.detector.data import IMAGE_EXTS, decode_rgb, load_boxes, load_folders
     from pipeline.detector.model import resize_batch
     from pipeline.detector.split import DEFAULT_FRACTIONS, split_of
 
     params = row.get("params") or {}
+    chosen: Any
     if folder is not None:
-        root = Path(folder)
-        sources = [s for s in _any_images(root)]
-        chosen = sources
+        chosen = _any_images(Path(folder))
     else:
         data = params.get("data")
         if not data or not Path(data).exists():
@@ -115,8 +117,7 @@ def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int =
         loader = load_boxes if params.get("format") == "boxes" else load_folders
         sources = loader(data)
         fractions = tuple((params.get("config") or {}).get("fractions") or DEFAULT_FRACTIONS)
-        chosen = [s for s in sources if split_of(s.sha256, fractions) == "train"]
-    chosen = sorted(chosen, key=lambda s: s.sha256)
+        chosen = sorted((s for s in sources if split_of(s.sha256, fractions) == "train"), key=lambda s: s.sha256)
     arrays = []  # each resized as soon as it is decoded: memory is limit x size^2, not limit photos
     for src in chosen:
         if len(arrays) >= limit:
@@ -133,16 +134,26 @@ def calibration_batch(ctx: Context, row: dict[str, Any], size: int, limit: int =
     return np.stack(arrays)
 
 
-def _any_images(root: Path) -> list[Any]:
-    from pipeline.detector.data import IMAGE_EXTS, SourceImage, sha256_bytes
+def _any_images(root: Path) -> Iterator[Any]:
+    """The image files under `root` in name order, lazily (a huge folder is read only as far as
+    needed); a file above MAX_CALIBRATION_FILE_BYTES is skipped with a warning."""
+    import os
+
+    from pipeline.detector.data import IMAGE_EXTS, SourceImage
 
     if not root.is_dir():
         raise ExportError(f"--calibration {root}: not a folder")
-    out = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
-            out.append(SourceImage(sha256=sha256_bytes(path.read_bytes()), path=path))
-    return out
+    for top, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(top, name)
+            if path.suffix.lower() not in IMAGE_EXTS or not path.is_file():
+                continue
+            size = path.stat().st_size
+            if size > MAX_CALIBRATION_FILE_BYTES:
+                log.warning("calibration: skipping %s: %d bytes (more than %d)", name[:80], size, MAX_CALIBRATION_FILE_BYTES)
+                continue
+            yield SourceImage(sha256="", path=path)
 
 
 def rescore_figures(files: dict[str, bytes], check: np.ndarray, threads: int = 0) -> dict[str, Any]:

@@ -489,7 +489,7 @@ def test_calibration_images_are_resized_as_they_are_decoded_and_an_empty_folder_
         make_ctx, install_model, tmp_path):
     """The calibration batch held every decoded photo at full size until the end (320 phone
     photos of 12 MP: 11 GB); now each is resized at once, with the same result."""
-    from pipeline.detector.data import decode_rgb, sha256_bytes
+    from pipeline.detector.data import decode_rgb
     from pipeline.detector.export import ExportError, calibration_batch
     from pipeline.detector.model import resize_batch
     from pipeline.detector.registry import get_version
@@ -504,12 +504,50 @@ def test_calibration_images_are_resized_as_they_are_decoded_and_an_empty_folder_
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     got = calibration_batch(ctx, row, 48, limit=4, folder=folder)
     assert got.shape == (4, 48, 48, 3) and got.dtype == np.uint8
-    chosen = sorted([*blobs, b"not a jpeg"], key=sha256_bytes)  # by content hash, the broken one skipped
-    want = resize_batch([decode_rgb(b) for b in chosen if b != b"not a jpeg"][:4], 48)
+    # a folder is walked in name order (0.jpg .. 4.jpg, then broken.jpg), read only until 4 are in
+    want = resize_batch([decode_rgb(b) for b in blobs[:4]], 48)
     np.testing.assert_array_equal(got, want)
+    assert len(calibration_batch(ctx, row, 48, limit=8, folder=folder)) == 5  # the broken one skipped
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match=r"no readable calibration images in .*empty .*--calibration DIR.*--precision fp32"):
         calibration_batch(ctx, row, 48, folder=tmp_path / "empty")
+
+
+def test_a_calibration_folder_is_read_lazily_and_each_file_is_bounded(make_ctx, install_model, tmp_path, monkeypatch,
+                                                                      caplog):
+    """`--calibration DIR` read and hashed every file under DIR in full before choosing N: a huge
+    folder (or one huge file) was unbounded. Now files are taken in name order until N are in,
+    and a file above the size bound is skipped with a warning, never read."""
+    import logging
+    from pathlib import Path
+
+    from pipeline.detector import export
+    from pipeline.detector.registry import get_version
+
+    ctx = make_ctx()
+    row = get_version(ctx, install_model(ctx))
+    folder = tmp_path / "cal"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for i in range(3):
+        (folder / "a" / f"{i}.jpg").write_bytes(jpeg_bytes(scene("Reddisc", 60 + i, size=120)))
+    (folder / "a" / "0_huge.jpg").write_bytes(b"\xff" * 200_000)
+    read: list[str] = []
+    real_read = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        read.append(self.name)
+        return real_read(self)
+
+    monkeypatch.setattr(export, "MAX_CALIBRATION_FILE_BYTES", 100_000)
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    for i in range(50):  # many more files further on: never opened
+        (folder / "b" / f"{i}.jpg").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.export"):
+        got = export.calibration_batch(ctx, row, 32, limit=2, folder=folder)
+    assert got.shape == (2, 32, 32, 3)
+    assert read == ["0.jpg", "1.jpg"]  # in name order, the huge one skipped unread, folder b not touched
+    assert any("0_huge.jpg" in r.getMessage() and "more than 100000" in r.getMessage() for r in caplog.records)
 
 
 def test_calibration_images_have_an_upper_bound(make_ctx, install_model, capsys):
