@@ -11,7 +11,15 @@ import pytest
 from detector_helpers import jpeg_bytes, scene, store_images
 from sqlalchemy import select
 
-from pipeline.detector.runtimes import FORMATS, RUNTIME_MODULES, export_key
+from pipeline.detector.runtimes import (
+    FORMATS,
+    RUNTIME_MODULES,
+    RuntimeUnavailable,
+    export_key,
+    open_export,
+    read_export,
+    write_export,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -234,12 +242,6 @@ def test_openvino_int8_rescores_its_near_ties_with_the_fp32_network(make_ctx, in
     from pipeline.detector.export import export_model
     from pipeline.detector.infer import detect
     from pipeline.detector.rescore import margins
-    from pipeline.detector.runtimes import (
-        RuntimeUnavailable,
-        open_export,
-        read_export,
-        write_export,
-    )
     from pipeline.schema import runs
 
     ctx = make_ctx()
@@ -376,12 +378,6 @@ def test_an_unreadable_export_zip_is_one_line_that_says_to_export_again():
     which reached the CLI as an internal error."""
     import json
 
-    from pipeline.detector.runtimes import (
-        RuntimeUnavailable,
-        open_export,
-        read_export,
-        write_export,
-    )
 
     meta = {"export_format": 1, "format": "onnx", "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
     entries = {"export.json": json.dumps(meta).encode(), "model.onnx": b"x" * 64}
@@ -422,12 +418,6 @@ def test_an_export_that_is_not_this_models_is_refused_before_scoring(make_ctx, i
     from pipeline.detector import registry
     from pipeline.detector.export import export_model
     from pipeline.detector.registry import get_version, load_model
-    from pipeline.detector.runtimes import (
-        RuntimeUnavailable,
-        open_export,
-        read_export,
-        write_export,
-    )
 
     ctx = make_ctx()
     version = install_model(ctx)
