@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.environ.get("BRANDMON_FL27_DIR"))
     ap.add_argument("--scores", required=True, help="a trained model's scores.npz (the matcher's val/test scores)")
     ap.add_argument("--budget", type=float, default=420.0, help="training seconds")
+    ap.add_argument("--steps", type=int, help="train this many steps (the budget still caps it): equal work on a busy machine")
+    ap.add_argument("--mine", default="0.4,0.7", help="fractions of training at which hard negatives are mined ('' = never)")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loaded the crop net from {args.net}", flush=True)
     else:
         net, hist = train_crop_net(train, backgrounds, brands, args.budget, seed=args.seed, width=args.width,
-                                   batch_size=args.batch, lr=args.lr, say=lambda m: print(" ", m, flush=True))
+                                   batch_size=args.batch, lr=args.lr, max_steps=args.steps,
+                                   mine_at=tuple(float(f) for f in args.mine.split(",") if f.strip()),
+                                   say=lambda m: print(" ", m, flush=True))
         print(f"trained {hist['steps']} steps = {hist['patches']} patches in {hist['seconds']:.0f}s, loss "
               f"{hist['final_loss']}; load {os.getloadavg()}", flush=True)
         if args.net:

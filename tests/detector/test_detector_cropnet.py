@@ -14,7 +14,14 @@ import pytest
 from detector_helpers import FAST, make_boxes
 
 from pipeline.detector import NO_LOGO
-from pipeline.detector.cropnet import PATCH, CropNet, PatchMaker, merge_local, train_crop_net
+from pipeline.detector.cropnet import (
+    PATCH,
+    CropNet,
+    PatchMaker,
+    merge_local,
+    mine_hard,
+    train_crop_net,
+)
 from pipeline.detector.data import Box, decode_rgb
 from pipeline.detector.training.calibrate import choose_crop
 
@@ -48,6 +55,46 @@ def test_photos_that_are_all_logo_still_give_none_patches():
     maker = PatchMaker([(arr, [Box("A", 0, 0, 80, 80)])], [], ["A"], seed=0, p_none=1.0)
     x, y = maker.batch(4)
     assert x.shape == (4, PATCH, PATCH, 3) and not y.any()
+
+
+def _grid_forward(cells: dict[tuple[int, int], tuple[int, float]], n_brands: int):
+    """A forward pass whose brand probabilities are `cells` {(gy, gx): (brand, p)} at the 256-px scale only."""
+
+    def forward(im: np.ndarray) -> np.ndarray:
+        gh, gw = max(1, im.shape[0] // 32 - 1), max(1, im.shape[1] // 32 - 1)
+        out = np.zeros((gh, gw, n_brands + 1))
+        out[..., 0] = 1.0
+        if max(im.shape[:2]) == 256:
+            for (gy, gx), (k, p) in cells.items():
+                out[gy, gx, 0], out[gy, gx, k + 1] = 1 - p, p
+        return out
+
+    return forward
+
+
+def test_mining_keeps_the_surest_false_windows_outside_boxes_and_held_brands():
+    """Windows over a (grown) box, and windows calling a brand the photo holds (FL27 leaves some
+    instances unboxed), are never mined; the rest come surest first, cut at the scale they were seen."""
+    arr = np.zeros((256, 256, 3), np.uint8)
+    arr[0:64, 192:256] = 77  # the window at cell (0, 6)
+    box = Box("A", 0, 0, 40, 40)  # covers cell (0, 0) and, grown by 10%, no more
+    cells = {(0, 0): (1, 0.99),  # over the box
+             (4, 4): (0, 0.95),  # brand A: the photo holds A
+             (0, 6): (1, 0.9), (6, 0): (1, 0.6), (6, 6): (1, 0.1)}  # B: mined, surest first; 0.1 under the floor
+    hard = mine_hard(_grid_forward(cells, 2), [(arr, [box])], [], ["A", "B"], sides=(128, 256))
+    assert len(hard) == 2 and hard[0].shape == (PATCH, PATCH, 3)
+    assert (hard[0] == 77).all() and (hard[1] == 0).all()
+    assert len(mine_hard(_grid_forward(cells, 2), [(arr, [box])], [], ["A", "B"], sides=(256,), limit=1)) == 1
+    # a logo-free background holds no brand and no box: every sure window is mined
+    assert len(mine_hard(_grid_forward(cells, 2), [], [arr], ["A", "B"], sides=(256,))) == 4
+
+
+def test_mined_windows_join_the_none_patches():
+    arr = np.full((80, 80, 3), 10, np.uint8)
+    maker = PatchMaker([(arr, [Box("A", 0, 0, 80, 80)])], [], ["A"], seed=0, p_none=1.0, p_hard=1.0)
+    maker.hard = [np.full((PATCH, PATCH, 3), 250, np.uint8)]
+    x, y = maker.batch(8)
+    assert not y.any() and x.mean() > 150  # the bright mined window (colour-jittered), not the dark noise
 
 
 def test_merge_keeps_the_matcher_units_and_takes_the_winning_box():
@@ -107,6 +154,7 @@ def test_trained_crop_net_scores_its_brand_and_survives_a_round_trip(tmp_path: P
     train, held = photos[:24], photos[24:]
     net, hist = train_crop_net(train, [], ["Bluesquare", "Reddisc"], budget_s=300, max_steps=150, batch_size=32)
     assert hist["steps"] == 150 and hist["patches"] == 150 * 32
+    assert [m["at_step"] for m in hist["hard_negatives"]] == [60, 105]  # mined at 40% and 70% of the steps
     hits = 0
     for arr, (box,) in held:
         s = net.score(arr)
