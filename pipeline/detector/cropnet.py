@@ -17,7 +17,9 @@ validation split (`training/calibrate.py`). TensorFlow and OpenCV are imported i
 
 from __future__ import annotations
 
+import heapq
 import io
+import itertools
 import json
 import math
 import queue
@@ -39,7 +41,8 @@ PATCH = 64
 # (`mine_hard`) the net's false windows are rare enough that more scales find more logos than
 # false ones (FL27 val, bench/crop_net.py run 4: recall 0.832 -> 0.860 folded into the matcher).
 SIDES = (64, 96, 128, 176, 224, 304, 384)
-MINE_SIDES = (64, 128, 224, 384)  # hard negatives are mined at four of them (time: ~50 s a round on FL27)
+MINE_SIDES = (64, 128, 224, 384)
+MINE_SHARE = 0.1  # a mining round stops after this share of the training budget (FL27: all 871 photos in ~50 s of 840)  # hard negatives are mined at four of them (time: ~50 s a round on FL27)
 NONE = "none"
 FORMAT = 1
 
@@ -179,7 +182,7 @@ class PatchMaker:
 
 def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list[np.ndarray],
               brands: list[str], sides: tuple[int, ...] = MINE_SIDES, floor: float = 0.2, limit: int = 4000,
-              clearance: float = 0.1) -> list[np.ndarray]:
+              clearance: float = 0.1, deadline: float | None = None, order: Iterable[int] | None = None) -> list[np.ndarray]:
     """The logo-free windows the net now calls a brand most surely, as 64-px patches, surest first.
 
     Why: random box-free windows are mostly easy, so the net's few confident false windows (text,
@@ -189,13 +192,19 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
     training on them as `none` (30% of the `none` patches) is classic bootstrapping (Sung & Poggio; Felzenszwalb et al.).
     A window whose top brand is one the photo holds is skipped: FL27 leaves some instances
     unboxed, and teaching the net that they are `none` would cost recall.
+    Bounded: at most `limit` windows are held (a heap), and the photos are visited in `order`
+    (photos first, then backgrounds, by index) until `time.monotonic()` passes `deadline`.
     """
     import cv2
 
-    found: list[tuple[float, np.ndarray]] = []
+    found: list[tuple[float, int, np.ndarray]] = []  # a min-heap: the weakest kept window on top
     items = [(arr, boxes) for arr, boxes in photos] + [(bg, []) for bg in backgrounds]
     index = {b: k for k, b in enumerate(brands)}
-    for arr, boxes in items:
+    ties = itertools.count()  # heap ties never compare the arrays
+    for i in range(len(items)) if order is None else order:
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        arr, boxes = items[i]
         h, w = arr.shape[:2]
         held = {index[b.cls] for b in boxes if b.cls in index}
         for side in sides:
@@ -217,9 +226,15 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
                     continue
                 if any(x1 < g[2] and g[0] < x1 + PATCH and y1 < g[3] and g[1] < y1 + PATCH for g in grown):
                     continue
-                found.append((float(top[gy, gx]), np.ascontiguousarray(im[y1:y1 + PATCH, x1:x1 + PATCH])))
-    found.sort(key=lambda t: -t[0])
-    return [patch for _score, patch in found[:limit]]
+                score = float(top[gy, gx])
+                if len(found) >= limit and score <= found[0][0]:
+                    continue
+                entry = (score, next(ties), np.ascontiguousarray(im[y1:y1 + PATCH, x1:x1 + PATCH]))
+                if len(found) < limit:
+                    heapq.heappush(found, entry)
+                else:
+                    heapq.heapreplace(found, entry)
+    return [patch for _score, _tie, patch in sorted(found, key=lambda t: (-t[0], t[1]))]
 
 
 # --- the network -----------------------------------------------------------------------------
@@ -372,8 +387,10 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
             if pending and frac >= pending[0]:
                 pending.pop(0)
                 t = time.monotonic()
-                scorer._fn = None  # trace afresh: the weights changed
-                maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands)
+                order = list(range(len(photos) + len(backgrounds)))
+                maker.rng.shuffle(order)  # a cut-short round still sees photos and backgrounds alike
+                maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands, order=order,
+                                       deadline=t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
                 if say:
                     say(f"crop net: mined {len(maker.hard)} hard negative windows in {time.monotonic() - t:.0f}s")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import time
 import zipfile
 from pathlib import Path
 
@@ -84,7 +85,11 @@ def test_mining_keeps_the_surest_false_windows_outside_boxes_and_held_brands():
     hard = mine_hard(_grid_forward(cells, 2), [(arr, [box])], [], ["A", "B"], sides=(128, 256))
     assert len(hard) == 2 and hard[0].shape == (PATCH, PATCH, 3)
     assert (hard[0] == 77).all() and (hard[1] == 0).all()
-    assert len(mine_hard(_grid_forward(cells, 2), [(arr, [box])], [], ["A", "B"], sides=(256,), limit=1)) == 1
+    (surest,) = mine_hard(_grid_forward(cells, 2), [(arr, [box])], [], ["A", "B"], sides=(256,), limit=1)
+    assert (surest == 77).all()  # the heap keeps the surest, not the first found
+    # bounded in time and in which photos it visits
+    assert mine_hard(_grid_forward(cells, 2), [(arr, [box])], [arr], ["A", "B"], sides=(256,), deadline=time.monotonic() - 1) == []
+    assert len(mine_hard(_grid_forward(cells, 2), [(arr, [box])], [arr], ["A", "B"], sides=(256,), order=[1])) == 4
     # a logo-free background holds no brand and no box: every sure window is mined
     assert len(mine_hard(_grid_forward(cells, 2), [], [arr], ["A", "B"], sides=(256,))) == 4
 
