@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--sides", default="64,128,224,384")
+    ap.add_argument("--sides", help="pyramid long sides, e.g. 64,128,224,384 (default: the net's own)")
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--save", help="save the val (and test) crop-net score matrices here (.npz)")
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.net:
             Path(args.net).write_bytes(net.to_bytes())
 
-    net.sides = tuple(int(s) for s in args.sides.split(","))
+    if args.sides:
+        net.sides = tuple(int(s) for s in args.sides.split(","))
     splits = ["val", "test"] if args.test else ["val"]
     crop_m: dict[str, np.ndarray] = {}
     for split in splits:
