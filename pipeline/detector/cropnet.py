@@ -41,8 +41,8 @@ PATCH = 64
 # (`mine_hard`) the net's false windows are rare enough that more scales find more logos than
 # false ones (FL27 val, bench/crop_net.py run 4: recall 0.832 -> 0.860 folded into the matcher).
 SIDES = (64, 96, 128, 176, 224, 304, 384)
-MINE_SIDES = (64, 128, 224, 384)
-MINE_SHARE = 0.1  # a mining round stops after this share of the training budget (FL27: all 871 photos in ~50 s of 840)  # hard negatives are mined at four of them (time: ~50 s a round on FL27)
+MINE_SIDES = (64, 128, 224, 384)  # hard negatives are mined at four of them (time)
+MINE_SHARE = 0.1  # a mining round stops after this share of the training budget (FL27: all 871 photos in ~30-50 s of 840)
 NONE = "none"
 FORMAT = 1
 
@@ -188,7 +188,7 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
     Why: random box-free windows are mostly easy, so the net's few confident false windows (text,
     signs, round shapes) set the threshold that keeps precision, and photos with a plain logo sit
     just below it. Mining them from the training photos (outside every box, grown by
-    `clearance`) and the logo-free backgrounds, at the scales the photo is scored at, and
+    `clearance`) and the logo-free backgrounds, at four of the scales a photo is scored at, and
     training on them as `none` (30% of the `none` patches) is classic bootstrapping (Sung & Poggio; Felzenszwalb et al.).
     A window whose top brand is one the photo holds is skipped: FL27 leaves some instances
     unboxed, and teaching the net that they are `none` would cost recall.
@@ -388,7 +388,9 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
                 pending.pop(0)
                 t = time.monotonic()
                 order = list(range(len(photos) + len(backgrounds)))
-                maker.rng.shuffle(order)  # a cut-short round still sees photos and backgrounds alike
+                # a cut-short round still sees photos and backgrounds alike; its own generator (the
+                # patch thread draws from the maker's) keeps a seeded run repeatable
+                random.Random(seed + len(mined)).shuffle(order)
                 maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands, order=order,
                                        deadline=t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
