@@ -180,6 +180,19 @@ class PatchMaker:
         return colour(self.nrng, xs), ys
 
 
+def at_scale(img: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """The photo resized so its long side is `side`, padded (reflected) to at least one patch; and the scale."""
+    import cv2
+
+    h, w = img.shape[:2]
+    s = side / max(h, w)
+    im = cv2.resize(np.ascontiguousarray(img), (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    ph, pw = max(0, PATCH - im.shape[0]), max(0, PATCH - im.shape[1])
+    if ph or pw:
+        im = cv2.copyMakeBorder(im, 0, ph, 0, pw, cv2.BORDER_REFLECT)
+    return im, s
+
+
 def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list[np.ndarray],
               brands: list[str], sides: tuple[int, ...] = MINE_SIDES, floor: float = 0.2, limit: int = 4000,
               clearance: float = 0.1, deadline: float | None = None, order: Iterable[int] | None = None) -> list[np.ndarray]:
@@ -195,8 +208,6 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
     Bounded: at most `limit` windows are held (a heap), and the photos are visited in `order`
     (photos first, then backgrounds, by index) until `time.monotonic()` passes `deadline`.
     """
-    import cv2
-
     found: list[tuple[float, int, np.ndarray]] = []  # a min-heap: the weakest kept window on top
     items = [(arr, boxes) for arr, boxes in photos] + [(bg, []) for bg in backgrounds]
     index = {b: k for k, b in enumerate(brands)}
@@ -208,12 +219,7 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
         h, w = arr.shape[:2]
         held = {index[b.cls] for b in boxes if b.cls in index}
         for side in sides:
-            s = side / max(h, w)
-            im = cv2.resize(np.ascontiguousarray(arr), (max(1, round(w * s)), max(1, round(h * s))),
-                            interpolation=cv2.INTER_AREA)
-            ph, pw = max(0, PATCH - im.shape[0]), max(0, PATCH - im.shape[1])
-            if ph or pw:
-                im = cv2.copyMakeBorder(im, 0, ph, 0, pw, cv2.BORDER_REFLECT)
+            im, s = at_scale(arr, side)
             p = forward(im)[..., 1:]
             top, which = p.max(axis=-1), p.argmax(axis=-1)
             grown = [(b.x1 * s - clearance * (b.x2 - b.x1) * s, b.y1 * s - clearance * (b.y2 - b.y1) * s,
@@ -281,18 +287,11 @@ class CropNet:
 
     def score(self, img: np.ndarray) -> Scores:
         """Per brand: (highest probability over positions and scales, its window in image pixels)."""
-        import cv2
-
         h, w = img.shape[:2]
         best = np.zeros(len(self.brands))
         boxes: list[Any] = [None] * len(self.brands)
         for side in self.sides:
-            s = side / max(h, w)
-            im = cv2.resize(np.ascontiguousarray(img), (max(1, round(w * s)), max(1, round(h * s))),
-                            interpolation=cv2.INTER_AREA)
-            ph, pw = max(0, PATCH - im.shape[0]), max(0, PATCH - im.shape[1])
-            if ph or pw:
-                im = cv2.copyMakeBorder(im, 0, ph, 0, pw, cv2.BORDER_REFLECT)
+            im, s = at_scale(img, side)
             p = self._forward(im)[..., 1:]  # (gh, gw, n_brands)
             flat = p.reshape(-1, p.shape[-1])
             where = flat.argmax(axis=0)
