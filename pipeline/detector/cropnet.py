@@ -388,7 +388,9 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
                 pending.pop(0)
                 t = time.monotonic()
                 order = list(range(len(photos) + len(backgrounds)))
-                maker.rng.shuffle(order)  # a cut-short round still sees photos and backgrounds alike
+                # a cut-short round still sees photos and backgrounds alike; its own generator, seeded by
+                # the round: `maker.rng` is drawn by the patch thread at its own pace, so it is not reproducible
+                random.Random(seed * 1_000_003 + len(mined)).shuffle(order)
                 maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands, order=order,
                                        deadline=t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
