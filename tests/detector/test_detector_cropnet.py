@@ -286,3 +286,18 @@ def test_the_mining_order_is_seeded_whatever_the_patch_thread_drew(tmp_path: Pat
     assert len(seen) == 4 and sorted(seen[0]) == list(range(16))
     assert seen[:2] == seen[2:]  # run 1's rounds are run 2's
     assert seen[0] != seen[1]  # and each round has its own order
+
+
+def test_an_error_in_the_patch_thread_ends_training_with_it_at_once(monkeypatch):
+    """A patch thread that dies hands its error to training: before, the loop waited 120 s on the
+    queue and ended with an empty `queue.Empty` (an 'internal error' with no reason)."""
+
+    def broken(self, n):
+        raise ValueError("no patch: broken photo")
+
+    monkeypatch.setattr(PatchMaker, "batch", broken)
+    arr = np.full((80, 80, 3), 10, np.uint8)
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="broken photo"):
+        train_crop_net([(arr, [Box("A", 0, 0, 40, 40)])], [], ["A"], budget_s=300, max_steps=3)
+    assert time.monotonic() - t < 60
