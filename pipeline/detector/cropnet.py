@@ -361,15 +361,32 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
     ready: queue.Queue = queue.Queue(maxsize=4)
     stop = threading.Event()
 
+    failed: list[BaseException] = []
+
     def produce() -> None:
-        while not stop.is_set():
-            b = maker.batch(batch_size)
+        try:
             while not stop.is_set():
-                try:
-                    ready.put(b, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+                b = maker.batch(batch_size)
+                while not stop.is_set():
+                    try:
+                        ready.put(b, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the training loop, which raises it (not a silent 120 s wait)
+            failed.append(exc)
+
+    def next_batch() -> tuple[np.ndarray, np.ndarray]:
+        """The next batch; the patch thread's own error if it died, at once."""
+        waited = time.monotonic() + 120
+        while True:
+            if failed:
+                raise failed[0]
+            try:
+                return ready.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > waited:
+                    raise RuntimeError("crop net: the patch thread made no batch in 120 s") from None
 
     thread = threading.Thread(target=produce, daemon=True, name="cropnet-patches")
     thread.start()
@@ -387,16 +404,16 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
                 pending.pop(0)
                 t = time.monotonic()
                 order = list(range(len(photos) + len(backgrounds)))
-                # a cut-short round still sees photos and backgrounds alike; its own generator (the
-                # patch thread draws from the maker's) keeps a seeded run repeatable
-                random.Random(seed + len(mined)).shuffle(order)
+                # a cut-short round still sees photos and backgrounds alike; its own generator, seeded by
+                # the round: `maker.rng` is drawn by the patch thread at its own pace, so it is not reproducible
+                random.Random(seed * 1_000_003 + len(mined)).shuffle(order)
                 maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands, order=order,
                                        deadline=t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
                 if say:
                     say(f"crop net: mined {len(maker.hard)} hard negative windows in {time.monotonic() - t:.0f}s")
             opt.learning_rate.assign(lr * 0.5 * (1 + math.cos(math.pi * frac)))
-            x, y = ready.get(timeout=120)
+            x, y = next_batch()
             losses.append(float(step(tf.convert_to_tensor(x), tf.convert_to_tensor(y))))
             steps += 1
             if say and steps % 500 == 0:

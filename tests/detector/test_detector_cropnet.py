@@ -262,3 +262,42 @@ def test_detect_folds_a_saved_crop_net_into_the_matcher_scores(make_ctx, tiny_mo
         results[with_crop] = (tops, boxes)
     assert all(t == pytest.approx(1.0) for t in results[True][0]) and all(b is not None for b in results[True][1])
     assert all(t < 0.5 for t in results[False][0])  # logo-free scenes: the matcher alone calls nothing
+
+
+@pytest.mark.integration
+def test_the_mining_order_is_seeded_whatever_the_patch_thread_drew(tmp_path: Path, monkeypatch):
+    """The photos' mining order depends on the seed and the round only: the patch thread draws from
+    its own generator at its own pace (here: batches of 4 vs 32 patches), so sharing it made the
+    order of a cut-short round differ from run to run."""
+    import pipeline.detector.cropnet as cropnet
+
+    photos = photos_of(make_boxes(tmp_path / "b", 12, seed=5), 12)
+    backgrounds = [np.full((80, 80, 3), 90, np.uint8)] * 4
+    seen: list[list[int]] = []
+
+    def spy(*_args, order=None, **_kw):
+        seen.append(list(order))
+        return []
+
+    monkeypatch.setattr(cropnet, "mine_hard", spy)
+    for batch_size in (4, 32):
+        train_crop_net(photos, backgrounds, ["Bluesquare", "Reddisc"], budget_s=300, max_steps=10, batch_size=batch_size,
+                       seed=3)
+    assert len(seen) == 4 and sorted(seen[0]) == list(range(16))
+    assert seen[:2] == seen[2:]  # run 1's rounds are run 2's
+    assert seen[0] != seen[1]  # and each round has its own order
+
+
+def test_an_error_in_the_patch_thread_ends_training_with_it_at_once(monkeypatch):
+    """A patch thread that dies hands its error to training: before, the loop waited 120 s on the
+    queue and ended with an empty `queue.Empty` (an 'internal error' with no reason)."""
+
+    def broken(self, n):
+        raise ValueError("no patch: broken photo")
+
+    monkeypatch.setattr(PatchMaker, "batch", broken)
+    arr = np.full((80, 80, 3), 10, np.uint8)
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="broken photo"):
+        train_crop_net([(arr, [Box("A", 0, 0, 40, 40)])], [], ["A"], budget_s=300, max_steps=3)
+    assert time.monotonic() - t < 60
