@@ -61,19 +61,32 @@ def load_split(data: str, n_synth: int, seed: int):
     return train, backgrounds, evals
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """`--mine`: '0.4,0.7' -> (0.4, 0.7); '' -> (); refused unless each is a number in [0, 1]."""
+    try:
+        out = tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text[:40]!r}") from None
+    if any(not 0 <= f <= 1 for f in out):
+        raise argparse.ArgumentTypeError(f"fractions of training are between 0 and 1: {text[:40]!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("BRANDMON_FL27_DIR"))
-    ap.add_argument("--scores", required=True, help="a trained model's scores.npz (the matcher's val/test scores)")
+    ap.add_argument("--data", default=os.environ.get("BRANDMON_FL27_DIR"), help="FlickrLogos-27 folder (default: $BRANDMON_FL27_DIR)")
+    ap.add_argument("--scores", required=True, help="the matcher's val/test scores of a `brandmon train --crop-net off` run: <home>/var/models/vN/scores.npz")
     ap.add_argument("--budget", type=float, default=420.0, help="training seconds")
-    ap.add_argument("--steps", type=int, help="train this many steps (the budget still caps it): equal work on a busy machine")
-    ap.add_argument("--mine", default="0.4,0.7", help="fractions of training at which hard negatives are mined ('' = never)")
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, help="train this many steps (the budget still caps it) and mine every photo "
+                    "in each round: equal work on a busy machine")
+    ap.add_argument("--mine", default="0.4,0.7", type=fractions,
+                    help="comma-separated fractions of training (0-1) at which hard negatives are mined ('' = never)")
+    ap.add_argument("--width", type=int, default=16, help="channels of the first layer (the net's width)")
+    ap.add_argument("--batch", type=int, default=64, help="patches per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
     ap.add_argument("--sides", help="pyramid long sides, e.g. 64,128,224,384 (default: the net's own)")
-    ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--target", type=float, default=0.9, help="logo precision the thresholds aim for (Wilson 95%% rule)")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the patches, the net and the synthetic backgrounds")
     ap.add_argument("--save", help="save the val (and test) crop-net score matrices here (.npz)")
     ap.add_argument("--test", action="store_true", help="also score the test split (report only)")
     ap.add_argument("--net", help="save the trained crop net here; if the file exists, load it instead of training")
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         net, hist = train_crop_net(train, backgrounds, brands, args.budget, seed=args.seed, width=args.width,
                                    batch_size=args.batch, lr=args.lr, max_steps=args.steps,
-                                   mine_at=tuple(float(f) for f in args.mine.split(",") if f.strip()),
+                                   mine_at=args.mine,
                                    say=lambda m: print(" ", m, flush=True))
         print(f"trained {hist['steps']} steps = {hist['patches']} patches in {hist['seconds']:.0f}s, loss "
               f"{hist['final_loss']}; load {os.getloadavg()}", flush=True)

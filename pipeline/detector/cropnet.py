@@ -17,6 +17,7 @@ validation split (`training/calibrate.py`). TensorFlow and OpenCV are imported i
 
 from __future__ import annotations
 
+import collections
 import heapq
 import io
 import itertools
@@ -339,7 +340,8 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
 
     Patches are cut on a thread while the network trains (OpenCV and TensorFlow drop the GIL).
     At each fraction of `mine_at` the net's surest false windows are mined (`mine_hard`) and
-    join the `none` patches from then on.
+    join the `none` patches from then on; a round stops after MINE_SHARE of `budget_s` (with
+    `max_steps`, a fixed amount of work, it mines every photo).
     """
     import keras
     import tensorflow as tf
@@ -391,7 +393,7 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
     thread = threading.Thread(target=produce, daemon=True, name="cropnet-patches")
     thread.start()
     started = time.monotonic()
-    steps, losses = 0, []
+    steps, losses = 0, collections.deque(maxlen=500)  # bounded: a 30-day budget is millions of steps
     pending = sorted(mine_at)
     mined: list[dict[str, Any]] = []
     scorer = CropNet(net, brands, width)
@@ -408,21 +410,23 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
                 # the round: `maker.rng` is drawn by the patch thread at its own pace, so it is not reproducible
                 random.Random(seed * 1_000_003 + len(mined)).shuffle(order)
                 maker.hard = mine_hard(scorer._forward, photos, backgrounds, brands, order=order,
-                                       deadline=t + MINE_SHARE * budget_s)
+                                       deadline=None if max_steps else t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
                 if say:
-                    say(f"crop net: mined {len(maker.hard)} hard negative windows in {time.monotonic() - t:.0f}s")
+                    why = "" if maker.hard else (" (no window outside the boxes calls a brand its photo does not hold:"
+                                                 " with one brand and no logo-free photos there is none to mine)")
+                    say(f"crop net: mined {len(maker.hard)} hard negative windows in {time.monotonic() - t:.0f}s{why}")
             opt.learning_rate.assign(lr * 0.5 * (1 + math.cos(math.pi * frac)))
             x, y = next_batch()
             losses.append(float(step(tf.convert_to_tensor(x), tf.convert_to_tensor(y))))
             steps += 1
             if say and steps % 500 == 0:
-                say(f"crop net: step {steps}, loss {np.mean(losses[-500:]):.3f}, {time.monotonic() - started:.0f}s")
+                say(f"crop net: step {steps}, loss {np.mean(losses):.3f}, {time.monotonic() - started:.0f}s")
     finally:
         stop.set()
         thread.join(timeout=10)
     history = {"steps": steps, "patches": steps * batch_size, "seconds": round(time.monotonic() - started, 1),
-               "final_loss": round(float(np.mean(losses[-100:])), 4) if losses else None, "hard_negatives": mined}
+               "final_loss": round(float(np.mean(list(losses)[-100:])), 4) if losses else None, "hard_negatives": mined}
     return CropNet(net, brands, width), history
 
 
