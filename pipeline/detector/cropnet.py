@@ -413,8 +413,8 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
                                        deadline=None if max_steps else t + MINE_SHARE * budget_s)
                 mined.append({"at_step": steps, "windows": len(maker.hard), "seconds": round(time.monotonic() - t, 1)})
                 if say:
-                    why = "" if maker.hard else (" (no window outside the boxes calls a brand its photo does not hold:"
-                                                 " with one brand and no logo-free photos there is none to mine)")
+                    why = "" if maker.hard else (" (no window outside the boxes calls a brand its photo does not hold"
+                                                 " at 0.2 or more; with one brand and no logo-free photos none ever can)")
                     say(f"crop net: mined {len(maker.hard)} hard negative windows in {time.monotonic() - t:.0f}s{why}")
             opt.learning_rate.assign(lr * 0.5 * (1 + math.cos(math.pi * frac)))
             x, y = next_batch()
