@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.detector.data import Box
+from pipeline.detector.data import Box, overlaps, with_margin
 
 PATCH = 64
 # pyramid: the photo's long side at each scale. Seven, not the first four: with hard negatives
@@ -219,19 +219,17 @@ def mine_hard(forward: Any, photos: list[tuple[np.ndarray, list[Box]]], backgrou
         arr, boxes = items[i]
         h, w = arr.shape[:2]
         held = {index[b.cls] for b in boxes if b.cls in index}
+        # grown as the evaluation's logo-free regions are (`data.free_regions`), in photo pixels
+        grown = [with_margin(b.region, w, h, clearance) for b in boxes]
         for side in sides:
             im, s = at_scale(arr, side)
             p = forward(im)[..., 1:]
             top, which = p.max(axis=-1), p.argmax(axis=-1)
-            grown = [(b.x1 * s - clearance * (b.x2 - b.x1) * s, b.y1 * s - clearance * (b.y2 - b.y1) * s,
-                      b.x2 * s + clearance * (b.x2 - b.x1) * s, b.y2 * s + clearance * (b.y2 - b.y1) * s) for b in boxes]
             for gy, gx in zip(*np.nonzero(top >= floor), strict=True):
                 if int(which[gy, gx]) in held:
                     continue
-                x1, y1 = int(gx) * 32, int(gy) * 32
-                if x1 + PATCH > im.shape[1] or y1 + PATCH > im.shape[0]:
-                    continue
-                if any(x1 < g[2] and g[0] < x1 + PATCH and y1 < g[3] and g[1] < y1 + PATCH for g in grown):
+                x1, y1 = int(gx) * 32, int(gy) * 32  # a valid-padded stride-32 cell: always inside `im`
+                if any(overlaps((x1 / s, y1 / s, (x1 + PATCH) / s, (y1 + PATCH) / s), g) for g in grown):
                     continue
                 score = float(top[gy, gx])
                 if len(found) >= limit and score <= found[0][0]:
@@ -427,7 +425,7 @@ def train_crop_net(photos: list[tuple[np.ndarray, list[Box]]], backgrounds: list
         thread.join(timeout=10)
     history = {"steps": steps, "patches": steps * batch_size, "seconds": round(time.monotonic() - started, 1),
                "final_loss": round(float(np.mean(list(losses)[-100:])), 4) if losses else None, "hard_negatives": mined}
-    return CropNet(net, brands, width), history
+    return scorer, history
 
 
 # --- fusion with the matcher -----------------------------------------------------------------

@@ -344,7 +344,8 @@ def with_margin(region: Region, width: int, height: int, margin: float) -> Regio
     )
 
 
-def _overlaps(a: Region, b: Region) -> bool:
+def overlaps(a: Region, b: Region) -> bool:
+    """Whether two (x1, y1, x2, y2) rectangles share any area."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
@@ -377,7 +378,7 @@ def free_regions(
         x = rng.randint(0, width - w)
         y = rng.randint(0, height - h)
         r = (x, y, x + w, y + h)
-        if not any(_overlaps(r, g) for g in grown):
+        if not any(overlaps(r, g) for g in grown):
             cands.append(r)
     cands.sort(key=lambda r: (r[2] - r[0]) * (r[3] - r[1]), reverse=True)
     chosen: list[Region] = []

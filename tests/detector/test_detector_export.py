@@ -378,7 +378,6 @@ def test_an_unreadable_export_zip_is_one_line_that_says_to_export_again():
     which reached the CLI as an internal error."""
     import json
 
-
     meta = {"export_format": 1, "format": "onnx", "precision": "int8", "classes": ["no_logo", "a"], "input_size": 32}
     entries = {"export.json": json.dumps(meta).encode(), "model.onnx": b"x" * 64}
     assert read_export(_zip_with_header_patch(entries, (8, 10), 0, bit=False))[0] == meta  # the patcher itself
